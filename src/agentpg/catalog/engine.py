@@ -1,0 +1,70 @@
+"""Reaching the catalog: the engine, the database it lives in, and its migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+from psycopg import sql
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from agentpg.errors import CatalogUnavailable
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+# Any constant works; it only has to be the same in every agentpg process sharing a catalog.
+_MIGRATION_LOCK_KEY = 0x61677470_67636174
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """The psycopg 3 dialect URL for a libpq DSN/URI."""
+    url = make_url(dsn.replace("postgres://", "postgresql://", 1))
+    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def ensure_database(admin_dsn: str, name: str) -> None:
+    """Create database ``name`` on the admin's server if it is missing (idempotent, race-safe)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            pass
+        except psycopg.errors.UniqueViolation:  # two creators raced on pg_database's unique index
+            pass
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+
+
+def make_engine(dsn: str, *, connect_timeout_s: int = 5, pool_size: int = 5) -> Engine:
+    return create_engine(
+        sqlalchemy_url(dsn),
+        pool_size=pool_size,
+        max_overflow=10,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": connect_timeout_s, "application_name": "agentpg catalog"},
+        hide_parameters=True,
+    )
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the catalog to the newest revision; concurrent callers wait on one advisory lock."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except Exception as exc:
+        if isinstance(exc, psycopg.OperationalError) or "OperationalError" in type(exc).__name__:
+            raise CatalogUnavailable("the catalog database cannot be reached") from None
+        raise
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

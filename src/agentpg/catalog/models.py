@@ -1,0 +1,174 @@
+"""The catalog's tables.
+
+Database records follow the original design's ``user_global_database`` (one per user, UNIQUE(user_id)) and
+give each workspace an ``workspace_agent_database`` of the same shape. Connection URIs and env var values
+are stored sealed (see :mod:`agentpg.crypto`); nothing here holds a secret in clear.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Timestamps:
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), default=utcnow
+    )
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
+
+
+class User(Timestamps, Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="provisioning")
+    """provisioning | active | deleting"""
+
+
+class Workspace(Timestamps, Base):
+    __tablename__ = "workspaces"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="provisioning")
+    agent_role: Mapped[str | None] = mapped_column(String(63))
+    """This workspace's LOGIN role in its user's global database (opaque name)."""
+    global_uri_sealed: Mapped[str | None] = mapped_column(Text)
+    """Sealed URI of ``agent_role`` into the global database."""
+
+
+class DatabaseRecord(Timestamps):
+    """Columns shared by the global and the agent database records (the design's shape)."""
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    ownership_type: Mapped[str] = mapped_column(String(16), nullable=False, default="platform")
+    """platform (we made it, we drop it) | user (brought by the platform, never dropped by us)"""
+    provider: Mapped[str] = mapped_column(String(16), nullable=False, default="local")
+    provider_server: Mapped[str | None] = mapped_column(String(64))
+    provider_project_id: Mapped[str | None] = mapped_column(String(128))
+    provider_branch_id: Mapped[str | None] = mapped_column(String(128))
+    connection_uri_sealed: Mapped[str | None] = mapped_column(Text)
+    database_name: Mapped[str] = mapped_column(String(63), nullable=False)
+    owner_role: Mapped[str | None] = mapped_column(String(63))
+    login_role: Mapped[str | None] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="provisioning")
+    """provisioning | ready | deleting | failed"""
+    current_period_cost_cents: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    last_consumption_sync: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UserGlobalDatabase(DatabaseRecord, Base):
+    __tablename__ = "user_global_database"
+    __table_args__ = (UniqueConstraint("user_id"),)
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+
+
+class WorkspaceAgentDatabase(DatabaseRecord, Base):
+    __tablename__ = "workspace_agent_database"
+    __table_args__ = (UniqueConstraint("workspace_id"),)
+
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+
+
+class EnvVar(Timestamps, Base):
+    """A sealed environment variable of a user, or of one workspace when ``workspace_id`` is set."""
+
+    __tablename__ = "env_vars"
+    __table_args__ = (
+        Index("uq_env_vars_scope_name", "user_id", text("coalesce(workspace_id, '')"), "name", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    workspace_id: Mapped[str | None] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    value_sealed: Mapped[str] = mapped_column(Text, nullable=False)
+    managed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    """Managed by agentpg (GLOBAL_DB_URL, AGENT_DB_URL): never readable or writable through the API."""
+
+
+class AgentGlobalDbPermissions(Base):
+    """The design's per-agent permissions on its user's global database."""
+
+    __tablename__ = "agent_global_db_permissions"
+    __table_args__ = (UniqueConstraint("workspace_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    can_read: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    can_write: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    can_create_tables: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    can_drop_tables: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    allowed_tables: Mapped[list[str] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
+
+
+class Operation(Base):
+    """The intent log: written before a provider is touched, finished or undone by ``reconcile``."""
+
+    __tablename__ = "operations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    """register_user | delete_user | create_workspace | delete_workspace"""
+    user_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    workspace_id: Mapped[str | None] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending", index=True)
+    """pending | done | undone"""
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    """Names of what the operation creates or drops (databases, roles); never a secret."""
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
+
+
+class Token(Base):
+    """An API credential, stored as a SHA-256 hash of a high-entropy random secret."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)
+    """admin | user | agent"""
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    workspace_id: Mapped[str | None] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

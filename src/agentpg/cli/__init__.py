@@ -1,0 +1,1 @@
+"""The ``agentpg`` command line (Typer)."""

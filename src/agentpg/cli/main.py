@@ -1,0 +1,238 @@
+"""``agentpg``: run the service and manage users, workspaces and repairs from a shell.
+
+Every command works whether or not ``agentpg serve`` is running: each opens its own runtime (starting the
+embedded server if it is not up) and closes it. Output never contains a password or URI; ``--json`` gives
+machine-readable output. Errors print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from agentpg.errors import AgentpgError
+from agentpg.runtime import Runtime, open_runtime
+from agentpg.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Give every AI agent its own Postgres.")
+users_app = typer.Typer(no_args_is_help=True, help="Users and their global databases.")
+workspaces_app = typer.Typer(no_args_is_help=True, help="Workspaces (agents) and their agent databases.")
+postgres_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL server.")
+app.add_typer(users_app, name="users")
+app.add_typer(workspaces_app, name="workspaces")
+app.add_typer(postgres_app, name="postgres")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+T = TypeVar("T")
+
+# Exit codes: 1 = the request was refused (bad input, not found, conflict); 2 = usage; 3 = a server is down.
+_EXIT_REFUSED = 1
+_EXIT_UNAVAILABLE = 3
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _runtime() -> Iterator[Runtime]:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise _fail(f"invalid setting AGENTPG_{str(first['loc'][0]).upper()}: {first['msg']}", 2) from None
+    try:
+        with open_runtime(settings) as runtime:
+            yield runtime
+    except AgentpgError as exc:
+        raise _fail(exc.message, _EXIT_UNAVAILABLE if exc.status >= 500 else _EXIT_REFUSED) from None
+
+
+def _run(action: Callable[[Runtime], T]) -> T:
+    with _runtime() as runtime:
+        try:
+            return action(runtime)
+        except AgentpgError as exc:
+            raise _fail(exc.message, _EXIT_UNAVAILABLE if exc.status >= 500 else _EXIT_REFUSED) from None
+
+
+def _emit(value: Any, as_json: bool, human: Callable[[], str]) -> None:
+    if as_json:
+        payload = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        typer.echo(human())
+
+
+# -- users --------------------------------------------------------------------------------------------
+
+
+@users_app.command("create")
+def users_create(
+    user_id: str,
+    email: Annotated[str | None, typer.Option(help="The user's email, for the platform's records.")] = None,
+    database_url_env: Annotated[str | None, typer.Option(
+        help="Bring your own global database: the NAME of an environment variable holding its URI "
+             "(read from the environment so it never appears in the process list).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a user and create its global database."""
+    url = None
+    if database_url_env:
+        import os
+
+        url = os.environ.get(database_url_env)
+        if not url:
+            raise _fail(f"environment variable {database_url_env} is not set", _EXIT_REFUSED)
+    info = _run(lambda rt: rt.service.register_user(user_id, email, url))
+    _emit(info, as_json, lambda: f"user {info.id} registered; global database "
+          f"{info.global_database.name if info.global_database else '-'} is ready")
+
+
+@users_app.command("delete")
+def users_delete(user_id: str, as_json: JsonOpt = False) -> None:
+    """Delete a user, its global database and every workspace's agent database."""
+    _run(lambda rt: rt.service.delete_user(user_id))
+    _emit({"deleted": user_id}, as_json, lambda: f"user {user_id} and all its databases deleted")
+
+
+@users_app.command("list")
+def users_list(as_json: JsonOpt = False) -> None:
+    """List users and their global databases."""
+    def collect(rt: Runtime) -> list[Any]:
+        items: list[Any] = []
+        cursor = None
+        while True:
+            page = rt.service.list_users(limit=500, cursor=cursor)
+            items.extend(page.items)
+            if not page.next_cursor:
+                return items
+            cursor = page.next_cursor
+
+    items = _run(collect)
+    _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
+        f"{u.id}\t{u.status}\t{u.global_database.name if u.global_database else '-'}\t"
+        f"{u.global_database.status if u.global_database else '-'}" for u in items) or "no users")
+
+
+# -- workspaces ---------------------------------------------------------------------------------------
+
+
+@workspaces_app.command("create")
+def workspaces_create(user_id: str, workspace_id: str,
+                      name: Annotated[str | None, typer.Option(help="A display name.")] = None,
+                      as_json: JsonOpt = False) -> None:
+    """Create a workspace (one agent) with its own agent database."""
+    info = _run(lambda rt: rt.service.create_workspace(user_id, workspace_id, name))
+    _emit(info, as_json, lambda: f"workspace {info.id} of user {info.user_id} created; agent database "
+          f"{info.database.name if info.database else '-'} is ready")
+
+
+@workspaces_app.command("delete")
+def workspaces_delete(workspace_id: str, as_json: JsonOpt = False) -> None:
+    """Delete a workspace and its agent database."""
+    _run(lambda rt: rt.service.delete_workspace(workspace_id))
+    _emit({"deleted": workspace_id}, as_json, lambda: f"workspace {workspace_id} and its database deleted")
+
+
+@workspaces_app.command("list")
+def workspaces_list(user_id: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False) -> None:
+    """List workspaces, of one user or of all."""
+    def collect(rt: Runtime) -> list[Any]:
+        items: list[Any] = []
+        cursor = None
+        while True:
+            page = rt.service.list_workspaces(user_id, limit=500, cursor=cursor)
+            items.extend(page.items)
+            if not page.next_cursor:
+                return items
+            cursor = page.next_cursor
+
+    items = _run(collect)
+    _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
+        f"{w.id}\t{w.user_id}\t{w.status}\t{w.database.name if w.database else '-'}" for w in items)
+        or "no workspaces")
+
+
+# -- operations ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases and roles no record owns.")] = False,
+              as_json: JsonOpt = False) -> None:
+    """Finish or undo operations a crash left half-done; report (and with --fix drop) unowned databases."""
+    report = _run(lambda rt: rt.service.reconcile(fix=fix))
+    data = {**report.__dict__, "clean": report.clean}
+
+    def human() -> str:
+        lines = [f"finished: {len(report.finished)}, undone: {len(report.undone)}, "
+                 f"in flight: {len(report.in_flight)}, failed: {len(report.failed)}"]
+        lines += [f"  failed {f}" for f in report.failed]
+        lines += [f"orphan database: {d}" for d in report.orphan_databases]
+        lines += [f"orphan role: {r}" for r in report.orphan_roles]
+        lines += [f"dropped: {d}" for d in report.dropped]
+        if (report.orphan_databases or report.orphan_roles) and not fix:
+            lines.append("run `agentpg reconcile --fix` to drop the orphans")
+        return "\n".join(lines)
+
+    _emit(data, as_json, human)
+    if not report.clean and not (fix is False and not report.failed):
+        raise typer.Exit(_EXIT_REFUSED)
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """Where the data lives, whether Postgres and the catalog answer, and how much is provisioned."""
+    info = _run(lambda rt: rt.service.status())
+    _emit(info, as_json, lambda: "\n".join(f"{k}: {v}" for k, v in info.model_dump().items()))
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8080) -> None:
+    """Run the HTTP service (REST API, MCP, health, metrics) with uvicorn."""
+    import uvicorn
+
+    from agentpg.api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise _fail(f"invalid settings: {exc.errors()[0]['msg']}", 2) from None
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@postgres_app.command("stop")
+def postgres_stop() -> None:
+    """Stop the embedded PostgreSQL server (it starts again on the next command)."""
+    from agentpg.embedded import EmbeddedPostgres
+
+    settings = Settings()
+    if settings.postgres_url is not None:
+        raise _fail("AGENTPG_POSTGRES_URL is set: agentpg does not manage that server", _EXIT_REFUSED)
+    EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user).stop()
+    typer.echo("embedded PostgreSQL stopped")
+
+
+@postgres_app.command("start")
+def postgres_start() -> None:
+    """Start the embedded PostgreSQL server if it is not running."""
+    _run(lambda rt: None)
+    typer.echo("embedded PostgreSQL is running")
+
+
+def main() -> None:  # pragma: no cover - console entry for python -m
+    app(prog_name="agentpg")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""What the lifecycle needs from below, bundled so functions stay plain and testable."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from agentpg.crypto import KeyRing, SealContext
+from agentpg.errors import InvalidInput
+from agentpg.providers.base import Provider
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_EMAIL_PATTERN = re.compile(r"[^@\s\x00]{1,64}@[^@\s\x00]{1,255}")
+
+
+def validate_id(value: object, what: str) -> str:
+    """A user or workspace id as the platform gave it: 1–128 of ``A-Z a-z 0-9 . _ : @ -``."""
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise InvalidInput(
+            f"{what} must be 1 to 128 characters of letters, digits and . _ : @ - "
+            "and start with a letter or digit"
+        )
+    return value
+
+
+def validate_email(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 320 or not _EMAIL_PATTERN.fullmatch(value):
+        raise InvalidInput("email must look like name@example.com (at most 320 characters)")
+    return value
+
+
+@dataclass
+class LifecycleDeps:
+    engine: Engine
+    sessions: sessionmaker[Session]
+    provider: Provider
+    keyring: KeyRing
+    crashpoint: str | None = None
+    """Testing aid (``AGENTPG_CRASHPOINT``): the process exits abruptly when it reaches this named step,
+    exactly as if it had been killed there, so tests can show ``reconcile`` repairs every such state."""
+
+    def reached(self, point: str) -> None:
+        if self.crashpoint == point:
+            os._exit(86)
+
+    def seal(self, plaintext: str, table: str, row_id: str, field: str) -> str:
+        return self.keyring.seal(plaintext, SealContext(table, row_id, field))
+
+    def open(self, sealed: str, table: str, row_id: str, field: str) -> str:
+        return self.keyring.open(sealed, SealContext(table, row_id, field))
+
+    @contextmanager
+    def operation_lease(self, operation_id: str) -> Iterator[bool]:
+        """Hold the operation's advisory lock on a dedicated catalog connection for the block's duration.
+
+        Yields whether the lock was obtained. If this process dies, the connection closes and the lock goes
+        with it, which is how ``reconcile`` knows the operation is abandoned.
+        """
+        with self.engine.connect() as conn:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:id, 0))"),
+                                    {"id": operation_id}).scalar())
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:id, 0))"), {"id": operation_id})
+                conn.rollback()

@@ -1,0 +1,111 @@
+"""Repair what crashes left behind: finish or undo abandoned operations, find unowned databases and roles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from agentpg.catalog.models import Operation, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.errors import AgentpgError
+from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.lifecycle.users import finish_delete_user, undo_register
+from agentpg.lifecycle.workspaces import finish_delete_workspace, undo_create_workspace
+
+
+@dataclass
+class ReconcileReport:
+    """What ``reconcile`` found and did. Only names, never secrets."""
+
+    finished: list[str] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    orphan_databases: list[str] = field(default_factory=list)
+    orphan_roles: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        leftover = set(self.orphan_databases + self.orphan_roles) - set(self.dropped)
+        return not self.failed and not leftover
+
+
+def _settle(deps: LifecycleDeps, op: Operation) -> str:
+    """Finish a deletion, undo a creation. Returns which of the two happened."""
+    if op.kind == "register_user":
+        undo_register(deps, op.id, reason=op.error or "abandoned: the process stopped mid-registration")
+        return "undone"
+    if op.kind == "create_workspace":
+        undo_create_workspace(deps, op.id, reason=op.error or "abandoned: the process stopped mid-creation")
+        return "undone"
+    if op.kind == "delete_user":
+        finish_delete_user(deps, op.id)
+        return "finished"
+    if op.kind == "delete_workspace":
+        finish_delete_workspace(deps, op.id)
+        return "finished"
+    raise AgentpgError(f"unknown operation kind {op.kind!r}")
+
+
+def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
+    """Settle every abandoned operation, then compare the provider's inventory with the catalog.
+
+    An operation whose advisory lock another process holds is in flight and left alone. Creations are
+    undone (the caller was never told they succeeded), deletions are finished (the caller asked for them).
+    With ``fix``, databases and roles that no record or pending operation owns are dropped.
+    """
+    report = ReconcileReport()
+    with deps.sessions() as s:
+        pending = list(s.scalars(select(Operation).where(Operation.state == "pending").order_by(Operation.created_at)))
+    for op in pending:
+        with deps.operation_lease(op.id) as got:
+            if not got:
+                report.in_flight.append(op.id)
+                continue
+            try:
+                outcome = _settle(deps, op)
+            except AgentpgError as exc:
+                report.failed.append(f"{op.kind} {op.id}: {exc.message}")
+                continue
+            with deps.sessions() as s:
+                state = s.get_one(Operation, op.id).state
+            label = f"{op.kind} {op.id} (user {op.user_id}{', workspace ' + op.workspace_id if op.workspace_id else ''})"
+            if state == "pending":
+                report.failed.append(f"{label}: still pending")
+            else:
+                (report.finished if outcome == "finished" else report.undone).append(label)
+
+    inventory = deps.provider.inventory()  # read before the catalog: anything created later has an intent row
+    owned_dbs: set[str] = set()
+    owned_roles: set[str] = set()
+    with deps.sessions() as s:
+        for model in (UserGlobalDatabase, WorkspaceAgentDatabase):
+            for rec in s.scalars(select(model).where(model.ownership_type == "platform")):
+                owned_dbs.add(rec.database_name)
+                owned_roles.update(r for r in (rec.owner_role, rec.login_role) if r)
+        owned_roles.update(r for r in s.scalars(select(Workspace.agent_role)) if r)
+        for op in s.scalars(select(Operation).where(Operation.state == "pending")):
+            for value in op.plan.values():
+                if isinstance(value, dict):
+                    owned_dbs.add(value.get("database", ""))
+                    owned_roles.update((value.get("owner_role", ""), value.get("login_role", "")))
+                elif isinstance(value, str):
+                    owned_roles.add(value)
+                elif isinstance(value, list):
+                    for item in value:
+                        if isinstance(item, dict):
+                            owned_dbs.add(item.get("database", ""))
+                            owned_roles.update((item.get("owner_role", ""), item.get("login_role", "")))
+                        elif isinstance(item, str):
+                            owned_roles.add(item)
+    report.orphan_databases = sorted(inventory.databases - owned_dbs)
+    report.orphan_roles = sorted(inventory.roles - owned_roles)
+    if fix:
+        for db in report.orphan_databases:
+            deps.provider.drop_orphan(database=db)
+            report.dropped.append(db)
+        for role in report.orphan_roles:
+            deps.provider.drop_orphan(role=role)
+            report.dropped.append(role)
+    return report

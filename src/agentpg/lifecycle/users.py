@@ -1,0 +1,210 @@
+"""Registering and deleting users: the global database's whole life."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from agentpg.catalog.models import (
+    EnvVar,
+    Operation,
+    User,
+    UserGlobalDatabase,
+    Workspace,
+    WorkspaceAgentDatabase,
+)
+from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
+from agentpg.lifecycle.deps import LifecycleDeps, validate_email, validate_id
+from agentpg.providers.base import DatabasePlan, new_password
+
+log = logging.getLogger(__name__)
+
+GLOBAL_DB_URL = "GLOBAL_DB_URL"
+AGENT_DB_URL = "AGENT_DB_URL"
+
+
+def _check_byo_uri(uri: str) -> str:
+    """Validate a bring-your-own database URI by parsing and connecting; return its database name."""
+    if not isinstance(uri, str) or not uri.startswith(("postgres://", "postgresql://")) or len(uri) > 2048:
+        raise InvalidInput("database_url must be a postgresql:// URI of at most 2048 characters")
+    try:
+        params = conninfo_to_dict(uri)
+    except psycopg.ProgrammingError:
+        raise InvalidInput("database_url is not a valid PostgreSQL connection URI") from None
+    try:
+        with psycopg.connect(uri, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error:
+        raise InvalidInput("the database at database_url could not be reached with the credentials given") from None
+    return str(params.get("dbname") or "postgres")
+
+
+def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
+                  database_url: str | None = None) -> None:
+    """Create the user and its global database, or fail whole leaving nothing behind.
+
+    ``database_url`` registers a bring-your-own global database (ownership ``user``): recorded sealed,
+    never created or dropped by agentpg.
+    """
+    validate_id(user_id, "user id")
+    validate_email(email)
+    if database_url is not None:
+        _register_byo(deps, user_id, email, _check_byo_uri(database_url), database_url)
+        return
+    plan = DatabasePlan.fresh()
+    op_id = str(uuid.uuid4())
+    with deps.operation_lease(op_id):
+        try:
+            with deps.sessions.begin() as s:
+                s.add(User(id=user_id, email=email, status="provisioning"))
+                s.flush()
+                s.add(UserGlobalDatabase(user_id=user_id, database_name=plan.database, owner_role=plan.owner_role,
+                                         login_role=plan.login_role, provider=deps.provider.name,
+                                         status="provisioning"))
+                s.add(Operation(id=op_id, kind="register_user", user_id=user_id, plan={"global": plan.to_json()}))
+        except IntegrityError:
+            raise Conflict(f"user {user_id!r} already exists") from None
+        deps.reached("register_user:intent")
+        try:
+            provisioned = deps.provider.create_database(plan, new_password())
+            deps.reached("register_user:provisioned")
+            with deps.sessions.begin() as s:
+                record = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
+                record.connection_uri_sealed = deps.seal(provisioned.uri, "user_global_database", record.id,
+                                                         "connection_uri")
+                record.provider_server = provisioned.server
+                record.provider_project_id = provisioned.project_id
+                record.provider_branch_id = provisioned.branch_id
+                record.status = "ready"
+                _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, provisioned.uri)
+                s.get_one(User, user_id).status = "active"
+                s.get_one(Operation, op_id).state = "done"
+        except Exception as exc:
+            undo_register(deps, op_id, reason=exc)
+            raise
+
+
+def _register_byo(deps: LifecycleDeps, user_id: str, email: str | None, dbname: str, uri: str) -> None:
+    try:
+        with deps.sessions.begin() as s:
+            s.add(User(id=user_id, email=email, status="active"))
+            s.flush()
+            record = UserGlobalDatabase(user_id=user_id, database_name=dbname, ownership_type="user",
+                                        provider="external", status="ready")
+            s.add(record)
+            s.flush()
+            record.connection_uri_sealed = deps.seal(uri, "user_global_database", record.id, "connection_uri")
+            _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, uri)
+    except IntegrityError:
+        raise Conflict(f"user {user_id!r} already exists") from None
+
+
+def _put_managed_env(deps: LifecycleDeps, s: Any, user_id: str, workspace_id: str | None, name: str,
+                     value: str) -> None:
+    var = EnvVar(user_id=user_id, workspace_id=workspace_id, name=name, managed=True, value_sealed="")
+    s.add(var)
+    s.flush()
+    var.value_sealed = deps.seal(value, "env_vars", var.id, "value")
+
+
+def undo_register(deps: LifecycleDeps, op_id: str, reason: BaseException | str) -> None:
+    """Take a registration back: drop what the provider may have made, then the catalog rows.
+
+    If the provider cannot be reached, the operation stays pending (with the error) for ``reconcile``;
+    the catalog rows go anyway, so the user is never half-registered.
+    """
+    with deps.sessions.begin() as s:
+        op = s.get_one(Operation, op_id)
+        plan = DatabasePlan.from_json(op.plan["global"])
+        user_id = op.user_id
+        user = s.get(User, user_id)
+        if user is not None and user.status == "provisioning":
+            s.delete(user)
+        op.error = _describe(reason)
+    try:
+        deps.provider.drop_database(plan)
+    except AgentpgError as exc:
+        log.warning("registration of %s undone in the catalog; database %s left for reconcile: %s",
+                    user_id, plan.database, exc.message)
+        return
+    with deps.sessions.begin() as s:
+        s.get_one(Operation, op_id).state = "undone"
+
+
+def _describe(reason: BaseException | str) -> str:
+    if isinstance(reason, AgentpgError):
+        return reason.message
+    if isinstance(reason, BaseException):
+        return type(reason).__name__
+    return reason
+
+
+def delete_user(deps: LifecycleDeps, user_id: str) -> None:
+    """Drop the user's global database and every agent database of every workspace, then the records."""
+    validate_id(user_id, "user id")
+    op_id = str(uuid.uuid4())
+    with deps.operation_lease(op_id):
+        with deps.sessions.begin() as s:
+            user = s.get(User, user_id, with_for_update=True)
+            if user is None:
+                raise NotFound(f"user {user_id!r} does not exist")
+            if user.status == "provisioning":
+                raise Conflict(f"user {user_id!r} is still being registered; try again in a moment")
+            user.status = "deleting"
+            plan = deletion_plan(s, user_id)
+            for rec in s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)):
+                rec.status = "deleting"
+            for arec in s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)):
+                arec.status = "deleting"
+            s.add(Operation(id=op_id, kind="delete_user", user_id=user_id, plan=plan))
+        deps.reached("delete_user:intent")
+        finish_delete_user(deps, op_id)
+
+
+def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
+    """Everything platform-owned that deleting this user must drop: databases and agent roles."""
+    drops: list[dict[str, str]] = []
+    roles: list[str] = []
+    global_plan: dict[str, str] | None = None
+    glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one_or_none()
+    if glob is not None and glob.ownership_type == "platform" and glob.owner_role and glob.login_role:
+        global_plan = _plan_of(glob).to_json()
+        drops.append(global_plan)
+    for ws in s.scalars(select(Workspace).where(Workspace.user_id == user_id)):
+        if ws.agent_role:
+            roles.append(ws.agent_role)
+    for arec in s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)):
+        if arec.ownership_type == "platform" and arec.owner_role and arec.login_role:
+            drops.append(_plan_of(arec).to_json())
+    return {"global": global_plan, "drop": drops, "agent_roles": roles}
+
+
+def _plan_of(record: UserGlobalDatabase | WorkspaceAgentDatabase) -> DatabasePlan:
+    assert record.owner_role is not None and record.login_role is not None
+    return DatabasePlan(record.database_name, record.owner_role, record.login_role)
+
+
+def finish_delete_user(deps: LifecycleDeps, op_id: str) -> None:
+    """The idempotent second half of a user deletion; ``reconcile`` calls it for an interrupted one."""
+    with deps.sessions() as s:
+        op = s.get_one(Operation, op_id)
+        plan, user_id = op.plan, op.user_id
+    global_plan = DatabasePlan.from_json(plan["global"]) if plan.get("global") else None
+    for role in plan.get("agent_roles", []):
+        if global_plan is not None:
+            deps.provider.drop_agent_role(global_plan, role)
+    for index, item in enumerate(plan.get("drop", [])):
+        deps.provider.drop_database(DatabasePlan.from_json(item))
+        if index == 0:
+            deps.reached("delete_user:first_drop")
+    with deps.sessions.begin() as s:
+        user = s.get(User, user_id)
+        if user is not None:
+            s.delete(user)
+        s.get_one(Operation, op_id).state = "done"

@@ -1,0 +1,136 @@
+"""The provider contract: create and drop tenant databases and their roles on some Postgres.
+
+Providers know nothing of users, workspaces or the catalog. They get opaque names chosen by the lifecycle
+layer and passwords it generated, and they hand back connection URIs, which are secrets: the caller seals
+them at once and never logs them. Every method is idempotent, so an interrupted operation can simply be
+run again (that is how ``reconcile`` repairs a crash).
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from dataclasses import dataclass, field
+
+#: Every database and role agentpg creates starts with this, so ``reconcile`` can tell ours from others'.
+NAME_PREFIX = "apg_"
+
+
+def opaque_name() -> str:
+    """A fresh name for a tenant database: random, so no user id or email ever shows in ``pg_database``."""
+    return f"{NAME_PREFIX}{secrets.token_hex(8)}"
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class DatabasePlan:
+    """The names of one tenant database and of its two fixed roles. Written to the intent log."""
+
+    database: str
+    owner_role: str
+    login_role: str
+
+    @classmethod
+    def fresh(cls) -> DatabasePlan:
+        name = opaque_name()
+        return cls(database=name, owner_role=f"{name}_owner", login_role=f"{name}_login")
+
+    def to_json(self) -> dict[str, str]:
+        return {"database": self.database, "owner_role": self.owner_role, "login_role": self.login_role}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> DatabasePlan:
+        return cls(database=data["database"], owner_role=data["owner_role"], login_role=data["login_role"])
+
+
+@dataclass(frozen=True)
+class AgentPermissions:
+    """What one agent may do in a database it does not own (its user's global database)."""
+
+    can_read: bool = True
+    can_write: bool = True
+    can_create_tables: bool = True
+    can_drop_tables: bool = False
+    allowed_tables: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What a provider made. ``uri`` is a secret (``repr`` hides it)."""
+
+    uri: str = field(repr=False)
+    server: str | None = None
+    project_id: str | None = None
+    branch_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The agentpg-made databases and roles a server holds (names starting with :data:`NAME_PREFIX`)."""
+
+    databases: frozenset[str]
+    roles: frozenset[str]
+
+
+class Provider(abc.ABC):
+    """A home for tenant databases.
+
+    Contract for every implementation:
+
+    * all methods are idempotent: creating what exists re-sets its password and grants, dropping what is
+      gone succeeds;
+    * names are created exactly as given and validated by the caller (opaque, prefix :data:`NAME_PREFIX`);
+    * the database is owned by the provider's admin, ``REVOKE ALL … FROM PUBLIC``; a NOLOGIN owner role owns
+      the schema and every object in it; login roles never have SUPERUSER, CREATEDB, CREATEROLE,
+      BYPASSRLS or REPLICATION;
+    * errors are :class:`~agentpg.errors.ProviderError` (or ``ProviderUnavailable`` when the server can't be
+      reached) with a message that names the database, never a URI or password.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
+        """Create the database, its owner role and its full-rights login role; return the login URI."""
+
+    @abc.abstractmethod
+    def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
+        """Drop the database (terminating its sessions) and its owner and login roles."""
+
+    @abc.abstractmethod
+    def create_agent_role(
+        self,
+        plan: DatabasePlan,
+        role: str,
+        password: str,
+        permissions: AgentPermissions,
+        *,
+        server: str | None = None,
+    ) -> str:
+        """Create (or re-password) an agent's LOGIN role in ``plan.database`` with exactly ``permissions``;
+        return its URI."""
+
+    @abc.abstractmethod
+    def set_agent_permissions(
+        self, plan: DatabasePlan, role: str, permissions: AgentPermissions, *, server: str | None = None
+    ) -> None:
+        """Make the role's grants exactly ``permissions``, on every existing and every future table."""
+
+    @abc.abstractmethod
+    def drop_agent_role(self, plan: DatabasePlan, role: str, *, server: str | None = None) -> None:
+        """Remove the role's privileges in ``plan.database`` (if it still exists) and drop the role."""
+
+    @abc.abstractmethod
+    def inventory(self) -> Inventory:
+        """Every agentpg-made database and role on the provider's servers."""
+
+    @abc.abstractmethod
+    def drop_orphan(self, *, database: str | None = None, role: str | None = None) -> None:
+        """Drop one database or role that no catalog record owns (``reconcile --fix``)."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise ``ProviderUnavailable`` unless the provider's servers answer."""

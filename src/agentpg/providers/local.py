@@ -1,0 +1,223 @@
+"""Tenant databases on one PostgreSQL server reached with an admin DSN (embedded or existing)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from agentpg.errors import ProviderError, ProviderUnavailable
+from agentpg.providers.base import (
+    NAME_PREFIX,
+    AgentPermissions,
+    DatabasePlan,
+    Inventory,
+    Provider,
+    Provisioned,
+)
+from agentpg.providers.tenant_sql import BOOTSTRAP
+
+log = logging.getLogger(__name__)
+
+_ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION INHERIT"
+
+
+def scram_verifier(conn: psycopg.Connection[object], role: str, password: str) -> str:
+    """The SCRAM-SHA-256 verifier of ``password``, computed client-side by libpq.
+
+    ``CREATE ROLE … PASSWORD`` is a utility statement and cannot take a bound parameter. Sending the verifier
+    instead of the password (as psql's ``\\password`` does) keeps the clear text out of the statement, so it
+    can never surface in the server's log or in an error message.
+    """
+    return conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+
+
+class LocalProvider(Provider):
+    """One PostgreSQL server. ``server`` arguments are ignored: there is only one."""
+
+    name = "local"
+
+    def __init__(self, admin_dsn: str, *, connection_limit: int = 20, connect_timeout_s: int = 5,
+                 server_name: str = "local") -> None:
+        self._admin_dsn = admin_dsn
+        self._connection_limit = connection_limit
+        self._connect_timeout_s = connect_timeout_s
+        self.server_name = server_name
+        params = conninfo_to_dict(admin_dsn)
+        self._host = str(params.get("host") or "127.0.0.1")
+        self._port = int(params.get("port") or 5432)
+        self._server_version: int | None = None
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _admin(self, dbname: str | None = None) -> Iterator[psycopg.Connection[object]]:
+        kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
+                                     "application_name": "agentpg provider"}
+        if dbname is not None:
+            kwargs["dbname"] = dbname
+        try:
+            conn = psycopg.connect(self._admin_dsn, **kwargs)  # type: ignore[arg-type]
+        except psycopg.OperationalError:
+            raise ProviderUnavailable(
+                f"the PostgreSQL server {self.server_name!r} ({self._host}:{self._port}) cannot be reached"
+            ) from None
+        try:
+            if self._server_version is None:
+                self._server_version = conn.info.server_version
+            yield conn
+        finally:
+            conn.close()
+
+    def uri(self, database: str, role: str, password: str) -> str:
+        return f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@{self._host}:{self._port}/{quote(database, safe='')}"
+
+    # -- roles ---------------------------------------------------------------------------------------
+
+    def _ensure_role(self, conn: psycopg.Connection[object], role: str, *, login: bool,
+                     password: str | None = None) -> None:
+        ident = sql.Identifier(role)
+        if login:
+            assert password is not None
+            attrs = sql.SQL("LOGIN " + _ROLE_ATTRIBUTES + " CONNECTION LIMIT {} PASSWORD {}").format(
+                sql.Literal(self._connection_limit), sql.Literal(scram_verifier(conn, role, password)))
+        else:
+            attrs = sql.SQL("NOLOGIN " + _ROLE_ATTRIBUTES)
+        try:
+            conn.execute(sql.SQL("CREATE ROLE {} WITH ").format(ident) + attrs)
+        except psycopg.errors.DuplicateObject:
+            conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
+        except psycopg.errors.UniqueViolation:  # a concurrent creator won the race on pg_authid
+            conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
+
+    def _drop_role(self, conn: psycopg.Connection[object], role: str) -> None:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+    def _grant_membership(self, conn: psycopg.Connection[object], group: str, member: str) -> None:
+        # PG16+ can grant a membership that inherits privileges without allowing SET ROLE.
+        option = sql.SQL(" WITH INHERIT TRUE, SET FALSE") if (self._server_version or 0) >= 160000 else sql.SQL("")
+        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(member)) + option)
+
+    # -- databases -----------------------------------------------------------------------------------
+
+    def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
+        db = sql.Identifier(plan.database)
+        try:
+            with self._admin() as conn:
+                self._ensure_role(conn, plan.owner_role, login=False)
+                self._ensure_role(conn, plan.login_role, login=True, password=login_password)
+                self._grant_membership(conn, plan.owner_role, plan.login_role)
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
+                if not exists:
+                    try:
+                        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template1 ENCODING 'UTF8'").format(db))
+                    except psycopg.errors.DuplicateDatabase:
+                        pass
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
+                conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, sql.Identifier(plan.login_role)))
+            with self._admin(plan.database) as conn, conn.transaction():
+                conn.execute(BOOTSTRAP)
+                conn.execute(
+                    "INSERT INTO agentpg_internal.config VALUES ('owner_role', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (plan.owner_role,))
+                conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(plan.owner_role)))
+                conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        except psycopg.Error as exc:
+            raise ProviderError(
+                f"creating database {plan.database} failed: {type(exc).__name__}: {exc.diag.message_primary}"
+            ) from None
+        return Provisioned(uri=self.uri(plan.database, plan.login_role, login_password), server=self.server_name)
+
+    def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
+        try:
+            with self._admin() as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(plan.database)))
+                self._drop_role(conn, plan.login_role)
+                self._drop_role(conn, plan.owner_role)
+        except psycopg.Error as exc:
+            raise ProviderError(
+                f"dropping database {plan.database} failed: {type(exc).__name__}: {exc.diag.message_primary}"
+            ) from None
+
+    # -- agent roles ---------------------------------------------------------------------------------
+
+    def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions,
+                          *, server: str | None = None) -> str:
+        try:
+            with self._admin() as conn:
+                self._ensure_role(conn, role, login=True, password=password)
+        except psycopg.Error as exc:
+            raise ProviderError(f"creating an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
+        self.set_agent_permissions(plan, role, permissions)
+        return self.uri(plan.database, role, password)
+
+    def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions,
+                              *, server: str | None = None) -> None:
+        tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
+        try:
+            with self._admin(plan.database) as conn, conn.transaction():
+                conn.execute(
+                    "SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
+                    (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
+                     permissions.can_drop_tables, tables),
+                )
+        except psycopg.Error as exc:
+            raise ProviderError(
+                f"setting agent permissions in {plan.database} failed: {exc.diag.message_primary}") from None
+
+    def drop_agent_role(self, plan: DatabasePlan, role: str, *, server: str | None = None) -> None:
+        try:
+            with self._admin() as conn:
+                role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+                db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
+            if role_exists and db_exists:
+                with self._admin(plan.database) as conn:
+                    conn.execute("SELECT agentpg_internal.forget_agent(%s)", (role,))
+                    # Terminate the role's sessions so DROP ROLE is not blocked by them.
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+                    conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            if role_exists:
+                with self._admin() as conn:
+                    self._drop_role(conn, role)
+        except psycopg.Error as exc:
+            raise ProviderError(
+                f"dropping an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
+
+    # -- inventory -----------------------------------------------------------------------------------
+
+    def inventory(self) -> Inventory:
+        pattern = NAME_PREFIX.replace("_", "\\_") + "%"
+        with self._admin() as conn:
+            dbs = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (pattern,)).fetchall()
+            roles = conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s", (pattern,)).fetchall()
+        return Inventory(databases=frozenset(r[0] for r in dbs), roles=frozenset(r[0] for r in roles))
+
+    def drop_orphan(self, *, database: str | None = None, role: str | None = None) -> None:
+        for name in (database, role):
+            if name is not None and not name.startswith(NAME_PREFIX):
+                raise ProviderError(f"refusing to drop {name!r}: agentpg only drops what it made")
+        if database is not None:
+            with self._admin() as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        if role is None:
+            return
+        with self._admin() as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                return
+            dbs = [r[0] for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datallowconn AND datname LIKE %s",
+                (NAME_PREFIX.replace("_", "\\_") + "%",)).fetchall()]
+        for dbname in dbs:  # privileges the role holds anywhere must go before the role can
+            with self._admin(dbname) as conn:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with self._admin() as conn:
+            self._drop_role(conn, role)
+
+    def check(self) -> None:
+        with self._admin() as conn:
+            conn.execute("SELECT 1")

@@ -1,0 +1,168 @@
+"""SQL installed into every tenant database: the machinery that keeps grants the boundary.
+
+Runs as the provider's admin (a superuser) inside the new database. Everything lives in schema
+``agentpg_internal``, which no tenant role can use. Two pieces:
+
+* ``agentpg_internal.agent_grants`` records, per agent role, what it may do; the control plane changes it
+  only through ``agentpg_internal.set_agent_grants(...)``, which also re-grants every existing object.
+* the event trigger ``agentpg_adopt`` runs after every CREATE in schema ``public``: it hands the new object to
+  the NOLOGIN owner role and grants it to every agent whose permissions allow it. That is how a table agent
+  A creates is at once usable by agent B (the design's "customers" example), while nobody but the owner
+  role owns anything.
+
+The function bodies are static text: names and values reach them as bound parameters or from the config
+table, never by formatting.
+"""
+
+from __future__ import annotations
+
+BOOTSTRAP = r"""
+CREATE SCHEMA IF NOT EXISTS agentpg_internal;
+REVOKE ALL ON SCHEMA agentpg_internal FROM PUBLIC;
+
+CREATE TABLE IF NOT EXISTS agentpg_internal.config (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS agentpg_internal.agent_grants (
+    role_name name PRIMARY KEY,
+    can_read boolean NOT NULL,
+    can_write boolean NOT NULL,
+    can_create boolean NOT NULL,
+    can_drop boolean NOT NULL,
+    allowed_tables text[]
+);
+
+-- Grants on one relation for one agent, from its row in agent_grants.
+CREATE OR REPLACE FUNCTION agentpg_internal.grant_relation(rel regclass, g agentpg_internal.agent_grants)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    kind "char";
+    relname name;
+BEGIN
+    SELECT c.relkind, c.relname INTO kind, relname FROM pg_class c WHERE c.oid = rel;
+    EXECUTE format('REVOKE ALL ON %s FROM %I', rel, g.role_name);
+    IF g.allowed_tables IS NOT NULL AND NOT (relname = ANY (g.allowed_tables)) THEN
+        RETURN;
+    END IF;
+    IF kind = 'S' THEN
+        IF g.can_write THEN
+            EXECUTE format('GRANT USAGE, SELECT, UPDATE ON SEQUENCE %s TO %I', rel, g.role_name);
+        ELSIF g.can_read THEN
+            EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %I', rel, g.role_name);
+        END IF;
+        RETURN;
+    END IF;
+    IF g.can_read THEN
+        EXECUTE format('GRANT SELECT ON %s TO %I', rel, g.role_name);
+    END IF;
+    IF g.can_write AND kind IN ('r', 'p', 'v', 'f') THEN
+        EXECUTE format('GRANT INSERT, UPDATE, DELETE ON %s TO %I', rel, g.role_name);
+        IF kind IN ('r', 'p') THEN
+            EXECUTE format('GRANT TRUNCATE, REFERENCES, TRIGGER ON %s TO %I', rel, g.role_name);
+        END IF;
+    END IF;
+END
+$fn$;
+
+-- Make one agent's rights exactly these, on the schema and on every existing relation.
+CREATE OR REPLACE FUNCTION agentpg_internal.set_agent_grants(
+    p_role name, p_read boolean, p_write boolean, p_create boolean, p_drop boolean, p_tables text[])
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    g agentpg_internal.agent_grants;
+    owner_role name := (SELECT value FROM agentpg_internal.config WHERE key = 'owner_role');
+    rel regclass;
+BEGIN
+    INSERT INTO agentpg_internal.agent_grants AS a VALUES (p_role, p_read, p_write, p_create, p_drop, p_tables)
+    ON CONFLICT (role_name) DO UPDATE
+        SET can_read = p_read, can_write = p_write, can_create = p_create, can_drop = p_drop,
+            allowed_tables = p_tables
+    RETURNING * INTO g;
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), p_role);
+    EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', p_role);
+    IF p_create THEN
+        EXECUTE format('GRANT CREATE ON SCHEMA public TO %I', p_role);
+    ELSE
+        EXECUTE format('REVOKE CREATE ON SCHEMA public FROM %I', p_role);
+    END IF;
+    -- Only an owner may DROP or ALTER in Postgres, so the right to drop is membership in the owner role.
+    IF p_drop THEN
+        EXECUTE format('GRANT %I TO %I', owner_role, p_role);
+    ELSE
+        EXECUTE format('REVOKE %I FROM %I', owner_role, p_role);
+    END IF;
+    FOR rel IN
+        SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+    LOOP
+        PERFORM agentpg_internal.grant_relation(rel, g);
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION agentpg_internal.forget_agent(p_role name)
+RETURNS void LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $fn$
+    DELETE FROM agentpg_internal.agent_grants WHERE role_name = p_role;
+$fn$;
+
+-- After any DDL: give new objects in public to the owner role and grant them to the agents.
+CREATE OR REPLACE FUNCTION agentpg_internal.adopt_new_objects()
+RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    obj record;
+    g agentpg_internal.agent_grants;
+    owner_role name := (SELECT value FROM agentpg_internal.config WHERE key = 'owner_role');
+    owner_oid oid;
+BEGIN
+    SELECT oid INTO owner_oid FROM pg_roles WHERE rolname = owner_role;
+    IF owner_oid IS NULL THEN
+        RETURN;
+    END IF;
+    FOR obj IN
+        SELECT * FROM pg_event_trigger_ddl_commands()
+        WHERE schema_name = 'public' AND command_tag IN (
+            'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE VIEW', 'CREATE MATERIALIZED VIEW',
+            'CREATE SEQUENCE', 'CREATE FOREIGN TABLE', 'CREATE FUNCTION', 'CREATE PROCEDURE',
+            'CREATE TYPE', 'CREATE DOMAIN')
+    LOOP
+        IF obj.classid = 'pg_class'::regclass THEN
+            -- A sequence owned by a column moves with its table; changing it alone is an error.
+            CONTINUE WHEN EXISTS (
+                SELECT 1 FROM pg_depend d
+                WHERE d.classid = 'pg_class'::regclass AND d.objid = obj.objid
+                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'));
+            CONTINUE WHEN (SELECT relkind FROM pg_class WHERE oid = obj.objid) NOT IN ('r','p','v','m','f','S');
+            IF (SELECT relowner FROM pg_class WHERE oid = obj.objid) <> owner_oid THEN
+                EXECUTE format('ALTER TABLE %s OWNER TO %I', obj.objid::regclass, owner_role);
+            END IF;
+            FOR g IN SELECT * FROM agentpg_internal.agent_grants LOOP
+                PERFORM agentpg_internal.grant_relation(obj.objid::regclass, g);
+            END LOOP;
+            -- Sequences behind serial/identity columns: writers need them for their defaults.
+            FOR g IN SELECT * FROM agentpg_internal.agent_grants LOOP
+                PERFORM agentpg_internal.grant_relation(d.objid::regclass, g)
+                FROM pg_depend d
+                WHERE d.refobjid = obj.objid AND d.classid = 'pg_class'::regclass
+                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i');
+            END LOOP;
+        ELSIF obj.classid = 'pg_proc'::regclass THEN
+            IF (SELECT proowner FROM pg_proc WHERE oid = obj.objid) <> owner_oid THEN
+                EXECUTE format('ALTER ROUTINE %s OWNER TO %I', obj.objid::regprocedure, owner_role);
+            END IF;
+        ELSIF obj.classid = 'pg_type'::regclass THEN
+            IF (SELECT typowner FROM pg_type WHERE oid = obj.objid) <> owner_oid THEN
+                EXECUTE format('ALTER TYPE %s OWNER TO %I', obj.objid::regtype, owner_role);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agentpg_internal FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA agentpg_internal FROM PUBLIC;
+
+DROP EVENT TRIGGER IF EXISTS agentpg_adopt;
+CREATE EVENT TRIGGER agentpg_adopt ON ddl_command_end EXECUTE FUNCTION agentpg_internal.adopt_new_objects();
+"""

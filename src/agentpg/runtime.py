@@ -1,0 +1,119 @@
+"""Building agentpg from settings: the one place where engines, pools, the key ring and providers are made.
+
+Edges open a :class:`Runtime` in their lifespan (the API) or per command (the CLI) and pass it down; nothing
+is created at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from sqlalchemy import Engine
+
+from agentpg.catalog.engine import ensure_database, make_engine, migrate, session_factory
+from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
+from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
+from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.providers.local import LocalProvider
+from agentpg.service import Service
+from agentpg.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(AgentpgError):
+    """agentpg could not start: its Postgres, catalog or key is not usable. The message says how to fix it."""
+
+    status = 503
+    code = "startup_failed"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    service: Service
+    engine: Engine
+    keyring: KeyRing
+    admin_dsn: str
+    embedded: EmbeddedPostgres | None
+
+
+def prepare_home(settings: Settings) -> None:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # The embedded server's unprivileged user must traverse (not list) the home to reach its data.
+        settings.home.chmod(0o711)
+
+
+def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The admin DSN: the configured server's, or the embedded server's (started if need be)."""
+    if settings.postgres_url is not None:
+        return settings.postgres_url.get_secret_value(), None
+    embedded = EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync)
+    try:
+        info = embedded.ensure_running()
+    except EmbeddedPostgresError as exc:
+        raise StartupError(f"the embedded PostgreSQL server could not start: {exc}") from None
+    return info.dsn("postgres"), embedded
+
+
+def keyring(settings: Settings) -> KeyRing:
+    if settings.secret_key is not None:
+        return keyring_from_secret(settings.secret_key.get_secret_value())
+    return load_or_create_keyring(settings.home / "secret.key")
+
+
+def catalog_dsn(settings: Settings, admin: str) -> str:
+    if settings.catalog_url is not None:
+        return settings.catalog_url.get_secret_value()
+    try:
+        ensure_database(admin, settings.catalog_database)
+    except Exception:
+        raise CatalogUnavailable("the PostgreSQL server for the catalog cannot be reached") from None
+    params = conninfo_to_dict(admin)
+    params["dbname"] = settings.catalog_database
+    return make_conninfo(**params)
+
+
+def _as_url(dsn: str) -> str:
+    """SQLAlchemy needs a URL; turn a key=value DSN into one."""
+    if "://" in dsn:
+        return dsn
+    from urllib.parse import quote
+
+    p = conninfo_to_dict(dsn)
+    auth = quote(str(p.get("user", "")), safe="")
+    if p.get("password"):
+        auth += ":" + quote(str(p["password"]), safe="")
+    return f"postgresql://{auth}@{p.get('host', '127.0.0.1')}:{p.get('port', 5432)}/{p.get('dbname', 'postgres')}"
+
+
+@contextmanager
+def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = True) -> Iterator[Runtime]:
+    """Start (or reach) Postgres, open and migrate the catalog, load the key ring; close it all on exit."""
+    settings = settings or Settings()
+    prepare_home(settings)
+    admin, embedded = admin_dsn(settings)
+    ring = keyring(settings)
+    engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
+    try:
+        if migrate_catalog:
+            migrate(engine)
+        provider = LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
+                                 connect_timeout_s=settings.connect_timeout_s)
+        deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
+                             crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
+        status = embedded.status() if embedded is not None else None
+        service = Service(deps, embedded=embedded is not None, postgres_status=status)
+        yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
+                      embedded=embedded)
+    except ProviderUnavailable:
+        raise
+    finally:
+        engine.dispose()

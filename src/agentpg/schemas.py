@@ -1,0 +1,65 @@
+"""Public shapes: what the edges (REST, MCP, CLI) may show. No field here can hold a secret."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+
+
+class DatabaseInfo(Public):
+    """A tenant database as its owner may see it: never a URI, password or role name."""
+
+    name: str
+    status: Literal["provisioning", "ready", "deleting", "failed"]
+    ownership_type: Literal["platform", "user"]
+    provider: str
+    created_at: datetime
+    current_period_cost_cents: int = 0
+
+
+class UserInfo(Public):
+    id: str
+    email: str | None
+    status: str
+    created_at: datetime
+    global_database: DatabaseInfo | None
+
+
+class WorkspaceInfo(Public):
+    id: str
+    user_id: str
+    name: str | None
+    status: str
+    created_at: datetime
+    database: DatabaseInfo | None
+
+
+class StatusInfo(Public):
+    version: str
+    postgres: Literal["embedded", "external"]
+    postgres_running: bool
+    postgres_version: str | None
+    catalog: Literal["ok", "unreachable"]
+    users: int
+    workspaces: int
+    pending_operations: int
+
+
+class Page(Public):
+    """Keyset pagination: pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    next_cursor: str | None
+
+
+class UserPage(Page):
+    items: list[UserInfo]
+
+
+class WorkspacePage(Page):
+    items: list[WorkspaceInfo]
