@@ -107,6 +107,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             migrate(engine)
         provider = LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
                                  connect_timeout_s=settings.connect_timeout_s)
+        if embedded is not None:
+            provider.harden_server()
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
         status = embedded.status() if embedded is not None else None

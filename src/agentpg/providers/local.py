@@ -218,6 +218,16 @@ class LocalProvider(Provider):
         with self._admin() as conn:
             self._drop_role(conn, role)
 
+    def harden_server(self) -> None:
+        """Close the databases every server ships with to tenant roles (by default PUBLIC may connect).
+
+        Only for a server agentpg owns (the embedded one): on a shared server the operator decides.
+        """
+        with self._admin() as conn:
+            for name in ("postgres", "template1"):
+                conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC")
+                             .format(sql.Identifier(name)))
+
     def check(self) -> None:
         with self._admin() as conn:
             conn.execute("SELECT 1")

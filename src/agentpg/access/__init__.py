@@ -1,0 +1,1 @@
+"""Access control: statement pre-checks and role/grant helpers."""

@@ -1,0 +1,47 @@
+"""Test helpers that read what agentpg holds, the way only an operator with the key could."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from agentpg.catalog.models import EnvVar, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.runtime import Runtime
+
+
+def global_uri(rt: Runtime, user_id: str) -> str:
+    deps = rt.service.deps
+    with deps.sessions() as s:
+        rec = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
+        assert rec.connection_uri_sealed
+        return deps.open(rec.connection_uri_sealed, "user_global_database", rec.id, "connection_uri")
+
+
+def agent_db_uri(rt: Runtime, workspace_id: str) -> str:
+    deps = rt.service.deps
+    with deps.sessions() as s:
+        rec = s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.workspace_id == workspace_id)).one()
+        assert rec.connection_uri_sealed
+        return deps.open(rec.connection_uri_sealed, "workspace_agent_database", rec.id, "connection_uri")
+
+
+def workspace_global_uri(rt: Runtime, workspace_id: str) -> str:
+    """The URI of the workspace's own role in its user's global database."""
+    deps = rt.service.deps
+    with deps.sessions() as s:
+        ws = s.get_one(Workspace, workspace_id)
+        assert ws.global_uri_sealed
+        return deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
+
+
+def env_value(rt: Runtime, user_id: str, name: str, workspace_id: str | None = None) -> str:
+    deps = rt.service.deps
+    with deps.sessions() as s:
+        var = s.scalars(select(EnvVar).where(EnvVar.user_id == user_id, EnvVar.name == name,
+                                             EnvVar.workspace_id.is_(None) if workspace_id is None
+                                             else EnvVar.workspace_id == workspace_id)).one()
+        return deps.open(var.value_sealed, "env_vars", var.id, "value")
+
+
+def with_database(uri: str, dbname: str) -> str:
+    """The same credentials aimed at another database (an attacker's first try)."""
+    return uri.rsplit("/", 1)[0] + "/" + dbname
