@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
+from agentpg.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,26 @@ def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     except EmbeddedPostgresError as exc:
         raise StartupError(f"the embedded PostgreSQL server could not start: {exc}") from None
     return info.dsn("postgres"), embedded
+
+
+def admin_token(settings: Settings) -> str:
+    """The platform's admin token: from settings, or made once into a 0600 file whose path is logged once."""
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = settings.home / "admin-token"
+    if not path.exists():
+        tmp = path.with_name(f".admin-token.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("apg_a_" + secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, path)
+            log.warning("generated the admin token; read it from %s (mode 0600)", path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def keyring(settings: Settings) -> KeyRing:
@@ -112,7 +134,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
         status = embedded.status() if embedded is not None else None
-        service = Service(deps, embedded=embedded is not None, postgres_status=status)
+        service = Service(deps, TokenStore(deps.sessions, admin_token(settings)),
+                          embedded=embedded is not None, postgres_status=status)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded)
     except ProviderUnavailable:

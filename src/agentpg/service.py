@@ -7,10 +7,11 @@ from sqlalchemy.orm import Session
 
 from agentpg import __version__
 from agentpg.catalog.models import Operation, User, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
-from agentpg.errors import NotFound
+from agentpg.errors import InvalidInput, NotFound
 from agentpg.lifecycle import reconcile as reconcile_mod
 from agentpg.lifecycle import users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
+from agentpg.tokens import TokenStore
 from agentpg.schemas import DatabaseInfo, StatusInfo, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
 
 
@@ -25,8 +26,10 @@ def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> Databas
 class Service:
     """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only."""
 
-    def __init__(self, deps: LifecycleDeps, *, embedded: bool, postgres_status: dict[str, object] | None = None):
+    def __init__(self, deps: LifecycleDeps, tokens: TokenStore, *, embedded: bool,
+                 postgres_status: dict[str, object] | None = None):
         self.deps = deps
+        self.tokens = tokens
         self._embedded = embedded
         self._postgres_status = postgres_status or {}
 
@@ -119,3 +122,46 @@ class Service:
                           postgres_running=bool(self._postgres_status.get("running", True)),
                           postgres_version=str(version) if version else None, catalog="ok",
                           users=n_users, workspaces=n_ws, pending_operations=n_ops)
+
+    # -- tenant connection strings (secrets: for the access layer only, never for an edge to show) ------
+
+    def platform_uri(self, user_id: str, workspace_id: str | None = None) -> str:
+        """The full-rights URI of a user's global database, or of one of its workspaces' agent databases.
+
+        Used for the platform's own reads (REST tables/rows, explorer), always inside READ ONLY transactions.
+        A workspace of another user is "not found".
+        """
+        with self.deps.sessions() as s:
+            rec: UserGlobalDatabase | WorkspaceAgentDatabase | None
+            if workspace_id is None:
+                rec = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one_or_none()
+                table, what = "user_global_database", f"user {user_id!r}"
+            else:
+                rec = s.scalars(select(WorkspaceAgentDatabase).where(
+                    WorkspaceAgentDatabase.workspace_id == workspace_id,
+                    WorkspaceAgentDatabase.user_id == user_id)).one_or_none()
+                table, what = "workspace_agent_database", f"workspace {workspace_id!r}"
+            if rec is None or rec.status != "ready" or rec.connection_uri_sealed is None:
+                raise NotFound(f"{what} has no ready database")
+            return self.deps.open(rec.connection_uri_sealed, table, rec.id, "connection_uri")
+
+    def agent_uri(self, workspace_id: str, database: str) -> str:
+        """The URI an agent's calls run with: its own role in the global database, or its agent database.
+
+        ``database`` is the logical name, ``"global"`` or ``"agent"``.
+        """
+        with self.deps.sessions() as s:
+            ws = s.get(Workspace, workspace_id)
+            if ws is None or ws.status != "active":
+                raise NotFound(f"workspace {workspace_id!r} does not exist")
+            if database == "agent":
+                user_id = ws.user_id
+            elif database == "global":
+                if ws.global_uri_sealed is not None:
+                    return self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
+                # A bring-your-own global database has no per-agent roles: its own URI is all there is.
+                return self.platform_uri(ws.user_id)
+            else:
+                raise InvalidInput('database must be "global" (the user\'s shared database) or "agent" '
+                                   "(this workspace's own)")
+        return self.platform_uri(user_id, workspace_id)

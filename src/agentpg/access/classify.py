@@ -399,7 +399,7 @@ def _rename_or_move(stmt: Any) -> _Result:
 
 
 def _create_table(stmt: Any) -> _Result:
-    base = stmt.base if isinstance(stmt, ast.CreateForeignTableStmt) else stmt
+    base: Any = stmt.base if isinstance(stmt, ast.CreateForeignTableStmt) else stmt
     command = "CREATE FOREIGN TABLE" if base is not stmt else "CREATE TABLE"
     return _Result(StatementKind.DDL, command, targets=_relations(base.relation), creates_table=True)
 

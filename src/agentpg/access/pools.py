@@ -1,0 +1,120 @@
+"""Connection pools to tenant databases: one small async pool per (database, role), kept in an LRU.
+
+Idle tenants cost nothing: a pool opens no connection until asked (``min_size=0``), closes connections idle
+for ``max_idle`` seconds, and the least recently used pool is closed when more than ``max_pools`` exist.
+Every connection is reset with ``DISCARD ALL`` before it goes back, so whatever a call changed in its
+session (a setting, a temp table, an advisory lock, a prepared statement) cannot leak into the next call.
+
+Pools are keyed by a hash of the URI, never the URI itself, and no URI is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from agentpg.errors import AgentpgError, ProviderUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class PoolExhausted(AgentpgError):
+    """Every connection of this database and role is busy: back-pressure, retry shortly."""
+
+    status = 429
+    code = "pool_exhausted"
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    max_size: int = 5
+    max_idle_s: float = 60.0
+    acquire_timeout_s: float = 10.0
+    max_pools: int = 1000
+    connect_timeout_s: int = 5
+
+
+async def _reset(conn: AsyncConnection[object]) -> None:
+    await conn.execute("DISCARD ALL")
+
+
+async def _configure(conn: AsyncConnection[object]) -> None:
+    # DISCARD ALL also drops prepared statements, so never let psycopg prepare any behind our back.
+    conn.prepare_threshold = None
+
+
+class TenantPools:
+    """The LRU of pools. Create one per process in a lifespan; ``close()`` it on the way out."""
+
+    def __init__(self, limits: PoolLimits | None = None) -> None:
+        self.limits = limits or PoolLimits()
+        self._pools: OrderedDict[str, AsyncConnectionPool[AsyncConnection[object]]] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def _key(uri: str) -> str:
+        return hashlib.sha256(uri.encode()).hexdigest()
+
+    async def _pool(self, uri: str) -> AsyncConnectionPool[AsyncConnection[object]]:
+        key = self._key(uri)
+        async with self._lock:
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+                return pool
+            pool = AsyncConnectionPool(
+                uri, min_size=0, max_size=self.limits.max_size, max_idle=self.limits.max_idle_s,
+                timeout=self.limits.acquire_timeout_s, reset=_reset, configure=_configure, open=False,
+                kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg"},
+                name=f"tenant-{key[:8]}", reconnect_timeout=30,
+            )
+            await pool.open(wait=False)
+            self._pools[key] = pool
+            evicted = []
+            while len(self._pools) > self.limits.max_pools:
+                evicted.append(self._pools.popitem(last=False)[1])
+        for old in evicted:
+            await old.close()
+        return pool
+
+    @asynccontextmanager
+    async def connection(self, uri: str) -> AsyncIterator[AsyncConnection[object]]:
+        """A connection to ``uri`` for one call. Raises ``PoolExhausted`` or ``ProviderUnavailable``."""
+        pool = await self._pool(uri)
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except PoolTimeout:
+            # psycopg_pool raises PoolTimeout both when all connections are busy and when none can be made.
+            if pool.get_stats().get("pool_size", 0) == 0:
+                raise ProviderUnavailable("the database server cannot be reached right now; retry shortly") from None
+            raise PoolExhausted("too many concurrent calls on this database; retry shortly") from None
+
+    async def forget(self, uri: str) -> None:
+        """Close the pool of a database or role that is being dropped or re-passworded."""
+        async with self._lock:
+            pool = self._pools.pop(self._key(uri), None)
+        if pool is not None:
+            await pool.close()
+
+    async def close(self) -> None:
+        async with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.OperationalError)

@@ -1,0 +1,109 @@
+"""API credentials: random bearer tokens stored as SHA-256 hashes, shown once, revocable.
+
+A token reads ``apg_<kind letter>_<43 url-safe chars>`` (256 bits of randomness), so a leaked one is
+recognisable in logs and by secret scanners. Only its hash is stored: SHA-256 is enough for a secret this
+long (no dictionary to attack), and lets lookup be one indexed equality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from agentpg.catalog.models import Token, User, Workspace
+from agentpg.errors import NotFound, Unauthenticated
+
+TokenKind = Literal["admin", "user", "agent"]
+_PREFIX: dict[str, str] = {"admin": "apg_a_", "user": "apg_u_", "agent": "apg_g_"}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. ``user_id``/``workspace_id`` scope what a user or agent token may reach."""
+
+    kind: TokenKind
+    token_id: str | None
+    user_id: str | None = None
+    workspace_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A fresh token. ``secret`` is shown to the caller once and never stored."""
+
+    id: str
+    kind: TokenKind
+    secret: str
+    user_id: str | None
+    workspace_id: str | None
+    created_at: datetime
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class TokenStore:
+    """Issue, verify and revoke tokens in the catalog. ``admin_secret`` is the platform's admin token."""
+
+    def __init__(self, sessions: sessionmaker[Session], admin_secret: str) -> None:
+        self._sessions = sessions
+        self._admin_hash = hash_token(admin_secret)
+
+    def issue(self, kind: Literal["user", "agent"], *, user_id: str, workspace_id: str | None = None,
+              name: str | None = None, session: Session | None = None) -> IssuedToken:
+        raw = _PREFIX[kind] + secrets.token_urlsafe(32)
+        row = Token(kind=kind, token_hash=hash_token(raw), user_id=user_id, workspace_id=workspace_id, name=name,
+                    created_at=datetime.now(UTC))
+        if session is not None:
+            session.add(row)
+            session.flush()
+        else:
+            with self._sessions.begin() as s:
+                if s.get(User, user_id) is None:
+                    raise NotFound(f"user {user_id!r} does not exist")
+                if workspace_id is not None and s.get(Workspace, workspace_id) is None:
+                    raise NotFound(f"workspace {workspace_id!r} does not exist")
+                s.add(row)
+                s.flush()
+        return IssuedToken(id=row.id, kind=kind, secret=raw, user_id=user_id, workspace_id=workspace_id,
+                           created_at=row.created_at)
+
+    def authenticate(self, raw: str | None) -> Principal:
+        """The principal behind a bearer token, or ``Unauthenticated`` (never says which part was wrong)."""
+        if not raw or len(raw) > 200:
+            raise Unauthenticated("a valid bearer token is required")
+        digest = hash_token(raw)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return Principal(kind="admin", token_id=None)
+        with self._sessions() as s:
+            row = s.scalars(select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))).one_or_none()
+            if row is None:
+                raise Unauthenticated("a valid bearer token is required")
+            if row.workspace_id is not None:
+                ws = s.get(Workspace, row.workspace_id)
+                if ws is None or ws.status != "active":
+                    raise Unauthenticated("a valid bearer token is required")
+            return Principal(kind=row.kind, token_id=row.id, user_id=row.user_id,  # type: ignore[arg-type]
+                             workspace_id=row.workspace_id)
+
+    def revoke(self, token_id: str, *, user_id: str | None = None) -> None:
+        """Revoke a token; ``user_id`` scopes it (another user's token is "not found")."""
+        with self._sessions.begin() as s:
+            query = update(Token).where(Token.id == token_id, Token.revoked_at.is_(None))
+            if user_id is not None:
+                query = query.where(Token.user_id == user_id)
+            result = s.execute(query.values(revoked_at=datetime.now(UTC)))
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFound(f"token {token_id!r} does not exist")
