@@ -98,9 +98,7 @@ def catalog_dsn(settings: Settings, admin: str) -> str:
         ensure_database(admin, settings.catalog_database)
     except Exception:
         raise CatalogUnavailable("the PostgreSQL server for the catalog cannot be reached") from None
-    params = conninfo_to_dict(admin)
-    params["dbname"] = settings.catalog_database
-    return make_conninfo(**params)
+    return make_conninfo(admin, dbname=settings.catalog_database)
 
 
 def _as_url(dsn: str) -> str:

@@ -1,8 +1,7 @@
-"""Pre-flight classification of a single SQL statement, using pglast (Postgres' own parser).
+"""Pre-flight classification of one SQL statement with pglast (Postgres' own parser).
 
-The agent's Postgres role and its grants are the real security boundary: this module only
-gives the agent an early, actionable error and tells the MCP tools what kind of statement
-they are about to run (read, write, DDL or an allowed utility command).
+The agent's Postgres role and its grants are the real security boundary: this module only gives the
+agent an early, actionable error and tells the MCP tools what kind of statement they are about to run.
 """
 
 from __future__ import annotations
@@ -24,18 +23,18 @@ class StatementKind(enum.StrEnum):
     READ = "read"
     WRITE = "write"
     DDL = "ddl"
-    OTHER = "other"  # allowed utility: SHOW, EXPLAIN (not executing a write), VACUUM, ANALYZE...
+    OTHER = "other"  # allowed utility: SHOW, EXPLAIN (unless it executes a write), VACUUM, ANALYZE, ...
 
 
 @dataclass(frozen=True)
 class Classification:
     kind: StatementKind
-    command: str
-    tables_read: frozenset[str]
-    tables_written: frozenset[str]
+    command: str  # "SELECT", "INSERT", "CREATE TABLE", "DROP TABLE", "EXPLAIN ANALYZE DELETE", ...
+    tables_read: frozenset[str]  # relations referenced, as written (identifiers folded like Postgres does)
+    tables_written: frozenset[str]  # relations written, created, altered or dropped
     creates_table: bool
     drops_table: bool
-    fingerprint: str
+    fingerprint: str  # pglast fingerprint: stable and literal-free
 
 
 class RejectedStatement(ValueError):
@@ -43,22 +42,18 @@ class RejectedStatement(ValueError):
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
-        self.reason = reason
         self.message = message
+        self.reason = reason  # short machine code, e.g. "multiple_statements", "forbidden_function"
 
 
-def _refuse(reason: str, message: str) -> RejectedStatement:
-    return RejectedStatement(message, reason=reason)
-
-
-# Why a category of statements is refused, and what the agent should do instead.
+# reason -> why it is refused / what to do instead
 _ADVICE: Final[Mapping[str, str]] = MappingProxyType({
-    "transaction_control": "each call already runs in its own transaction, which agentpg commits or "
-    "rolls back for you; send only the statement itself",
+    "transaction_control": "each call already runs in its own transaction, which agentpg commits or rolls "
+    "back for you; send only the statement itself",
     "session_state": "session state (role, settings, search_path, prepared statements) is managed by "
     "agentpg; schema-qualify names instead of changing settings",
     "cursor": "cursors do not survive between calls; use a plain SELECT with ORDER BY and LIMIT/OFFSET",
-    "role_management": "roles, memberships and ownership are managed by agentpg; ask the operator",
+    "role_management": "roles and memberships are managed by agentpg; ask the operator",
     "ownership_change": "object ownership is managed by agentpg; objects you create stay owned by your role",
     "database_management": "databases are provisioned by agentpg; work inside the database you were given",
     "tablespace_management": "tablespaces are managed by the server operator",
@@ -67,122 +62,89 @@ _ADVICE: Final[Mapping[str, str]] = MappingProxyType({
     "foreign_data_management": "foreign data wrappers, servers and user mappings are managed by agentpg",
     "replication": "publications and subscriptions are managed by agentpg",
     "server_admin": "server administration commands are not available to agents",
-    "notifications": "LISTEN/NOTIFY need a persistent session, which the tools do not keep; "
-    "record events in a table instead",
-    "anonymous_code": "anonymous code blocks are not allowed; send plain SQL statements, or create a "
-    "sql/plpgsql function and call it",
+    "notifications": "LISTEN/NOTIFY need a persistent session, which the tools do not keep; record events "
+    "in a table instead",
+    "anonymous_code": "anonymous code blocks are refused; send plain SQL, or create a sql/plpgsql function",
     "event_trigger": "event triggers affect the whole database and are managed by agentpg",
     "untrusted_language": "only LANGUAGE sql and LANGUAGE plpgsql functions are allowed",
-    "security_definer": "SECURITY DEFINER routines are not allowed; use SECURITY INVOKER (the default)",
+    "security_definer": "SECURITY DEFINER routines are refused; use SECURITY INVOKER (the default)",
     "vacuum_full": "it rewrites the table under an exclusive lock; use plain VACUUM or ANALYZE",
     "reindex_scope": "reindex individual tables or indexes instead (REINDEX TABLE / REINDEX INDEX)",
-    "unsupported_statement": "this kind of statement is not available through agentpg",
+    "unsupported_statement": "this kind of statement is not available through agentpg; use ordinary DDL/DML",
 })
 
-# Statement node classes that are always refused: class name -> (reason, label).
+# Always-refused statement node classes, one reason per line: "reason: Class=LABEL | Class=LABEL ..."
+_REFUSED_TABLE: Final = """
+transaction_control: ConstraintsSetStmt=SET CONSTRAINTS
+session_state: DiscardStmt=DISCARD | PrepareStmt=PREPARE | ExecuteStmt=EXECUTE | DeallocateStmt=DEALLOCATE
+cursor: DeclareCursorStmt=DECLARE CURSOR | FetchStmt=FETCH/MOVE | ClosePortalStmt=CLOSE
+server_admin: AlterSystemStmt=ALTER SYSTEM | LoadStmt=LOAD | CheckPointStmt=CHECKPOINT
+role_management: CreateRoleStmt=CREATE ROLE/USER/GROUP | AlterRoleStmt=ALTER ROLE/USER/GROUP
+role_management: AlterRoleSetStmt=ALTER ROLE ... SET | DropRoleStmt=DROP ROLE/USER/GROUP
+role_management: GrantRoleStmt=GRANT/REVOKE of role membership | ReassignOwnedStmt=REASSIGN OWNED
+role_management: DropOwnedStmt=DROP OWNED
+ownership_change: AlterOwnerStmt=ALTER ... OWNER TO
+database_management: CreatedbStmt=CREATE DATABASE | DropdbStmt=DROP DATABASE | AlterDatabaseStmt=ALTER DATABASE
+database_management: AlterDatabaseSetStmt=ALTER DATABASE | AlterDatabaseRefreshCollStmt=ALTER DATABASE
+tablespace_management: CreateTableSpaceStmt=CREATE TABLESPACE | DropTableSpaceStmt=DROP TABLESPACE
+tablespace_management: AlterTableSpaceOptionsStmt=ALTER TABLESPACE | AlterTableMoveAllStmt=ALTER ... TABLESPACE
+extension_management: CreateExtensionStmt=CREATE EXTENSION (or CREATE LANGUAGE)
+extension_management: AlterExtensionStmt=ALTER EXTENSION | AlterExtensionContentsStmt=ALTER EXTENSION
+language_management: CreatePLangStmt=CREATE LANGUAGE
+foreign_data_management: CreateFdwStmt=CREATE FOREIGN DATA WRAPPER | AlterFdwStmt=ALTER FOREIGN DATA WRAPPER
+foreign_data_management: CreateForeignServerStmt=CREATE SERVER | AlterForeignServerStmt=ALTER SERVER
+foreign_data_management: CreateUserMappingStmt=CREATE USER MAPPING | AlterUserMappingStmt=ALTER USER MAPPING
+foreign_data_management: DropUserMappingStmt=DROP USER MAPPING | ImportForeignSchemaStmt=IMPORT FOREIGN SCHEMA
+replication: CreatePublicationStmt=CREATE PUBLICATION | AlterPublicationStmt=ALTER PUBLICATION
+replication: CreateSubscriptionStmt=CREATE SUBSCRIPTION | AlterSubscriptionStmt=ALTER SUBSCRIPTION
+replication: DropSubscriptionStmt=DROP SUBSCRIPTION
+notifications: ListenStmt=LISTEN | NotifyStmt=NOTIFY | UnlistenStmt=UNLISTEN
+anonymous_code: DoStmt=DO
+event_trigger: CreateEventTrigStmt=CREATE EVENT TRIGGER | AlterEventTrigStmt=ALTER EVENT TRIGGER
+"""
 _REFUSED: Final[Mapping[str, tuple[str, str]]] = MappingProxyType({
-    "ConstraintsSetStmt": ("transaction_control", "SET CONSTRAINTS"),
-    "DiscardStmt": ("session_state", "DISCARD"),
-    "PrepareStmt": ("session_state", "PREPARE"),
-    "ExecuteStmt": ("session_state", "EXECUTE"),
-    "DeallocateStmt": ("session_state", "DEALLOCATE"),
-    "DeclareCursorStmt": ("cursor", "DECLARE CURSOR"),
-    "FetchStmt": ("cursor", "FETCH/MOVE"),
-    "ClosePortalStmt": ("cursor", "CLOSE"),
-    "AlterSystemStmt": ("server_admin", "ALTER SYSTEM"),
-    "LoadStmt": ("server_admin", "LOAD"),
-    "CheckPointStmt": ("server_admin", "CHECKPOINT"),
-    "CreateRoleStmt": ("role_management", "CREATE ROLE/USER/GROUP"),
-    "AlterRoleStmt": ("role_management", "ALTER ROLE/USER/GROUP"),
-    "AlterRoleSetStmt": ("role_management", "ALTER ROLE ... SET"),
-    "DropRoleStmt": ("role_management", "DROP ROLE/USER/GROUP"),
-    "GrantRoleStmt": ("role_management", "GRANT/REVOKE of role membership"),
-    "ReassignOwnedStmt": ("role_management", "REASSIGN OWNED"),
-    "DropOwnedStmt": ("role_management", "DROP OWNED"),
-    "AlterOwnerStmt": ("ownership_change", "ALTER ... OWNER TO"),
-    "CreatedbStmt": ("database_management", "CREATE DATABASE"),
-    "DropdbStmt": ("database_management", "DROP DATABASE"),
-    "AlterDatabaseStmt": ("database_management", "ALTER DATABASE"),
-    "AlterDatabaseSetStmt": ("database_management", "ALTER DATABASE ... SET"),
-    "AlterDatabaseRefreshCollStmt": ("database_management", "ALTER DATABASE ... REFRESH COLLATION"),
-    "CreateTableSpaceStmt": ("tablespace_management", "CREATE TABLESPACE"),
-    "DropTableSpaceStmt": ("tablespace_management", "DROP TABLESPACE"),
-    "AlterTableSpaceOptionsStmt": ("tablespace_management", "ALTER TABLESPACE"),
-    "AlterTableMoveAllStmt": ("tablespace_management", "ALTER ... ALL IN TABLESPACE"),
-    "CreateExtensionStmt": ("extension_management", "CREATE EXTENSION"),
-    "AlterExtensionStmt": ("extension_management", "ALTER EXTENSION"),
-    "AlterExtensionContentsStmt": ("extension_management", "ALTER EXTENSION"),
-    "CreatePLangStmt": ("language_management", "CREATE LANGUAGE"),
-    "CreateFdwStmt": ("foreign_data_management", "CREATE FOREIGN DATA WRAPPER"),
-    "AlterFdwStmt": ("foreign_data_management", "ALTER FOREIGN DATA WRAPPER"),
-    "CreateForeignServerStmt": ("foreign_data_management", "CREATE SERVER"),
-    "AlterForeignServerStmt": ("foreign_data_management", "ALTER SERVER"),
-    "CreateUserMappingStmt": ("foreign_data_management", "CREATE USER MAPPING"),
-    "AlterUserMappingStmt": ("foreign_data_management", "ALTER USER MAPPING"),
-    "DropUserMappingStmt": ("foreign_data_management", "DROP USER MAPPING"),
-    "ImportForeignSchemaStmt": ("foreign_data_management", "IMPORT FOREIGN SCHEMA"),
-    "CreatePublicationStmt": ("replication", "CREATE PUBLICATION"),
-    "AlterPublicationStmt": ("replication", "ALTER PUBLICATION"),
-    "CreateSubscriptionStmt": ("replication", "CREATE SUBSCRIPTION"),
-    "AlterSubscriptionStmt": ("replication", "ALTER SUBSCRIPTION"),
-    "DropSubscriptionStmt": ("replication", "DROP SUBSCRIPTION"),
-    "ListenStmt": ("notifications", "LISTEN"),
-    "NotifyStmt": ("notifications", "NOTIFY"),
-    "UnlistenStmt": ("notifications", "UNLISTEN"),
-    "DoStmt": ("anonymous_code", "DO"),
-    "CreateEventTrigStmt": ("event_trigger", "CREATE EVENT TRIGGER"),
-    "AlterEventTrigStmt": ("event_trigger", "ALTER EVENT TRIGGER"),
+    cls.strip(): (reason, label.strip())
+    for reason, _, items in (line.partition(":") for line in _REFUSED_TABLE.strip().splitlines())
+    for cls, _, label in (item.partition("=") for item in items.split("|"))
 })
 
 # Object types that DROP / ALTER ... RENAME / ALTER ... SET SCHEMA may not touch.
 _REFUSED_OBJECTS: Final[Mapping[str, str]] = MappingProxyType({
-    "OBJECT_ROLE": "role_management",
-    "OBJECT_DATABASE": "database_management",
-    "OBJECT_TABLESPACE": "tablespace_management",
-    "OBJECT_EXTENSION": "extension_management",
-    "OBJECT_LANGUAGE": "language_management",
-    "OBJECT_FDW": "foreign_data_management",
-    "OBJECT_FOREIGN_SERVER": "foreign_data_management",
-    "OBJECT_USER_MAPPING": "foreign_data_management",
-    "OBJECT_EVENT_TRIGGER": "event_trigger",
-    "OBJECT_PUBLICATION": "replication",
-    "OBJECT_SUBSCRIPTION": "replication",
-    "OBJECT_ACCESS_METHOD": "unsupported_statement",
+    "OBJECT_ROLE": "role_management", "OBJECT_DATABASE": "database_management",
+    "OBJECT_TABLESPACE": "tablespace_management", "OBJECT_EXTENSION": "extension_management",
+    "OBJECT_LANGUAGE": "language_management", "OBJECT_FDW": "foreign_data_management",
+    "OBJECT_FOREIGN_SERVER": "foreign_data_management", "OBJECT_USER_MAPPING": "foreign_data_management",
+    "OBJECT_EVENT_TRIGGER": "event_trigger", "OBJECT_PUBLICATION": "replication",
+    "OBJECT_SUBSCRIPTION": "replication", "OBJECT_ACCESS_METHOD": "unsupported_statement",
     "OBJECT_TRANSFORM": "unsupported_statement",
 })
-
 _OBJECT_LABELS: Final[Mapping[str, str]] = MappingProxyType({
     "MATVIEW": "MATERIALIZED VIEW", "FDW": "FOREIGN DATA WRAPPER", "FOREIGN_SERVER": "SERVER",
     "STATISTIC_EXT": "STATISTICS", "TSCONFIGURATION": "TEXT SEARCH CONFIGURATION",
-    "TSDICTIONARY": "TEXT SEARCH DICTIONARY", "TSPARSER": "TEXT SEARCH PARSER",
-    "TSTEMPLATE": "TEXT SEARCH TEMPLATE", "OPCLASS": "OPERATOR CLASS", "OPFAMILY": "OPERATOR FAMILY",
-    "LARGEOBJECT": "LARGE OBJECT",
+    "TSDICTIONARY": "TEXT SEARCH DICTIONARY", "OPCLASS": "OPERATOR CLASS", "OPFAMILY": "OPERATOR FAMILY",
 })
-_RELATION_OBJECTS: Final = frozenset(
-    {"OBJECT_TABLE", "OBJECT_FOREIGN_TABLE", "OBJECT_MATVIEW", "OBJECT_VIEW", "OBJECT_SEQUENCE", "OBJECT_INDEX"}
-)
 _TABLE_OBJECTS: Final = frozenset({"OBJECT_TABLE", "OBJECT_FOREIGN_TABLE", "OBJECT_MATVIEW"})
+_RELATION_OBJECTS: Final = _TABLE_OBJECTS | {"OBJECT_VIEW", "OBJECT_SEQUENCE", "OBJECT_INDEX"}
 
-# DDL statements that need no inspection beyond the generic checks: class name -> command.
-_SIMPLE_DDL: Final[Mapping[str, str]] = MappingProxyType({
-    "IndexStmt": "CREATE INDEX", "ViewStmt": "CREATE VIEW", "CreateSeqStmt": "CREATE SEQUENCE",
-    "AlterSeqStmt": "ALTER SEQUENCE", "CompositeTypeStmt": "CREATE TYPE", "CreateEnumStmt": "CREATE TYPE",
-    "CreateRangeStmt": "CREATE TYPE", "AlterEnumStmt": "ALTER TYPE", "AlterTypeStmt": "ALTER TYPE",
-    "CreateDomainStmt": "CREATE DOMAIN", "AlterDomainStmt": "ALTER DOMAIN", "CommentStmt": "COMMENT",
-    "CreateTrigStmt": "CREATE TRIGGER", "CreatePolicyStmt": "CREATE POLICY",
-    "AlterPolicyStmt": "ALTER POLICY", "RuleStmt": "CREATE RULE", "CreateStatsStmt": "CREATE STATISTICS",
-    "AlterStatsStmt": "ALTER STATISTICS", "AlterDefaultPrivilegesStmt": "ALTER DEFAULT PRIVILEGES",
-    "RefreshMatViewStmt": "REFRESH MATERIALIZED VIEW", "CreateCastStmt": "CREATE CAST",
-    "AlterTSDictionaryStmt": "ALTER TEXT SEARCH DICTIONARY",
-    "AlterTSConfigurationStmt": "ALTER TEXT SEARCH CONFIGURATION",
+# Statements needing no inspection beyond the generic checks: class name -> (kind, command).
+_D, _W, _O = StatementKind.DDL, StatementKind.WRITE, StatementKind.OTHER
+_SIMPLE: Final[Mapping[str, tuple[StatementKind, str]]] = MappingProxyType({
+    "IndexStmt": (_D, "CREATE INDEX"), "ViewStmt": (_D, "CREATE VIEW"), "CommentStmt": (_D, "COMMENT"),
+    "CreateSeqStmt": (_D, "CREATE SEQUENCE"), "AlterSeqStmt": (_D, "ALTER SEQUENCE"),
+    "CompositeTypeStmt": (_D, "CREATE TYPE"), "CreateEnumStmt": (_D, "CREATE TYPE"),
+    "CreateRangeStmt": (_D, "CREATE TYPE"), "AlterEnumStmt": (_D, "ALTER TYPE"),
+    "AlterTypeStmt": (_D, "ALTER TYPE"), "CreateDomainStmt": (_D, "CREATE DOMAIN"),
+    "AlterDomainStmt": (_D, "ALTER DOMAIN"), "CreateTrigStmt": (_D, "CREATE TRIGGER"),
+    "CreatePolicyStmt": (_D, "CREATE POLICY"), "AlterPolicyStmt": (_D, "ALTER POLICY"),
+    "RuleStmt": (_D, "CREATE RULE"), "CreateStatsStmt": (_D, "CREATE STATISTICS"),
+    "AlterStatsStmt": (_D, "ALTER STATISTICS"), "AlterDefaultPrivilegesStmt": (_D, "ALTER DEFAULT PRIVILEGES"),
+    "RefreshMatViewStmt": (_D, "REFRESH MATERIALIZED VIEW"), "CreateCastStmt": (_D, "CREATE CAST"),
+    "AlterTSDictionaryStmt": (_D, "ALTER TEXT SEARCH DICTIONARY"),
+    "AlterTSConfigurationStmt": (_D, "ALTER TEXT SEARCH CONFIGURATION"),
+    "TruncateStmt": (_W, "TRUNCATE"), "LockStmt": (_W, "LOCK"), "CallStmt": (_W, "CALL"),
+    "VariableShowStmt": (_O, "SHOW"), "ClusterStmt": (_O, "CLUSTER"),
 })
-_SIMPLE_OTHER: Final[Mapping[str, tuple[StatementKind, str]]] = MappingProxyType({
-    "VariableShowStmt": (StatementKind.OTHER, "SHOW"),
-    "ClusterStmt": (StatementKind.OTHER, "CLUSTER"),
-    "TruncateStmt": (StatementKind.WRITE, "TRUNCATE"),
-    "LockStmt": (StatementKind.WRITE, "LOCK"),
-    "CallStmt": (StatementKind.WRITE, "CALL"),
-})
+_TARGET_ATTRS: Final = ("relation", "relations", "view", "sequence", "table", "typevar")
 
 _FORBIDDEN_FUNCTIONS: Final = frozenset({
     "set_config", "pg_read_file", "pg_read_binary_file", "pg_stat_file", "lo_import", "lo_export",
@@ -191,21 +153,31 @@ _FORBIDDEN_FUNCTIONS: Final = frozenset({
 _FORBIDDEN_PREFIXES: Final = ("dblink", "pg_ls_", "pg_file_", "pg_advisory_", "pg_try_advisory_")
 _SEQUENCE_CALLS: Final = frozenset({("nextval",), ("setval",)})
 _ALLOWED_LANGUAGES: Final = frozenset({"sql", "plpgsql"})
-_FALSE_WORDS: Final = frozenset({"false", "off", "0", "no", "f", "n"})
+_FALSE_WORDS: Final = frozenset({"false", "off", "0", "no"})
+_LITERAL_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
+_COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 
 @dataclass
 class _Result:
     kind: StatementKind
     command: str
-    targets: list[Any] = field(default_factory=list)  # RangeVar nodes the statement writes/creates
+    targets: list[Any] = field(default_factory=list)  # RangeVar nodes written / created / altered
     written: set[str] = field(default_factory=set)  # written names that are not RangeVars (DROP)
     creates_table: bool = False
     drops_table: bool = False
 
 
+def _refuse(reason: str, message: str) -> RejectedStatement:
+    return RejectedStatement(message, reason=reason)
+
+
+def _refuse_category(reason: str, label: str) -> RejectedStatement:
+    return _refuse(reason, f"{label} is not allowed: {_ADVICE[reason]}.")
+
+
 def _walk(root: Any) -> Iterator[Any]:
-    """Every ast.Node below (and including) root, iteratively (trees can be deep)."""
+    """Every ast.Node in root (included), iteratively: trees can be deep."""
     stack: list[Any] = [root]
     while stack:
         item = stack.pop()
@@ -220,8 +192,12 @@ def _names(parts: Any) -> tuple[str, ...]:
     return tuple(p.sval for p in parts or () if isinstance(p, ast.String) and p.sval is not None)
 
 
+def _enum_name(value: Any) -> str:
+    return str(getattr(value, "name", ""))
+
+
 def _object_label(objtype: Any) -> str:
-    name = str(getattr(objtype, "name", objtype)).removeprefix("OBJECT_")
+    name = _enum_name(objtype).removeprefix("OBJECT_")
     return _OBJECT_LABELS.get(name, name.replace("_", " "))
 
 
@@ -229,59 +205,43 @@ def _relname(rv: Any) -> str:
     return ".".join(p for p in (rv.catalogname, rv.schemaname, rv.relname) if p)
 
 
-def _truthy(arg: Any) -> bool:
-    """Postgres option value: a bare option (no value) means true."""
-    if arg is None:
-        return True
-    if isinstance(arg, ast.Boolean):
-        return bool(arg.boolval)
-    if isinstance(arg, ast.Integer):
-        return arg.ival != 0
-    return not (isinstance(arg, ast.String) and str(arg.sval).lower() in _FALSE_WORDS)
-
-
-def _option(options: Any, name: str) -> bool:
-    return any(isinstance(d, ast.DefElem) and d.defname == name and _truthy(d.arg) for d in options or ())
-
-
-def _refuse_category(reason: str, label: str) -> RejectedStatement:
-    return _refuse(reason, f"{label} is not allowed: {_ADVICE[reason]}.")
-
-
-def _check_object_type(objtype: Any, verb: str) -> None:
-    reason = _REFUSED_OBJECTS.get(getattr(objtype, "name", ""))
-    if reason is not None:
-        raise _refuse_category(reason, f"{verb} {_object_label(objtype)}")
-
-
 def _relations(*values: Any) -> list[Any]:
     found: list[Any] = []
     for value in values:
-        items = value if isinstance(value, tuple) else (value,)
-        found.extend(v for v in items if isinstance(v, ast.RangeVar))
+        found.extend(v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, ast.RangeVar))
     return found
 
 
+def _option(options: Any, name: str) -> bool:
+    """Whether a Postgres boolean option is on; a bare option (no value) means true."""
+    for opt in options or ():
+        if isinstance(opt, ast.DefElem) and opt.defname == name:
+            arg = opt.arg
+            if isinstance(arg, ast.Boolean | ast.Integer):
+                return bool(arg.boolval if isinstance(arg, ast.Boolean) else arg.ival)
+            return not (isinstance(arg, ast.String) and str(arg.sval).lower() in _FALSE_WORDS)
+    return False
+
+
 def _effects(root: Any, result: _Result) -> None:
-    """Record what executing `root` writes: DML anywhere (also in CTEs), SELECT INTO, row locks, nextval."""
+    """What executing root writes: DML anywhere (CTEs too), SELECT INTO, FOR UPDATE/SHARE, nextval/setval."""
     for node in _walk(root):
+        writes = isinstance(node, ast.FuncCall) and _names(node.funcname)[-1:] in _SEQUENCE_CALLS
         if isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
-            result.kind = StatementKind.WRITE if result.kind is StatementKind.READ else result.kind
             result.targets.extend(_relations(node.relation))
-        elif isinstance(node, ast.SelectStmt) and (node.intoClause is not None or node.lockingClause):
-            result.kind = StatementKind.WRITE if result.kind is StatementKind.READ else result.kind
+            writes = True
+        elif isinstance(node, ast.SelectStmt):
+            writes = bool(node.lockingClause) or node.intoClause is not None
             if node.intoClause is not None:
                 result.targets.extend(_relations(node.intoClause.rel))
                 result.creates_table = True
-        elif isinstance(node, ast.FuncCall) and _names(node.funcname)[-1:] in _SEQUENCE_CALLS:
-            result.kind = StatementKind.WRITE if result.kind is StatementKind.READ else result.kind
+        if writes and result.kind is StatementKind.READ:
+            result.kind = StatementKind.WRITE
 
 
 def _query(stmt: Any) -> _Result:
-    command = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE", "MergeStmt": "MERGE"}
-    name = type(stmt).__name__
-    if name != "SelectStmt":
-        result = _Result(StatementKind.WRITE, command[name])
+    if not isinstance(stmt, ast.SelectStmt):
+        result = _Result(StatementKind.WRITE, type(stmt).__name__.removesuffix("Stmt").upper())
     elif stmt.intoClause is not None:
         result = _Result(StatementKind.WRITE, "SELECT INTO")
     else:
@@ -291,72 +251,75 @@ def _query(stmt: Any) -> _Result:
 
 
 def _explain(stmt: Any) -> _Result:
-    inner = _classify_stmt(stmt.query)
-    if _option(stmt.options, "analyze"):
-        if inner.kind in (StatementKind.WRITE, StatementKind.DDL):
-            inner.command = f"EXPLAIN ANALYZE {inner.command}"
-            return inner
-        return _Result(StatementKind.OTHER, "EXPLAIN ANALYZE")
-    return _Result(StatementKind.OTHER, "EXPLAIN")  # plans only: nothing is executed or written
+    inner = _classify_stmt(stmt.query)  # also refuses EXPLAIN of a refused statement
+    if not _option(stmt.options, "analyze"):
+        return _Result(StatementKind.OTHER, "EXPLAIN")  # only plans: nothing is executed
+    if inner.kind in (StatementKind.WRITE, StatementKind.DDL):
+        inner.command = f"EXPLAIN ANALYZE {inner.command}"
+        return inner
+    return _Result(StatementKind.OTHER, "EXPLAIN ANALYZE")
 
 
 def _set(stmt: Any) -> _Result:
     name = stmt.name or ""
     if name in ("TRANSACTION", "SESSION CHARACTERISTICS") or name.startswith("transaction_"):
         raise _refuse_category("transaction_control", "SET TRANSACTION")
-    verb = "RESET" if stmt.kind is not None and stmt.kind.name.startswith("VAR_RESET") else "SET"
+    verb = "RESET" if _enum_name(stmt.kind).startswith("VAR_RESET") else "SET"
     label = {"role": "ROLE", "session_authorization": "SESSION AUTHORIZATION"}.get(name, name or "ALL")
     raise _refuse_category("session_state", f"{verb} {label}")
 
 
 def _transaction(stmt: Any) -> _Result:
-    label = stmt.kind.name.removeprefix("TRANS_STMT_").replace("_", " ") if stmt.kind else "BEGIN"
-    raise _refuse_category("transaction_control", f"Transaction control ({label})")
+    label = _enum_name(stmt.kind).removeprefix("TRANS_STMT_").replace("_", " ")
+    label = {"START": "START TRANSACTION", "PREPARE": "PREPARE TRANSACTION"}.get(label, label)
+    raise _refuse_category("transaction_control", f"Transaction control ({label or 'BEGIN'})")
 
 
 def _copy(stmt: Any) -> _Result:
+    instead = "Read rows with SELECT and load them with INSERT ... VALUES (many rows per statement)."
     if stmt.is_program:
         raise _refuse("copy_program", "COPY ... PROGRAM is not allowed: it would run a shell command on the "
-                      "database server. Read rows with SELECT and load them with INSERT ... VALUES.")
+                      f"database server. {instead}")
     if stmt.filename is not None:
         raise _refuse("copy_file", "COPY to or from a server file is not allowed: agents cannot touch files "
-                      "on the database server. Read rows with SELECT and load them with INSERT ... VALUES.")
-    raise _refuse("copy_stream", "COPY ... FROM STDIN / TO STDOUT is not supported: the tools do not stream "
-                  "COPY data. Read rows with SELECT and load them with INSERT ... VALUES (many rows each).")
+                      f"on the database server. {instead}")
+    raise _refuse("copy_stream", f"COPY ... FROM STDIN / TO STDOUT is not supported: the tools do not stream "
+                  f"COPY data. {instead}")
 
 
 def _vacuum(stmt: Any) -> _Result:
-    command = "VACUUM" if stmt.is_vacuumcmd else "ANALYZE"
     if _option(stmt.options, "full"):
         raise _refuse_category("vacuum_full", "VACUUM FULL")
-    return _Result(StatementKind.OTHER, command)
+    return _Result(StatementKind.OTHER, "VACUUM" if stmt.is_vacuumcmd else "ANALYZE")
 
 
 def _reindex(stmt: Any) -> _Result:
-    kind = getattr(stmt.kind, "name", "")
-    if kind in ("REINDEX_OBJECT_SYSTEM", "REINDEX_OBJECT_DATABASE"):
-        raise _refuse_category("reindex_scope", f"REINDEX {kind.removeprefix('REINDEX_OBJECT_')}")
+    scope = _enum_name(stmt.kind).removeprefix("REINDEX_OBJECT_")
+    if scope in ("SYSTEM", "DATABASE"):
+        raise _refuse_category("reindex_scope", f"REINDEX {scope}")
     return _Result(StatementKind.OTHER, "REINDEX")
 
 
-def _check_security(options: Any, label: str) -> None:
+def _routine(stmt: Any) -> _Result:
+    """CREATE FUNCTION / PROCEDURE and ALTER FUNCTION / PROCEDURE / ROUTINE."""
+    bodies: tuple[str, ...]
+    if isinstance(stmt, ast.AlterFunctionStmt):
+        command, options = f"ALTER {_object_label(stmt.objtype)}", stmt.actions
+    else:
+        command, options = ("CREATE PROCEDURE" if stmt.is_procedure else "CREATE FUNCTION"), stmt.options
+    language, bodies = "sql", ()
     for opt in options or ():
-        if isinstance(opt, ast.DefElem) and opt.defname == "security" and _truthy(opt.arg):
-            raise _refuse_category("security_definer", f"{label} ... SECURITY DEFINER")
-
-
-def _create_function(stmt: Any) -> _Result:
-    command = "CREATE PROCEDURE" if stmt.is_procedure else "CREATE FUNCTION"
-    language, bodies = "sql", []
-    for opt in stmt.options or ():
-        if isinstance(opt, ast.DefElem) and opt.defname == "language" and isinstance(opt.arg, ast.String):
+        if not isinstance(opt, ast.DefElem):
+            continue
+        if opt.defname == "security" and _option((opt,), "security"):
+            raise _refuse_category("security_definer", f"{command} ... SECURITY DEFINER")
+        if opt.defname == "language" and isinstance(opt.arg, ast.String):
             language = str(opt.arg.sval).lower()
-        elif isinstance(opt, ast.DefElem) and opt.defname == "as":
-            bodies = list(_names(opt.arg if isinstance(opt.arg, tuple) else (opt.arg,)))
+        elif opt.defname == "as":
+            bodies = _names(opt.arg if isinstance(opt.arg, tuple) else (opt.arg,))
     if language not in _ALLOWED_LANGUAGES:
         raise _refuse_category("untrusted_language", f"{command} ... LANGUAGE {language}")
-    _check_security(stmt.options, command)
-    if language == "sql":  # best effort: the body of a string-bodied SQL function is plain SQL too
+    if language == "sql":  # best effort: a string-bodied SQL function's body is plain SQL, check it too
         for body in bodies:
             try:
                 parsed = _parse(body)
@@ -367,24 +330,18 @@ def _create_function(stmt: Any) -> _Result:
     return _Result(StatementKind.DDL, command)
 
 
-def _alter_function(stmt: Any) -> _Result:
-    command = f"ALTER {_object_label(stmt.objtype)}"
-    _check_security(stmt.actions, command)
-    return _Result(StatementKind.DDL, command)
-
-
 def _alter_table(stmt: Any) -> _Result:
     command = f"ALTER {_object_label(stmt.objtype)}"
-    for cmd in stmt.cmds or ():
-        if isinstance(cmd, ast.AlterTableCmd) and getattr(cmd.subtype, "name", "") == "AT_ChangeOwner":
-            raise _refuse_category("ownership_change", f"{command} ... OWNER TO")
+    if any(_enum_name(getattr(cmd, "subtype", None)) == "AT_ChangeOwner" for cmd in stmt.cmds or ()):
+        raise _refuse_category("ownership_change", f"{command} ... OWNER TO")
     return _Result(StatementKind.DDL, command, targets=_relations(stmt.relation))
 
 
 def _drop(stmt: Any) -> _Result:
-    _check_object_type(stmt.removeType, "DROP")
-    kind = getattr(stmt.removeType, "name", "")
-    cascade = getattr(stmt.behavior, "name", "") == "DROP_CASCADE"
+    kind = _enum_name(stmt.removeType)
+    if kind in _REFUSED_OBJECTS:
+        raise _refuse_category(_REFUSED_OBJECTS[kind], f"DROP {_object_label(stmt.removeType)}")
+    cascade = _enum_name(stmt.behavior) == "DROP_CASCADE"  # may drop dependent tables too
     result = _Result(StatementKind.DDL, f"DROP {_object_label(stmt.removeType)}",
                      drops_table=kind in _TABLE_OBJECTS or cascade)
     if kind in _RELATION_OBJECTS:
@@ -394,7 +351,10 @@ def _drop(stmt: Any) -> _Result:
 
 def _rename_or_move(stmt: Any) -> _Result:
     objtype = stmt.renameType if isinstance(stmt, ast.RenameStmt) else stmt.objectType
-    _check_object_type(objtype, "ALTER")
+    if _enum_name(objtype) in _REFUSED_OBJECTS:
+        raise _refuse_category(_REFUSED_OBJECTS[_enum_name(objtype)], f"ALTER {_object_label(objtype)}")
+    if _enum_name(objtype) in ("OBJECT_COLUMN", "OBJECT_TABCONSTRAINT", "OBJECT_ATTRIBUTE"):
+        objtype = stmt.relationType  # ALTER TABLE t RENAME COLUMN / CONSTRAINT, ALTER TYPE RENAME ATTRIBUTE
     return _Result(StatementKind.DDL, f"ALTER {_object_label(objtype)}", targets=_relations(stmt.relation))
 
 
@@ -405,41 +365,36 @@ def _create_table(stmt: Any) -> _Result:
 
 
 def _create_table_as(stmt: Any) -> _Result:
-    matview = getattr(stmt.objtype, "name", "") == "OBJECT_MATVIEW"
-    command = "SELECT INTO" if stmt.is_select_into else (
-        "CREATE MATERIALIZED VIEW" if matview else "CREATE TABLE AS")
-    kind = StatementKind.WRITE if stmt.is_select_into else StatementKind.DDL
-    result = _Result(kind, command, targets=_relations(stmt.into.rel), creates_table=True)
+    if stmt.is_select_into:
+        result = _Result(StatementKind.WRITE, "SELECT INTO")
+    elif _enum_name(stmt.objtype) == "OBJECT_MATVIEW":
+        result = _Result(StatementKind.DDL, "CREATE MATERIALIZED VIEW")
+    else:
+        result = _Result(StatementKind.DDL, "CREATE TABLE AS")
+    result.targets, result.creates_table = _relations(stmt.into.rel), True
     _effects(stmt.query, result)
     return result
 
 
 def _create_schema(stmt: Any) -> _Result:
     result = _Result(StatementKind.DDL, "CREATE SCHEMA")
-    for element in stmt.schemaElts or ():
+    for element in stmt.schemaElts or ():  # CREATE SCHEMA s CREATE TABLE ... CREATE VIEW ...
         inner = _classify_stmt(element)
         result.targets.extend(inner.targets)
         result.creates_table = result.creates_table or inner.creates_table
     return result
 
 
-def _grant(stmt: Any) -> _Result:
-    return _Result(StatementKind.DDL, "GRANT" if stmt.is_grant else "REVOKE")
-
-
-def _define(stmt: Any) -> _Result:
-    return _Result(StatementKind.DDL, f"CREATE {_object_label(stmt.kind)}")
-
-
 _HANDLERS: Final[Mapping[str, Callable[[Any], _Result]]] = MappingProxyType({
     "SelectStmt": _query, "InsertStmt": _query, "UpdateStmt": _query, "DeleteStmt": _query,
-    "MergeStmt": _query, "ExplainStmt": _explain, "VariableSetStmt": _set,
-    "TransactionStmt": _transaction, "CopyStmt": _copy, "VacuumStmt": _vacuum, "ReindexStmt": _reindex,
-    "CreateFunctionStmt": _create_function, "AlterFunctionStmt": _alter_function,
-    "AlterTableStmt": _alter_table, "DropStmt": _drop, "RenameStmt": _rename_or_move,
-    "AlterObjectSchemaStmt": _rename_or_move, "CreateStmt": _create_table,
+    "MergeStmt": _query, "ExplainStmt": _explain, "VariableSetStmt": _set, "TransactionStmt": _transaction,
+    "CopyStmt": _copy, "VacuumStmt": _vacuum, "ReindexStmt": _reindex, "CreateFunctionStmt": _routine,
+    "AlterFunctionStmt": _routine, "AlterTableStmt": _alter_table, "DropStmt": _drop,
+    "RenameStmt": _rename_or_move, "AlterObjectSchemaStmt": _rename_or_move, "CreateStmt": _create_table,
     "CreateForeignTableStmt": _create_table, "CreateTableAsStmt": _create_table_as,
-    "CreateSchemaStmt": _create_schema, "GrantStmt": _grant, "DefineStmt": _define,
+    "CreateSchemaStmt": _create_schema,
+    "GrantStmt": lambda s: _Result(StatementKind.DDL, "GRANT" if s.is_grant else "REVOKE"),
+    "DefineStmt": lambda s: _Result(StatementKind.DDL, f"CREATE {_object_label(s.kind)}"),
 })
 
 
@@ -447,33 +402,18 @@ def _classify_stmt(stmt: Any) -> _Result:
     name = type(stmt).__name__
     if name in _REFUSED:
         raise _refuse_category(*_REFUSED[name])
-    handler = _HANDLERS.get(name)
-    if handler is not None:
-        return handler(stmt)
-    if name in _SIMPLE_DDL:
-        targets = _relations(*(getattr(stmt, a, None) for a in ("relation", "view", "sequence", "table")))
-        return _Result(StatementKind.DDL, _SIMPLE_DDL[name], targets=targets)
-    if name in _SIMPLE_OTHER:
-        kind, command = _SIMPLE_OTHER[name]
-        targets = _relations(getattr(stmt, "relations", None)) if kind is StatementKind.WRITE else []
+    if name in _HANDLERS:
+        return _HANDLERS[name](stmt)
+    if name in _SIMPLE:
+        kind, command = _SIMPLE[name]
+        targets = [] if kind is StatementKind.OTHER else _relations(*(getattr(stmt, a, None) for a in _TARGET_ATTRS))
         return _Result(kind, command, targets=targets)
     label = "".join(f" {c}" if c.isupper() else c for c in name.removesuffix("Stmt")).strip().upper()
-    raise _refuse_category("unsupported_statement", f"{label or name} statements")
-
-
-def _forbidden_function(parts: tuple[str, ...]) -> str | None:
-    """Match on the last name component, whatever the schema (pg_catalog., public.dblink ...)."""
-    if not parts:
-        return None
-    name = parts[-1].lower()
-    if name in _FORBIDDEN_FUNCTIONS:
-        return name
-    if name.startswith(_FORBIDDEN_PREFIXES) and "_xact_" not in name:
-        return name
-    return None
+    raise _refuse_category("unsupported_statement", f"This kind of statement ({label})")
 
 
 def _function_refs(root: Any) -> Iterator[tuple[str, ...]]:
+    """Names of functions called or referenced (operators, aggregates, casts, triggers) in root."""
     for node in _walk(root):
         if isinstance(node, ast.FuncCall | ast.CreateTrigStmt):
             yield _names(node.funcname)
@@ -487,35 +427,34 @@ def _function_refs(root: Any) -> Iterator[tuple[str, ...]]:
 
 def _check_functions(root: Any) -> None:
     for parts in _function_refs(root):
-        name = _forbidden_function(parts)
-        if name is not None:
-            raise _refuse("forbidden_function", f"Calling {name}() is not allowed for agents: it reads server "
-                          "files, changes session or server state, or reaches outside this database. Use "
-                          "plain SQL on your own tables instead (xact-level advisory locks are fine).")
+        name = parts[-1].lower() if parts else ""  # any schema: pg_catalog.set_config, public.dblink, ...
+        if name in _FORBIDDEN_FUNCTIONS or (name.startswith(_FORBIDDEN_PREFIXES) and "_xact_" not in name):
+            raise _refuse("forbidden_function", f"Calling {name}() is not allowed for agents: it touches server "
+                          "files, session or server state, or reaches outside this database. Work with plain "
+                          "SQL on your tables instead (transaction-level advisory locks are fine).")
 
 
 def _parse(sql: str) -> tuple[Any, ...]:
-    if "\x00" in sql:  # libpg_query stops at NUL: text after it would never be checked
+    if "\x00" in sql:  # libpg_query stops at a NUL: whatever follows would never be checked
         raise _refuse("nul_byte", "The statement contains a NUL (\\0) character; remove it and retry.")
     if len(sql) > MAX_STATEMENT_BYTES or len(sql.encode("utf-8")) > MAX_STATEMENT_BYTES:
-        raise _refuse("statement_too_large", f"The statement is too large (limit {MAX_STATEMENT_BYTES} "
-                      "bytes); split the work into several smaller statements.")
+        raise _refuse("statement_too_large", f"The statement is too large (limit {MAX_STATEMENT_BYTES} bytes); "
+                      "split the work into several smaller statements.")
     try:
-        # Parsing to protobuf first enforces libpg_query's nesting limit; parse_sql() converts the
-        # tree recursively in C and would crash the process on a very deeply nested statement.
+        # Serialising to protobuf first enforces libpg_query's nesting limit: parse_sql() converts the
+        # tree recursively in C and crashes the whole process on very deep trees (e.g. 1-1-1-...-1).
         parse_sql_protobuf(sql)
         return tuple(pglast.parse_sql(sql))
     except ParseError as exc:
         message = str(exc.args[0]) if exc.args else str(exc)
-        if "nested too deeply" in message or "stack depth" in message or "memory exhausted" in message:
-            raise _refuse("too_complex", "The statement is nested too deeply to analyse; simplify it "
-                          "(fewer nested expressions, unions or joins) or split it.") from None
+        if any(s in message for s in ("nested too deeply", "stack depth", "memory exhausted")):
+            raise _refuse("too_complex", "The statement is nested too deeply to analyse; simplify it (fewer "
+                          "nested expressions, UNIONs or JOINs) or split it.") from None
         where = ""
-        if len(exc.args) > 1 and isinstance(exc.args[1], int):
-            position = exc.args[1]
-            line = sql.count("\n", 0, position) + 1
-            column = position - (sql.rfind("\n", 0, position) + 1) + 1
-            where = f" at character {position + 1} (line {line}, column {column})"
+        if len(exc.args) > 1 and isinstance(exc.args[1], int):  # a 0-based character index
+            pos = exc.args[1]
+            line, column = sql.count("\n", 0, pos) + 1, pos - sql.rfind("\n", 0, pos)
+            where = f" at character {pos + 1} (line {line}, column {column})"
         raise _refuse("syntax_error", f"Syntax error: {message}{where}. Fix the SQL and retry.") from None
 
 
@@ -525,34 +464,31 @@ def _classify(sql: str) -> Classification:
     try:
         sql.encode("utf-8")
     except UnicodeEncodeError:
-        raise _refuse("invalid_text", "The statement is not valid Unicode text (lone surrogate "
-                      "characters); re-encode it as UTF-8 and retry.") from None
+        raise _refuse("invalid_text", "The statement is not valid Unicode (it contains lone surrogate "
+                      "characters); send UTF-8 text.") from None
     stmts = _parse(sql)
     if not stmts:
         raise _refuse("empty_statement", "Refused an empty statement (only whitespace, comments or ';'); "
                       "send one SQL statement.")
     if len(stmts) > 1:
-        raise _refuse("multiple_statements", f"Refused {len(stmts)} statements in one call: send one "
-                      "statement per call (a trailing ';' is fine).")
+        raise _refuse("multiple_statements", f"Refused {len(stmts)} statements in one call: send one statement "
+                      "per call (a single trailing ';' is fine).")
     stmt = stmts[0].stmt
     result = _classify_stmt(stmt)
     _check_functions(stmt)
-    target_ids = {id(node) for node in result.targets}
     nodes = list(_walk(stmt))
-    ctes = {n.ctename for n in nodes if isinstance(n, ast.CommonTableExpr)}
-    read: set[str] = set()
-    written = set(result.written) | {_relname(node) for node in result.targets}
-    for node in nodes:
-        if not isinstance(node, ast.RangeVar) or id(node) in target_ids:
-            continue
-        if node.schemaname is None and node.catalogname is None and node.relname in ctes:
-            continue  # a reference to a WITH query, not a relation
-        read.add(_relname(node))
+    target_ids = {id(node) for node in result.targets}
+    ctes = {node.ctename for node in nodes if isinstance(node, ast.CommonTableExpr)}
+    read = {
+        _relname(node) for node in nodes
+        if isinstance(node, ast.RangeVar) and id(node) not in target_ids
+        and not (node.schemaname is None and node.catalogname is None and node.relname in ctes)
+    }
     return Classification(
         kind=result.kind,
         command=result.command,
         tables_read=frozenset(read),
-        tables_written=frozenset(written),
+        tables_written=frozenset(result.written | {_relname(node) for node in result.targets}),
         creates_table=result.creates_table,
         drops_table=result.drops_table,
         fingerprint=pglast.fingerprint(sql),
@@ -565,47 +501,40 @@ def classify(sql: str) -> Classification:
         return _classify(sql)
     except RejectedStatement:
         raise
-    except Exception as exc:  # never let a parser quirk escape as anything but a clean refusal
-        raise _refuse("analysis_failed", "agentpg could not analyse this statement "
-                      f"({type(exc).__name__}); simplify it or split it into smaller statements.") from exc
-
-
-_LITERAL_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
-_COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
+    except Exception as exc:  # a parser quirk must surface as a clean refusal, never as a crash
+        raise _refuse("analysis_failed", f"agentpg could not analyse this statement ({type(exc).__name__}); "
+                      "simplify it or split it into smaller statements.") from exc
 
 
 def _scrub(text: str) -> str:
-    """Replace every literal token pglast.normalize() left in place by $n, and drop comments."""
+    """Replace every literal token left in text by $n (numbered after existing $n), and drop comments."""
     tokens = scan(text)
-    params = [int(text[t.start + 1:t.end + 1]) for t in tokens if t.name == "PARAM"]
-    counter = max(params, default=0)
+    counter = max((int(text[t.start + 1:t.end + 1]) for t in tokens if t.name == "PARAM"), default=0)
     out: list[str] = []
     position = 0
     for token in tokens:
         gap = text[position:token.start]
-        out.append(gap if gap.isspace() or not gap else " ")
+        out.append(gap if not gap or gap.isspace() else " ")
         if token.name in _LITERAL_TOKENS:
             counter += 1
             out.append(f"${counter}")
-        elif token.name in _COMMENT_TOKENS:
-            out.append(" ")
         else:
-            out.append(text[token.start:token.end + 1])
+            out.append(" " if token.name in _COMMENT_TOKENS else text[token.start:token.end + 1])
         position = token.end + 1
     return "".join(out).strip()
 
 
 def normalize_for_audit(sql: str) -> str:
-    """The statement with every literal replaced by $n (and comments removed), for the audit log."""
+    """The statement with every literal replaced by $n and comments removed; never the literal values."""
     opaque = f"<statement not shown: {len(sql) if isinstance(sql, str) else 0} characters>"
     try:
         if "\x00" in sql or len(sql) > MAX_STATEMENT_BYTES:
             return opaque
         sql.encode("utf-8")
         try:
-            normalized = pglast.normalize(sql)
+            normalized = pglast.normalize(sql)  # replaces constants pg_stat_statements-style...
         except ParseError:
-            normalized = sql  # still scrubbed token by token below
-        return _scrub(normalized) or opaque
+            normalized = sql
+        return _scrub(normalized) or opaque  # ...but leaves DDL literals (defaults, COMMENT, ...): scrub
     except Exception:
         return opaque

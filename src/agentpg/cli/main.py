@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
@@ -184,7 +183,7 @@ def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases an
         return "\n".join(lines)
 
     _emit(data, as_json, human)
-    if not report.clean and not (fix is False and not report.failed):
+    if not report.clean:  # something still needs a human (or --fix): say so to scripts too
         raise typer.Exit(_EXIT_REFUSED)
 
 
@@ -235,4 +234,4 @@ def main() -> None:  # pragma: no cover - console entry for python -m
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -80,10 +80,13 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
     owned_dbs: set[str] = set()
     owned_roles: set[str] = set()
     with deps.sessions() as s:
-        for model in (UserGlobalDatabase, WorkspaceAgentDatabase):
-            for rec in s.scalars(select(model).where(model.ownership_type == "platform")):
-                owned_dbs.add(rec.database_name)
-                owned_roles.update(r for r in (rec.owner_role, rec.login_role) if r)
+        records: list[UserGlobalDatabase | WorkspaceAgentDatabase] = [
+            *s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.ownership_type == "platform")),
+            *s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.ownership_type == "platform")),
+        ]
+        for rec in records:
+            owned_dbs.add(rec.database_name)
+            owned_roles.update(r for r in (rec.owner_role, rec.login_role) if r)
         owned_roles.update(r for r in s.scalars(select(Workspace.agent_role)) if r)
         for op in s.scalars(select(Operation).where(Operation.state == "pending")):
             for value in op.plan.values():

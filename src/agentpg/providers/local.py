@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from urllib.parse import quote
 
@@ -24,10 +25,12 @@ from agentpg.providers.tenant_sql import BOOTSTRAP
 
 log = logging.getLogger(__name__)
 
+Conn = psycopg.Connection[tuple[Any, ...]]
+
 _ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION INHERIT"
 
 
-def scram_verifier(conn: psycopg.Connection[object], role: str, password: str) -> str:
+def scram_verifier(conn: Conn, role: str, password: str) -> str:
     """The SCRAM-SHA-256 verifier of ``password``, computed client-side by libpq.
 
     ``CREATE ROLE … PASSWORD`` is a utility statement and cannot take a bound parameter. Sending the verifier
@@ -56,7 +59,7 @@ class LocalProvider(Provider):
     # -- connections ---------------------------------------------------------------------------------
 
     @contextmanager
-    def _admin(self, dbname: str | None = None) -> Iterator[psycopg.Connection[object]]:
+    def _admin(self, dbname: str | None = None) -> Iterator[Conn]:
         kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
                                      "application_name": "agentpg provider"}
         if dbname is not None:
@@ -79,7 +82,7 @@ class LocalProvider(Provider):
 
     # -- roles ---------------------------------------------------------------------------------------
 
-    def _ensure_role(self, conn: psycopg.Connection[object], role: str, *, login: bool,
+    def _ensure_role(self, conn: Conn, role: str, *, login: bool,
                      password: str | None = None) -> None:
         ident = sql.Identifier(role)
         if login:
@@ -87,7 +90,7 @@ class LocalProvider(Provider):
             attrs = sql.SQL("LOGIN " + _ROLE_ATTRIBUTES + " CONNECTION LIMIT {} PASSWORD {}").format(
                 sql.Literal(self._connection_limit), sql.Literal(scram_verifier(conn, role, password)))
         else:
-            attrs = sql.SQL("NOLOGIN " + _ROLE_ATTRIBUTES)
+            attrs = sql.Composed([sql.SQL("NOLOGIN " + _ROLE_ATTRIBUTES)])
         try:
             conn.execute(sql.SQL("CREATE ROLE {} WITH ").format(ident) + attrs)
         except psycopg.errors.DuplicateObject:
@@ -95,10 +98,10 @@ class LocalProvider(Provider):
         except psycopg.errors.UniqueViolation:  # a concurrent creator won the race on pg_authid
             conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
 
-    def _drop_role(self, conn: psycopg.Connection[object], role: str) -> None:
+    def _drop_role(self, conn: Conn, role: str) -> None:
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
-    def _grant_membership(self, conn: psycopg.Connection[object], group: str, member: str) -> None:
+    def _grant_membership(self, conn: Conn, group: str, member: str) -> None:
         # PG16+ can grant a membership that inherits privileges without allowing SET ROLE.
         option = sql.SQL(" WITH INHERIT TRUE, SET FALSE") if (self._server_version or 0) >= 160000 else sql.SQL("")
         conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(member)) + option)
