@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -212,6 +213,11 @@ REFUSED = [
     ("vacuum (full true) t", "vacuum_full"),
     ("REINDEX SYSTEM x", "reindex_scope"),
     ("REINDEX DATABASE x", "reindex_scope"),
+    # refused statements nested inside allowed ones
+    ("CREATE TABLE x AS EXECUTE p", "session_state"),
+    ("explain analyze execute p", "session_state"),
+    ("create rule r as on insert to t do also notify c", "notifications"),
+    ("explain analyze copy t to stdout", "syntax_error"),
     # statement kinds agentpg does not offer
     ("SECURITY LABEL ON TABLE t IS 'x'", "unsupported_statement"),
     ("CREATE ACCESS METHOD am TYPE TABLE HANDLER h", "unsupported_statement"),
@@ -402,6 +408,8 @@ ACCEPTED = [
      False, False),
     ("create statistics st on a, b from t", DDL, "CREATE STATISTICS", set(), {"t"}, False, False),
     ("alter table t rename constraint c to d", DDL, "ALTER TABLE", set(), {"t"}, False, False),
+    ("alter domain d rename constraint c to e", DDL, "ALTER DOMAIN", set(), set(), False, False),
+    ("alter view v rename column a to b", DDL, "ALTER VIEW", set(), {"v"}, False, False),
     ("alter type ty rename attribute a to b", DDL, "ALTER TYPE", set(), {"ty"}, False, False),
     ("alter trigger tr on t rename to tr2", DDL, "ALTER TRIGGER", set(), {"t"}, False, False),
 ]
@@ -428,7 +436,7 @@ def test_classification_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.kind = StatementKind.WRITE  # type: ignore[misc]
     assert isinstance(c.tables_read, frozenset)
-    assert StatementKind.READ == "read" and str(StatementKind.DDL) == "ddl"
+    assert StatementKind.READ.value == "read" and str(StatementKind.DDL) == "ddl"
 
 
 def test_messages_are_actionable() -> None:
@@ -476,6 +484,12 @@ def test_deeply_nested_statements_are_refused_not_crashing(sql: str) -> None:
 def test_moderately_nested_statements_are_fine() -> None:
     assert classify("select " + " + ".join(["1"] * 1000)).kind is READ
     assert classify(" union all ".join(["select 1"] * 500)).kind is READ
+
+
+def test_rejection_survives_pickling() -> None:
+    exc = rejected("SET ROLE postgres")
+    copy = pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes
+    assert (copy.reason, str(copy)) == (exc.reason, str(exc))
 
 
 def test_non_string_input() -> None:

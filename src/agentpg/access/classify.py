@@ -45,13 +45,18 @@ class RejectedStatement(ValueError):
         self.message = message
         self.reason = reason  # short machine code, e.g. "multiple_statements", "forbidden_function"
 
+    def __reduce__(self) -> tuple[Any, ...]:  # keep .reason through pickling (it is keyword-only)
+        return (_refuse, (self.reason, self.message))
+
+
+def _refuse(reason: str, message: str) -> RejectedStatement:
+    return RejectedStatement(message, reason=reason)
+
 
 # reason -> why it is refused / what to do instead
 _ADVICE: Final[Mapping[str, str]] = MappingProxyType({
-    "transaction_control": "each call already runs in its own transaction, which agentpg commits or rolls "
-    "back for you; send only the statement itself",
-    "session_state": "session state (role, settings, search_path, prepared statements) is managed by "
-    "agentpg; schema-qualify names instead of changing settings",
+    "transaction_control": "each call runs in its own transaction, committed or rolled back by agentpg",
+    "session_state": "session state (role, settings, search_path) is managed by agentpg; schema-qualify names",
     "cursor": "cursors do not survive between calls; use a plain SELECT with ORDER BY and LIMIT/OFFSET",
     "role_management": "roles and memberships are managed by agentpg; ask the operator",
     "ownership_change": "object ownership is managed by agentpg; objects you create stay owned by your role",
@@ -62,8 +67,7 @@ _ADVICE: Final[Mapping[str, str]] = MappingProxyType({
     "foreign_data_management": "foreign data wrappers, servers and user mappings are managed by agentpg",
     "replication": "publications and subscriptions are managed by agentpg",
     "server_admin": "server administration commands are not available to agents",
-    "notifications": "LISTEN/NOTIFY need a persistent session, which the tools do not keep; record events "
-    "in a table instead",
+    "notifications": "LISTEN/NOTIFY need a persistent session, which the tools do not keep; use a table",
     "anonymous_code": "anonymous code blocks are refused; send plain SQL, or create a sql/plpgsql function",
     "event_trigger": "event triggers affect the whole database and are managed by agentpg",
     "untrusted_language": "only LANGUAGE sql and LANGUAGE plpgsql functions are allowed",
@@ -79,10 +83,9 @@ transaction_control: ConstraintsSetStmt=SET CONSTRAINTS
 session_state: DiscardStmt=DISCARD | PrepareStmt=PREPARE | ExecuteStmt=EXECUTE | DeallocateStmt=DEALLOCATE
 cursor: DeclareCursorStmt=DECLARE CURSOR | FetchStmt=FETCH/MOVE | ClosePortalStmt=CLOSE
 server_admin: AlterSystemStmt=ALTER SYSTEM | LoadStmt=LOAD | CheckPointStmt=CHECKPOINT
-role_management: CreateRoleStmt=CREATE ROLE/USER/GROUP | AlterRoleStmt=ALTER ROLE/USER/GROUP
-role_management: AlterRoleSetStmt=ALTER ROLE ... SET | DropRoleStmt=DROP ROLE/USER/GROUP
-role_management: GrantRoleStmt=GRANT/REVOKE of role membership | ReassignOwnedStmt=REASSIGN OWNED
-role_management: DropOwnedStmt=DROP OWNED
+role_management: CreateRoleStmt=CREATE ROLE/USER | AlterRoleStmt=ALTER ROLE/USER | DropRoleStmt=DROP ROLE/USER
+role_management: AlterRoleSetStmt=ALTER ROLE ... SET | ReassignOwnedStmt=REASSIGN OWNED | DropOwnedStmt=DROP OWNED
+role_management: GrantRoleStmt=GRANT/REVOKE of role membership
 ownership_change: AlterOwnerStmt=ALTER ... OWNER TO
 database_management: CreatedbStmt=CREATE DATABASE | DropdbStmt=DROP DATABASE | AlterDatabaseStmt=ALTER DATABASE
 database_management: AlterDatabaseSetStmt=ALTER DATABASE | AlterDatabaseRefreshCollStmt=ALTER DATABASE
@@ -166,10 +169,6 @@ class _Result:
     written: set[str] = field(default_factory=set)  # written names that are not RangeVars (DROP)
     creates_table: bool = False
     drops_table: bool = False
-
-
-def _refuse(reason: str, message: str) -> RejectedStatement:
-    return RejectedStatement(message, reason=reason)
 
 
 def _refuse_category(reason: str, label: str) -> RejectedStatement:
@@ -287,13 +286,12 @@ def _copy(stmt: Any) -> _Result:
                   f"COPY data. {instead}")
 
 
-def _vacuum(stmt: Any) -> _Result:
-    if _option(stmt.options, "full"):
-        raise _refuse_category("vacuum_full", "VACUUM FULL")
-    return _Result(StatementKind.OTHER, "VACUUM" if stmt.is_vacuumcmd else "ANALYZE")
-
-
-def _reindex(stmt: Any) -> _Result:
+def _maintenance(stmt: Any) -> _Result:
+    """VACUUM / ANALYZE / REINDEX: fine on your own tables, refused database-wide or with FULL."""
+    if isinstance(stmt, ast.VacuumStmt):
+        if _option(stmt.options, "full"):
+            raise _refuse_category("vacuum_full", "VACUUM FULL")
+        return _Result(StatementKind.OTHER, "VACUUM" if stmt.is_vacuumcmd else "ANALYZE")
     scope = _enum_name(stmt.kind).removeprefix("REINDEX_OBJECT_")
     if scope in ("SYSTEM", "DATABASE"):
         raise _refuse_category("reindex_scope", f"REINDEX {scope}")
@@ -353,9 +351,12 @@ def _rename_or_move(stmt: Any) -> _Result:
     objtype = stmt.renameType if isinstance(stmt, ast.RenameStmt) else stmt.objectType
     if _enum_name(objtype) in _REFUSED_OBJECTS:
         raise _refuse_category(_REFUSED_OBJECTS[_enum_name(objtype)], f"ALTER {_object_label(objtype)}")
-    if _enum_name(objtype) in ("OBJECT_COLUMN", "OBJECT_TABCONSTRAINT", "OBJECT_ATTRIBUTE"):
-        objtype = stmt.relationType  # ALTER TABLE t RENAME COLUMN / CONSTRAINT, ALTER TYPE RENAME ATTRIBUTE
-    return _Result(StatementKind.DDL, f"ALTER {_object_label(objtype)}", targets=_relations(stmt.relation))
+    label = _object_label(objtype)
+    if _enum_name(objtype) in ("OBJECT_COLUMN", "OBJECT_ATTRIBUTE"):  # ALTER TABLE/VIEW/TYPE ... RENAME
+        label = _object_label(stmt.relationType)
+    elif _enum_name(objtype) in ("OBJECT_TABCONSTRAINT", "OBJECT_DOMCONSTRAINT"):  # relationType unset (0)
+        label = "TABLE" if stmt.relation is not None else "DOMAIN"
+    return _Result(StatementKind.DDL, f"ALTER {label}", targets=_relations(stmt.relation))
 
 
 def _create_table(stmt: Any) -> _Result:
@@ -365,12 +366,9 @@ def _create_table(stmt: Any) -> _Result:
 
 
 def _create_table_as(stmt: Any) -> _Result:
-    if stmt.is_select_into:
-        result = _Result(StatementKind.WRITE, "SELECT INTO")
-    elif _enum_name(stmt.objtype) == "OBJECT_MATVIEW":
-        result = _Result(StatementKind.DDL, "CREATE MATERIALIZED VIEW")
-    else:
-        result = _Result(StatementKind.DDL, "CREATE TABLE AS")
+    matview = _enum_name(stmt.objtype) == "OBJECT_MATVIEW"
+    result = (_Result(StatementKind.WRITE, "SELECT INTO") if stmt.is_select_into
+              else _Result(StatementKind.DDL, "CREATE MATERIALIZED VIEW" if matview else "CREATE TABLE AS"))
     result.targets, result.creates_table = _relations(stmt.into.rel), True
     _effects(stmt.query, result)
     return result
@@ -388,7 +386,7 @@ def _create_schema(stmt: Any) -> _Result:
 _HANDLERS: Final[Mapping[str, Callable[[Any], _Result]]] = MappingProxyType({
     "SelectStmt": _query, "InsertStmt": _query, "UpdateStmt": _query, "DeleteStmt": _query,
     "MergeStmt": _query, "ExplainStmt": _explain, "VariableSetStmt": _set, "TransactionStmt": _transaction,
-    "CopyStmt": _copy, "VacuumStmt": _vacuum, "ReindexStmt": _reindex, "CreateFunctionStmt": _routine,
+    "CopyStmt": _copy, "VacuumStmt": _maintenance, "ReindexStmt": _maintenance, "CreateFunctionStmt": _routine,
     "AlterFunctionStmt": _routine, "AlterTableStmt": _alter_table, "DropStmt": _drop,
     "RenameStmt": _rename_or_move, "AlterObjectSchemaStmt": _rename_or_move, "CreateStmt": _create_table,
     "CreateForeignTableStmt": _create_table, "CreateTableAsStmt": _create_table_as,
@@ -477,6 +475,9 @@ def _classify(sql: str) -> Classification:
     result = _classify_stmt(stmt)
     _check_functions(stmt)
     nodes = list(_walk(stmt))
+    for node in nodes:  # refused statements nested in allowed ones: CREATE TABLE AS EXECUTE, rule actions...
+        if type(node).__name__ in _REFUSED:
+            raise _refuse_category(*_REFUSED[type(node).__name__])
     target_ids = {id(node) for node in result.targets}
     ctes = {node.ctename for node in nodes if isinstance(node, ast.CommonTableExpr)}
     read = {
@@ -484,15 +485,9 @@ def _classify(sql: str) -> Classification:
         if isinstance(node, ast.RangeVar) and id(node) not in target_ids
         and not (node.schemaname is None and node.catalogname is None and node.relname in ctes)
     }
-    return Classification(
-        kind=result.kind,
-        command=result.command,
-        tables_read=frozenset(read),
-        tables_written=frozenset(result.written | {_relname(node) for node in result.targets}),
-        creates_table=result.creates_table,
-        drops_table=result.drops_table,
-        fingerprint=pglast.fingerprint(sql),
-    )
+    written = frozenset(result.written | {_relname(node) for node in result.targets})
+    return Classification(result.kind, result.command, frozenset(read), written, result.creates_table,
+                          result.drops_table, pglast.fingerprint(sql))
 
 
 def classify(sql: str) -> Classification:
