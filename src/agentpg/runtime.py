@@ -21,6 +21,7 @@ from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.lifecycle.warm import Refiller
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
@@ -44,6 +45,8 @@ class Runtime:
     keyring: KeyRing
     admin_dsn: str
     embedded: EmbeddedPostgres | None
+    refiller: Refiller
+    """Keeps the warm pool full; only long-running processes (``serve``) start it."""
 
 
 def prepare_home(settings: Settings) -> None:
@@ -122,21 +125,27 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     admin, embedded = admin_dsn(settings)
     ring = keyring(settings)
     engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
+    refiller: Refiller | None = None
+    provider = LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
+                             connect_timeout_s=settings.connect_timeout_s)
     try:
         if migrate_catalog:
             migrate(engine)
-        provider = LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
-                                 connect_timeout_s=settings.connect_timeout_s)
         if embedded is not None:
             provider.harden_server()
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
+        refiller = Refiller(deps, settings.warm_pool_size)
+        deps.on_claim = refiller.kick
         status = embedded.status() if embedded is not None else None
         service = Service(deps, TokenStore(deps.sessions, admin_token(settings)),
                           embedded=embedded is not None, postgres_status=status)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
-                      embedded=embedded)
+                      embedded=embedded, refiller=refiller)
     except ProviderUnavailable:
         raise
     finally:
+        if refiller is not None:
+            refiller.stop()
+        provider.close()
         engine.dispose()

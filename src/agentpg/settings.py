@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     embedded_fsync: bool = True
     tenant_connection_limit: int = Field(default=20, ge=1, le=1000)
     """CONNECTION LIMIT of every tenant login role."""
+    warm_pool_size: int = Field(default=8, ge=0, le=1000)
+    """Ready-made databases kept per server by ``agentpg serve`` so registration only claims one; 0 disables."""
     connect_timeout_s: int = Field(default=5, ge=1, le=120)
     log_level: str = "INFO"
 

@@ -172,3 +172,24 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WarmDatabase(Base):
+    """A ready-made tenant database (with its owner and login roles) waiting to be claimed.
+
+    Registration and workspace creation take one in their intent transaction (``FOR UPDATE SKIP LOCKED``),
+    so only a fresh password has to be set before the user has a database. ``creating`` rows are the intent
+    of a refill in progress; ``reconcile`` drops those whose refiller died.
+    """
+
+    __tablename__ = "warm_databases"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    provider: Mapped[str] = mapped_column(String(16), nullable=False)
+    provider_server: Mapped[str | None] = mapped_column(String(64))
+    database_name: Mapped[str] = mapped_column(String(63), nullable=False, unique=True)
+    owner_role: Mapped[str] = mapped_column(String(63), nullable=False)
+    login_role: Mapped[str] = mapped_column(String(63), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="creating", index=True)
+    """creating | ready"""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

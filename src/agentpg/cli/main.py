@@ -26,7 +26,9 @@ workspaces_app = typer.Typer(no_args_is_help=True, help="Workspaces (agents) and
 postgres_app = typer.Typer(no_args_is_help=True, help="The embedded PostgreSQL server.")
 app.add_typer(users_app, name="users")
 app.add_typer(workspaces_app, name="workspaces")
+pool_app = typer.Typer(no_args_is_help=True, help="The warm pool of ready-made databases.")
 app.add_typer(postgres_app, name="postgres")
+app.add_typer(pool_app, name="pool")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 T = TypeVar("T")
@@ -227,6 +229,25 @@ def postgres_start() -> None:
     """Start the embedded PostgreSQL server if it is not running."""
     _run(lambda rt: None)
     typer.echo("embedded PostgreSQL is running")
+
+
+@pool_app.command("fill")
+def pool_fill(size: Annotated[int | None, typer.Option(help="Target size (default AGENTPG_WARM_POOL_SIZE).")] = None,
+              as_json: JsonOpt = False) -> None:
+    """Create warm databases until the pool holds SIZE (serve does this in the background)."""
+    from agentpg.lifecycle.warm import fill
+
+    made = _run(lambda rt: fill(rt.service.deps, rt.settings.warm_pool_size if size is None else size))
+    _emit({"created": made}, as_json, lambda: f"{made} warm database(s) created")
+
+
+@pool_app.command("drain")
+def pool_drain(as_json: JsonOpt = False) -> None:
+    """Drop every ready warm database."""
+    from agentpg.lifecycle.warm import drain
+
+    dropped = _run(lambda rt: drain(rt.service.deps))
+    _emit({"dropped": dropped}, as_json, lambda: f"{dropped} warm database(s) dropped")
 
 
 def main() -> None:  # pragma: no cover - console entry for python -m

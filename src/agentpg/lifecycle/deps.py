@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,6 +43,8 @@ class LifecycleDeps:
     sessions: sessionmaker[Session]
     provider: Provider
     keyring: KeyRing
+    on_claim: Callable[[], None] | None = None
+    """Called after a warm database was claimed (wakes the refiller)."""
     crashpoint: str | None = None
     """Testing aid (``AGENTPG_CRASHPOINT``): the process exits abruptly when it reaches this named step,
     exactly as if it had been killed there, so tests can show ``reconcile`` repairs every such state."""

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from agentpg.catalog.models import Operation, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.catalog.models import Operation, WarmDatabase, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.lifecycle.warm import discard
 from agentpg.lifecycle.users import finish_delete_user, undo_register
 from agentpg.lifecycle.workspaces import finish_delete_workspace, undo_create_workspace
 
@@ -76,6 +77,17 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
             else:
                 (report.finished if outcome == "finished" else report.undone).append(label)
 
+    with deps.sessions() as s:
+        refills = list(s.scalars(select(WarmDatabase.id).where(WarmDatabase.state == "creating")))
+    for row_id in refills:  # a refill whose process died: drop what it may have made
+        with deps.operation_lease(row_id) as got:
+            if got:
+                try:
+                    discard(deps, row_id)
+                    report.undone.append(f"warm pool refill {row_id}")
+                except AgentpgError as exc:
+                    report.failed.append(f"warm pool refill {row_id}: {exc.message}")
+
     inventory = deps.provider.inventory()  # read before the catalog: anything created later has an intent row
     owned_dbs: set[str] = set()
     owned_roles: set[str] = set()
@@ -88,6 +100,9 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
             owned_dbs.add(rec.database_name)
             owned_roles.update(r for r in (rec.owner_role, rec.login_role) if r)
         owned_roles.update(r for r in s.scalars(select(Workspace.agent_role)) if r)
+        for warm_db in s.scalars(select(WarmDatabase)):
+            owned_dbs.add(warm_db.database_name)
+            owned_roles.update((warm_db.owner_role, warm_db.login_role))
         for op in s.scalars(select(Operation).where(Operation.state == "pending")):
             for value in op.plan.values():
                 if isinstance(value, dict):

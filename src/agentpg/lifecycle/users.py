@@ -21,7 +21,8 @@ from agentpg.catalog.models import (
 )
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.deps import LifecycleDeps, validate_email, validate_id
-from agentpg.providers.base import DatabasePlan, new_password
+from agentpg.lifecycle.warm import claim
+from agentpg.providers.base import DatabasePlan, Provisioned, new_password
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,19 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
             with deps.sessions.begin() as s:
                 s.add(User(id=user_id, email=email, status="provisioning"))
                 s.flush()
+                warm = claim(s, deps.provider.name)
+                if warm is not None:
+                    plan = warm[0]
                 s.add(UserGlobalDatabase(user_id=user_id, database_name=plan.database, owner_role=plan.owner_role,
                                          login_role=plan.login_role, provider=deps.provider.name,
                                          status="provisioning"))
-                s.add(Operation(id=op_id, kind="register_user", user_id=user_id, plan={"global": plan.to_json()}))
+                s.add(Operation(id=op_id, kind="register_user", user_id=user_id,
+                                plan={"global": plan.to_json(), "warm": warm is not None}))
         except IntegrityError:
             raise Conflict(f"user {user_id!r} already exists") from None
         deps.reached("register_user:intent")
         try:
-            provisioned = deps.provider.create_database(plan, new_password())
+            provisioned = provision(deps, plan, warm is not None)
             deps.reached("register_user:provisioned")
             with deps.sessions.begin() as s:
                 record = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
@@ -88,6 +93,15 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
         except Exception as exc:
             undo_register(deps, op_id, reason=exc)
             raise
+
+
+def provision(deps: LifecycleDeps, plan: DatabasePlan, claimed_warm: bool) -> Provisioned:
+    """Make the database of ``plan`` usable: a claimed warm one only needs a fresh password."""
+    if claimed_warm:
+        if deps.on_claim is not None:
+            deps.on_claim()
+        return deps.provider.set_login_password(plan, new_password())
+    return deps.provider.create_database(plan, new_password())
 
 
 def _register_byo(deps: LifecycleDeps, user_id: str, email: str | None, dbname: str, uri: str) -> None:

@@ -18,7 +18,8 @@ from agentpg.catalog.models import (
 )
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
-from agentpg.lifecycle.users import AGENT_DB_URL, _describe, _plan_of, _put_managed_env
+from agentpg.lifecycle.users import AGENT_DB_URL, _describe, _plan_of, _put_managed_env, provision
+from agentpg.lifecycle.warm import claim
 from agentpg.providers.base import NAME_PREFIX, AgentPermissions, DatabasePlan, new_password, opaque_name
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,22 @@ def create_workspace(deps: LifecycleDeps, user_id: str, workspace_id: str, name:
                 s.add(Workspace(id=workspace_id, user_id=user_id, name=name, status="provisioning",
                                 agent_role=agent_role if global_plan else None))
                 s.flush()
+                warm = claim(s, deps.provider.name)
+                if warm is not None:
+                    plan = warm[0]
                 s.add(WorkspaceAgentDatabase(workspace_id=workspace_id, user_id=user_id,
                                              database_name=plan.database, owner_role=plan.owner_role,
                                              login_role=plan.login_role, provider=deps.provider.name,
                                              status="provisioning"))
                 s.add(AgentGlobalDbPermissions(workspace_id=workspace_id, user_id=user_id))
                 s.add(Operation(id=op_id, kind="create_workspace", user_id=user_id, workspace_id=workspace_id,
-                                plan={"agent": plan.to_json(), "global": global_plan,
+                                plan={"agent": plan.to_json(), "global": global_plan, "warm": warm is not None,
                                       "agent_role": agent_role if global_plan else None}))
         except IntegrityError:
             raise Conflict(f"workspace {workspace_id!r} already exists") from None
         deps.reached("create_workspace:intent")
         try:
-            provisioned = deps.provider.create_database(plan, new_password())
+            provisioned = provision(deps, plan, warm is not None)
             deps.reached("create_workspace:agent_db")
             global_uri = None
             if global_plan is not None:

@@ -97,6 +97,10 @@ class Provider(abc.ABC):
         """Create the database, its owner role and its full-rights login role; return the login URI."""
 
     @abc.abstractmethod
+    def set_login_password(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> Provisioned:
+        """Give the database's login role a new password (claiming a warm database); return the login URI."""
+
+    @abc.abstractmethod
     def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
         """Drop the database (terminating its sessions) and its owner and login roles."""
 
@@ -134,3 +138,6 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def check(self) -> None:
         """Raise ``ProviderUnavailable`` unless the provider's servers answer."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most providers hold nothing
+        """Release pooled connections. The provider must not be used afterwards."""

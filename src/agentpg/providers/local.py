@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from agentpg.errors import ProviderError, ProviderUnavailable
 from agentpg.providers.base import (
@@ -55,11 +57,44 @@ class LocalProvider(Provider):
         self._host = str(params.get("host") or "127.0.0.1")
         self._port = int(params.get("port") or 5432)
         self._server_version: int | None = None
+        # Connections to the server's maintenance database are pooled: SCRAM authentication alone costs
+        # milliseconds, more than the statement a warm-pool claim needs. Per-tenant-database admin work
+        # (bootstrap, grants) is rare and opens its own connection.
+        self._pool: ConnectionPool[Conn] | None = None
+        self._pool_lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------------------------------
 
+    def _maintenance_pool(self) -> ConnectionPool[Conn]:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self._admin_dsn, min_size=1, max_size=4, open=False, name=f"admin-{self.server_name}",
+                    kwargs={"autocommit": True, "connect_timeout": self._connect_timeout_s,
+                            "application_name": "agentpg provider"}, timeout=self._connect_timeout_s * 2,
+                    check=ConnectionPool.check_connection)
+                self._pool.open(wait=False)
+            return self._pool
+
+    def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
     @contextmanager
     def _admin(self, dbname: str | None = None) -> Iterator[Conn]:
+        if dbname is None:
+            try:
+                with self._maintenance_pool().connection() as pooled:
+                    if self._server_version is None:
+                        self._server_version = pooled.info.server_version
+                    yield pooled
+                    return
+            except PoolTimeout:
+                raise ProviderUnavailable(
+                    f"the PostgreSQL server {self.server_name!r} ({self._host}:{self._port}) cannot be reached"
+                ) from None
         kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
                                      "application_name": "agentpg provider"}
         if dbname is not None:
@@ -135,6 +170,16 @@ class LocalProvider(Provider):
                 f"creating database {plan.database} failed: {type(exc).__name__}: {exc.diag.message_primary}"
             ) from None
         return Provisioned(uri=self.uri(plan.database, plan.login_role, login_password), server=self.server_name)
+
+    def set_login_password(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> Provisioned:
+        try:
+            with self._admin() as conn:
+                conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
+                    sql.Identifier(plan.login_role), sql.Literal(scram_verifier(conn, plan.login_role, password))))
+        except psycopg.Error as exc:
+            raise ProviderError(f"setting the password of database {plan.database} failed: "
+                                f"{exc.diag.message_primary}") from None
+        return Provisioned(uri=self.uri(plan.database, plan.login_role, password), server=self.server_name)
 
     def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
         try:
