@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.crypto import KeyRing, SealContext
@@ -60,18 +60,35 @@ class LifecycleDeps:
         return self.keyring.open(sealed, SealContext(table, row_id, field))
 
     @contextmanager
-    def operation_lease(self, operation_id: str) -> Iterator[bool]:
+    def operation_lease(self, operation_id: str) -> Iterator[Lease]:
         """Hold the operation's advisory lock on a dedicated catalog connection for the block's duration.
 
-        Yields whether the lock was obtained. If this process dies, the connection closes and the lock goes
-        with it, which is how ``reconcile`` knows the operation is abandoned.
+        ``lease.acquired`` says whether the lock was obtained. If this process dies, the connection closes and
+        the lock goes with it, which is how ``reconcile`` knows the operation is abandoned. The operation's
+        own transactions can run on the same connection (``lease.transaction()``): a session-level advisory
+        lock outlives the transactions, and one connection saves a pool checkout per step.
         """
         with self.engine.connect() as conn:
             got = bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:id, 0))"),
                                     {"id": operation_id}).scalar())
+            conn.commit()
             try:
-                yield got
+                yield Lease(got, conn)
             finally:
-                if got:
+                if conn.in_transaction():
+                    conn.rollback()
+                if got and not conn.closed and not conn.invalidated:
                     conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:id, 0))"), {"id": operation_id})
-                conn.rollback()
+                    conn.commit()
+
+
+@dataclass
+class Lease:
+    acquired: bool
+    connection: Connection
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """An ORM session on the lease's connection, committed at the end of the block."""
+        with Session(bind=self.connection, expire_on_commit=False) as session, session.begin():
+            yield session

@@ -60,8 +60,8 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
     with deps.sessions() as s:
         pending = list(s.scalars(select(Operation).where(Operation.state == "pending").order_by(Operation.created_at)))
     for op in pending:
-        with deps.operation_lease(op.id) as got:
-            if not got:
+        with deps.operation_lease(op.id) as lease:
+            if not lease.acquired:
                 report.in_flight.append(op.id)
                 continue
             try:
@@ -80,8 +80,8 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
     with deps.sessions() as s:
         refills = list(s.scalars(select(WarmDatabase.id).where(WarmDatabase.state == "creating")))
     for row_id in refills:  # a refill whose process died: drop what it may have made
-        with deps.operation_lease(row_id) as got:
-            if got:
+        with deps.operation_lease(row_id) as lease:
+            if lease.acquired:
                 try:
                     discard(deps, row_id)
                     report.undone.append(f"warm pool refill {row_id}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from agentpg.catalog.models import (
@@ -59,40 +59,62 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
         _register_byo(deps, user_id, email, _check_byo_uri(database_url), database_url)
         return
     plan = DatabasePlan.fresh()
-    op_id = str(uuid.uuid4())
-    with deps.operation_lease(op_id):
+    op_id, record_id = str(uuid.uuid4()), str(uuid.uuid4())
+    password = new_password()
+    with deps.operation_lease(op_id) as lease:
         try:
-            with deps.sessions.begin() as s:
+            with lease.transaction() as s:
                 s.add(User(id=user_id, email=email, status="provisioning"))
                 s.flush()
                 warm = claim(s, deps.provider.name)
+                record = UserGlobalDatabase(id=record_id, user_id=user_id, provider=deps.provider.name,
+                                            status="provisioning")
                 if warm is not None:
-                    plan = warm[0]
-                s.add(UserGlobalDatabase(user_id=user_id, database_name=plan.database, owner_role=plan.owner_role,
-                                         login_role=plan.login_role, provider=deps.provider.name,
-                                         status="provisioning"))
+                    # A claimed database only needs a new password, so its URI is known now: seal it in this
+                    # same transaction and let one UPDATE mark everything ready afterwards.
+                    plan, record.provider_server = warm
+                    uri = deps.provider.login_uri(plan, password, server=record.provider_server)
+                    record.connection_uri_sealed = deps.seal(uri, "user_global_database", record_id,
+                                                             "connection_uri")
+                    _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, uri)
+                record.database_name, record.owner_role, record.login_role = (
+                    plan.database, plan.owner_role, plan.login_role)
+                s.add(record)
                 s.add(Operation(id=op_id, kind="register_user", user_id=user_id,
                                 plan={"global": plan.to_json(), "warm": warm is not None}))
         except IntegrityError:
             raise Conflict(f"user {user_id!r} already exists") from None
         deps.reached("register_user:intent")
         try:
-            provisioned = provision(deps, plan, warm is not None)
-            deps.reached("register_user:provisioned")
-            with deps.sessions.begin() as s:
-                record = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
-                record.connection_uri_sealed = deps.seal(provisioned.uri, "user_global_database", record.id,
-                                                         "connection_uri")
-                record.provider_server = provisioned.server
-                record.provider_project_id = provisioned.project_id
-                record.provider_branch_id = provisioned.branch_id
-                record.status = "ready"
-                _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, provisioned.uri)
-                s.get_one(User, user_id).status = "active"
-                s.get_one(Operation, op_id).state = "done"
+            if warm is not None:
+                if deps.on_claim is not None:
+                    deps.on_claim()
+                deps.provider.set_login_password(plan, password, server=record.provider_server)
+                deps.reached("register_user:provisioned")
+            else:
+                provisioned = deps.provider.create_database(plan, password)
+                deps.reached("register_user:provisioned")
+                with lease.transaction() as s:
+                    rec = s.get_one(UserGlobalDatabase, record_id)
+                    rec.connection_uri_sealed = deps.seal(provisioned.uri, "user_global_database", record_id,
+                                                          "connection_uri")
+                    rec.provider_server = provisioned.server
+                    rec.provider_project_id = provisioned.project_id
+                    rec.provider_branch_id = provisioned.branch_id
+                    _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, provisioned.uri)
+            lease.connection.execute(_MARK_REGISTERED, {"user_id": user_id, "op_id": op_id})
+            lease.connection.commit()
         except Exception as exc:
             undo_register(deps, op_id, reason=exc)
             raise
+
+
+# One statement, one round trip: the user active, its database ready, the operation done, atomically.
+_MARK_REGISTERED = text("""
+    WITH u AS (UPDATE users SET status = 'active', updated_at = now() WHERE id = :user_id),
+         d AS (UPDATE user_global_database SET status = 'ready', updated_at = now() WHERE user_id = :user_id)
+    UPDATE operations SET state = 'done', updated_at = now() WHERE id = :op_id
+""")
 
 
 def provision(deps: LifecycleDeps, plan: DatabasePlan, claimed_warm: bool) -> Provisioned:
@@ -121,10 +143,9 @@ def _register_byo(deps: LifecycleDeps, user_id: str, email: str | None, dbname: 
 
 def _put_managed_env(deps: LifecycleDeps, s: Any, user_id: str, workspace_id: str | None, name: str,
                      value: str) -> None:
-    var = EnvVar(user_id=user_id, workspace_id=workspace_id, name=name, managed=True, value_sealed="")
-    s.add(var)
-    s.flush()
-    var.value_sealed = deps.seal(value, "env_vars", var.id, "value")
+    var_id = str(uuid.uuid4())  # known before the INSERT, so the value is sealed to its row in one step
+    s.add(EnvVar(id=var_id, user_id=user_id, workspace_id=workspace_id, name=name, managed=True,
+                 value_sealed=deps.seal(value, "env_vars", var_id, "value")))
 
 
 def undo_register(deps: LifecycleDeps, op_id: str, reason: BaseException | str) -> None:

@@ -97,6 +97,10 @@ class Provider(abc.ABC):
         """Create the database, its owner role and its full-rights login role; return the login URI."""
 
     @abc.abstractmethod
+    def login_uri(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> str:
+        """The URI the login role of ``plan`` will have with ``password`` (no server is contacted)."""
+
+    @abc.abstractmethod
     def set_login_password(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> Provisioned:
         """Give the database's login role a new password (claiming a warm database); return the login URI."""
 

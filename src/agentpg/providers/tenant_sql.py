@@ -59,8 +59,10 @@ BEGIN
     END IF;
     IF g.can_write AND kind IN ('r', 'p', 'v', 'f') THEN
         EXECUTE format('GRANT INSERT, UPDATE, DELETE ON %s TO %I', rel, g.role_name);
+        -- No TRIGGER: a trigger one agent attaches would run its code with the rights of every other agent
+        -- that writes to the table.
         IF kind IN ('r', 'p') THEN
-            EXECUTE format('GRANT TRUNCATE, REFERENCES, TRIGGER ON %s TO %I', rel, g.role_name);
+            EXECUTE format('GRANT TRUNCATE, REFERENCES ON %s TO %I', rel, g.role_name);
         END IF;
     END IF;
 END
@@ -88,7 +90,10 @@ BEGIN
         EXECUTE format('REVOKE CREATE ON SCHEMA public FROM %I', p_role);
     END IF;
     -- Only an owner may DROP or ALTER in Postgres, so the right to drop is membership in the owner role.
-    IF p_drop THEN
+    IF p_drop AND current_setting('server_version_num')::int >= 160000 THEN
+        -- Inherit the owner's rights, but never SET ROLE to it.
+        EXECUTE format('GRANT %I TO %I WITH INHERIT TRUE, SET FALSE', owner_role, p_role);
+    ELSIF p_drop THEN
         EXECUTE format('GRANT %I TO %I', owner_role, p_role);
     ELSE
         EXECUTE format('REVOKE %I FROM %I', owner_role, p_role);
@@ -137,6 +142,12 @@ BEGIN
             IF (SELECT relowner FROM pg_class WHERE oid = obj.objid) <> owner_oid THEN
                 EXECUTE format('ALTER TABLE %s OWNER TO %I', obj.objid::regclass, owner_role);
             END IF;
+            -- A view owned by the owner role would otherwise read its tables with the owner's rights: any
+            -- agent could read or write a table it may not touch through a view it created.
+            IF (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'v'
+               AND current_setting('server_version_num')::int >= 150000 THEN
+                EXECUTE format('ALTER VIEW %s SET (security_invoker = true)', obj.objid::regclass);
+            END IF;
             FOR g IN SELECT * FROM agentpg_internal.agent_grants LOOP
                 PERFORM agentpg_internal.grant_relation(obj.objid::regclass, g);
             END LOOP;
@@ -148,6 +159,12 @@ BEGIN
                   AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i');
             END LOOP;
         ELSIF obj.classid = 'pg_proc'::regclass THEN
+            -- Handed to the owner role, a SECURITY DEFINER routine would run with the owner's rights.
+            IF (SELECT prosecdef FROM pg_proc WHERE oid = obj.objid) THEN
+                RAISE EXCEPTION 'SECURITY DEFINER functions and procedures are not allowed here'
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'Create it without SECURITY DEFINER (SECURITY INVOKER is the default).';
+            END IF;
             IF (SELECT proowner FROM pg_proc WHERE oid = obj.objid) <> owner_oid THEN
                 EXECUTE format('ALTER ROUTINE %s OWNER TO %I', obj.objid::regprocedure, owner_role);
             END IF;
