@@ -10,12 +10,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import leakscan
 import psycopg
 import pytest
 
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
+
+from leakscan import leak_scanner  # noqa: F401 - the suite-wide secret-leak check (autouse)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,9 +45,10 @@ def settings(agentpg_home: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def runtime(settings: Settings) -> Iterator[Runtime]:
+def runtime(settings: Settings, agentpg_home: Path) -> Iterator[Runtime]:
     with open_runtime(settings) as rt:
         yield rt
+        leakscan.sweep(rt, agentpg_home)
 
 
 @pytest.fixture()
@@ -62,5 +66,8 @@ def run_cli(home: Path, *args: str, env: dict[str, str] | None = None,
     full_env["AGENTPG_HOME"] = str(home)
     full_env.update(env or {})
     exe = Path(sys.executable).with_name("agentpg")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
-                          check=False)
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+                            check=False)
+    leakscan.record(f"cli {' '.join(args[:2])} stdout", result.stdout)
+    leakscan.record(f"cli {' '.join(args[:2])} stderr", result.stderr)
+    return result
