@@ -58,7 +58,7 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
     if database_url is not None:
         _register_byo(deps, user_id, email, _check_byo_uri(database_url), database_url)
         return
-    plan = DatabasePlan.fresh()
+    plan = DatabasePlan.fresh(deps.provider.place())
     op_id, record_id = str(uuid.uuid4()), str(uuid.uuid4())
     password = new_password()
     with deps.operation_lease(op_id) as lease:
@@ -72,13 +72,13 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
                 if warm is not None:
                     # A claimed database only needs a new password, so its URI is known now: seal it in this
                     # same transaction and let one UPDATE mark everything ready afterwards.
-                    plan, record.provider_server = warm
-                    uri = deps.provider.login_uri(plan, password, server=record.provider_server)
+                    plan = warm
+                    uri = deps.provider.login_uri(plan, password)
                     record.connection_uri_sealed = deps.seal(uri, "user_global_database", record_id,
                                                              "connection_uri")
                     _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, uri)
-                record.database_name, record.owner_role, record.login_role = (
-                    plan.database, plan.owner_role, plan.login_role)
+                record.database_name, record.owner_role, record.login_role, record.provider_server = (
+                    plan.database, plan.owner_role, plan.login_role, plan.server)
                 s.add(record)
                 s.add(Operation(id=op_id, kind="register_user", user_id=user_id,
                                 plan={"global": plan.to_json(), "warm": warm is not None}))
@@ -89,7 +89,7 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
             if warm is not None:
                 if deps.on_claim is not None:
                     deps.on_claim()
-                deps.provider.set_login_password(plan, password, server=record.provider_server)
+                deps.provider.set_login_password(plan, password)
                 deps.reached("register_user:provisioned")
             else:
                 provisioned = deps.provider.create_database(plan, password)
@@ -204,13 +204,13 @@ def delete_user(deps: LifecycleDeps, user_id: str) -> None:
 
 def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
     """Everything platform-owned that deleting this user must drop: databases and agent roles."""
-    drops: list[dict[str, str]] = []
+    drops: list[dict[str, str | None]] = []
     roles: list[str] = []
-    global_plan: dict[str, str] | None = None
+    global_plan: dict[str, str | None] | None = None
     glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one_or_none()
     if glob is not None and glob.ownership_type == "platform" and glob.owner_role and glob.login_role:
         global_plan = _plan_of(glob).to_json()
-        drops.append(global_plan)
+        drops.append(_plan_of(glob).to_json())
     for ws in s.scalars(select(Workspace).where(Workspace.user_id == user_id)):
         if ws.agent_role:
             roles.append(ws.agent_role)
@@ -222,7 +222,7 @@ def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
 
 def _plan_of(record: UserGlobalDatabase | WorkspaceAgentDatabase) -> DatabasePlan:
     assert record.owner_role is not None and record.login_role is not None
-    return DatabasePlan(record.database_name, record.owner_role, record.login_role)
+    return DatabasePlan(record.database_name, record.owner_role, record.login_role, record.provider_server)
 
 
 def finish_delete_user(deps: LifecycleDeps, op_id: str) -> None:

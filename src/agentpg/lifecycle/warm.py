@@ -22,7 +22,7 @@ from agentpg.providers.base import DatabasePlan, new_password
 log = logging.getLogger(__name__)
 
 
-def claim(s: Session, provider: str) -> tuple[DatabasePlan, str | None] | None:
+def claim(s: Session, provider: str) -> DatabasePlan | None:
     """Take one ready warm database inside the caller's transaction; ``None`` if the pool is empty.
 
     ``SKIP LOCKED`` lets concurrent registrations each take a different one without waiting.
@@ -33,7 +33,7 @@ def claim(s: Session, provider: str) -> tuple[DatabasePlan, str | None] | None:
     if row is None:
         return None
     s.delete(row)
-    return DatabasePlan(row.database_name, row.owner_role, row.login_role), row.provider_server
+    return DatabasePlan(row.database_name, row.owner_role, row.login_role, row.provider_server)
 
 
 def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = None) -> int:
@@ -45,7 +45,7 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
     made = 0
     while target > 0 and not (stop is not None and stop.is_set()):
         row_id = str(uuid.uuid4())
-        plan = DatabasePlan.fresh()
+        plan = DatabasePlan.fresh(deps.provider.place())
         with deps.operation_lease(row_id):
             with deps.sessions.begin() as s:
                 count = s.scalar(select(func.count()).select_from(WarmDatabase)
@@ -53,9 +53,10 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
                 if count >= target:
                     return made
                 s.add(WarmDatabase(id=row_id, provider=deps.provider.name, database_name=plan.database,
-                                   owner_role=plan.owner_role, login_role=plan.login_role, state="creating"))
+                                   owner_role=plan.owner_role, login_role=plan.login_role, state="creating",
+                                   provider_server=plan.server))
             try:
-                provisioned = deps.provider.create_database(plan, new_password())
+                deps.provider.create_database(plan, new_password())
             except AgentpgError as exc:
                 log.warning("warm pool refill failed: %s", exc.message)
                 discard(deps, row_id)
@@ -64,7 +65,6 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
                 row = s.get(WarmDatabase, row_id)
                 if row is not None:
                     row.state = "ready"
-                    row.provider_server = provisioned.server
             made += 1
     return made
 
@@ -75,7 +75,7 @@ def discard(deps: LifecycleDeps, row_id: str) -> None:
         row = s.get(WarmDatabase, row_id)
         if row is None:
             return
-        plan = DatabasePlan(row.database_name, row.owner_role, row.login_role)
+        plan = DatabasePlan(row.database_name, row.owner_role, row.login_role, row.provider_server)
     deps.provider.drop_database(plan)
     with deps.sessions.begin() as s:
         row = s.get(WarmDatabase, row_id)

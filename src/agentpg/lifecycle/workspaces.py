@@ -38,7 +38,7 @@ def create_workspace(deps: LifecycleDeps, user_id: str, workspace_id: str, name:
     validate_id(workspace_id, "workspace id")
     if name is not None and (not isinstance(name, str) or len(name) > 200 or "\x00" in name):
         raise InvalidInput("workspace name must be text of at most 200 characters")
-    plan = DatabasePlan.fresh()
+    plan = DatabasePlan.fresh(deps.provider.place())
     agent_role = f"{opaque_name()}_agent"
     op_id = str(uuid.uuid4())
     with deps.operation_lease(op_id):
@@ -56,11 +56,11 @@ def create_workspace(deps: LifecycleDeps, user_id: str, workspace_id: str, name:
                 s.flush()
                 warm = claim(s, deps.provider.name)
                 if warm is not None:
-                    plan = warm[0]
+                    plan = warm
                 s.add(WorkspaceAgentDatabase(workspace_id=workspace_id, user_id=user_id,
                                              database_name=plan.database, owner_role=plan.owner_role,
                                              login_role=plan.login_role, provider=deps.provider.name,
-                                             status="provisioning"))
+                                             provider_server=plan.server, status="provisioning"))
                 s.add(AgentGlobalDbPermissions(workspace_id=workspace_id, user_id=user_id))
                 s.add(Operation(id=op_id, kind="create_workspace", user_id=user_id, workspace_id=workspace_id,
                                 plan={"agent": plan.to_json(), "global": global_plan, "warm": warm is not None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 #: Every database and role agentpg creates starts with this, so ``reconcile`` can tell ours from others'.
@@ -27,23 +28,32 @@ def new_password() -> str:
 
 @dataclass(frozen=True)
 class DatabasePlan:
-    """The names of one tenant database and of its two fixed roles. Written to the intent log."""
+    """The names of one tenant database, its two fixed roles, and the server it lives on.
+
+    Written to the intent log before anything is created, so a crash can always be repaired: the server is
+    chosen (:meth:`Provider.place`) before the database exists, not discovered after.
+    """
 
     database: str
     owner_role: str
     login_role: str
+    server: str | None = None
 
     @classmethod
-    def fresh(cls) -> DatabasePlan:
+    def fresh(cls, server: str | None = None) -> DatabasePlan:
         name = opaque_name()
-        return cls(database=name, owner_role=f"{name}_owner", login_role=f"{name}_login")
+        return cls(database=name, owner_role=f"{name}_owner", login_role=f"{name}_login", server=server)
 
-    def to_json(self) -> dict[str, str]:
-        return {"database": self.database, "owner_role": self.owner_role, "login_role": self.login_role}
+    def to_json(self) -> dict[str, str | None]:
+        return {"database": self.database, "owner_role": self.owner_role, "login_role": self.login_role,
+                "server": self.server}
 
     @classmethod
-    def from_json(cls, data: dict[str, str]) -> DatabasePlan:
-        return cls(database=data["database"], owner_role=data["owner_role"], login_role=data["login_role"])
+    def from_json(cls, data: Mapping[str, str | None]) -> DatabasePlan:
+        database, owner, login = data["database"], data["owner_role"], data["login_role"]
+        if not (database and owner and login):
+            raise ValueError("a database plan needs a database, an owner role and a login role")
+        return cls(database=database, owner_role=owner, login_role=login, server=data.get("server"))
 
 
 @dataclass(frozen=True)
@@ -93,19 +103,23 @@ class Provider(abc.ABC):
     name: str
 
     @abc.abstractmethod
+    def place(self) -> str | None:
+        """Choose the server a new database should go to (``None`` where the provider has no such notion)."""
+
+    @abc.abstractmethod
     def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
         """Create the database, its owner role and its full-rights login role; return the login URI."""
 
     @abc.abstractmethod
-    def login_uri(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> str:
+    def login_uri(self, plan: DatabasePlan, password: str) -> str:
         """The URI the login role of ``plan`` will have with ``password`` (no server is contacted)."""
 
     @abc.abstractmethod
-    def set_login_password(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> Provisioned:
+    def set_login_password(self, plan: DatabasePlan, password: str) -> Provisioned:
         """Give the database's login role a new password (claiming a warm database); return the login URI."""
 
     @abc.abstractmethod
-    def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
+    def drop_database(self, plan: DatabasePlan) -> None:
         """Drop the database (terminating its sessions) and its owner and login roles."""
 
     @abc.abstractmethod
@@ -115,20 +129,18 @@ class Provider(abc.ABC):
         role: str,
         password: str,
         permissions: AgentPermissions,
-        *,
-        server: str | None = None,
     ) -> str:
         """Create (or re-password) an agent's LOGIN role in ``plan.database`` with exactly ``permissions``;
         return its URI."""
 
     @abc.abstractmethod
     def set_agent_permissions(
-        self, plan: DatabasePlan, role: str, permissions: AgentPermissions, *, server: str | None = None
+        self, plan: DatabasePlan, role: str, permissions: AgentPermissions
     ) -> None:
         """Make the role's grants exactly ``permissions``, on every existing and every future table."""
 
     @abc.abstractmethod
-    def drop_agent_role(self, plan: DatabasePlan, role: str, *, server: str | None = None) -> None:
+    def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         """Remove the role's privileges in ``plan.database`` (if it still exists) and drop the role."""
 
     @abc.abstractmethod

@@ -151,6 +151,9 @@ class LocalProvider(Provider):
 
     # -- databases -----------------------------------------------------------------------------------
 
+    def place(self) -> str:
+        return self.server_name
+
     def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
         db = sql.Identifier(plan.database)
         try:
@@ -179,10 +182,10 @@ class LocalProvider(Provider):
             ) from None
         return Provisioned(uri=self.uri(plan.database, plan.login_role, login_password), server=self.server_name)
 
-    def login_uri(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> str:
+    def login_uri(self, plan: DatabasePlan, password: str) -> str:
         return self.uri(plan.database, plan.login_role, password)
 
-    def set_login_password(self, plan: DatabasePlan, password: str, *, server: str | None = None) -> Provisioned:
+    def set_login_password(self, plan: DatabasePlan, password: str) -> Provisioned:
         try:
             with self._admin() as conn:
                 conn.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD {}").format(
@@ -192,7 +195,7 @@ class LocalProvider(Provider):
                                 f"{exc.diag.message_primary}") from None
         return Provisioned(uri=self.uri(plan.database, plan.login_role, password), server=self.server_name)
 
-    def drop_database(self, plan: DatabasePlan, *, server: str | None = None) -> None:
+    def drop_database(self, plan: DatabasePlan) -> None:
         try:
             with self._admin() as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(plan.database)))
@@ -205,8 +208,7 @@ class LocalProvider(Provider):
 
     # -- agent roles ---------------------------------------------------------------------------------
 
-    def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions,
-                          *, server: str | None = None) -> str:
+    def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions) -> str:
         try:
             with self._admin() as conn:
                 self._ensure_role(conn, role, login=True, password=password)
@@ -215,8 +217,7 @@ class LocalProvider(Provider):
         self.set_agent_permissions(plan, role, permissions)
         return self.uri(plan.database, role, password)
 
-    def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions,
-                              *, server: str | None = None) -> None:
+    def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions) -> None:
         tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
         try:
             with self._admin(plan.database) as conn, conn.transaction():
@@ -229,7 +230,7 @@ class LocalProvider(Provider):
             raise ProviderError(
                 f"setting agent permissions in {plan.database} failed: {exc.diag.message_primary}") from None
 
-    def drop_agent_role(self, plan: DatabasePlan, role: str, *, server: str | None = None) -> None:
+    def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         try:
             with self._admin() as conn:
                 role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
