@@ -22,6 +22,10 @@ from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller
+from agentpg.usage.budgets import UsagePolicy, UsageSyncer
+from agentpg.usage.pricing import PriceTable
+from agentpg.providers.base import Provider
+from agentpg.providers.fleet import FleetProvider, server_name_of
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
@@ -47,6 +51,12 @@ class Runtime:
     embedded: EmbeddedPostgres | None
     refiller: Refiller
     """Keeps the warm pool full; only long-running processes (``serve``) start it."""
+    usage_syncer: UsageSyncer
+    """Syncs usage and enforces budgets periodically; only ``serve`` starts it."""
+
+    def start_background_jobs(self) -> None:
+        self.refiller.start()
+        self.usage_syncer.start()
 
 
 def prepare_home(settings: Settings) -> None:
@@ -60,6 +70,8 @@ def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     """The admin DSN: the configured server's, or the embedded server's (started if need be)."""
     if settings.postgres_url is not None:
         return settings.postgres_url.get_secret_value(), None
+    if settings.fleet:  # the catalog lives on the fleet's first server unless AGENTPG_CATALOG_URL says otherwise
+        return settings.fleet[0].get_secret_value(), None
     embedded = EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync)
     try:
         info = embedded.ensure_running()
@@ -86,6 +98,26 @@ def admin_token(settings: Settings) -> str:
         finally:
             tmp.unlink()
     return path.read_text().strip()
+
+
+def usage_policy(settings: Settings) -> UsagePolicy:
+    prices = PriceTable(storage_cents_per_gb_month=settings.price_storage_cents_per_gb_month,
+                        compute_cents_per_hour=settings.price_compute_cents_per_hour,
+                        written_cents_per_gb=settings.price_written_cents_per_gb,
+                        transfer_cents_per_gb=settings.price_transfer_cents_per_gb,
+                        bytes_per_written_row=settings.price_bytes_per_written_row)
+    return UsagePolicy(prices=prices, default_budget_cents=settings.default_budget_cents,
+                       warning_percent=settings.budget_warning_percent)
+
+
+def make_provider(settings: Settings, admin: str) -> Provider:
+    """The fleet when ``AGENTPG_FLEET`` lists servers, else the one server ``admin`` reaches."""
+    if settings.fleet:
+        dsns = [d.get_secret_value() for d in settings.fleet]
+        return FleetProvider({server_name_of(d): d for d in dsns}, connection_limit=settings.tenant_connection_limit,
+                             connect_timeout_s=settings.connect_timeout_s)
+    return LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
+                         connect_timeout_s=settings.connect_timeout_s)
 
 
 def keyring(settings: Settings) -> KeyRing:
@@ -126,25 +158,29 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     ring = keyring(settings)
     engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
     refiller: Refiller | None = None
-    provider = LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
-                             connect_timeout_s=settings.connect_timeout_s)
+    syncer: UsageSyncer | None = None
+    provider = make_provider(settings, admin)
     try:
         if migrate_catalog:
             migrate(engine)
-        if embedded is not None:
+        if embedded is not None and isinstance(provider, LocalProvider):
             provider.harden_server()
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
         refiller = Refiller(deps, settings.warm_pool_size)
         deps.on_claim = refiller.kick
         status = embedded.status() if embedded is not None else None
+        policy = usage_policy(settings)
         service = Service(deps, TokenStore(deps.sessions, admin_token(settings)),
-                          embedded=embedded is not None, postgres_status=status)
+                          embedded=embedded is not None, postgres_status=status, usage_policy=policy)
+        syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
-                      embedded=embedded, refiller=refiller)
+                      embedded=embedded, refiller=refiller, usage_syncer=syncer)
     except ProviderUnavailable:
         raise
     finally:
+        if syncer is not None:
+            syncer.stop()
         if refiller is not None:
             refiller.stop()
         provider.close()

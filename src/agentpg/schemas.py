@@ -63,3 +63,29 @@ class UserPage(Page):
 
 class WorkspacePage(Page):
     items: list[WorkspaceInfo]
+
+
+class DatabaseUsage(Public):
+    """One database's cost this period."""
+
+    database: Literal["global", "agent"]
+    workspace_id: str | None
+    name: str
+    cost_cents: int
+    storage_bytes: int | None
+    last_sync: datetime | None
+
+
+class UsageReport(Public):
+    """A user's spend this period: the global database, each agent database, and their total."""
+
+    user_id: str
+    period_start: datetime
+    budget_cents: int | None
+    total_cost_cents: int
+    percent_of_budget: float | None
+    status: Literal["ok", "warning", "exceeded"]
+    read_only: bool
+    """True while writes are revoked because the budget is exceeded."""
+    global_database: DatabaseUsage | None
+    agent_databases: list[DatabaseUsage]

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agentpg import __version__
-from agentpg.catalog.models import Operation, User, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
-from agentpg.errors import InvalidInput, NotFound
+from agentpg import __version__, envvars
+from agentpg.access import audit as audit_log
+from agentpg.access import introspect
+from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
+from agentpg.access.classify import classify, normalize_for_audit
+from agentpg.access.permissions import AgentTarget, GlobalDbPermissions, check_tool, from_row, precheck
+from agentpg.access.query import StatementResult, TenantQueries
+from agentpg.catalog.models import (
+    AgentGlobalDbPermissions,
+    Operation,
+    User,
+    UserGlobalDatabase,
+    Workspace,
+    WorkspaceAgentDatabase,
+)
+from agentpg.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from agentpg.lifecycle import reconcile as reconcile_mod
 from agentpg.lifecycle import users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
-from agentpg.tokens import TokenStore
-from agentpg.schemas import DatabaseInfo, StatusInfo, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
+from agentpg.schemas import DatabaseInfo, StatusInfo, UsageReport, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
+from agentpg.tokens import IssuedToken, Principal, TokenStore
+from agentpg.usage import report as usage_report_mod
+from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
+
+log = logging.getLogger(__name__)
 
 
 def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> DatabaseInfo | None:
@@ -27,8 +50,9 @@ class Service:
     """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only."""
 
     def __init__(self, deps: LifecycleDeps, tokens: TokenStore, *, embedded: bool,
-                 postgres_status: dict[str, object] | None = None):
+                 postgres_status: dict[str, object] | None = None, usage_policy: UsagePolicy | None = None):
         self.deps = deps
+        self.usage_policy = usage_policy or UsagePolicy()
         self.tokens = tokens
         self._embedded = embedded
         self._postgres_status = postgres_status or {}
@@ -165,3 +189,268 @@ class Service:
                 raise InvalidInput('database must be "global" (the user\'s shared database) or "agent" '
                                    "(this workspace's own)")
         return self.platform_uri(user_id, workspace_id)
+
+    # -- REST: tokens, env, browse ---------------------------------------------------------------------
+    # What the REST edge (agentpg.api) needs beyond the methods above. Scoping convention as above:
+    # ``user_id`` given → a resource of another user is "not found".
+
+    def create_workspace_with_token(self, user_id: str, workspace_id: str,
+                                    name: str | None = None) -> tuple[WorkspaceInfo, IssuedToken]:
+        """Create a workspace and issue its first agent token (its secret is shown to the caller once)."""
+        info = self.create_workspace(user_id, workspace_id, name)
+        return info, self.issue_agent_token(workspace_id, user_id=user_id)
+
+    def issue_user_token(self, user_id: str, name: str | None = None) -> IssuedToken:
+        """A token that reaches this user's REST routes only."""
+        self._check_token_name(name)
+        self.get_user(user_id)  # NotFound for an unknown user or one still being registered
+        return self.tokens.issue("user", user_id=user_id, name=name)
+
+    def issue_agent_token(self, workspace_id: str, *, user_id: str | None = None,
+                          name: str | None = None) -> IssuedToken:
+        """A token that reaches this workspace's MCP tools only."""
+        self._check_token_name(name)
+        ws = self.get_workspace(workspace_id, user_id=user_id)
+        if ws.status != "active":
+            raise Conflict(f"workspace {workspace_id!r} is {ws.status}; tokens are issued to active workspaces")
+        return self.tokens.issue("agent", user_id=ws.user_id, workspace_id=ws.id, name=name)
+
+    def revoke_token(self, token_id: str, *, user_id: str | None = None) -> None:
+        try:
+            uuid.UUID(token_id)
+        except (ValueError, TypeError):
+            raise NotFound(f"token {token_id!r} does not exist") from None
+        self.tokens.revoke(token_id, user_id=user_id)
+
+    def list_env(self, user_id: str) -> envvars.EnvVarList:
+        return envvars.list_env(self.deps, user_id)
+
+    def put_env(self, user_id: str, name: str, value: str) -> tuple[envvars.EnvVarInfo, bool]:
+        """Create or replace a user's variable (sealed); returns it (no value) and whether it was created."""
+        return envvars.put_env(self.deps, user_id, name, value)
+
+    def delete_env(self, user_id: str, name: str) -> None:
+        envvars.delete_env(self.deps, user_id, name)
+
+    def database_uris(self, user_id: str, workspace_id: str | None = None) -> list[str]:
+        """Platform URIs of a user's databases (all, or one workspace's), for closing pools before a drop.
+
+        Secrets, like :meth:`platform_uri`: for the access layer only.
+        """
+        validate_id(user_id, "user id")
+        with self.deps.sessions() as s:
+            ws_ids = [workspace_id] if workspace_id is not None else list(
+                s.scalars(select(Workspace.id).where(Workspace.user_id == user_id)))
+        targets: list[str | None] = ([] if workspace_id is not None else [None]) + list(ws_ids)
+        uris = []
+        for target in targets:
+            try:
+                uris.append(self.platform_uri(user_id, target))
+            except NotFound:
+                continue
+        return uris
+
+    @staticmethod
+    def _check_token_name(name: str | None) -> None:
+        if name is not None and (not isinstance(name, str) or len(name) > 200 or "\x00" in name):
+            raise InvalidInput("a token name is text of at most 200 characters without NUL bytes")
+
+    # -- MCP: agent calls, permissions, audit ---------------------------------------------------------
+    # An agent (a workspace's token) reaches its user's global database as its own role and its agent
+    # database with full rights, only through these methods. Each call is classified (pglast), pre-checked
+    # against the agent's permissions, run by the access layer, and audited (success or not).
+
+    def agent_target(self, principal: Principal, database: str) -> AgentTarget:
+        """Where an agent's call on ``database`` ("global" | "agent") runs, and the permissions that apply
+        (None: unrestricted, i.e. the agent database or a bring-your-own global database)."""
+        if principal.kind != "agent" or principal.workspace_id is None:
+            raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
+        if database not in ("global", "agent"):
+            raise InvalidInput('database must be "global" (the user\'s database, shared by all its agents) or '
+                               '"agent" (this workspace\'s own)')
+        workspace_id = principal.workspace_id
+        uri = self.agent_uri(workspace_id, database)
+        with self.deps.sessions() as s:
+            ws = s.get_one(Workspace, workspace_id)
+            row = s.scalars(select(AgentGlobalDbPermissions)
+                            .where(AgentGlobalDbPermissions.workspace_id == workspace_id)).one_or_none()
+            restricted = database == "global" and ws.agent_role is not None
+            perms = from_row(row) if restricted else None
+            return AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
+                               permissions=perms)
+
+    async def agent_list_databases(self, principal: Principal) -> list[dict[str, Any]]:
+        """The two logical databases an agent can name, with what it may do in each; audited."""
+        started = time.perf_counter()
+        draft = AuditDraft(tool="list_databases")
+        try:
+            out: list[dict[str, Any]] = []
+            for name, about in (("global", "shared by every agent of your user"), ("agent", "this agent's own")):
+                target = await asyncio.to_thread(self.agent_target, principal, name)
+                draft.user_id, perms = target.user_id, target.permissions
+                out.append({"name": name, "description": about,
+                            "access": "full" if perms is None else "restricted",
+                            "permissions": perms.model_dump() if perms is not None else None})
+            draft.rows = len(out)
+            return out
+        except BaseException as exc:
+            draft.fail(exc)
+            raise
+        finally:
+            await self._audit(principal, draft, started)
+
+    async def agent_sql(self, queries: TenantQueries, principal: Principal, tool: Literal["query", "execute"],
+                        database: str, statement: str, params: list[Any] | None = None,
+                        max_rows: int | None = None) -> StatementResult:
+        """One ``query`` (read-only) or ``execute`` call: classify, pre-check, run, audit.
+
+        Raises ``RejectedStatement`` (the classifier's refusal), ``PermissionRefused``, ``StatementFailed`` or
+        another :mod:`agentpg.errors` exception; every outcome is written to the audit log.
+        """
+        started = time.perf_counter()
+        draft = AuditDraft(tool=tool, database=database, statement=normalize_for_audit(statement))
+        try:
+            target = await asyncio.to_thread(self.agent_target, principal, database)
+            draft.user_id = target.user_id
+            c = classify(statement)
+            draft.fingerprint = c.fingerprint
+            check_tool(c, tool)
+            if target.permissions is not None:
+                precheck(c, target.permissions)
+            result = await queries.run(target.uri, statement, params, read_only=tool == "query",
+                                       max_rows=max_rows)
+            draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
+            return result
+        except BaseException as exc:
+            draft.fail(exc)
+            raise
+        finally:
+            await self._audit(principal, draft, started)
+
+    async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
+                                schema: str = "public") -> dict[str, Any]:
+        """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
+        started = time.perf_counter()
+        draft = AuditDraft(tool="list_tables", database=database)
+        try:
+            target = await asyncio.to_thread(self.agent_target, principal, database)
+            draft.user_id = target.user_id
+            listed = await introspect.list_tables(queries, target.uri, schema)
+            draft.rows = len(listed["tables"])
+            return {"database": database, **listed}
+        except BaseException as exc:
+            draft.fail(exc)
+            raise
+        finally:
+            await self._audit(principal, draft, started)
+
+    async def agent_describe_table(self, queries: TenantQueries, principal: Principal, database: str,
+                                   table: str) -> dict[str, Any]:
+        """Columns, keys, indexes and row estimate of one table; audited."""
+        started = time.perf_counter()
+        draft = AuditDraft(tool="describe_table", database=database)
+        try:
+            target = await asyncio.to_thread(self.agent_target, principal, database)
+            draft.user_id = target.user_id
+            return {"database": database, **await introspect.describe_table(queries, target.uri, table)}
+        except BaseException as exc:
+            draft.fail(exc)
+            raise
+        finally:
+            await self._audit(principal, draft, started)
+
+    async def _audit(self, principal: Principal, draft: AuditDraft, started: float) -> None:
+        user_id = draft.user_id or principal.user_id
+        if user_id is None or principal.workspace_id is None:
+            return  # not an agent: nothing ran, nothing to attribute
+        entry = AuditRecord(user_id=user_id, workspace_id=principal.workspace_id, tool=draft.tool,
+                            database=draft.database if draft.database in ("global", "agent") else None,
+                            outcome=draft.outcome, duration_ms=(time.perf_counter() - started) * 1000,
+                            fingerprint=draft.fingerprint, statement=draft.statement, rows=draft.rows,
+                            error=draft.error)
+        try:
+            await asyncio.to_thread(audit_log.record, self.deps.sessions, entry)
+        except Exception:
+            log.exception("could not write an audit entry for workspace %s", principal.workspace_id)
+
+    def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
+                   cursor: str | None = None) -> AuditPage:
+        """A user's audit entries, newest first (``NotFound`` for an unknown user)."""
+        validate_id(user_id, "user id")
+        if workspace_id is not None:
+            validate_id(workspace_id, "workspace id")
+        if cursor is not None and not cursor.isdigit():
+            raise InvalidInput("cursor must be the next_cursor of a previous page")
+        with self.deps.sessions() as s:
+            user = s.get(User, user_id)
+            if user is None or user.status == "provisioning":
+                raise NotFound(f"user {user_id!r} does not exist")
+        return audit_log.page(self.deps.sessions, user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
+
+    def get_agent_permissions(self, workspace_id: str, *, user_id: str | None = None) -> GlobalDbPermissions:
+        """A workspace's permissions on its user's global database (scoped to ``user_id`` when given)."""
+        validate_id(workspace_id, "workspace id")
+        with self.deps.sessions() as s:
+            ws = s.get(Workspace, workspace_id)
+            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
+                raise NotFound(f"workspace {workspace_id!r} does not exist")
+            return from_row(s.scalars(select(AgentGlobalDbPermissions)
+                                          .where(AgentGlobalDbPermissions.workspace_id == workspace_id))
+                                .one_or_none())
+
+    def set_agent_permissions(self, workspace_id: str, permissions: GlobalDbPermissions, *,
+                              user_id: str | None = None) -> GlobalDbPermissions:
+        """Store a workspace's permissions and make its role's grants exactly these, at once.
+
+        The workspace row stays locked while the provider re-grants, so concurrent changes apply one after
+        the other and the catalog never says what Postgres does not enforce. ``Conflict`` for a
+        bring-your-own global database: agentpg has no per-agent roles there to enforce anything with.
+        """
+        validate_id(workspace_id, "workspace id")
+        with self.deps.sessions.begin() as s:
+            ws = s.get(Workspace, workspace_id, with_for_update=True)
+            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
+                raise NotFound(f"workspace {workspace_id!r} does not exist")
+            glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == ws.user_id)).one()
+            if ws.agent_role is None or glob.ownership_type != "platform":
+                raise Conflict("this user's global database was brought by the platform, so agentpg has no "
+                               "per-agent roles in it and cannot enforce per-agent permissions")
+            row = s.scalars(select(AgentGlobalDbPermissions)
+                            .where(AgentGlobalDbPermissions.workspace_id == workspace_id)).one_or_none()
+            if row is None:
+                row = AgentGlobalDbPermissions(workspace_id=workspace_id, user_id=ws.user_id)
+                s.add(row)
+            row.can_read, row.can_write = permissions.can_read, permissions.can_write
+            row.can_create_tables, row.can_drop_tables = permissions.can_create_tables, permissions.can_drop_tables
+            row.allowed_tables = permissions.allowed_tables
+            self.deps.provider.set_agent_permissions(users._plan_of(glob), ws.agent_role,
+                                                     workspaces.permissions_of(row))
+        return permissions
+
+    def mcp_config(self, workspace_id: str, base_url: str, *, user_id: str | None = None) -> dict[str, Any]:
+        """The ``mcpServers`` JSON an MCP client needs for this workspace: URL and a token placeholder."""
+        self.get_workspace(workspace_id, user_id=user_id)
+        url = base_url.rstrip("/") + "/mcp"
+        return {"mcpServers": {"agentpg": {"type": "http", "url": url,
+                                           "headers": {"Authorization": "Bearer <AGENT_TOKEN>"}}}}
+
+    # -- usage and budgets ---------------------------------------------------------------------------
+
+    def sync_usage(self) -> SyncReport:
+        """Sample every database, update costs and totals, enforce budgets (one instance at a time)."""
+        policy = self.usage_policy
+        return sync_usage(self.deps, policy.prices, default_budget_cents=policy.default_budget_cents)
+
+    def usage(self, user_id: str) -> UsageReport:
+        validate_id(user_id, "user id")
+        return usage_report_mod.usage_report(self.deps, user_id, warning_percent=self.usage_policy.warning_percent,
+                                             default_budget_cents=self.usage_policy.default_budget_cents)
+
+    def set_budget(self, user_id: str, budget_cents: int | None) -> UsageReport:
+        validate_id(user_id, "user id")
+        usage_report_mod.set_budget(self.deps, user_id, budget_cents)
+        return self.usage(user_id)
+
+    def write_block_reason(self, user_id: str) -> str | None:
+        """Why this user's agents may not write right now (budget exceeded), or ``None``."""
+        return usage_report_mod.write_block_reason(self.deps, user_id)

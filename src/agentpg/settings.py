@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_home() -> Path:
@@ -50,3 +51,59 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    # -- MCP: limits of agent calls and the HTTP endpoint ---------------------------------------------------
+
+    mcp_max_rows: int = Field(default=500, ge=1, le=100_000)
+    """Most rows one ``query``/``execute`` call returns (an agent may ask for fewer); more sets ``truncated``."""
+    mcp_max_result_bytes: int = Field(default=1_000_000, ge=1_000, le=100_000_000)
+    """Most bytes of row data one call returns, measured on the values' JSON form."""
+    mcp_statement_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """``SET LOCAL statement_timeout`` of every agent statement; agentpg also cancels it from outside."""
+    mcp_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host header values /mcp accepts besides loopback ones (``name``, ``name:port`` or ``name:*``);
+    comma-separated in the environment. Guards against DNS rebinding."""
+    mcp_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origin header values /mcp accepts besides loopback ones (``https://name`` or ``https://name:*``)."""
+    public_url: str | None = None
+    """The service's URL as agents reach it (e.g. ``https://db.example.com``), used in the MCP config;
+    unset means the URL the request came in on."""
+
+    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    # -- providers: where tenant databases live -----------------------------------------------------------
+
+    fleet: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Admin DSNs of several PostgreSQL servers (comma-separated, or a JSON list): new databases go to the
+    least-loaded one. Empty means one server (``postgres_url`` or the embedded one)."""
+
+    @field_validator("fleet", mode="before")
+    @classmethod
+    def _fleet_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    # -- usage and budgets ---------------------------------------------------------------------------------
+
+    price_storage_cents_per_gb_month: float = Field(default=35.0, ge=0)
+    price_compute_cents_per_hour: float = Field(default=16.0, ge=0)
+    price_written_cents_per_gb: float = Field(default=9.6, ge=0)
+    price_transfer_cents_per_gb: float = Field(default=9.0, ge=0)
+    price_bytes_per_written_row: int = Field(default=200, ge=1)
+    """Estimated bytes per row written, where the server counts rows rather than bytes."""
+    usage_sync_interval_s: float = Field(default=300.0, ge=0)
+    """How often ``serve`` syncs usage and enforces budgets; 0 disables the periodic job."""
+    default_budget_cents: int | None = Field(default=None, ge=0)
+    """The budget a user starts with; unset means none (never made read-only)."""
+    budget_warning_percent: int = Field(default=80, ge=1, le=100)

@@ -13,6 +13,8 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -86,6 +88,11 @@ class DatabaseRecord(Timestamps):
     """provisioning | ready | deleting | failed"""
     current_period_cost_cents: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     last_consumption_sync: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    period_cost_microcents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    """The exact running cost this period; ``current_period_cost_cents`` is its rounded value."""
+    period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    usage_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The provider's counters at ``last_consumption_sync``; the next sync prices the difference."""
 
 
 class UserGlobalDatabase(DatabaseRecord, Base):
@@ -193,3 +200,49 @@ class WarmDatabase(Base):
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="creating", index=True)
     """creating | ready"""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class AuditEntry(Base):
+    """One agent tool call (MCP): who, where, what kind of statement, and how it went.
+
+    Never holds a literal value: ``statement`` is normalised (constants replaced by ``$n``), ``error`` is a
+    reason code or SQLSTATE name, not a server message. Kept after its workspace is deleted (no foreign key
+    on ``workspace_id``); deleted with its user.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_user_id_id", "user_id", "id"),
+        Index("ix_audit_log_workspace_id_id", "workspace_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    workspace_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    database: Mapped[str | None] = mapped_column(String(8))
+    """global | agent; null for calls that touch no database (list_databases)"""
+    tool: Mapped[str] = mapped_column(String(32), nullable=False)
+    fingerprint: Mapped[str | None] = mapped_column(String(32))
+    statement: Mapped[str | None] = mapped_column(Text)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    outcome: Mapped[str] = mapped_column(String(16), nullable=False)
+    """ok | refused (pre-check) | denied (Postgres: no privilege) | timeout | error"""
+    error: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class UserBudget(Base):
+    """The design's ``user_db_budget``: one per user, covering its global and every agent database."""
+
+    __tablename__ = "user_budgets"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    budget_cents: Mapped[int | None] = mapped_column(BigInteger)
+    """None: no budget (never enforced)."""
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    total_cost_cents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    exceeded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    enforced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    """Whether the databases are read-only right now (lags ``exceeded`` only until the next sync finishes)."""
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)

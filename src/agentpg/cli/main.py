@@ -29,6 +29,10 @@ app.add_typer(workspaces_app, name="workspaces")
 pool_app = typer.Typer(no_args_is_help=True, help="The warm pool of ready-made databases.")
 app.add_typer(postgres_app, name="postgres")
 app.add_typer(pool_app, name="pool")
+usage_app = typer.Typer(no_args_is_help=True, help="Costs per database and budgets per user.")
+app.add_typer(usage_app, name="usage")
+keys_app = typer.Typer(no_args_is_help=True, help="The master key ring that seals every stored secret.")
+app.add_typer(keys_app, name="keys")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 T = TypeVar("T")
@@ -212,6 +216,22 @@ def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
+@app.command("mcp")
+def mcp_stdio(token: Annotated[str | None, typer.Option(
+        envvar="AGENTPG_AGENT_TOKEN", show_default=False,
+        help="The workspace's agent token (prefer the AGENTPG_AGENT_TOKEN variable: options show in `ps`).",
+)] = None) -> None:
+    """Serve MCP over stdio for one agent (its workspace's databases), e.g. as an MCP client's command."""
+    import anyio
+
+    from agentpg.mcp.stdio import serve_stdio
+
+    if not token:
+        raise _fail("an agent token is required: set AGENTPG_AGENT_TOKEN or pass --token", 2)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
+    _run(lambda rt: anyio.run(serve_stdio, rt, token))
+
+
 @postgres_app.command("stop")
 def postgres_stop() -> None:
     """Stop the embedded PostgreSQL server (it starts again on the next command)."""
@@ -248,6 +268,97 @@ def pool_drain(as_json: JsonOpt = False) -> None:
 
     dropped = _run(lambda rt: drain(rt.service.deps))
     _emit({"dropped": dropped}, as_json, lambda: f"{dropped} warm database(s) dropped")
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+
+
+@keys_app.command("rotate")
+def keys_rotate(batch_size: Annotated[int, typer.Option(min=1, max=100_000,
+                                                        help="Values re-sealed per transaction.")] = 500,
+                as_json: JsonOpt = False) -> None:
+    """Add a new master key, re-seal every secret under it, then retire the old key once nothing uses it.
+
+    Safe to interrupt: run it again and it resumes. Prints key ids and counts, never key material.
+    """
+    from agentpg.lifecycle.keys import rotate_keys
+
+    report = _run(lambda rt: rotate_keys(rt.service.deps, batch_size=batch_size))
+
+    def human() -> str:
+        lines = [f"added master key {report.added}; it is now active" if report.added
+                 else f"active master key: {report.active}" + (" (resumed an interrupted rotation)"
+                                                               if report.resumed else ""),
+                 f"re-sealed {report.resealed} value(s) in {report.batches} batch(es) in {report.seconds:.1f}s"]
+        if report.retired:
+            lines.append(f"retired master key(s): {', '.join(report.retired)}")
+        if report.removable:
+            lines.append(f"no value uses key(s) {', '.join(report.removable)} any more: remove them from "
+                         "AGENTPG_SECRET_KEY (keep the active key first) and restart every agentpg process")
+        for kid, n in report.kept.items():
+            lines.append(f"kept master key {kid}: {n} value(s) still use it")
+        if not report.settled:
+            lines.append("catalog transactions older than the rotation were still open; "
+                         "run `agentpg keys rotate` again to finish")
+        if report.unopenable_count:
+            lines.append(f"{report.unopenable_count} value(s) do not open with any key in the ring "
+                         "(fix or delete these rows, then run `agentpg keys rotate` again):")
+            lines += [f"  {where}" for where in report.unopenable]
+        return "\n".join(lines)
+
+    _emit(report.to_json(), as_json, human)
+    if not report.clean:
+        raise typer.Exit(_EXIT_REFUSED)
+
+
+@keys_app.command("status")
+def keys_status(as_json: JsonOpt = False) -> None:
+    """Key ids, which one is active, and how many sealed values use each (never key material)."""
+    from agentpg.lifecycle.keys import key_status
+
+    info = _run(lambda rt: key_status(rt.service.deps))
+
+    def human() -> str:
+        lines = [f"key ring: {info.path if info.path else 'AGENTPG_SECRET_KEY'}", "KEY\tACTIVE\tVALUES"]
+        lines += [f"{k.id}\t{'*' if k.active else ''}\t{k.values}" for k in info.keys]
+        lines += [f"{kid}\tMISSING\t{n}  (sealed under a key the ring does not hold)"
+                  for kid, n in info.unknown.items()]
+        if info.rotation_pending:
+            lines.append("a rotation is in progress or was interrupted: run `agentpg keys rotate` to finish it")
+        return "\n".join(lines)
+
+    _emit(info.to_json(), as_json, human)
+
+
+@usage_app.command("sync")
+def usage_sync(as_json: JsonOpt = False) -> None:
+    """Sample every database's usage, update costs and totals, and enforce budgets now."""
+    report = _run(lambda rt: rt.service.sync_usage())
+    _emit(report.__dict__, as_json, lambda: "another instance is syncing right now" if report.skipped else
+          f"synced {report.databases} databases of {report.users} users; "
+          f"read-only now: {len(report.made_read_only)}, writes restored: {len(report.writes_restored)}, "
+          f"failed: {len(report.failed)}" + "".join(f"\n  failed {f}" for f in report.failed))
+
+
+@usage_app.command("show")
+def usage_show(user_id: str, as_json: JsonOpt = False) -> None:
+    """A user's cost this period: global database, each agent database, total, budget."""
+    info = _run(lambda rt: rt.service.usage(user_id))
+    _emit(info, as_json, lambda: "\n".join(
+        [f"user {info.user_id}: {info.total_cost_cents} cents this period"
+         + (f" of {info.budget_cents} ({info.percent_of_budget}%)" if info.budget_cents is not None else "")
+         + f", {info.status}" + (", read-only" if info.read_only else "")]
+        + ([f"  global  {info.global_database.cost_cents} cents"] if info.global_database else [])
+        + [f"  agent {a.workspace_id}  {a.cost_cents} cents" for a in info.agent_databases]))
+
+
+@usage_app.command("budget")
+def usage_budget(user_id: str, budget_cents: Annotated[int | None, typer.Argument(
+        help="Budget in cents for the period; omit to remove the budget.")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Set a user's budget (enforced at once against the last synced total)."""
+    info = _run(lambda rt: rt.service.set_budget(user_id, budget_cents))
+    _emit(info, as_json, lambda: f"budget of {user_id} is {info.budget_cents} cents; status {info.status}")
 
 
 def main() -> None:  # pragma: no cover - console entry for python -m

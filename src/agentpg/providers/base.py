@@ -78,6 +78,29 @@ class Provisioned:
 
 
 @dataclass(frozen=True)
+class UsageSample:
+    """A database's running counters as its provider measures them. All but storage only ever grow
+    (until the server's statistics are reset); pricing works on the difference between two samples."""
+
+    storage_bytes: int
+    transactions: int | None = None
+    rows_written: int | None = None
+    blocks_read: int | None = None
+    compute_seconds: float | None = None
+    active_seconds: float | None = None
+    written_bytes: int | None = None
+    transfer_bytes: int | None = None
+
+    def to_json(self) -> dict[str, int | float | None]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, int | float | None]) -> UsageSample:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Inventory:
     """The agentpg-made databases and roles a server holds (names starting with :data:`NAME_PREFIX`)."""
 
@@ -142,6 +165,14 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         """Remove the role's privileges in ``plan.database`` (if it still exists) and drop the role."""
+
+    @abc.abstractmethod
+    def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
+        """Revoke (or restore) every role's write rights on the database, at the grant level; reads stay."""
+
+    @abc.abstractmethod
+    def usage(self, plan: DatabasePlan) -> UsageSample:
+        """The database's counters now (see :class:`UsageSample`)."""
 
     @abc.abstractmethod
     def inventory(self) -> Inventory:

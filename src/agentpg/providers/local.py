@@ -22,6 +22,7 @@ from agentpg.providers.base import (
     Inventory,
     Provider,
     Provisioned,
+    UsageSample,
 )
 from agentpg.providers.tenant_sql import BOOTSTRAP
 
@@ -172,8 +173,8 @@ class LocalProvider(Provider):
             with self._admin(plan.database) as conn, conn.transaction():
                 conn.execute(BOOTSTRAP)
                 conn.execute(
-                    "INSERT INTO agentpg_internal.config VALUES ('owner_role', %s) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (plan.owner_role,))
+                    "INSERT INTO agentpg_internal.config VALUES ('owner_role', %s), ('login_role', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (plan.owner_role, plan.login_role))
                 conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(plan.owner_role)))
                 conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
         except psycopg.Error as exc:
@@ -247,6 +248,37 @@ class LocalProvider(Provider):
         except psycopg.Error as exc:
             raise ProviderError(
                 f"dropping an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
+
+    def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
+        try:
+            with self._admin(plan.database) as conn, conn.transaction():
+                # Privileges are checked per statement, so open sessions lose write rights at once too.
+                conn.execute("SELECT agentpg_internal.set_read_only(%s)", (read_only,))
+        except psycopg.Error as exc:
+            raise ProviderError(f"changing write access of {plan.database} failed: {exc.diag.message_primary}") from None
+
+    def usage(self, plan: DatabasePlan) -> UsageSample:
+        try:
+            with self._admin() as conn:
+                row = conn.execute(
+                    "SELECT pg_database_size(d.datname), s.xact_commit + s.xact_rollback, "
+                    "s.tup_inserted + s.tup_updated + s.tup_deleted, s.blks_read "
+                    "FROM pg_database d LEFT JOIN pg_stat_database s ON s.datid = d.oid WHERE d.datname = %s",
+                    (plan.database,)).fetchone()
+        except psycopg.Error as exc:
+            raise ProviderError(f"reading usage of {plan.database} failed: {exc.diag.message_primary}") from None
+        if row is None:
+            raise ProviderError(f"database {plan.database} does not exist on server {self.server_name!r}")
+        return UsageSample(storage_bytes=int(row[0]), transactions=int(row[1] or 0), rows_written=int(row[2] or 0),
+                           blocks_read=int(row[3] or 0))
+
+    def load(self) -> tuple[int, int]:
+        """(number of agentpg databases, their total size in bytes): what fleet placement compares."""
+        with self._admin() as conn:
+            row = conn.execute("SELECT count(*), coalesce(sum(pg_database_size(datname)), 0) FROM pg_database "
+                               "WHERE datname LIKE %s", (NAME_PREFIX.replace("_", "\\_") + "%",)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
 
     # -- inventory -----------------------------------------------------------------------------------
 

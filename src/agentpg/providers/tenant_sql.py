@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS agentpg_internal.agent_grants (
     allowed_tables text[]
 );
 
+-- True while the database is read-only (its user is over budget): nobody but the admin may write.
+CREATE OR REPLACE FUNCTION agentpg_internal.read_only() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce((SELECT value = 'on' FROM agentpg_internal.config WHERE key = 'read_only'), false);
+$fn$;
+
 -- Grants on one relation for one agent, from its row in agent_grants.
 CREATE OR REPLACE FUNCTION agentpg_internal.grant_relation(rel regclass, g agentpg_internal.agent_grants)
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
@@ -41,6 +47,9 @@ DECLARE
     kind "char";
     relname name;
 BEGIN
+    IF agentpg_internal.read_only() THEN
+        g.can_write := false;
+    END IF;
     SELECT c.relkind, c.relname INTO kind, relname FROM pg_class c WHERE c.oid = rel;
     EXECUTE format('REVOKE ALL ON %s FROM %I', rel, g.role_name);
     IF g.allowed_tables IS NOT NULL AND NOT (relname = ANY (g.allowed_tables)) THEN
@@ -84,6 +93,10 @@ BEGIN
     RETURNING * INTO g;
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), p_role);
     EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', p_role);
+    IF agentpg_internal.read_only() THEN  -- over budget: the row keeps the wishes, the grants say no
+        p_create := false;
+        p_drop := false;
+    END IF;
     IF p_create THEN
         EXECUTE format('GRANT CREATE ON SCHEMA public TO %I', p_role);
     ELSE
@@ -104,6 +117,45 @@ BEGIN
     LOOP
         PERFORM agentpg_internal.grant_relation(rel, g);
     END LOOP;
+END
+$fn$;
+
+-- Turn writes off (or back on) for every role of this database, at the grant level.
+-- Full-rights roles (the login role, agents allowed to drop) hold their rights through membership in the
+-- owner role, which no grant can narrow; while read-only they lose that membership and get SELECT only.
+CREATE OR REPLACE FUNCTION agentpg_internal.set_read_only(p_on boolean)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    owner_role name := (SELECT value FROM agentpg_internal.config WHERE key = 'owner_role');
+    login_role name := (SELECT value FROM agentpg_internal.config WHERE key = 'login_role');
+    g agentpg_internal.agent_grants;
+    member name;
+BEGIN
+    INSERT INTO agentpg_internal.config VALUES ('read_only', CASE WHEN p_on THEN 'on' ELSE 'off' END)
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    IF p_on THEN
+        FOR member IN
+            SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
+            WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = owner_role)
+        LOOP
+            EXECUTE format('REVOKE %I FROM %I', owner_role, member);
+        END LOOP;
+        IF login_role IS NOT NULL THEN
+            INSERT INTO agentpg_internal.agent_grants VALUES (login_role, true, false, false, true, NULL)
+            ON CONFLICT (role_name) DO NOTHING;
+        END IF;
+    END IF;
+    FOR g IN SELECT * FROM agentpg_internal.agent_grants LOOP
+        PERFORM agentpg_internal.set_agent_grants(g.role_name, g.can_read, g.can_write, g.can_create,
+                                                  g.can_drop, g.allowed_tables);
+    END LOOP;
+    IF NOT p_on AND login_role IS NOT NULL THEN
+        -- Back to normal: the login role is a full member again, not an agent.
+        DELETE FROM agentpg_internal.agent_grants WHERE role_name = login_role;
+        EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA public FROM %I', login_role);
+        EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM %I', login_role);
+        EXECUTE format('GRANT %I TO %I', owner_role, login_role);
+    END IF;
 END
 $fn$;
 

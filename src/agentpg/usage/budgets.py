@@ -1,0 +1,204 @@
+"""Sync every database's usage into the catalog, total it per user, and enforce budgets at the grant level.
+
+One sync at a time across every agentpg process sharing the catalog: the job takes a Postgres advisory
+lock and skips when another instance holds it. Each step is idempotent, so a sync interrupted anywhere is
+finished by the next one: costs are computed from stored counter snapshots, and ``enforced`` is only set
+after the provider has really changed the grants.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, cast
+
+from sqlalchemy import select, text
+
+from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, WorkspaceAgentDatabase
+from agentpg.errors import AgentpgError
+from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.providers.base import DatabasePlan, UsageSample
+from agentpg.usage.pricing import MICRO, PriceTable, cost_microcents
+
+log = logging.getLogger(__name__)
+
+_SYNC_LOCK_KEY = 0x61677470_75736167  # any constant shared by every agentpg process on one catalog
+
+Record = UserGlobalDatabase | WorkspaceAgentDatabase
+
+
+def period_start_of(now: datetime) -> datetime:
+    """Budgets run per calendar month (UTC)."""
+    return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def budget_status(total_cents: int, budget_cents: int | None, warning_percent: int) -> Literal["ok", "warning",
+                                                                                              "exceeded"]:
+    if budget_cents is None:
+        return "ok"
+    if total_cents >= budget_cents:
+        return "exceeded"
+    return "warning" if total_cents * 100 >= budget_cents * warning_percent else "ok"
+
+
+@dataclass(frozen=True)
+class UsagePolicy:
+    """The operator's prices and budget rules (from settings)."""
+
+    prices: PriceTable = field(default_factory=PriceTable)
+    default_budget_cents: int | None = None
+    warning_percent: int = 80
+
+
+@dataclass
+class SyncReport:
+    skipped: bool = False
+    databases: int = 0
+    failed: list[str] = field(default_factory=list)
+    users: int = 0
+    made_read_only: list[str] = field(default_factory=list)
+    writes_restored: list[str] = field(default_factory=list)
+
+
+def _plan(rec: Record) -> DatabasePlan | None:
+    if rec.ownership_type != "platform" or not rec.owner_role or not rec.login_role:
+        return None
+    return DatabasePlan(rec.database_name, rec.owner_role, rec.login_role, rec.provider_server)
+
+
+def sync_usage(deps: LifecycleDeps, prices: PriceTable, *, default_budget_cents: int | None = None,
+               now: datetime | None = None) -> SyncReport:
+    """Sample every ready platform database, add its cost since the last sample, then enforce budgets."""
+    report = SyncReport()
+    now = now or datetime.now(UTC)
+    period = period_start_of(now)
+    with deps.engine.connect() as lock_conn:
+        if not lock_conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _SYNC_LOCK_KEY}).scalar():
+            report.skipped = True
+            return report
+        lock_conn.commit()
+        try:
+            _sample_all(deps, prices, now, period, report)
+            _enforce(deps, now, period, default_budget_cents, report)
+        finally:
+            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SYNC_LOCK_KEY})
+            lock_conn.commit()
+    return report
+
+
+def _sample_all(deps: LifecycleDeps, prices: PriceTable, now: datetime, period: datetime,
+                report: SyncReport) -> None:
+    with deps.sessions() as s:
+        records: list[Record] = [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.status == "ready")),
+                                 *s.scalars(select(WorkspaceAgentDatabase)
+                                            .where(WorkspaceAgentDatabase.status == "ready"))]
+    for rec in records:
+        plan = _plan(rec)
+        if plan is None:
+            continue
+        try:
+            sample = deps.provider.usage(plan)
+        except AgentpgError as exc:
+            report.failed.append(f"{rec.database_name}: {exc.message}")
+            continue
+        with deps.sessions.begin() as s:
+            fresh = cast(Record | None, s.get(type(rec), rec.id, with_for_update=True))
+            if fresh is None:
+                continue
+            if fresh.period_start is None or fresh.period_start < period:
+                fresh.period_start = period
+                fresh.period_cost_microcents = 0
+            before = UsageSample.from_json(fresh.usage_snapshot) if fresh.usage_snapshot else None
+            since = max(fresh.last_consumption_sync or fresh.created_at, period)
+            fresh.period_cost_microcents += cost_microcents(prices, before, sample, (now - since).total_seconds())
+            fresh.current_period_cost_cents = round(fresh.period_cost_microcents / MICRO)
+            fresh.usage_snapshot = sample.to_json()
+            fresh.last_consumption_sync = now
+        report.databases += 1
+
+
+def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budget_cents: int | None,
+             report: SyncReport) -> None:
+    with deps.sessions() as s:
+        totals: dict[str, int] = defaultdict(int)
+        plans: dict[str, list[DatabasePlan]] = defaultdict(list)
+        records: list[Record] = [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.status == "ready")),
+                                 *s.scalars(select(WorkspaceAgentDatabase)
+                                            .where(WorkspaceAgentDatabase.status == "ready"))]
+        for rec in records:
+            if rec.period_start is not None and rec.period_start >= period:
+                totals[rec.user_id] += rec.period_cost_microcents
+            plan = _plan(rec)
+            if plan is not None:
+                plans[rec.user_id].append(plan)
+        user_ids = list(s.scalars(select(User.id).where(User.status == "active")))
+    for user_id in user_ids:
+        total_cents = round(totals[user_id] / MICRO)
+        with deps.sessions.begin() as s:
+            budget = s.get(UserBudget, user_id, with_for_update=True)
+            if budget is None:
+                budget = UserBudget(user_id=user_id, budget_cents=default_budget_cents, period_start=period,
+                                    total_cost_cents=0, exceeded=False, enforced=False)
+                s.add(budget)
+            budget.period_start = period
+            budget.total_cost_cents = total_cents
+            budget.exceeded = budget.budget_cents is not None and total_cents >= budget.budget_cents
+            want, have = budget.exceeded, budget.enforced
+        report.users += 1
+        if want != have:
+            apply_enforcement(deps, user_id, plans[user_id], want, report)
+
+
+def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePlan], read_only: bool,
+                      report: SyncReport | None = None) -> bool:
+    """Make every database of the user read-only (or writable again); record it once all succeeded."""
+    try:
+        for plan in plans:
+            deps.provider.set_read_only(plan, read_only)
+    except AgentpgError as exc:
+        log.warning("budget enforcement for user %s is incomplete, the next sync retries: %s", user_id, exc.message)
+        if report is not None:
+            report.failed.append(f"enforcement for user {user_id}: {exc.message}")
+        return False
+    with deps.sessions.begin() as s:
+        budget = s.get(UserBudget, user_id)
+        if budget is not None:
+            budget.enforced = read_only
+    if report is not None:
+        (report.made_read_only if read_only else report.writes_restored).append(user_id)
+    log.info("user %s databases are now %s", user_id, "read-only (over budget)" if read_only else "writable")
+    return True
+
+
+class UsageSyncer:
+    """The periodic job ``serve`` runs: a sync every ``interval_s``; the advisory lock keeps it to one
+    instance at a time however many ``serve`` processes share the catalog."""
+
+    def __init__(self, deps: LifecycleDeps, prices: PriceTable, interval_s: float,
+                 default_budget_cents: int | None) -> None:
+        self._deps, self._prices, self._interval = deps, prices, interval_s
+        self._default_budget = default_budget_cents
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agentpg-usage-sync", daemon=True)
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                report = sync_usage(self._deps, self._prices, default_budget_cents=self._default_budget)
+                if not report.skipped:
+                    log.info("usage sync: %d databases, %d users, %d failed", report.databases, report.users,
+                             len(report.failed))
+            except Exception:  # the job must outlive a catalog or server outage
+                log.exception("usage sync failed; retrying next interval")
