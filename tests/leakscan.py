@@ -58,17 +58,17 @@ class LeakScanner:
 
     def findings(self) -> list[str]:
         found: list[str] = []
-        for source, text in self.outputs:
-            for token in _TOKEN.findall(text):
+        for source, output in self.outputs:
+            for token in _TOKEN.findall(output):
                 if any(secret in token for secret in self.secrets if len(secret) >= 40) or token in self.secrets:
                     found.append(f"{source}: a secret ({token[:4]}…) appears")
             for secret in (s for s in self.secrets if len(s) < 40):
-                if secret in text:
+                if secret in output:
                     found.append(f"{source}: a secret ({secret[:4]}…) appears")
-            if _TENANT_URI.search(text):
+            if _TENANT_URI.search(output):
                 found.append(f"{source}: a tenant connection URI appears")
             for uri in self.uris:
-                if uri in text:
+                if uri in output:
                     found.append(f"{source}: a collected URI appears")
         return sorted(set(found))
 
@@ -157,7 +157,7 @@ def sweep(runtime: Runtime, home: Path) -> None:
                       ("env_vars", "value_sealed", "value")]
     with runtime.engine.connect() as conn:
         for table, column, fieldname in sealed_columns:
-            rows = conn.execute(text(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")).all()  # noqa: S608
+            rows = conn.execute(text(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")).all()
             for row_id, sealed in rows:
                 try:
                     scanner.add_plaintext(ring.open(sealed, SealContext(table, row_id, fieldname)))

@@ -81,9 +81,9 @@ def test_over_budget_turns_writes_off_and_raising_it_turns_them_back_on(runtime:
                 conn.execute("INSERT INTO events (body) VALUES ('over budget')")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("CREATE TABLE more (id int)")
-    with psycopg.connect(agent_db_uri(runtime, w1), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("CREATE TABLE mine (id int)")
+    with psycopg.connect(agent_db_uri(runtime, w1), autocommit=True) as conn, \
+            pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("CREATE TABLE mine (id int)")
     assert svc.write_block_reason(u) is not None and "budget exceeded" in svc.write_block_reason(u)  # type: ignore[operator]
 
     # Raising the budget restores writes at once, without waiting for a sync.

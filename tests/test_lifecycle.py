@@ -8,7 +8,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from conftest import run_cli
 from helpers import agent_db_uri, env_value, global_uri, with_database, workspace_global_uri
 from sqlalchemy import select
 
@@ -191,7 +190,8 @@ def test_concurrent_registration_of_one_id_makes_one_user(runtime: Runtime, admi
     svc.delete_user(u)
 
 
-@pytest.mark.parametrize("bad", ["", " ", "a" * 129, "-leading-dash", "has space", "nul\x00byte", "ünï", "a/b", "x;drop"])
+@pytest.mark.parametrize("bad", ["", " ", "a" * 129, "-leading-dash", "has space", "nul\x00byte", "ünï", "a/b",
+                                 "x;drop"])
 def test_bad_ids_are_refused_before_anything_changes(runtime: Runtime, bad: str) -> None:
     with runtime.service.deps.sessions() as s:
         before = s.scalar(select(Operation.id).order_by(Operation.created_at.desc()).limit(1))

@@ -20,7 +20,7 @@ _EMAIL_PATTERN = re.compile(r"[^@\s\x00]{1,64}@[^@\s\x00]{1,255}")
 
 
 def validate_id(value: object, what: str) -> str:
-    """A user or workspace id as the platform gave it: 1–128 of ``A-Z a-z 0-9 . _ : @ -``."""
+    """A user or workspace id as the platform gave it: 1 to 128 of ``A-Z a-z 0-9 . _ : @ -``."""
     if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
         raise InvalidInput(
             f"{what} must be 1 to 128 characters of letters, digits and . _ : @ - "

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from agentpg.catalog.models import Operation, WarmDatabase, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.catalog.models import Operation, UserGlobalDatabase, WarmDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
-from agentpg.lifecycle.warm import discard
 from agentpg.lifecycle.users import finish_delete_user, undo_register
+from agentpg.lifecycle.warm import discard
 from agentpg.lifecycle.workspaces import finish_delete_workspace, undo_create_workspace
 
 
@@ -71,7 +71,8 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
                 continue
             with deps.sessions() as s:
                 state = s.get_one(Operation, op.id).state
-            label = f"{op.kind} {op.id} (user {op.user_id}{', workspace ' + op.workspace_id if op.workspace_id else ''})"
+            where = f"user {op.user_id}" + (f", workspace {op.workspace_id}" if op.workspace_id else "")
+            label = f"{op.kind} {op.id} ({where})"
             if state == "pending":
                 report.failed.append(f"{label}: still pending")
             else:

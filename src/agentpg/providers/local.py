@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -72,7 +73,7 @@ class LocalProvider(Provider):
                 self._pool = ConnectionPool(
                     self._admin_dsn, min_size=1, max_size=4, open=False, name=f"admin-{self.server_name}",
                     kwargs={"autocommit": True, "connect_timeout": self._connect_timeout_s,
-                            "application_name": "agentpg provider"}, timeout=self._connect_timeout_s * 2,
+                            "application_name": "agentpg provider"}, timeout=self._connect_timeout_s,
                     check=ConnectionPool.check_connection, configure=self._configure_admin)
                 self._pool.open(wait=False)
             return self._pool
@@ -94,16 +95,21 @@ class LocalProvider(Provider):
     @contextmanager
     def _admin(self, dbname: str | None = None) -> Iterator[Conn]:
         if dbname is None:
+            pool = self._maintenance_pool()
             try:
-                with self._maintenance_pool().connection() as pooled:
-                    if self._server_version is None:
-                        self._server_version = pooled.info.server_version
-                    yield pooled
-                    return
+                pooled = pool.getconn()
             except PoolTimeout:
-                raise ProviderUnavailable(
-                    f"the PostgreSQL server {self.server_name!r} ({self._host}:{self._port}) cannot be reached"
-                ) from None
+                # After an outage the pool backs off between reconnection attempts; the server may already
+                # be back, so try one direct connection before calling it unreachable.
+                pooled = None
+            if pooled is not None:
+                if self._server_version is None:
+                    self._server_version = pooled.info.server_version
+                try:
+                    yield pooled
+                finally:
+                    pool.putconn(pooled)
+                return
         kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
                                      "application_name": "agentpg provider"}
         if dbname is not None:
@@ -122,7 +128,8 @@ class LocalProvider(Provider):
             conn.close()
 
     def uri(self, database: str, role: str, password: str) -> str:
-        return f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@{self._host}:{self._port}/{quote(database, safe='')}"
+        user, secret, db = (quote(v, safe="") for v in (role, password, database))
+        return f"postgresql://{user}:{secret}@{self._host}:{self._port}/{db}"
 
     # -- roles ---------------------------------------------------------------------------------------
 
@@ -164,10 +171,8 @@ class LocalProvider(Provider):
                 self._grant_membership(conn, plan.owner_role, plan.login_role)
                 exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
                 if not exists:
-                    try:
+                    with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent retry won
                         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template1 ENCODING 'UTF8'").format(db))
-                    except psycopg.errors.DuplicateDatabase:
-                        pass
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
                 conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, sql.Identifier(plan.login_role)))
             with self._admin(plan.database) as conn, conn.transaction():
@@ -214,7 +219,8 @@ class LocalProvider(Provider):
             with self._admin() as conn:
                 self._ensure_role(conn, role, login=True, password=password)
         except psycopg.Error as exc:
-            raise ProviderError(f"creating an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
+            raise ProviderError(
+                f"creating an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
         self.set_agent_permissions(plan, role, permissions)
         return self.uri(plan.database, role, password)
 
@@ -255,7 +261,8 @@ class LocalProvider(Provider):
                 # Privileges are checked per statement, so open sessions lose write rights at once too.
                 conn.execute("SELECT agentpg_internal.set_read_only(%s)", (read_only,))
         except psycopg.Error as exc:
-            raise ProviderError(f"changing write access of {plan.database} failed: {exc.diag.message_primary}") from None
+            raise ProviderError(
+                f"changing write access of {plan.database} failed: {exc.diag.message_primary}") from None
 
     def usage(self, plan: DatabasePlan) -> UsageSample:
         try:

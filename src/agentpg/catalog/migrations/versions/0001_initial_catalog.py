@@ -1,12 +1,11 @@
 """initial catalog
 
 Revision ID: 0001
-Revises: 
+Revises:
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -100,7 +99,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['workspace_id'], ['workspaces.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
-    op.create_index('uq_env_vars_scope_name', 'env_vars', ['user_id', sa.literal_column("coalesce(workspace_id, '')"), 'name'], unique=True)
+    op.create_index('uq_env_vars_scope_name', 'env_vars',
+                    ['user_id', sa.literal_column("coalesce(workspace_id, '')"), 'name'], unique=True)
     op.create_table('tokens',
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('kind', sa.String(length=8), nullable=False),
