@@ -9,16 +9,17 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import leakscan
 import psycopg
 import pytest
+from api_support import LiveServer, Transcript
+from leakscan import leak_scanner  # noqa: F401 - the suite-wide secret-leak check (autouse)
 
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
-
-from leakscan import leak_scanner  # noqa: F401 - the suite-wide secret-leak check (autouse)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,3 +72,56 @@ def run_cli(home: Path, *args: str, env: dict[str, str] | None = None,
     leakscan.record(f"cli {' '.join(args[:2])} stdout", result.stdout)
     leakscan.record(f"cli {' '.join(args[:2])} stderr", result.stderr)
     return result
+
+
+# -- REST API (tests/test_api*.py) --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def api_transcript(runtime: Runtime) -> Iterator[Transcript]:
+    """Every API response of the run; each is also handed to the suite's leak scanner. At the end, no
+    response may name a tenant role (the scanner already covers passwords, keys and URIs)."""
+    transcript = Transcript(runtime)
+    yield transcript
+    leaks = transcript.role_leaks()
+    if leaks:
+        pytest.fail("API responses named tenant roles:\n" + "\n".join(leaks[:50]), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def admin_token(runtime: Runtime) -> str:
+    from agentpg.runtime import admin_token as read_admin_token
+
+    return read_admin_token(runtime.settings)
+
+
+@pytest.fixture(scope="session")
+def api_client(settings: Settings, runtime: Runtime, api_transcript: Transcript) -> Iterator[Any]:
+    """httpx against the ASGI app in this process, with its lifespan run (runtime, tenant pools)."""
+    import warnings
+
+    from agentpg.api.app import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette nudges towards httpx2; httpx is what the project uses
+        from starlette.testclient import TestClient
+
+    with TestClient(create_app(settings)) as client:
+        client.event_hooks["response"] = [api_transcript.record_response]
+        yield client
+
+
+@pytest.fixture(scope="session")
+def live_server(agentpg_home: Path, runtime: Runtime, api_transcript: Transcript,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real ``agentpg serve`` (uvicorn) process on a free loopback port, against the test home."""
+    server = LiveServer(agentpg_home, tmp_path_factory.mktemp("live") / "serve.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+        output = server.output()
+        api_transcript.record("agentpg serve output", output)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -15 is the clean exit here.
+    assert code in (0, -15) and "Application shutdown complete" in output, output[-3000:]

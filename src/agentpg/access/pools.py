@@ -50,6 +50,10 @@ async def _reset(conn: AsyncConnection[object]) -> None:
 async def _configure(conn: AsyncConnection[object]) -> None:
     # DISCARD ALL also drops prepared statements, so never let psycopg prepare any behind our back.
     conn.prepare_threshold = None
+    # DISCARD ALL cannot run inside a transaction block, which is where a non-autocommit connection's
+    # execute() would put it: the reset would fail and the pool would throw every connection away. Callers
+    # open their transactions explicitly (``conn.transaction()``).
+    await conn.set_autocommit(True)
 
 
 class TenantPools:
@@ -74,7 +78,10 @@ class TenantPools:
             pool = AsyncConnectionPool(
                 uri, min_size=0, max_size=self.limits.max_size, max_idle=self.limits.max_idle_s,
                 timeout=self.limits.acquire_timeout_s, reset=_reset, configure=_configure, open=False,
-                kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg"},
+                # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
+                # every call opens its own transaction explicitly with conn.transaction().
+                kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",
+                        "autocommit": True},
                 name=f"tenant-{key[:8]}", reconnect_timeout=30,
             )
             await pool.open(wait=False)

@@ -93,8 +93,13 @@ class LocalProvider(Provider):
             pool.close()
 
     @contextmanager
-    def _admin(self, dbname: str | None = None) -> Iterator[Conn]:
-        if dbname is None:
+    def _admin(self, dbname: str | None = None, *, tag: str | None = None) -> Iterator[Conn]:
+        """An autocommit admin connection: pooled for the maintenance database, fresh otherwise.
+
+        ``tag`` marks a fresh connection's ``application_name`` with the name of what it creates, so a
+        later drop can :meth:`_fence` statements still running for a client that has died.
+        """
+        if dbname is None and tag is None:
             pool = self._maintenance_pool()
             try:
                 pooled = pool.getconn()
@@ -111,7 +116,7 @@ class LocalProvider(Provider):
                     pool.putconn(pooled)
                 return
         kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
-                                     "application_name": "agentpg provider"}
+                                     "application_name": f"agentpg {tag}" if tag else "agentpg provider"}
         if dbname is not None:
             kwargs["dbname"] = dbname
         try:
@@ -149,6 +154,17 @@ class LocalProvider(Provider):
         except psycopg.errors.UniqueViolation:  # a concurrent creator won the race on pg_authid
             conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
 
+    @staticmethod
+    def _fence(conn: Conn, tag: str) -> None:
+        """Stop statements a dead client left running for ``tag`` before dropping what they create.
+
+        A client killed during ``CREATE DATABASE`` does not stop the server, which finishes the statement
+        later: a drop that ran in between would see nothing to drop, and the database would reappear
+        as an orphan. Terminating the tagged backends (and waiting for them to go) closes that window.
+        """
+        conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                     "WHERE application_name = %s AND pid <> pg_backend_pid()", (f"agentpg {tag}",))
+
     def _drop_role(self, conn: Conn, role: str) -> None:
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
@@ -165,7 +181,8 @@ class LocalProvider(Provider):
     def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
         db = sql.Identifier(plan.database)
         try:
-            with self._admin() as conn:
+            with self._admin(tag=plan.database) as conn:
+                self._configure_admin(conn)
                 self._ensure_role(conn, plan.owner_role, login=False)
                 self._ensure_role(conn, plan.login_role, login=True, password=login_password)
                 self._grant_membership(conn, plan.owner_role, plan.login_role)
@@ -175,7 +192,7 @@ class LocalProvider(Provider):
                         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template1 ENCODING 'UTF8'").format(db))
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
                 conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, sql.Identifier(plan.login_role)))
-            with self._admin(plan.database) as conn, conn.transaction():
+            with self._admin(plan.database, tag=plan.database) as conn, conn.transaction():
                 conn.execute(BOOTSTRAP)
                 conn.execute(
                     "INSERT INTO agentpg_internal.config VALUES ('owner_role', %s), ('login_role', %s) "
@@ -204,6 +221,7 @@ class LocalProvider(Provider):
     def drop_database(self, plan: DatabasePlan) -> None:
         try:
             with self._admin() as conn:
+                self._fence(conn, plan.database)
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(plan.database)))
                 self._drop_role(conn, plan.login_role)
                 self._drop_role(conn, plan.owner_role)
@@ -216,7 +234,8 @@ class LocalProvider(Provider):
 
     def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions) -> str:
         try:
-            with self._admin() as conn:
+            with self._admin(tag=role) as conn:
+                self._configure_admin(conn)
                 self._ensure_role(conn, role, login=True, password=password)
         except psycopg.Error as exc:
             raise ProviderError(
@@ -227,7 +246,7 @@ class LocalProvider(Provider):
     def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions) -> None:
         tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
         try:
-            with self._admin(plan.database) as conn, conn.transaction():
+            with self._admin(plan.database, tag=role) as conn, conn.transaction():
                 conn.execute(
                     "SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
                     (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
@@ -240,6 +259,7 @@ class LocalProvider(Provider):
     def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         try:
             with self._admin() as conn:
+                self._fence(conn, role)
                 role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
                 db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
             if role_exists and db_exists:
@@ -302,10 +322,12 @@ class LocalProvider(Provider):
                 raise ProviderError(f"refusing to drop {name!r}: agentpg only drops what it made")
         if database is not None:
             with self._admin() as conn:
+                self._fence(conn, database)
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         if role is None:
             return
         with self._admin() as conn:
+            self._fence(conn, role)
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 return
             dbs = [r[0] for r in conn.execute(

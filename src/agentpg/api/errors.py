@@ -1,0 +1,187 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), the same shape for every failure.
+
+``{"type": "urn:agentpg:problem:<code>", "title": <HTTP phrase>, "status": <int>, "detail": <a sentence a
+person can act on>, "code": <stable machine code>}``, plus ``errors`` (field → message) on a 422 from
+validation. Messages come from :mod:`agentpg.errors` (which never holds a URI or password) or are written
+here; request input is never echoed back in a validation error (it may be a secret, e.g. an env value), and
+an unexpected exception becomes a bare 500 whose details go only to the log, as a traceback without the
+exception's message.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentpg.errors import AgentpgError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str
+    """Where: ``body.limit``, ``query.cursor``, ``path.name``; ``body`` for the body as a whole."""
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = None
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_MEDIA_TYPE
+
+
+def problem(status: int, code: str, detail: str, *, errors: list[FieldError] | None = None,
+            headers: dict[str, str] | None = None) -> ProblemResponse:
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    body = Problem(type=f"urn:agentpg:problem:{code}", title=title, status=status, detail=detail, code=code,
+                   errors=errors)
+    return ProblemResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "no_such_route",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "content_too_large",
+               415: "unsupported_media_type"}
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "body" and parts[1].isdigit():  # a JSON decode position, not a field
+        return "body"
+    return ".".join(parts) or "request"
+
+
+def _message(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        ctx = err.get("ctx") or {}
+        pos = err.get("loc", ("body", "?"))[-1]
+        return f"the body is not valid JSON ({ctx.get('error', 'decode error')} at character {pos})"
+    if kind == "extra_forbidden":
+        return "unknown field (not part of this request's schema)"
+    if kind == "missing":
+        return "required"
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def validation_problem(exc: RequestValidationError) -> ProblemResponse:
+    errors = [FieldError(field=_field(e.get("loc", ())), message=_message(e)) for e in exc.errors()]
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
+    if len(errors) > 5:
+        detail += f"; and {len(errors) - 5} more"
+    return problem(422, "invalid_input", detail or "the request is invalid", errors=errors)
+
+
+async def _agentpg_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, AgentpgError)
+    headers = {"WWW-Authenticate": 'Bearer realm="agentpg"'} if isinstance(exc, Unauthenticated) else None
+    if exc.status >= 500:
+        log.warning("%s %s answered %d (%s)", request.method, request.url.path, exc.status, exc.code)
+    return problem(exc.status, exc.code, exc.message, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_problem(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 404:
+        detail = f"there is no route {request.url.path!r}; the API is described at /docs"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on this route"
+    elif exc.status_code == 400:
+        detail = "the request body could not be parsed"
+    else:
+        detail = str(exc.detail)
+    return problem(exc.status_code, code, detail, headers=dict(exc.headers or {}))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AgentpgError, _agentpg_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def _problem_content() -> dict[str, Any]:
+    return {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+_DESCRIPTIONS = {
+    400: "The body could not be parsed.",
+    401: "No bearer token, or one that is unknown or revoked.",
+    403: "The token may not use this route (an agent token on REST; a user token on an admin route), "
+         "or the name is managed by agentpg.",
+    404: "No such resource, or it belongs to another user.",
+    405: "Method not allowed on this route.",
+    409: "Conflicts with the resource's existence or state.",
+    413: "The request body is larger than the limit.",
+    422: "The request is invalid; `errors` names each field.",
+    429: "Too many concurrent reads of this database; retry shortly.",
+    500: "Unexpected failure (details are only in the server log).",
+    502: "The database server refused an operation.",
+    503: "A database server or the catalog cannot be reached; retry later.",
+    504: "The read ran past its statement timeout.",
+}
+
+COMMON_ERRORS = (400, 401, 403, 404, 405, 413, 422, 500)
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: the error statuses it may answer beyond :data:`COMMON_ERRORS`."""
+    return {status: {"description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
+    """Post-process the OpenAPI document: each ``/api`` operation lists its problem+json error responses.
+
+    FastAPI documents its own 422 as ``application/json`` with ``HTTPValidationError``; we answer
+    ``application/problem+json`` with :class:`Problem`, so every 4xx/5xx is rewritten to that.
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    problem_schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(problem_schema.pop("$defs", {}))
+    components["Problem"] = problem_schema
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    for path, item in schema.get("paths", {}).items():
+        if not path.startswith("/api/"):
+            continue
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            for status in COMMON_ERRORS:
+                responses.setdefault(str(status), {})
+            for status, response in responses.items():
+                if status.isdigit() and int(status) >= 400:
+                    response["description"] = _DESCRIPTIONS.get(int(status), response.get("description", ""))
+                    response["content"] = _problem_content()
+    return schema

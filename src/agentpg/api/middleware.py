@@ -1,0 +1,135 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so streamed exports are not buffered or broken).
+
+Outermost first: :class:`MetricsMiddleware` (counts every answer, 413s and 500s included),
+:class:`GuardMiddleware` (no exception escapes as a traceback-with-message or a non-problem 500),
+:class:`BodyLimitMiddleware` (a body over the limit is refused before any route parses it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentpg.api.errors import problem
+from agentpg.api.metrics import UNMATCHED, ApiMetrics
+
+log = logging.getLogger(__name__)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template; set by the router on the shared scope once it has matched."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.observe_request(scope["method"], route_template(scope), status,
+                                         time.perf_counter() - start)
+
+
+class ResponseAborted(Exception):
+    """Raised to cut a response whose status line is already sent (a failing export stream): the client
+    sees the connection drop instead of a clean end, so it cannot take a partial body for a whole one.
+    Whoever raises it logs why; the guard just lets the response die."""
+
+
+class GuardMiddleware:
+    """The last line: an unexpected exception becomes a 500 problem, and the log gets its traceback but not
+    its message (a driver's message can name a role or host; ours are built never to, theirs are not)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def track(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, track)
+        except ResponseAborted:
+            return
+        except Exception as exc:
+            log.error("unexpected %s while answering %s %s%s\n%s", type(exc).__name__, scope["method"],
+                      route_template(scope), " (response already started; connection dropped)" if started else "",
+                      "".join(traceback.format_tb(exc.__traceback__)))
+            if not started:
+                response = problem(500, "internal", "an unexpected error occurred; it has been logged")
+                await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Read the whole body first, refusing it with 413 once it exceeds ``max_bytes`` (declared or sent)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> ASGIApp:
+        return problem(413, "content_too_large",
+                       f"the request body is larger than the limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: http.disconnect, which streamed responses listen for
+
+        await self.app(scope, replay, send)

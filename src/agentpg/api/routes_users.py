@@ -1,0 +1,186 @@
+"""Users, workspaces, tokens and env vars: the platform's provisioning routes.
+
+Sync handlers (FastAPI runs them in its thread pool) because the service below is sync; the few that must
+also close tenant pools are async and hand the service call to the thread pool themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Body, Path, Query, Response, status
+from starlette.concurrency import run_in_threadpool
+
+from agentpg.api.auth import Auth, own_user, require_admin, user_scope
+from agentpg.api.context import AppContext, Ctx
+from agentpg.api.errors import problems
+from agentpg.api.models import (
+    ENV_NAME_PATTERN,
+    ID_PATTERN,
+    EnvValue,
+    TokenCreate,
+    TokenOut,
+    UserCreate,
+    WorkspaceCreate,
+    WorkspaceCreated,
+)
+from agentpg.envvars import EnvVarInfo, EnvVarList
+from agentpg.schemas import UserInfo, UserPage, WorkspaceInfo, WorkspacePage
+from agentpg.tokens import IssuedToken
+
+router = APIRouter(prefix="/api")
+
+UserId = Annotated[str, Path(description="The platform's id for the user.", max_length=128)]
+WorkspaceId = Annotated[str, Path(description="The platform's id for the workspace.", max_length=128)]
+PageLimit = Annotated[int, Query(ge=1, le=500, description="Items per page.")]
+Cursor = Annotated[str | None, Query(pattern=ID_PATTERN, description="`next_cursor` of the previous page.")]
+EnvName = Annotated[str, Path(pattern=ENV_NAME_PATTERN, description="Upper-case letters, digits and _.")]
+
+
+def _token_out(issued: IssuedToken, name: str | None) -> TokenOut:
+    return TokenOut(id=issued.id, kind=issued.kind, token=issued.secret,  # type: ignore[arg-type]
+                    user_id=issued.user_id, workspace_id=issued.workspace_id, name=name,
+                    created_at=issued.created_at)
+
+
+async def _forget_pools(ctx: AppContext, uris: list[str]) -> None:
+    """Close our pools to databases just dropped (their connections were terminated by the drop anyway)."""
+    for uri in uris:
+        await ctx.pools.forget(uri)
+
+
+# -- users ----------------------------------------------------------------------------------------------
+
+
+@router.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], responses=problems(409, 502, 503))
+def register_user(body: UserCreate, principal: Auth, ctx: Ctx) -> UserInfo:
+    """Register a user and create its global database (admin only). Fails whole, leaving nothing behind."""
+    require_admin(principal, "registering a user")
+    with ctx.metrics.provisioning_timer("register_user"):
+        return ctx.service.register_user(body.id, body.email)
+
+
+@router.get("/users", tags=["users"])
+def list_users(principal: Auth, ctx: Ctx, limit: PageLimit = 100, cursor: Cursor = None) -> UserPage:
+    """All users by id, a page at a time (admin only)."""
+    require_admin(principal, "listing users")
+    return ctx.service.list_users(limit=limit, cursor=cursor)
+
+
+@router.get("/users/{user_id}", tags=["users"])
+def get_user(user_id: UserId, principal: Auth, ctx: Ctx) -> UserInfo:
+    """A user and its global database's public info."""
+    own_user(principal, user_id)
+    return ctx.service.get_user(user_id)
+
+
+@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"],
+               responses=problems(409, 502, 503))
+async def delete_user(user_id: UserId, principal: Auth, ctx: Ctx) -> Response:
+    """Delete a user, its global database and every workspace with its agent database (admin only)."""
+    own_user(principal, user_id)
+    require_admin(principal, "deleting a user")
+    await run_in_threadpool(ctx.service.get_user, user_id)  # validates the id; NotFound before any work
+    uris = await run_in_threadpool(ctx.service.database_uris, user_id)
+    with ctx.metrics.provisioning_timer("delete_user"):
+        await run_in_threadpool(ctx.service.delete_user, user_id)
+    await _forget_pools(ctx, uris)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/users/{user_id}/tokens", status_code=status.HTTP_201_CREATED, tags=["tokens"])
+def issue_user_token(user_id: UserId, principal: Auth, ctx: Ctx,
+                     body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
+    """Issue a user token (admin only): it reaches this user's routes and nothing else. Shown once."""
+    own_user(principal, user_id)
+    require_admin(principal, "issuing a user token")
+    name = body.name if body else None
+    return _token_out(ctx.service.issue_user_token(user_id, name), name)
+
+
+# -- workspaces -----------------------------------------------------------------------------------------
+
+
+@router.post("/users/{user_id}/workspaces", status_code=status.HTTP_201_CREATED, tags=["workspaces"],
+             responses=problems(409, 502, 503))
+def create_workspace(user_id: UserId, body: WorkspaceCreate, principal: Auth, ctx: Ctx) -> WorkspaceCreated:
+    """Create a workspace with its agent database; the answer carries its first agent token, shown once."""
+    own_user(principal, user_id)
+    with ctx.metrics.provisioning_timer("create_workspace"):
+        info, issued = ctx.service.create_workspace_with_token(user_id, body.id, body.name)
+    return WorkspaceCreated(**info.model_dump(), agent_token=_token_out(issued, None))
+
+
+@router.get("/users/{user_id}/workspaces", tags=["workspaces"])
+def list_workspaces(user_id: UserId, principal: Auth, ctx: Ctx, limit: PageLimit = 100,
+                    cursor: Cursor = None) -> WorkspacePage:
+    """The user's workspaces by id, a page at a time."""
+    own_user(principal, user_id)
+    return ctx.service.list_workspaces(user_id, limit=limit, cursor=cursor)
+
+
+@router.get("/workspaces/{workspace_id}", tags=["workspaces"])
+def get_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> WorkspaceInfo:
+    """A workspace and its agent database's public info."""
+    return ctx.service.get_workspace(workspace_id, user_id=user_scope(principal))
+
+
+@router.delete("/workspaces/{workspace_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["workspaces"],
+               responses=problems(409, 502, 503))
+async def delete_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> Response:
+    """Delete a workspace, its agent database and its role in the global database; its tokens stop working."""
+    scope = user_scope(principal)
+    info = await run_in_threadpool(ctx.service.get_workspace, workspace_id, user_id=scope)
+    uris = await run_in_threadpool(ctx.service.database_uris, info.user_id, workspace_id)
+    with ctx.metrics.provisioning_timer("delete_workspace"):
+        await run_in_threadpool(ctx.service.delete_workspace, workspace_id, user_id=scope)
+    await _forget_pools(ctx, uris)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/workspaces/{workspace_id}/tokens", status_code=status.HTTP_201_CREATED, tags=["tokens"],
+             responses=problems(409))
+def issue_agent_token(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx,
+                      body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
+    """Issue another agent token for the workspace (for MCP only). Shown once."""
+    name = body.name if body else None
+    issued = ctx.service.issue_agent_token(workspace_id, user_id=user_scope(principal), name=name)
+    return _token_out(issued, name)
+
+
+@router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["tokens"])
+def revoke_token(token_id: UUID, principal: Auth, ctx: Ctx) -> Response:
+    """Revoke a token at once. A user token may revoke its own user's tokens (agent tokens included)."""
+    ctx.service.revoke_token(str(token_id), user_id=user_scope(principal))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# -- env vars -------------------------------------------------------------------------------------------
+
+
+@router.get("/users/{user_id}/env", tags=["env"])
+def list_env(user_id: UserId, principal: Auth, ctx: Ctx) -> EnvVarList:
+    """Names of the user's env vars (and its workspaces'), never values. Managed ones are flagged."""
+    own_user(principal, user_id)
+    return ctx.service.list_env(user_id)
+
+
+@router.put("/users/{user_id}/env/{name}", tags=["env"], responses={201: {"model": EnvVarInfo,
+                                                                         "description": "Created."}})
+def put_env(user_id: UserId, name: EnvName, body: EnvValue, principal: Auth, ctx: Ctx,
+            response: Response) -> EnvVarInfo:
+    """Create (201) or replace (200) one of the user's env vars; the value is sealed and never shown again.
+    ``GLOBAL_DB_URL`` and ``AGENT_DB_URL`` are managed by agentpg: 403."""
+    own_user(principal, user_id)
+    info, created = ctx.service.put_env(user_id, name, body.value)
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return info
+
+
+@router.delete("/users/{user_id}/env/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["env"])
+def delete_env(user_id: UserId, name: EnvName, principal: Auth, ctx: Ctx) -> Response:
+    """Delete one of the user's env vars. ``GLOBAL_DB_URL`` and ``AGENT_DB_URL`` are managed by agentpg: 403."""
+    own_user(principal, user_id)
+    ctx.service.delete_env(user_id, name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
