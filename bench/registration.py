@@ -18,9 +18,9 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import percentiles, report, throwaway_runtime  # noqa: E402
+from _common import percentiles, report, throwaway_runtime
 
-from agentpg.lifecycle.warm import fill  # noqa: E402
+from agentpg.lifecycle.warm import fill
 
 
 def main() -> None:
