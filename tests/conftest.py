@@ -26,6 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Servers the tests start (uvicorn, the CLI) must not fill a warm pool behind the tests' backs:
     # several tests count the databases on the shared server. The warm pool has its own tests.
     os.environ["AGENTPG_WARM_POOL_SIZE"] = "0"
+    os.environ["AGENTPG_USAGE_SYNC_INTERVAL_S"] = "0"  # budgets have their own tests
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +63,8 @@ def admin(runtime: Runtime) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 def run_cli(home: Path, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the real ``agentpg`` console script in a child process against the test home."""
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith("AGENTPG_") or k == "AGENTPG_WARM_POOL_SIZE"}
+    kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_") or k in kept}
     full_env["AGENTPG_HOME"] = str(home)
     full_env.update(env or {})
     exe = Path(sys.executable).with_name("agentpg")

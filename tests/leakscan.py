@@ -25,6 +25,7 @@ from sqlalchemy import text
 
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import AgentpgError
+from agentpg.lifecycle.keys import SEALED_COLUMNS
 from agentpg.runtime import Runtime
 
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]{40,}")
@@ -151,12 +152,9 @@ def sweep(runtime: Runtime, home: Path) -> None:
     for secret_file in (home / "postgres" / "admin-password", home / "admin-token"):
         if secret_file.exists():
             scanner.secrets.add(secret_file.read_text().strip())
-    sealed_columns = [("user_global_database", "connection_uri_sealed", "connection_uri"),
-                      ("workspace_agent_database", "connection_uri_sealed", "connection_uri"),
-                      ("workspaces", "global_uri_sealed", "global_uri"),
-                      ("env_vars", "value_sealed", "value")]
     with runtime.engine.connect() as conn:
-        for table, column, fieldname in sealed_columns:
+        for spec in SEALED_COLUMNS:  # the one registry of sealed columns, so a new one is scanned too
+            table, column, fieldname = spec.aad_table, spec.column, spec.aad_field
             rows = conn.execute(text(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")).all()
             for row_id, sealed in rows:
                 try:

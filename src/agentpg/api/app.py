@@ -1,55 +1,120 @@
-"""The FastAPI application factory. The runtime is opened in the lifespan, never at import time."""
+"""The FastAPI application factory. Nothing is built at import time: the runtime (catalog, key ring,
+provider) and the tenant pools are opened in the lifespan and closed after it; the metrics registry belongs
+to the app object, so two apps in one process (tests) never share counters.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from agentpg import __version__
-from agentpg.runtime import Runtime, open_runtime
+from agentpg.access.browse import ReadLimits
+from agentpg.access.pools import PoolLimits, TenantPools
+from agentpg.api import routes_agents, routes_data, routes_usage, routes_users
+from agentpg.api.context import AppContext, app_context
+from agentpg.api.errors import document_problems, install_error_handlers
+from agentpg.api.metrics import ApiMetrics
+from agentpg.api.middleware import BodyLimitMiddleware, GuardMiddleware, MetricsMiddleware
+from agentpg.mcp.http import McpHttp
+from agentpg.runtime import open_runtime
 from agentpg.settings import Settings
 
+MAX_BODY_BYTES = 1024 * 1024
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+_DESCRIPTION = """\
+Every user of the platform gets a PostgreSQL **global database**, each of its workspaces (agents) an
+**agent database**. This API registers users and workspaces, issues tokens, keeps the user's env vars, and
+lets the platform browse tables and rows (read only).
+
+**Auth**: `Authorization: Bearer <token>` with the admin token (everything) or a user token (that user's
+routes only; another user's resources answer 404). Agent tokens are for MCP and get 403 here.
+
+**Errors** are RFC 9457 `application/problem+json`: `{type, title, status, detail, code, errors?}`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     settings = settings or Settings()
+    metrics = ApiMetrics.create()
+    limits = read_limits or ReadLimits()
+    mcp = McpHttp(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cm = open_runtime(settings)
         runtime = await run_in_threadpool(cm.__enter__)
-        app.state.runtime = runtime
+        # A long-running process keeps the warm pool full and syncs usage; open_runtime stops both.
+        runtime.start_background_jobs()
+        pools = TenantPools(PoolLimits(connect_timeout_s=settings.connect_timeout_s))
+        app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits)
         try:
-            yield
+            async with mcp.run(runtime.service, pools):
+                yield
         finally:
+            app.state.agentpg = None
+            await pools.close()
             await run_in_threadpool(cm.__exit__, None, None, None)
 
-    app = FastAPI(title="agentpg", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="agentpg", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    # Added innermost first: the body limit runs just outside the routes, the metrics outermost.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(routes_users.router)
+    app.include_router(routes_data.router)
+    app.include_router(routes_agents.router)
+    app.include_router(routes_usage.router)
+    mcp.mount(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Not ready."}})
     async def readyz(request: Request) -> JSONResponse:
-        """The catalog and the tenant Postgres answer."""
-        runtime: Runtime = request.app.state.runtime
-        checks: dict[str, str] = {}
+        """The catalog and the tenant Postgres answer (503 until they do)."""
+        checks: dict[str, str] = {"catalog": "unreachable", "postgres": "unreachable"}
         try:
-            await run_in_threadpool(runtime.service.status)
+            ctx = app_context(request)
+        except Exception:
+            return JSONResponse({"status": "not ready", **checks}, status_code=503)
+        try:
+            await run_in_threadpool(ctx.service.status)
             checks["catalog"] = "ok"
         except Exception:
             checks["catalog"] = "unreachable"
         try:
-            await run_in_threadpool(runtime.service.deps.provider.check)
+            await run_in_threadpool(ctx.service.deps.provider.check)
             checks["postgres"] = "ok"
         except Exception:
             checks["postgres"] = "unreachable"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
 
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition."}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests and latency by route template, provisioning counts and durations."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            app.openapi_schema = document_problems(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
