@@ -66,13 +66,13 @@ def free_port() -> int:
 class LiveServer:
     """``agentpg serve`` in a child process on a free loopback port, against the test home."""
 
-    def __init__(self, home: Path, log_path: Path) -> None:
+    def __init__(self, home: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("AGENTPG_") or k == "AGENTPG_WARM_POOL_SIZE"}
-        env.update(AGENTPG_HOME=str(home), AGENTPG_EMBEDDED_FSYNC="false")
+        kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_") or k in kept}
+        env.update(AGENTPG_HOME=str(home), AGENTPG_EMBEDDED_FSYNC="false", **(extra_env or {}))
         exe = Path(sys.executable).with_name("agentpg")
         self._log = log_path.open("wb")
         self.process = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
