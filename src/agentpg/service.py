@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from sqlalchemy import func, select
@@ -269,21 +271,34 @@ class Service:
             raise InvalidInput('database must be "global" (the user\'s database, shared by all its agents) or '
                                '"agent" (this workspace\'s own)')
         workspace_id = principal.workspace_id
-        uri = self.agent_uri(workspace_id, database)
+        # The hot path of every tool call: one catalog round trip for the workspace, its permissions and
+        # its agent database (what agent_uri finds in three).
         with self.deps.sessions() as s:
-            ws = s.get_one(Workspace, workspace_id)
-            row = s.scalars(select(AgentGlobalDbPermissions)
-                            .where(AgentGlobalDbPermissions.workspace_id == workspace_id)).one_or_none()
-            restricted = database == "global" and ws.agent_role is not None
-            perms = from_row(row) if restricted else None
-            return AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
-                               permissions=perms)
+            found = s.execute(
+                select(Workspace, AgentGlobalDbPermissions, WorkspaceAgentDatabase)
+                .outerjoin(AgentGlobalDbPermissions, AgentGlobalDbPermissions.workspace_id == Workspace.id)
+                .outerjoin(WorkspaceAgentDatabase, WorkspaceAgentDatabase.workspace_id == Workspace.id)
+                .where(Workspace.id == workspace_id)).one_or_none()
+        ws, perms_row, agent_db = found if found is not None else (None, None, None)
+        if ws is None or ws.status != "active":
+            raise NotFound(f"workspace {workspace_id!r} does not exist")
+        perms: GlobalDbPermissions | None = None
+        if database == "global" and ws.global_uri_sealed is not None:
+            uri = self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
+            perms = from_row(perms_row)
+        elif database == "global":  # brought by the platform: no per-agent roles, its own URI is all there is
+            uri = self.platform_uri(ws.user_id)
+        elif agent_db is None or agent_db.status != "ready" or agent_db.connection_uri_sealed is None:
+            raise NotFound(f"workspace {workspace_id!r} has no ready database")
+        else:
+            uri = self.deps.open(agent_db.connection_uri_sealed, "workspace_agent_database", agent_db.id,
+                                 "connection_uri")
+        return AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
+                           permissions=perms)
 
     async def agent_list_databases(self, principal: Principal) -> list[dict[str, Any]]:
         """The two logical databases an agent can name, with what it may do in each; audited."""
-        started = time.perf_counter()
-        draft = AuditDraft(tool="list_databases")
-        try:
+        async with self._audited(principal, "list_databases") as draft:
             out: list[dict[str, Any]] = []
             for name, about in (("global", "shared by every agent of your user"), ("agent", "this agent's own")):
                 target = await asyncio.to_thread(self.agent_target, principal, name)
@@ -293,11 +308,6 @@ class Service:
                             "permissions": perms.model_dump() if perms is not None else None})
             draft.rows = len(out)
             return out
-        except BaseException as exc:
-            draft.fail(exc)
-            raise
-        finally:
-            await self._audit(principal, draft, started)
 
     async def agent_sql(self, queries: TenantQueries, principal: Principal, tool: Literal["query", "execute"],
                         database: str, statement: str, params: list[Any] | None = None,
@@ -307,9 +317,7 @@ class Service:
         Raises ``RejectedStatement`` (the classifier's refusal), ``PermissionRefused``, ``StatementFailed`` or
         another :mod:`agentpg.errors` exception; every outcome is written to the audit log.
         """
-        started = time.perf_counter()
-        draft = AuditDraft(tool=tool, database=database, statement=normalize_for_audit(statement))
-        try:
+        async with self._audited(principal, tool, database, normalize_for_audit(statement)) as draft:
             target = await asyncio.to_thread(self.agent_target, principal, database)
             draft.user_id = target.user_id
             c = classify(statement)
@@ -321,57 +329,49 @@ class Service:
                                        max_rows=max_rows)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
             return result
-        except BaseException as exc:
-            draft.fail(exc)
-            raise
-        finally:
-            await self._audit(principal, draft, started)
 
     async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
                                 schema: str = "public") -> dict[str, Any]:
         """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
-        started = time.perf_counter()
-        draft = AuditDraft(tool="list_tables", database=database)
-        try:
+        async with self._audited(principal, "list_tables", database) as draft:
             target = await asyncio.to_thread(self.agent_target, principal, database)
             draft.user_id = target.user_id
             listed = await introspect.list_tables(queries, target.uri, schema)
             draft.rows = len(listed["tables"])
             return {"database": database, **listed}
-        except BaseException as exc:
-            draft.fail(exc)
-            raise
-        finally:
-            await self._audit(principal, draft, started)
 
     async def agent_describe_table(self, queries: TenantQueries, principal: Principal, database: str,
                                    table: str) -> dict[str, Any]:
         """Columns, keys, indexes and row estimate of one table; audited."""
-        started = time.perf_counter()
-        draft = AuditDraft(tool="describe_table", database=database)
-        try:
+        async with self._audited(principal, "describe_table", database) as draft:
             target = await asyncio.to_thread(self.agent_target, principal, database)
             draft.user_id = target.user_id
             return {"database": database, **await introspect.describe_table(queries, target.uri, table)}
+
+    @asynccontextmanager
+    async def _audited(self, principal: Principal, tool: str, database: str | None = None,
+                       statement: str | None = None) -> AsyncIterator[AuditDraft]:
+        """Record the block as one audit entry, however it ends (a write failure is logged, not raised)."""
+        started = time.perf_counter()
+        draft = AuditDraft(tool=tool, database=database, statement=statement)
+        try:
+            yield draft
         except BaseException as exc:
             draft.fail(exc)
             raise
         finally:
-            await self._audit(principal, draft, started)
-
-    async def _audit(self, principal: Principal, draft: AuditDraft, started: float) -> None:
-        user_id = draft.user_id or principal.user_id
-        if user_id is None or principal.workspace_id is None:
-            return  # not an agent: nothing ran, nothing to attribute
-        entry = AuditRecord(user_id=user_id, workspace_id=principal.workspace_id, tool=draft.tool,
-                            database=draft.database if draft.database in ("global", "agent") else None,
-                            outcome=draft.outcome, duration_ms=(time.perf_counter() - started) * 1000,
-                            fingerprint=draft.fingerprint, statement=draft.statement, rows=draft.rows,
-                            error=draft.error)
-        try:
-            await asyncio.to_thread(audit_log.record, self.deps.sessions, entry)
-        except Exception:
-            log.exception("could not write an audit entry for workspace %s", principal.workspace_id)
+            user_id = draft.user_id or principal.user_id
+            if user_id is not None and principal.workspace_id is not None:  # else not an agent: nothing ran
+                entry = AuditRecord(
+                    user_id=user_id, workspace_id=principal.workspace_id, tool=draft.tool, outcome=draft.outcome,
+                    database=draft.database if draft.database in ("global", "agent") else None,
+                    duration_ms=(time.perf_counter() - started) * 1000, fingerprint=draft.fingerprint,
+                    statement=draft.statement, rows=draft.rows, error=draft.error)
+                try:
+                    await asyncio.to_thread(audit_log.record, self.deps.sessions, entry)
+                except Exception as exc:  # the call itself is done; say so, without the driver's message
+                    log.error("could not write an audit entry for workspace %s: %s", principal.workspace_id,
+                              type(exc).__name__)
 
     def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
                    cursor: str | None = None) -> AuditPage:

@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,

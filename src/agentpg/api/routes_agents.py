@@ -1,0 +1,66 @@
+"""The platform's side of agents: their permissions on the global database, the audit log, the MCP config.
+
+Same auth rules as every REST route (:mod:`agentpg.api.auth`): the admin token, or the owning user's token
+(another user's workspace is 404). Sync handlers: the service below is sync, FastAPI runs them in a thread.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+
+from agentpg.access.audit import AuditPage
+from agentpg.access.permissions import GlobalDbPermissions
+from agentpg.api.auth import Auth, own_user, user_scope
+from agentpg.api.context import Ctx
+from agentpg.api.errors import problems
+from agentpg.api.models import ID_PATTERN
+
+router = APIRouter(prefix="/api")
+
+UserId = Annotated[str, Path(description="The platform's id for the user.", max_length=128)]
+WorkspaceId = Annotated[str, Path(description="The platform's id for the workspace.", max_length=128)]
+
+
+@router.get("/workspaces/{workspace_id}/global-database-permissions", tags=["agents"])
+def get_global_database_permissions(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> GlobalDbPermissions:
+    """What this workspace's agent may do in its user's global database."""
+    return ctx.service.get_agent_permissions(workspace_id, user_id=user_scope(principal))
+
+
+@router.put("/workspaces/{workspace_id}/global-database-permissions", tags=["agents"],
+            responses=problems(409, 502, 503))
+def put_global_database_permissions(workspace_id: WorkspaceId, body: GlobalDbPermissions, principal: Auth,
+                                    ctx: Ctx) -> GlobalDbPermissions:
+    """Set what this workspace's agent may do in its user's global database; its Postgres role's grants
+    change at once (the next statement it runs already sees them).
+
+    ``can_drop_tables`` means co-owning the schema (Postgres lets only owners drop or alter), so it needs
+    ``can_read``, ``can_write`` and ``can_create_tables`` and no ``allowed_tables`` (422 otherwise).
+    ``allowed_tables`` limits reads and writes to tables of those names in schema ``public``. 409 if the
+    user's global database was brought by the platform (no per-agent roles there).
+    """
+    return ctx.service.set_agent_permissions(workspace_id, body, user_id=user_scope(principal))
+
+
+@router.get("/users/{user_id}/audit", tags=["agents"])
+def list_audit(user_id: UserId, principal: Auth, ctx: Ctx,
+               workspace_id: Annotated[str | None, Query(pattern=ID_PATTERN,
+                                                         description="Only this workspace's calls.")] = None,
+               limit: Annotated[int, Query(ge=1, le=500, description="Entries per page.")] = 100,
+               cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$",
+                                                   description="`next_cursor` of the previous page.")] = None,
+               ) -> AuditPage:
+    """The user's agents' MCP calls, newest first: workspace, database, tool, statement fingerprint and
+    normalised text (no literal values), rows, duration and outcome."""
+    own_user(principal, user_id)
+    return ctx.service.list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
+
+
+@router.get("/workspaces/{workspace_id}/mcp-config", tags=["agents"])
+def mcp_config(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx, request: Request) -> dict[str, Any]:
+    """The ``mcpServers`` JSON an MCP client needs to reach this workspace's databases. The token is a
+    placeholder (``<AGENT_TOKEN>``): issue one with ``POST /api/workspaces/{id}/tokens``."""
+    base = ctx.runtime.settings.public_url or str(request.base_url)
+    return ctx.service.mcp_config(workspace_id, base, user_id=user_scope(principal))

@@ -1,0 +1,149 @@
+"""Streamable HTTP at ``/mcp`` on the ``agentpg serve`` app: DNS-rebinding checks, agent-token auth, the SDK.
+
+Each request to ``/mcp``, in order:
+
+1. **Host and Origin** must be allowed (MCP spec, "Security Warning": servers must validate Origin against
+   DNS rebinding). Allowed: loopback names (``127.0.0.1``, ``localhost``, ``[::1]``, any port), the host of
+   ``AGENTPG_PUBLIC_URL``, and ``AGENTPG_MCP_ALLOWED_HOSTS`` / ``AGENTPG_MCP_ALLOWED_ORIGINS``. A request
+   without Origin (any non-browser client) passes the Origin check. Refusals: 421 (Host), 403 (Origin).
+2. **Bearer token**: none or unknown/revoked → 401 with ``WWW-Authenticate: Bearer``; a valid admin or user
+   token → 403 (agents only). The token is checked on every request, so revocation takes effect at once.
+3. The SDK's ``StreamableHTTPSessionManager`` serves it. The principal is handed over as the request's
+   authenticated user (workspace id as ``client_id``, token id as ``subject``), which the SDK uses to bind
+   each MCP session to the token that opened it: another token presenting that session id gets 404.
+
+Nothing is built at import time: :class:`McpHttp` is created by the app factory and started in its lifespan.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from agentpg.access.pools import TenantPools
+from agentpg.access.query import TenantQueries
+from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
+from agentpg.mcp.server import build_server, limits_from
+from agentpg.service import Service
+from agentpg.settings import Settings
+from agentpg.tokens import Principal
+
+PATH = "/mcp"
+_PRINCIPAL_KEY = "agentpg.principal"
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def security_settings(settings: Settings) -> TransportSecuritySettings:
+    """Allowed Host and Origin values: loopback, the public URL's, and the configured allow-lists."""
+    hosts = [h for name in _LOOPBACK for h in (name, f"{name}:*")]
+    origins = [f"{scheme}://{name}{port}" for scheme in ("http", "https") for name in _LOOPBACK
+               for port in ("", ":*")]
+    if settings.public_url:
+        public = urlsplit(settings.public_url)
+        if public.netloc:
+            hosts.append(public.netloc)
+            origins.append(f"{public.scheme}://{public.netloc}")
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True,
+                                     allowed_hosts=hosts + list(settings.mcp_allowed_hosts),
+                                     allowed_origins=origins + list(settings.mcp_allowed_origins))
+
+
+async def principal_of(request: Any) -> Principal:
+    """The agent the bearer check (below) found for this HTTP request."""
+    principal = request.scope.get(_PRINCIPAL_KEY) if request is not None else None
+    if not isinstance(principal, Principal):
+        raise Unauthenticated("this request carries no agent token")
+    return principal
+
+
+def _json(status: int, body: dict[str, str], headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+class McpHttp:
+    """``/mcp`` on one app: :meth:`mount` adds the route, :meth:`run` (in the app's lifespan) serves it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._security = TransportSecurityMiddleware(security_settings(settings))
+        self._manager: StreamableHTTPSessionManager | None = None
+        self._service: Service | None = None
+
+    def mount(self, app: Starlette) -> None:
+        """Route ``/mcp`` (exactly; no redirect to ``/mcp/``) to this endpoint; it answers 503 until running."""
+        app.router.routes.append(Route(PATH, endpoint=self, include_in_schema=False))  # an ASGI app: all methods
+
+    @asynccontextmanager
+    async def run(self, service: Service, pools: TenantPools | None = None) -> AsyncIterator[None]:
+        """Serve MCP for the duration of the block. ``pools`` may be shared with the REST side (it is then
+        not closed here); without it, a private set is made and closed on exit."""
+        own = pools is None
+        queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings))
+        # JSON responses (not an SSE stream per POST): the tools send no mid-call notifications, and plain
+        # JSON is a few ms quicker per call and friendlier to proxies. Clients may still open the GET stream.
+        manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),
+                                               security_settings=security_settings(self._settings),
+                                               json_response=True)
+        try:
+            async with manager.run():
+                self._manager, self._service = manager, service
+                try:
+                    yield
+                finally:
+                    self._manager = self._service = None
+        finally:
+            if own:
+                await queries.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        manager, service = self._manager, self._service
+        if manager is None or service is None:
+            await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
+                scope, receive, send)
+            return
+        refusal = await self._security.validate_request(HTTPConnection(scope), is_post=False)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        try:
+            principal = await self._authenticate(service, HTTPConnection(scope).headers.get("authorization"))
+        except Unauthenticated as exc:
+            await _json(401, {"error": "invalid_token", "error_description": exc.message},
+                        {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
+            return
+        except PermissionDenied as exc:
+            await _json(403, {"error": "insufficient_scope", "error_description": exc.message},
+                        {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})(scope, receive, send)
+            return
+        except AgentpgError as exc:
+            await _json(exc.status, {"error": exc.code, "error_description": exc.message})(scope, receive, send)
+            return
+        scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
+                                                      subject=principal.token_id, scopes=["agent"]))
+        scope[_PRINCIPAL_KEY] = principal
+        await manager.handle_request(scope, receive, send)
+
+    @staticmethod
+    async def _authenticate(service: Service, header: str | None) -> Principal:
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("send this workspace's agent token as 'Authorization: Bearer <token>'")
+        principal = await run_in_threadpool(service.tokens.authenticate, token.strip())
+        if principal.kind != "agent":
+            raise PermissionDenied("/mcp is for agent tokens (one workspace's); admin and user tokens use the "
+                                   "REST API")
+        return principal

@@ -1,0 +1,205 @@
+"""The five agent tools as MCP sees them: argument and result shapes, annotations, and text renderings.
+
+Arguments and results are Pydantic models, so each tool's ``inputSchema``/``outputSchema`` is their JSON
+schema and arguments are validated once, here. Databases are named logically — ``"global"`` and
+``"agent"`` — and nothing an agent can pass names a host, DSN, role or another tenant.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from mcp import types
+from pydantic import BaseModel, ConfigDict, Field
+
+Database = Literal["global", "agent"]
+JsonParam = str | int | float | bool | None | list[Any] | dict[str, Any]
+
+_DATABASE = Field(description='"global": your user\'s database, shared by all its agents (what you may do '
+                              'there depends on your permissions). "agent": your own private database.')
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListDatabasesArgs(_Args):
+    pass
+
+
+class ListTablesArgs(_Args):
+    database: Database = _DATABASE
+    schema_name: str = Field(default="public", alias="schema", min_length=1, max_length=63,
+                             description="Schema to list (default public).")
+
+
+class DescribeTableArgs(_Args):
+    database: Database = _DATABASE
+    table: str = Field(min_length=1, max_length=200,
+                       description='Table name, or schema.name; quote mixed-case names as in SQL ("MyTable").')
+
+
+class QueryArgs(_Args):
+    database: Database = _DATABASE
+    sql: str = Field(min_length=1, max_length=1_000_000,
+                     description="Exactly one read-only SQL statement (SELECT, VALUES, TABLE, EXPLAIN, SHOW); "
+                                 "use $1, $2 ... for values.")
+    params: list[JsonParam] | None = Field(default=None, max_length=1000,
+                                           description="Values for $1, $2 ... (sent separately, never "
+                                                       "spliced into the SQL).")
+    max_rows: int | None = Field(default=None, ge=1, le=100_000,
+                                 description="Return at most this many rows (the server caps it too).")
+
+
+class ExecuteArgs(_Args):
+    database: Database = _DATABASE
+    sql: str = Field(min_length=1, max_length=1_000_000,
+                     description="Exactly one SQL statement: INSERT, UPDATE, DELETE, MERGE, CREATE, ALTER, "
+                                 "DROP ...; use $1, $2 ... for values.")
+    params: list[JsonParam] | None = Field(default=None, max_length=1000,
+                                           description="Values for $1, $2 ... (sent separately).")
+
+
+class Column(BaseModel):
+    name: str
+    type: str
+
+
+class StatementOutput(BaseModel):
+    """The structured result of ``query`` and ``execute``."""
+
+    database: Database
+    columns: list[Column]
+    rows: list[list[Any]]
+    row_count: int
+    truncated: bool
+    duration_ms: float
+    command: str | None = None
+    rows_affected: int | None = None
+
+
+class DatabasesOutput(BaseModel):
+    databases: list[dict[str, Any]]
+
+
+class TablesOutput(BaseModel):
+    database: Database
+    schema_name: str = Field(alias="schema")
+    tables: list[dict[str, Any]]
+    truncated: bool
+
+
+class TableOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    database: Database
+    schema_name: str = Field(alias="schema")
+    name: str
+    kind: str
+    columns: list[dict[str, Any]]
+
+
+_READ = types.ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+
+ARGS: dict[str, type[_Args]] = {
+    "list_databases": ListDatabasesArgs, "list_tables": ListTablesArgs, "describe_table": DescribeTableArgs,
+    "query": QueryArgs, "execute": ExecuteArgs,
+}
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(by_alias=True)
+
+
+def tool_list() -> list[types.Tool]:
+    """The tools, with truthful annotations: only ``execute`` can change anything."""
+    return [
+        types.Tool(name="list_databases", title="List databases",
+                   description="The databases you can use: \"global\" (shared by all your user's agents) and "
+                               "\"agent\" (yours alone), with what your permissions allow in each.",
+                   inputSchema=_schema(ListDatabasesArgs), outputSchema=_schema(DatabasesOutput),
+                   annotations=_READ),
+        types.Tool(name="list_tables", title="List tables",
+                   description="Tables and views of one schema of a database, with your privileges on each.",
+                   inputSchema=_schema(ListTablesArgs), outputSchema=_schema(TablesOutput), annotations=_READ),
+        types.Tool(name="describe_table", title="Describe a table",
+                   description="Columns (types, nullability, defaults), primary key, foreign keys, other "
+                               "constraints, indexes and estimated row count of one table.",
+                   inputSchema=_schema(DescribeTableArgs), outputSchema=_schema(TableOutput), annotations=_READ),
+        types.Tool(name="query", title="Run a read-only query",
+                   description="Run ONE read-only SQL statement in a READ ONLY transaction and return its "
+                               "rows (at most max_rows; 'truncated' says if there were more). Writes, DDL, "
+                               "several statements, transaction control and SET are refused.",
+                   inputSchema=_schema(QueryArgs), outputSchema=_schema(StatementOutput), annotations=_READ),
+        types.Tool(name="execute", title="Run a write or DDL statement",
+                   description="Run ONE SQL statement that may change data or schema (INSERT/UPDATE/DELETE/"
+                               "MERGE, CREATE/ALTER/DROP ...), in its own transaction, committed if it "
+                               "succeeds. RETURNING rows come back like query results.",
+                   inputSchema=_schema(ExecuteArgs), outputSchema=_schema(StatementOutput),
+                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=True,
+                                                     idempotentHint=False, openWorldHint=False)),
+    ]
+
+
+# -- text renderings (the short form clients show a model that does not read structuredContent) ------------
+
+
+def _row_line(row: list[Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, separators=(", ", ": "), default=str)
+
+
+def render_statement(out: StatementOutput) -> str:
+    counted = f"{out.row_count} row{'s' if out.row_count != 1 else ''}"
+    head = counted if out.columns or not out.command else out.command
+    if out.rows_affected is not None:
+        head += f" ({out.rows_affected} row{'s' if out.rows_affected != 1 else ''} affected)"
+    head += f" in {out.duration_ms:g} ms"
+    if out.truncated:
+        head += "; TRUNCATED, more rows exist: narrow the query (WHERE, LIMIT, fewer columns)"
+    if not out.columns:
+        return head
+    lines = [head, "columns: " + ", ".join(f"{c.name} ({c.type})" for c in out.columns)]
+    lines += [_row_line(r) for r in out.rows]
+    return "\n".join(lines)
+
+
+def render_databases(out: DatabasesOutput) -> str:
+    lines = []
+    for db in out.databases:
+        perms = db.get("permissions")
+        if perms is None:
+            access = "full access"
+        else:
+            flags = [k for k in ("can_read", "can_write", "can_create_tables", "can_drop_tables") if perms.get(k)]
+            access = ", ".join(flags) or "no rights"
+            if perms.get("allowed_tables") is not None:
+                access += "; only tables: " + (", ".join(perms["allowed_tables"]) or "none")
+        lines.append(f"{db['name']}: {db['description']} ({access})")
+    return "\n".join(lines)
+
+
+def render_tables(out: TablesOutput) -> str:
+    if not out.tables:
+        return f"no tables in schema {out.schema_name} of the {out.database} database"
+    lines = [f"{len(out.tables)} relation(s) in {out.database}.{out.schema_name}:"]
+    for t in out.tables:
+        rows = "" if t.get("estimated_rows") is None else f", ~{t['estimated_rows']} rows"
+        privileges = ", ".join(t.get("privileges") or []) or "no access"
+        lines.append(f"- {t['name']} ({t['kind']}{rows}; you may: {privileges})")
+    return "\n".join(lines)
+
+
+def render_table(out: TableOutput) -> str:
+    extra = out.model_extra or {}
+    lines = [f"{out.schema_name}.{out.name} ({out.kind}"
+             + ("" if extra.get("estimated_rows") is None else f", ~{extra['estimated_rows']} rows") + ")"]
+    for c in out.columns:
+        default = f" default {c['default']}" if c.get("default") else ""
+        lines.append(f"  {c['name']} {c['type']}{'' if c.get('nullable') else ' not null'}{default}")
+    if extra.get("primary_key"):
+        lines.append("primary key: " + ", ".join(extra["primary_key"]))
+    for key in ("foreign_keys", "constraints", "indexes"):
+        for item in extra.get(key) or []:
+            lines.append(f"{key.rstrip('s').replace('_', ' ')} {item['name']}: {item['definition']}")
+    return "\n".join(lines)

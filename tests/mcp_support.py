@@ -1,0 +1,126 @@
+"""Helpers for the MCP tests: a real ``agentpg serve`` app on a loopback port, SDK client sessions, tenants."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from mcp import ClientSession, types
+from mcp.client.streamable_http import streamable_http_client
+
+from agentpg.api.app import create_app
+from agentpg.runtime import Runtime, admin_token
+from agentpg.settings import Settings
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """``create_app(settings)`` served by uvicorn in a thread of this process; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@asynccontextmanager
+async def http_session(base_url: str, token: str) -> AsyncIterator[ClientSession]:
+    """An initialised SDK client session over streamable HTTP, authenticated with ``token``."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client, \
+            streamable_http_client(f"{base_url}/mcp", http_client=client) as (read, write, _), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+def text(result: types.CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def ok(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; its structured result."""
+    result = await session.call_tool(tool, arguments)
+    assert not result.isError, text(result)
+    assert result.structuredContent is not None
+    return result.structuredContent
+
+
+async def refused(session: ClientSession, tool: str, **arguments: Any) -> str:
+    """Call a tool that must fail as a tool error; its message (checked to leak nothing internal)."""
+    result = await session.call_tool(tool, arguments)
+    assert result.isError, f"expected a tool error, got: {text(result)}"
+    message = text(result)
+    assert "Traceback" not in message and "postgresql://" not in message and "apg_" not in message, message
+    return message
+
+
+@dataclass
+class Tenants:
+    """Two agents (a, b) of one user, and one agent (c) of another user, with their tokens."""
+
+    user1: str
+    user2: str
+    ws_a: str
+    ws_b: str
+    ws_c: str
+    token_a: str
+    token_b: str
+    token_c: str
+    user1_token: str
+    user2_token: str
+    admin_token: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def make_tenants(runtime: Runtime) -> Tenants:
+    svc = runtime.service
+    user1, user2 = uid("mu"), uid("mu")
+    ws_a, ws_b, ws_c = uid("wa"), uid("wb"), uid("wc")
+    svc.register_user(user1)
+    svc.register_user(user2)
+    tokens = {}
+    for user, ws in ((user1, ws_a), (user1, ws_b), (user2, ws_c)):
+        _, issued = svc.create_workspace_with_token(user, ws)
+        tokens[ws] = issued.secret
+    admin = admin_token(runtime.settings)
+    return Tenants(user1=user1, user2=user2, ws_a=ws_a, ws_b=ws_b, ws_c=ws_c, token_a=tokens[ws_a],
+                   token_b=tokens[ws_b], token_c=tokens[ws_c],
+                   user1_token=svc.issue_user_token(user1).secret, user2_token=svc.issue_user_token(user2).secret,
+                   admin_token=admin)
+
+
+def rss_kib() -> int:
+    """This process's resident set size (VmRSS), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
