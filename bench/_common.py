@@ -44,3 +44,49 @@ def report(name: str, results: dict[str, dict[str, float]], extra: dict[str, Any
     print(f"\n{'case':<44}" + "".join(f"{k:>10}" for k in keys))
     for case, row in results.items():
         print(f"{case:<44}" + "".join(f"{row.get(k, ''):>10}" for k in keys))
+
+
+class ServeProcess:
+    """``agentpg serve`` on a free loopback port against ``home``, for benchmarks that go over real HTTP."""
+
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
+        import os
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_")}
+        env.update(AGENTPG_HOME=str(home), AGENTPG_WARM_POOL_SIZE="0", AGENTPG_USAGE_SYNC_INTERVAL_S="0",
+                   **(extra_env or {}))
+        exe = Path(sys.executable).with_name("agentpg")
+        self.process = subprocess.Popen([str(exe), "serve", "--port", str(self.port)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("agentpg serve did not become ready")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

@@ -22,14 +22,14 @@ from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller
-from agentpg.usage.budgets import UsagePolicy, UsageSyncer
-from agentpg.usage.pricing import PriceTable
 from agentpg.providers.base import Provider
 from agentpg.providers.fleet import FleetProvider, server_name_of
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
 from agentpg.tokens import TokenStore
+from agentpg.usage.budgets import UsagePolicy, UsageSyncer
+from agentpg.usage.pricing import PriceTable
 
 log = logging.getLogger(__name__)
 
