@@ -17,8 +17,15 @@ from agentpg import __version__, envvars
 from agentpg.access import audit as audit_log
 from agentpg.access import introspect
 from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
-from agentpg.access.classify import classify, normalize_for_audit
-from agentpg.access.permissions import AgentTarget, GlobalDbPermissions, check_tool, from_row, precheck
+from agentpg.access.classify import StatementKind, classify, normalize_for_audit
+from agentpg.access.permissions import (
+    AgentTarget,
+    GlobalDbPermissions,
+    PermissionRefused,
+    check_tool,
+    from_row,
+    precheck,
+)
 from agentpg.access.query import StatementResult, TenantQueries
 from agentpg.catalog.models import (
     AgentGlobalDbPermissions,
@@ -325,6 +332,11 @@ class Service:
             check_tool(c, tool)
             if target.permissions is not None:
                 precheck(c, target.permissions)
+            if tool == "execute" and c.kind in (StatementKind.WRITE, StatementKind.DDL):
+                # The grants already say no while over budget; this says why.
+                blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
+                if blocked is not None:
+                    raise PermissionRefused(blocked, reason="budget_exceeded")
             result = await queries.run(target.uri, statement, params, read_only=tool == "query",
                                        max_rows=max_rows)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
