@@ -111,8 +111,19 @@ def usage_policy(settings: Settings) -> UsagePolicy:
 
 
 def make_provider(settings: Settings, admin: str) -> Provider:
-    """The fleet when ``AGENTPG_FLEET`` lists servers, else the one server ``admin`` reaches."""
-    if settings.fleet:
+    """Neon when asked for, the fleet when ``AGENTPG_FLEET`` lists servers, else the one server ``admin`` reaches."""
+    if settings.provider == "neon":
+        from agentpg.providers.neon import NeonProvider  # imported only when used: it brings httpx
+
+        if settings.neon_api_key is None:
+            raise StartupError("AGENTPG_PROVIDER=neon needs AGENTPG_NEON_API_KEY")
+        return NeonProvider(settings.neon_api_key.get_secret_value(), base_url=settings.neon_api_url,
+                            region_id=settings.neon_region_id, pg_version=settings.neon_pg_version,
+                            org_id=settings.neon_org_id, connection_limit=settings.tenant_connection_limit,
+                            connect_timeout_s=max(settings.connect_timeout_s, 15),
+                            operation_timeout_s=settings.neon_operation_timeout_s,
+                            requests_per_minute=settings.neon_requests_per_minute)
+    if settings.fleet or settings.provider == "fleet":
         dsns = [d.get_secret_value() for d in settings.fleet]
         return FleetProvider({server_name_of(d): d for d in dsns}, connection_limit=settings.tenant_connection_limit,
                              connect_timeout_s=settings.connect_timeout_s)
@@ -167,7 +178,10 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             provider.harden_server()
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
-        refiller = Refiller(deps, settings.warm_pool_size)
+        warm_size = settings.warm_pool_size
+        if settings.provider == "neon" and "warm_pool_size" not in settings.model_fields_set:
+            warm_size = 0  # a warm Neon database is an idle project counted against the plan's project limit
+        refiller = Refiller(deps, warm_size)
         deps.on_claim = refiller.kick
         status = embedded.status() if embedded is not None else None
         policy = usage_policy(settings)

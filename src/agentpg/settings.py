@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, field_validator
@@ -107,3 +107,16 @@ class Settings(BaseSettings):
     default_budget_cents: int | None = Field(default=None, ge=0)
     """The budget a user starts with; unset means none (never made read-only)."""
     budget_warning_percent: int = Field(default=80, ge=1, le=100)
+
+    # -- Neon: one project per database, as the original design ----------------------------------------
+
+    provider: Literal["local", "fleet", "neon"] | None = None
+    """Where tenant databases live; unset means the fleet when ``AGENTPG_FLEET`` is set, else one server."""
+    neon_api_key: SecretStr | None = None
+    neon_api_url: str = "https://console.neon.tech/api/v2"
+    neon_region_id: str = "aws-us-east-2"
+    neon_pg_version: int = Field(default=17, ge=14, le=18)
+    neon_org_id: str | None = None
+    neon_requests_per_minute: int = Field(default=700, ge=2, le=100_000)
+    """Neon's published API rate limit; lower it when several agentpg processes share one Neon account."""
+    neon_operation_timeout_s: float = Field(default=300.0, gt=0, le=3600)

@@ -135,7 +135,8 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def login_uri(self, plan: DatabasePlan, password: str) -> str:
-        """The URI the login role of ``plan`` will have with ``password`` (no server is contacted)."""
+        """The URI the login role of ``plan`` will have with ``password``. No database is touched, though a
+        provider may look up where the database lives (Neon asks its API for the project's host, once)."""
 
     @abc.abstractmethod
     def set_login_password(self, plan: DatabasePlan, password: str) -> Provisioned:

@@ -137,6 +137,7 @@ BEGIN
         FOR member IN
             SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
             WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = owner_role)
+              AND m.member <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
         LOOP
             EXECUTE format('REVOKE %I FROM %I', owner_role, member);
         END LOOP;
