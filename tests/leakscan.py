@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -119,6 +120,17 @@ def leak_scanner() -> Iterator[LeakScanner]:
         scanner.record(f"error {type(self).__name__}", message)
         real_error_init(self, message)
 
+    from mcp import ClientSession
+
+    real_send_request = ClientSession.send_request
+
+    async def send_request(self: ClientSession, *args: Any, **kwargs: Any) -> Any:
+        # Every MCP result any test's SDK client receives (HTTP, stdio, gateway): tools, resources, prompts.
+        result = await real_send_request(self, *args, **kwargs)
+        scanner.record("mcp result", result.model_dump_json() if hasattr(result, "model_dump_json") else str(result))
+        return result
+
+    mp.setattr(ClientSession, "send_request", send_request)
     mp.setattr(KeyRing, "seal", seal)
     mp.setattr(AgentpgError, "__init__", error_init)
     handler = _Handler(scanner)

@@ -34,3 +34,10 @@ def test_the_session_scanner_sees_what_agentpg_seals_and_logs(runtime: Runtime,
     logging.getLogger("agentpg.test").info("registered %s", user)
     assert any(source == "log agentpg.test" and user in text for source, text in leak_scanner.outputs)
     runtime.service.delete_user(user)
+
+
+def test_mcp_results_reach_the_scanner(leak_scanner: leakscan.LeakScanner) -> None:
+    from mcp import ClientSession
+
+    assert getattr(ClientSession.send_request, "__name__", "") == "send_request"
+    assert ClientSession.send_request.__module__ == "leakscan"  # patched for the whole run
