@@ -246,3 +246,15 @@ def test_bring_your_own_database_is_recorded_sealed_and_never_dropped(runtime: R
             runtime.service.register_user(uid("u"), database_url=uri.replace(str(p["password"]), "wrong"))
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {byo} WITH (FORCE)")
+
+
+def test_head_revision_matches_alembic() -> None:
+    """The fast "already migrated?" check reads the same head Alembic would upgrade to."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from agentpg.catalog import engine
+
+    config = Config()
+    config.set_main_option("script_location", str(engine._MIGRATIONS))
+    assert engine.head_revision() == ScriptDirectory.from_config(config).get_current_head()

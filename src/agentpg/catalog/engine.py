@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import psycopg
-from alembic import command
-from alembic.config import Config
 from psycopg import sql
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
@@ -51,8 +50,45 @@ def make_engine(dsn: str, *, connect_timeout_s: int = 5, pool_size: int = 5) -> 
     )
 
 
+_REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+
+
+def head_revision() -> str | None:
+    """The newest migration's id, read from the files (``None`` if the history is not one straight line)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (_MIGRATIONS / "versions").glob("*.py"):
+        source = path.read_text()
+        revisions.update(_REVISION.findall(source))
+        parents.update(_DOWN_REVISION.findall(source))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the catalog is already migrated: one cheap query instead of importing Alembic, which is most
+    of a CLI command's start-up time."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        with engine.connect() as connection:
+            current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except Exception as exc:
+        if "OperationalError" in type(exc).__name__:
+            raise CatalogUnavailable("the catalog database cannot be reached") from None
+        return False  # no alembic_version table yet: a fresh catalog
+    return current == [head]
+
+
 def migrate(engine: Engine) -> None:
     """Bring the catalog to the newest revision; concurrent callers wait on one advisory lock."""
+    if _at_head(engine):
+        return
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     try:
