@@ -23,6 +23,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from agentpg.errors import AgentpgError, ProviderUnavailable
+from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ class PoolLimits:
     acquire_timeout_s: float = 10.0
     max_pools: int = 1000
     connect_timeout_s: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolLimits:
+        """The limits ``AGENTPG_TENANT_POOL_*`` and ``AGENTPG_CONNECT_TIMEOUT_S`` configure."""
+        return cls(max_size=settings.tenant_pool_max_size, acquire_timeout_s=settings.tenant_pool_acquire_timeout_s,
+                   connect_timeout_s=settings.connect_timeout_s)
 
 
 async def _reset(conn: AsyncConnection[object]) -> None:
@@ -97,14 +104,27 @@ class TenantPools:
     async def connection(self, uri: str) -> AsyncIterator[AsyncConnection[object]]:
         """A connection to ``uri`` for one call. Raises ``PoolExhausted`` or ``ProviderUnavailable``."""
         pool = await self._pool(uri)
+        errors_before = pool.get_stats().get("connections_errors", 0)
         try:
             async with pool.connection() as conn:
                 yield conn
         except PoolTimeout:
-            # psycopg_pool raises PoolTimeout both when all connections are busy and when none can be made.
-            if pool.get_stats().get("pool_size", 0) == 0:
+            # psycopg_pool raises PoolTimeout both when all connections are busy and when none can be made:
+            # no connection at all, or connection attempts failing while we waited, mean the latter.
+            stats = pool.get_stats()
+            if stats.get("pool_size", 0) == 0 or stats.get("connections_errors", 0) > errors_before:
                 raise ProviderUnavailable("the database server cannot be reached right now; retry shortly") from None
             raise PoolExhausted("too many concurrent calls on this database; retry shortly") from None
+
+    async def discard_broken(self, uri: str) -> None:
+        """A connection of ``uri``'s pool turned out dead (the server restarted, or killed it): check every idle
+        connection of that pool now and drop the dead ones, so the next checkout gets a live one."""
+        pool = self._pools.get(self._key(uri))
+        if pool is not None:
+            try:
+                await pool.check()
+            except Exception as exc:  # a check that fails only means the next checkout connects afresh
+                log.warning("checking a tenant pool failed: %s", type(exc).__name__)
 
     async def forget(self, uri: str) -> None:
         """Close the pool of a database or role that is being dropped or re-passworded."""
@@ -125,3 +145,12 @@ class TenantPools:
 
 def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError)
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """The connection itself failed (no server answer, a connection-class SQLSTATE 08…, or the server
+    shutting down or not yet accepting, 57P…), as opposed to the statement failing."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))

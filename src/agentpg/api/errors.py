@@ -144,7 +144,8 @@ _DESCRIPTIONS = {
     409: "Conflicts with the resource's existence or state.",
     413: "The request body is larger than the limit.",
     422: "The request is invalid; `errors` names each field.",
-    429: "Too many concurrent reads of this database; retry shortly.",
+    429: "Too many requests for this token (rate limit; see Retry-After) or concurrent reads of this database; "
+         "retry shortly.",
     500: "Unexpected failure (details are only in the server log).",
     502: "The database server refused an operation.",
     503: "A database server or the catalog cannot be reached; retry later.",

@@ -82,12 +82,32 @@ class GuardMiddleware:
         except ResponseAborted:
             return
         except Exception as exc:
+            if _database_unreachable(exc):
+                # The catalog (or a server) went away mid-request, e.g. while it restarts: retryable, not a bug.
+                log.warning("%s %s: a database connection failed (%s); answered 503", scope["method"],
+                            route_template(scope), type(exc).__name__)
+                if not started:
+                    await problem(503, "catalog_unavailable", "agentpg's catalog database cannot be reached "
+                                  "right now; retry shortly", headers={"Retry-After": "1"})(scope, receive, send)
+                return
             log.error("unexpected %s while answering %s %s%s\n%s", type(exc).__name__, scope["method"],
                       route_template(scope), " (response already started; connection dropped)" if started else "",
                       "".join(traceback.format_tb(exc.__traceback__)))
             if not started:
                 response = problem(500, "internal", "an unexpected error occurred; it has been logged")
                 await response(scope, receive, send)
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    """A connection-level failure of the catalog or a server (SQLAlchemy's wrapper or psycopg's own)."""
+    from psycopg import OperationalError as PsycopgOperationalError
+    from sqlalchemy.exc import OperationalError as SqlOperationalError
+
+    from agentpg.access.pools import is_connection_lost
+
+    if isinstance(exc, SqlOperationalError):
+        return is_connection_lost(exc.orig) if exc.orig is not None else True
+    return isinstance(exc, PsycopgOperationalError) and is_connection_lost(exc)
 
 
 class BodyLimitMiddleware:
