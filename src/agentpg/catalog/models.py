@@ -245,3 +245,21 @@ class UserBudget(Base):
     enforced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     """Whether the databases are read-only right now (lags ``exceeded`` only until the next sync finishes)."""
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
+
+
+class McpServerConfig(Base):
+    """A user's MCP server config for the gateway (issue 5): ``{command, args, env}``, sealed whole.
+
+    Args and env values may hold literal secrets the user typed, so the JSON is sealed (associated data
+    ``mcp_servers/<id>/config``); only the name is in clear. ``${NAME}`` placeholders are kept as written.
+    """
+
+    __tablename__ = "mcp_servers"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_mcp_servers_user_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    config_sealed: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

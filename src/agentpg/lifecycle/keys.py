@@ -34,7 +34,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, func, select, text, update
 
-from agentpg.catalog.models import Base, EnvVar, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.catalog.models import Base, EnvVar, McpServerConfig, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import Conflict, SecretError
 from agentpg.lifecycle.deps import LifecycleDeps
@@ -72,6 +72,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn(WorkspaceAgentDatabase, "connection_uri_sealed", "workspace_agent_database", "connection_uri"),
     SealedColumn(Workspace, "global_uri_sealed", "workspaces", "global_uri"),
     SealedColumn(EnvVar, "value_sealed", "env_vars", "value"),
+    SealedColumn(McpServerConfig, "config_sealed", "mcp_servers", "config"),
 )
 """Every sealed column. A new sealed column is one line here (``tests/test_keys.py`` fails until it is)."""
 

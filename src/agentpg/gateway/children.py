@@ -1,0 +1,376 @@
+"""The gateway's children: one MCP client session per (workspace, server), started on first use.
+
+A stdio child is spawned directly (``argv``, never a shell) with a minimal environment: ``PATH``, ``HOME``,
+``LANG``/``LC_ALL``/``TERM`` and ``TMPDIR`` when set, plus the config's resolved ``env`` — nothing else of
+agentpg's own (``AGENTPG_SECRET_KEY`` …). It gets its own process group, so stopping it also stops what it
+spawned (``npx`` runs ``node``). Its stderr is read line by line, scrubbed, and logged.
+
+The built-in defaults (``postgres-global``, ``postgres-agent``) are agentpg's own MCP server, run in-process
+over memory streams: no process, not counted by the bound.
+
+:class:`Children` keeps them: reuse while the resolved config is unchanged (else replace), stop after
+``gateway_idle_timeout_s`` without use, drop a child whose process died (the next call starts a new one),
+and at most ``gateway_max_processes`` processes at once: at the bound, the least recently used idle one is
+stopped; if every one is busy the call is refused with :class:`GatewayBusy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+from anyio.streams.text import TextReceiveStream
+from mcp import ClientSession, types
+from mcp.server.lowlevel import Server
+from mcp.shared.memory import create_client_server_memory_streams
+from mcp.shared.message import SessionMessage
+
+from agentpg.errors import AgentpgError
+from agentpg.gateway.configs import GatewayTarget
+from agentpg.gateway.scrub import Scrubber
+from agentpg.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR")
+#: A builtin server factory: the agentpg MCP server for one workspace.
+BuiltinFactory = Callable[[GatewayTarget], Server[Any, Any]]
+
+
+class GatewayBusy(AgentpgError):
+    status = 503
+    code = "gateway_busy"
+
+
+class UpstreamSession(ClientSession):
+    """The gateway's own client session to a child. Its results are the child's raw output (the resolved
+    secrets included, e.g. server-postgres' resource URIs): they are scrubbed (:mod:`.scrub`) before anything
+    reaches an agent or a log, and are never an output themselves (the test suite's leak scanner, which
+    records every result an SDK client receives, skips this class and scans what the agent gets)."""
+
+    agentpg_upstream = True
+
+
+class ChildStopped(Exception):
+    """The child stopped (exited, was killed, or was stopped) while a request waited on it."""
+
+
+class GatewayFailed(AgentpgError):
+    status = 502
+    code = "gateway_failed"
+
+
+def child_env(target: GatewayTarget) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(dict(target.env))
+    return env
+
+
+class Child:
+    """One running MCP server behind the gateway, and the client session to it."""
+
+    def __init__(self, target: GatewayTarget, settings: Settings, builtin: BuiltinFactory | None) -> None:
+        self.target = target
+        self.fingerprint = target.fingerprint
+        self.scrubber = Scrubber(target.secrets)
+        self.is_process = not target.builtin
+        self._settings = settings
+        self._builtin = builtin
+        self.session: ClientSession | None = None
+        self.capabilities: types.ServerCapabilities | None = None
+        self.pid: int | None = None
+        self.inflight = 0
+        self.last_used = time.monotonic()
+        self.dead = False
+        self._stop = anyio.Event()
+        self._done = anyio.Event()
+        self._stderr_tail: list[str] = []
+        self._calls: set[anyio.CancelScope] = set()
+        self._started = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.target.name} (workspace {self.target.workspace_id})"
+
+    @property
+    def stopping(self) -> bool:
+        return self.dead or self._stop.is_set()
+
+    def stderr_tail(self) -> str:
+        return " | ".join(self._stderr_tail[-3:])
+
+    def _signal_stop(self) -> None:
+        """Stop the child; requests waiting on it end at once (the session would wait for its timeout)."""
+        self._stop.set()
+        for scope in list(self._calls):
+            scope.cancel()
+
+    async def request(self, call: Callable[[ClientSession], Awaitable[T]]) -> T:
+        """``call`` on the child's session; :class:`ChildStopped` if the child stops (dies) meanwhile."""
+        session = self.session
+        if session is None or self.stopping:
+            raise ChildStopped(f"MCP server {self.target.name} is not running")
+        scope = anyio.CancelScope()
+        self._calls.add(scope)
+        try:
+            with scope:
+                return await call(session)
+        finally:
+            self._calls.discard(scope)
+        raise ChildStopped(f"MCP server {self.target.name} stopped during the call")
+
+    async def stop(self) -> None:
+        self._signal_stop()
+        with anyio.move_on_after(10):
+            await self._done.wait()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            if self.is_process:
+                await self._run_process(task_status)
+            else:
+                await self._run_builtin(task_status)
+        except Exception as exc:
+            if self._started:  # after start: log (scrubbed), never raise into the children's task group
+                log.warning("gateway server %s stopped: %s", self.label,
+                            self.scrubber.text(f"{type(exc).__name__}: {exc}"))
+            else:
+                raise
+        finally:
+            self.dead = True
+            self.session = None
+            self._signal_stop()
+            self._done.set()
+
+    async def _initialize(self, session: ClientSession) -> None:
+        with anyio.fail_after(self._settings.gateway_start_timeout_s):
+            result = await session.initialize()
+        self.capabilities = result.capabilities
+        self.session = session
+        self._started = True
+
+    async def _run_builtin(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert self._builtin is not None
+        server = self._builtin(self.target)
+        async with create_client_server_memory_streams() as (client, srv), anyio.create_task_group() as tg:
+            tg.start_soon(lambda: server.run(srv[0], srv[1], server.create_initialization_options()))
+            async with UpstreamSession(client[0], client[1]) as session:
+                await self._initialize(session)
+                task_status.started()
+                await self._stop.wait()
+            tg.cancel_scope.cancel()
+
+    async def _run_process(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        env = child_env(self.target)
+        exe = shutil.which(self.target.command, path=env["PATH"])
+        if self.target.command not in self._settings.gateway_allowed_commands or exe is None:
+            raise GatewayFailed(f"command {self.target.command!r} is not allowed or not installed on this "
+                                "server")
+        process = await anyio.open_process([exe, *self.target.args], env=env, start_new_session=True)
+        self.pid = process.pid
+        log.info("gateway started %s (pid %d)", self.label, process.pid)
+        read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
+
+        async def stdout_reader() -> None:
+            assert process.stdout is not None
+            buffer = ""
+            async with read_writer:
+                async for chunk in TextReceiveStream(process.stdout, errors="replace"):
+                    lines = (buffer + chunk).split("\n")
+                    buffer = lines.pop()
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        try:
+                            message = types.JSONRPCMessage.model_validate_json(line)
+                        except Exception:
+                            log.warning("gateway server %s wrote a non-JSON-RPC line on stdout", self.label)
+                            continue
+                        await read_writer.send(SessionMessage(message))
+            self._signal_stop()  # stdout closed: the child is gone (or going)
+
+        async def stdin_writer() -> None:
+            assert process.stdin is not None
+            async with write_reader:
+                async for message in write_reader:
+                    data = message.message.model_dump_json(by_alias=True, exclude_none=True) + "\n"
+                    try:
+                        await process.stdin.send(data.encode())
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                        self._signal_stop()
+                        return
+
+        async def stderr_reader() -> None:
+            assert process.stderr is not None
+            buffer = ""
+            async for chunk in TextReceiveStream(process.stderr, errors="replace"):
+                lines = (buffer + chunk).split("\n")
+                buffer = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        clean = self.scrubber.text(line)[:500]
+                        self._stderr_tail = [*self._stderr_tail[-9:], clean]
+                        log.info("gateway server %s stderr: %s", self.label, clean)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stdout_reader)
+                tg.start_soon(stdin_writer)
+                tg.start_soon(stderr_reader)
+                try:
+                    async with UpstreamSession(read_stream, write_stream,
+                                             read_timeout_seconds=timedelta(
+                                                 seconds=self._settings.gateway_call_timeout_s)) as session:
+                        try:
+                            await self._initialize(session)
+                        except Exception as exc:
+                            await anyio.sleep(0.2)  # let stderr arrive for the message
+                            tail = self.stderr_tail()
+                            raise GatewayFailed(
+                                f"MCP server {self.target.name} did not start"
+                                + (f" ({type(exc).__name__})" if not isinstance(exc, AgentpgError) else "")
+                                + (f"; its last stderr lines: {tail}" if tail else "")) from None
+                        task_status.started()
+                        await self._stop.wait()
+                finally:
+                    await self._terminate(process)
+                    tg.cancel_scope.cancel()
+        finally:
+            log.info("gateway stopped %s (exit %s)", self.label, process.returncode)
+
+    @staticmethod
+    async def _terminate(process: anyio.abc.Process) -> None:
+        if process.stdin is not None:
+            with contextlib.suppress(Exception):  # already closed
+                await process.stdin.aclose()
+        with anyio.move_on_after(2):
+            await process.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if process.returncode is not None:
+                break
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            with anyio.move_on_after(3), anyio.CancelScope(shield=True):
+                await process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # whatever the child left in its group
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+class Children:
+    """The running children, keyed by (workspace, server name)."""
+
+    def __init__(self, settings: Settings, builtin: BuiltinFactory | None = None) -> None:
+        self._settings = settings
+        self._builtin = builtin
+        self._children: dict[tuple[str, str], Child] = {}
+        self._lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @asynccontextmanager
+    async def run(self) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._reaper)
+            try:
+                yield
+            finally:
+                self._tg = None
+                with anyio.CancelScope(shield=True):
+                    for child in list(self._children.values()):
+                        await child.stop()
+                self._children.clear()
+                tg.cancel_scope.cancel()
+
+    def running(self) -> dict[tuple[str, str], Child]:
+        return {k: c for k, c in self._children.items() if not c.dead}
+
+    async def _reaper(self) -> None:
+        idle = self._settings.gateway_idle_timeout_s
+        while True:
+            await anyio.sleep(min(max(idle / 4, 0.1), 5.0))
+            now = time.monotonic()
+            for key, child in list(self._children.items()):
+                if child.dead:
+                    self._children.pop(key, None)
+                elif child.inflight == 0 and now - child.last_used > idle:
+                    log.info("gateway stopping idle %s", child.label)
+                    self._children.pop(key, None)
+                    await child.stop()
+
+    async def _acquire(self, target: GatewayTarget) -> Child:
+        key = (target.workspace_id, target.name)
+        child = self._children.get(key)
+        if child is not None and not child.dead and child.fingerprint == target.fingerprint:
+            return child
+        async with self._lock:
+            child = self._children.get(key)
+            if child is not None and not child.dead and child.fingerprint == target.fingerprint:
+                return child
+            if child is not None:
+                self._children.pop(key, None)
+                await child.stop()
+            if not target.builtin:
+                await self._make_room()
+            if self._tg is None:
+                raise GatewayFailed("the gateway is not running")
+            child = Child(target, self._settings, self._builtin)
+            try:
+                await self._tg.start(child.run)
+            except Exception as exc:
+                raise _start_error(child, exc) from None
+            self._children[key] = child
+            return child
+
+    async def _make_room(self) -> None:
+        processes = [(k, c) for k, c in self._children.items() if c.is_process and not c.dead]
+        if len(processes) < self._settings.gateway_max_processes:
+            return
+        idle = sorted((c.last_used, k) for k, c in processes if c.inflight == 0)
+        if not idle:
+            raise GatewayBusy(f"the gateway already runs its maximum of {self._settings.gateway_max_processes} MCP "
+                              "server processes, all busy; retry shortly (AGENTPG_GATEWAY_MAX_PROCESSES)")
+        _, key = idle[0]
+        victim = self._children.pop(key)
+        log.info("gateway stopping %s to make room", victim.label)
+        await victim.stop()
+
+    @asynccontextmanager
+    async def use(self, target: GatewayTarget) -> AsyncIterator[Child]:
+        """The child for ``target``, started if need be, counted as busy for the block."""
+        child = await self._acquire(target)
+        child.inflight += 1
+        try:
+            yield child
+        finally:
+            child.inflight -= 1
+            child.last_used = time.monotonic()
+
+
+def _start_error(child: Child, exc: BaseException) -> AgentpgError:
+    """The first agentpg error inside (task groups wrap what they raise), else a generic start failure."""
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, AgentpgError):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+    log.warning("gateway could not start %s: %s", child.label, type(exc).__name__)
+    tail = child.stderr_tail()
+    return GatewayFailed(f"MCP server {child.target.name} did not start ({type(exc).__name__})"
+                         + (f"; its last stderr lines: {tail}" if tail else ""))

@@ -1,0 +1,199 @@
+"""The MCP server facing the agent: a low-level SDK ``Server`` whose handlers forward to the child's
+``ClientSession`` and scrub every answer (:mod:`.scrub`) before it goes back.
+
+Relayed: tools (list, call), resources (list, templates, read — opaque ``agentpg://`` URIs mapped back to
+the child's), prompts (list, get). A capability the child lacks lists as empty. A tool call that fails in
+the child (or the child dies mid-call) is a tool error (``isError``), scrubbed; any other failure is a
+JSON-RPC error with a scrubbed message. The gateway itself stays up either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from mcp import ClientSession, types
+from mcp.server.lowlevel import Server
+from mcp.server.lowlevel.helper_types import ReadResourceContents
+from mcp.shared.exceptions import McpError
+from pydantic import AnyUrl, BaseModel
+
+from agentpg import __version__
+from agentpg.access.query import TenantQueries
+from agentpg.errors import AgentpgError, PermissionDenied
+from agentpg.gateway.children import Child, Children
+from agentpg.gateway.configs import GatewayTarget
+from agentpg.mcp.server import build_server
+from agentpg.service import Service
+from agentpg.settings import Settings
+from agentpg.tokens import Principal
+
+log = logging.getLogger(__name__)
+
+#: Who is calling and which server they want, given the transport's request (None on stdio).
+Identify = Callable[[Any], Awaitable[tuple[Principal, str]]]
+M = TypeVar("M", bound=BaseModel)
+
+
+class Gateway:
+    """Resolution (through the service) and the children, shared by both transports of one process."""
+
+    def __init__(self, service: Service, settings: Settings, queries: TenantQueries) -> None:
+        self.service = service
+        self.settings = settings
+        self._queries = queries
+        self.children = Children(settings, self._builtin_server)
+
+    def _builtin_server(self, target: GatewayTarget) -> Server[Any, Any]:
+        principal = Principal(kind="agent", token_id=None, user_id=target.user_id,
+                              workspace_id=target.workspace_id)
+
+        async def identify(_request: Any) -> Principal:
+            return principal
+
+        return build_server(self.service, self._queries, identify)
+
+    async def target(self, principal: Principal, name: str) -> GatewayTarget:
+        return await asyncio.to_thread(self.service.gateway_target, principal, name)
+
+    @asynccontextmanager
+    async def use(self, principal: Principal, name: str) -> AsyncIterator[Child]:
+        target = await self.target(principal, name)
+        async with self.children.use(target) as child:
+            yield child
+
+
+def _fail(message: str) -> McpError:
+    return McpError(types.ErrorData(code=types.INTERNAL_ERROR, message=message))
+
+
+def _scrubbed(child: Child, result: BaseModel, model: type[M]) -> M:
+    return model.model_validate(child.scrubber.obj(result.model_dump(mode="json", by_alias=True,
+                                                                     exclude_none=True)))
+
+
+def _tool_error(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], isError=True)
+
+
+def build_gateway_server(gateway: Gateway, identify: Identify) -> Server[Any, Any]:
+    server: Server[Any, Any] = Server("agentpg-gateway", version=__version__)
+
+    @asynccontextmanager
+    async def child_session() -> AsyncIterator[Child]:
+        try:
+            principal, name = await identify(server.request_context.request)
+            async with gateway.use(principal, name) as child:
+                if child.session is None:
+                    raise _fail(f"MCP server {name} is not running; retry")
+                yield child
+        except AgentpgError as exc:
+            raise _fail(exc.message) from None
+        except McpError:
+            raise
+        except Exception as exc:  # never relay an unknown exception's text: it may hold what we scrub
+            reference = uuid.uuid4().hex[:12]
+            log.warning("gateway request failed with %s (reference %s)", type(exc).__name__, reference)
+            raise _fail(f"the gateway could not complete the request (reference {reference}); retry") from None
+
+    async def relay(call: Callable[[ClientSession], Awaitable[M]], model: type[M],
+                    capability: str | None = None, empty: M | None = None) -> M:
+        async with child_session() as child:
+            caps = child.capabilities
+            if capability is not None and empty is not None and (caps is None or getattr(caps, capability) is None):
+                return empty
+            try:
+                return _scrubbed(child, await child.request(call), model)
+            except McpError as exc:
+                raise _fail(child.scrubber.text(exc.error.message)) from None
+            except Exception as exc:
+                raise _fail(_unexpected(child, exc)) from None
+
+    async def list_tools() -> list[types.Tool]:
+        return (await relay(lambda s: s.list_tools(), types.ListToolsResult, "tools",
+                            types.ListToolsResult(tools=[]))).tools
+
+    async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
+        try:
+            async with child_session() as child:
+                started = time.monotonic()
+                try:
+                    result = await child.request(lambda s: s.call_tool(name, arguments))
+                except McpError as exc:
+                    if child.stopping:
+                        return _tool_error(_unexpected(child, exc))
+                    return _tool_error(child.scrubber.text(exc.error.message))
+                except Exception as exc:
+                    return _tool_error(_unexpected(child, exc))
+                log.info("gateway %s tools/call %r: %s in %d ms", child.label, name[:64],
+                         "error" if result.isError else "ok", (time.monotonic() - started) * 1000)
+                return _scrubbed(child, result, types.CallToolResult)
+        except McpError as exc:
+            return _tool_error(exc.error.message)
+
+    async def list_resources() -> list[types.Resource]:
+        return (await relay(lambda s: s.list_resources(), types.ListResourcesResult, "resources",
+                            types.ListResourcesResult(resources=[]))).resources
+
+    async def list_resource_templates() -> list[types.ResourceTemplate]:
+        return (await relay(lambda s: s.list_resource_templates(), types.ListResourceTemplatesResult, "resources",
+                            types.ListResourceTemplatesResult(resourceTemplates=[]))).resourceTemplates
+
+    async def read_resource(uri: AnyUrl) -> list[ReadResourceContents]:
+        async with child_session() as child:
+            try:
+                original = AnyUrl(child.scrubber.unmap(str(uri)))
+                result = await child.request(lambda s: s.read_resource(original))
+            except McpError as exc:
+                raise _fail(child.scrubber.text(exc.error.message)) from None
+            except Exception as exc:
+                raise _fail(_unexpected(child, exc)) from None
+            out: list[ReadResourceContents] = []
+            for item in result.contents:
+                if isinstance(item, types.TextResourceContents):
+                    out.append(ReadResourceContents(content=child.scrubber.text(item.text), mime_type=item.mimeType))
+                else:
+                    raw = base64.b64decode(item.blob)
+                    text = raw.decode("utf-8", "replace")
+                    if child.scrubber.text(text) != text:  # a secret inside binary content: refuse, not mangle
+                        raise _fail("the resource's content contains a secret and was withheld")
+                    out.append(ReadResourceContents(content=raw, mime_type=item.mimeType))
+            return out
+
+    async def list_prompts() -> list[types.Prompt]:
+        return (await relay(lambda s: s.list_prompts(), types.ListPromptsResult, "prompts",
+                            types.ListPromptsResult(prompts=[]))).prompts
+
+    async def get_prompt(name: str, arguments: dict[str, str] | None) -> types.GetPromptResult:
+        return await relay(lambda s: s.get_prompt(name, arguments), types.GetPromptResult)
+
+    server.list_tools()(list_tools)  # type: ignore[no-untyped-call]
+    server.call_tool(validate_input=False)(call_tool)
+    server.list_resources()(list_resources)  # type: ignore[no-untyped-call]
+    server.list_resource_templates()(list_resource_templates)  # type: ignore[no-untyped-call]
+    server.read_resource()(read_resource)  # type: ignore[no-untyped-call]
+    server.list_prompts()(list_prompts)  # type: ignore[no-untyped-call]
+    server.get_prompt()(get_prompt)  # type: ignore[no-untyped-call]
+    return server
+
+
+def _unexpected(child: Child, exc: Exception) -> str:
+    reference = uuid.uuid4().hex[:12]
+    log.warning("gateway call to %s failed with %s (reference %s): %s", child.label, type(exc).__name__, reference,
+                child.scrubber.text(str(exc))[:500])
+    if child.stopping or child.session is None:
+        return (f"MCP server {child.target.name} stopped during the call (reference {reference}); "
+                "it is started again on the next call")
+    return f"the call to MCP server {child.target.name} failed (reference {reference}); retry"
+
+
+def require_agent(principal: Principal) -> Principal:
+    if principal.kind != "agent" or principal.workspace_id is None:
+        raise PermissionDenied("the MCP gateway is for agent tokens (one workspace's)")
+    return principal
