@@ -17,14 +17,17 @@ from starlette.concurrency import run_in_threadpool
 from agentpg import __version__
 from agentpg.access.browse import ReadLimits
 from agentpg.access.pools import PoolLimits, TenantPools
-from agentpg.api import routes_agents, routes_data, routes_usage, routes_users
+from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_usage, routes_users
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
 from agentpg.api.metrics import ApiMetrics
 from agentpg.api.middleware import BodyLimitMiddleware, GuardMiddleware, MetricsMiddleware
+from agentpg.api.ratelimit import LimitMiddleware
+from agentpg.gateway.http import GatewayHttp
 from agentpg.mcp.http import McpHttp
 from agentpg.runtime import open_runtime
 from agentpg.settings import Settings
+from agentpg.web import router as explorer_router
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     metrics = ApiMetrics.create()
     limits = read_limits or ReadLimits()
     mcp = McpHttp(settings)
+    gateway = GatewayHttp(settings)  # /mcp/servers/{name}: user MCP server configs (docs/gateway.md)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,10 +57,10 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         runtime = await run_in_threadpool(cm.__enter__)
         # A long-running process keeps the warm pool full and syncs usage; open_runtime stops both.
         runtime.start_background_jobs()
-        pools = TenantPools(PoolLimits(connect_timeout_s=settings.connect_timeout_s))
+        pools = TenantPools(PoolLimits.from_settings(settings))
         app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits)
         try:
-            async with mcp.run(runtime.service, pools):
+            async with mcp.run(runtime.service, pools), gateway.run(runtime.service):
                 yield
         finally:
             app.state.agentpg = None
@@ -66,6 +70,8 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     app = FastAPI(title="agentpg", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     # Added innermost first: the body limit runs just outside the routes, the metrics outermost.
+    # Rate, concurrency and failed-auth limits (docs/limits.md) just inside the body limit.
+    app.add_middleware(LimitMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(GuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -73,7 +79,10 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     app.include_router(routes_data.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_usage.router)
+    app.include_router(routes_mcp_servers.router)
+    app.include_router(explorer_router)  # the database explorer's pages: /, /explorer/…
     mcp.mount(app)
+    gateway.mount(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -1,0 +1,131 @@
+"""One database's pages: its tables, a page of rows, an export, the read-only SQL box.
+
+Each route is registered twice, for the user's global database (``/explorer/u/{user}/global…``) and for a
+workspace's agent database (``/explorer/u/{user}/agents/{workspace}…``); the handler reads the workspace
+from the path (absent for the global database). Table names travel as a query parameter (``?name=``) so any
+name, slashes included, survives the URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Final, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from agentpg.api import routes_data
+from agentpg.api.models import MAX_OFFSET
+from agentpg.errors import AgentpgError, InvalidInput
+from agentpg.schemas import WorkspaceInfo
+from agentpg.web import data
+from agentpg.web.render import PREFIX, render
+from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath
+from agentpg.web.security import check_same_origin, field, read_form
+from agentpg.web.sqlbox import MAX_SQL_CHARS, SqlResult, run_sql
+
+router = APIRouter(route_class=PageRoute, include_in_schema=False)
+
+PAGE_SIZES: Final = (25, 50, 100, 250)
+_GLOBAL = PREFIX + "/u/{user_id}/global"
+_AGENT = PREFIX + "/u/{user_id}/agents/{workspace_id}"
+
+TableName = Annotated[str, Query(alias="name", min_length=1, max_length=255)]
+
+
+def _both(suffix: str, method: str = "GET") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        for base in (_GLOBAL, _AGENT):
+            router.add_api_route(base + suffix, endpoint, methods=[method])
+        return endpoint
+
+    return register
+
+
+async def _where(s: Explorer, user_id: str, workspace_id: str | None) -> WorkspaceInfo | None:
+    """The workspace (scoped like the API), or None for the global database; checks the user exists."""
+    if workspace_id is None:
+        await run_in_threadpool(data.get_user, s.ctx, s.principal, user_id)
+        return None
+    return await run_in_threadpool(data.get_workspace, s.ctx, s.principal, user_id, workspace_id)
+
+
+def _no_nul(name: str) -> str:
+    if "\x00" in name:
+        raise InvalidInput("a table name cannot contain NUL bytes")
+    return name
+
+
+@_both("")
+async def tables(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath) -> Response:
+    """Tables panel: every table and view with its columns, types, keys and estimated rows."""
+    ws = await _where(s, user_id, workspace_id)
+    listed, constraints = await data.tables(s.ctx, s.principal, user_id, workspace_id)
+    return render(request, "tables.html", title="Tables", user_id=user_id, workspace=ws, workspace_id=workspace_id,
+                  active="databases", tables=listed.tables, constraints=constraints, tab="tables")
+
+
+@_both("/table")
+async def table_rows(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath, name: TableName,
+                     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=250)] = 100,
+                     sort: Annotated[str | None, Query(max_length=255)] = None,
+                     direction: Annotated[Literal["asc", "desc"], Query(alias="dir")] = "asc") -> Response:
+    """The row grid: a page of ``limit`` rows from ``offset``, sorted by one column (default: primary key)."""
+    ws = await _where(s, user_id, workspace_id)
+    if limit not in PAGE_SIZES:
+        raise InvalidInput(f"limit must be one of {', '.join(map(str, PAGE_SIZES))}")
+    page = await data.rows(s.ctx, s.principal, user_id, workspace_id, _no_nul(name), limit=limit, offset=offset,
+                           sort=_no_nul(sort) if sort else None, descending=direction == "desc")
+    last_offset = None
+    if page.total is not None and page.total > 0:
+        last_offset = (page.total - 1) // limit * limit
+    shown_to = offset + len(page.rows)
+    has_next = (page.total is not None and shown_to < page.total) or (page.total is None and
+                                                                      len(page.rows) == limit) or page.truncated
+    return render(request, "rows.html", title=page.table, user_id=user_id, workspace=ws, workspace_id=workspace_id,
+                  active="databases", page=page, sort=sort, direction=direction, limit=limit, offset=offset,
+                  shown_to=shown_to, has_next=has_next, last_offset=last_offset, page_sizes=PAGE_SIZES,
+                  tab="tables")
+
+
+@_both("/export")
+async def export(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath, name: TableName,
+                 format: Annotated[Literal["csv", "json"], Query()] = "csv") -> Response:
+    """The whole table as CSV or JSON: the REST API's export route, with the session's principal."""
+    if workspace_id is None:
+        return await routes_data.global_export(user_id, _no_nul(name), s.principal, s.ctx, format)
+    await _where(s, user_id, workspace_id)
+    return await routes_data.agent_export(workspace_id, _no_nul(name), s.principal, s.ctx, format)
+
+
+def _sql_page(request: Request, user_id: str, ws: WorkspaceInfo | None, workspace_id: str | None, statement: str,
+              *, result: SqlResult | None = None, error: str | None = None, status: int = 200) -> Response:
+    return render(request, "sql.html", title="SQL", user_id=user_id, workspace=ws, workspace_id=workspace_id,
+                  active="databases", statement=statement, result=result, error=error, status=status, tab="sql",
+                  max_chars=MAX_SQL_CHARS)
+
+
+@_both("/sql")
+async def sql_box(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath,
+                  table: Annotated[str | None, Query(max_length=255)] = None) -> Response:
+    """The read-only SQL box (the statement is POSTed, never put in a URL where logs would keep it)."""
+    ws = await _where(s, user_id, workspace_id)
+    statement = ""
+    if table and "\x00" not in table:
+        quoted = '"' + table.replace('"', '""') + '"'
+        statement = f"SELECT *\nFROM public.{quoted}\nLIMIT 100"
+    return _sql_page(request, user_id, ws, workspace_id, statement)
+
+
+@_both("/sql", method="POST")
+async def run_sql_box(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath) -> Response:
+    check_same_origin(request, s.ctx.runtime.settings.public_url)
+    ws = await _where(s, user_id, workspace_id)
+    statement = field(await read_form(request), "sql")
+    uri = await run_in_threadpool(data.platform_uri, s.ctx, s.principal, user_id, workspace_id)
+    try:
+        result = await run_sql(s.ctx.pools, uri, statement)
+    except AgentpgError as exc:
+        return _sql_page(request, user_id, ws, workspace_id, statement, error=exc.message, status=exc.status)
+    return _sql_page(request, user_id, ws, workspace_id, statement, result=result)
