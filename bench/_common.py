@@ -30,15 +30,22 @@ def throwaway_runtime(**overrides: Any) -> Iterator[Runtime]:
     settings = Settings(home=home, warm_pool_size=0, **overrides)
     try:
         with open_runtime(settings) as rt:
-            yield rt
-            if rt.embedded is not None:
-                rt.embedded.stop()
+            try:
+                yield rt
+            finally:  # also when the benchmark failed: never leave a server running
+                if rt.embedded is not None:
+                    rt.embedded.stop()
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
 
 def report(name: str, results: dict[str, dict[str, float]], extra: dict[str, Any] | None = None) -> None:
-    """Print the JSON document, then a short table of the same numbers."""
+    """Print the JSON document, then a short table of the same numbers. The machine's load average is
+    included: on a shared 2-core machine, figures taken under load are not comparable with quiet ones."""
+    import os
+
+    if extra is not None:
+        extra.setdefault("loadavg_1_5_15", [round(x, 2) for x in os.getloadavg()])
     print(json.dumps({"benchmark": name, "results": results, **(extra or {})}, indent=2))
     keys = ["n", "p50", "p95", "p99", "mean", "max"]
     print(f"\n{'case':<44}" + "".join(f"{k:>10}" for k in keys))
@@ -60,7 +67,9 @@ class ServeProcess:
             self.port = int(sock.getsockname()[1])
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_")}
+        # The per-token rate limit (50/s by default) would cap one agent far below what is measured here.
         env.update(AGENTPG_HOME=str(home), AGENTPG_WARM_POOL_SIZE="0", AGENTPG_USAGE_SYNC_INTERVAL_S="0",
+                   AGENTPG_RATE_LIMIT_PER_S="0",
                    **(extra_env or {}))
         exe = Path(sys.executable).with_name("agentpg")
         self.process = subprocess.Popen([str(exe), "serve", "--port", str(self.port)], env=env,
@@ -90,3 +99,45 @@ class ServeProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+# -- MCP clients for the MCP benchmarks (the official SDK's client drives every server) ---------------------
+
+
+def agentpg_stdio_params(home: Path, token: str) -> Any:
+    """``agentpg mcp`` over stdio for one agent (the token goes in the environment, never argv)."""
+    import os
+    import sys
+
+    from mcp import StdioServerParameters
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_")}
+    env.update(AGENTPG_HOME=str(home), AGENTPG_AGENT_TOKEN=token, AGENTPG_WARM_POOL_SIZE="0",
+               AGENTPG_USAGE_SYNC_INTERVAL_S="0")
+    return StdioServerParameters(command=str(Path(sys.executable).with_name("agentpg")), args=["mcp"], env=env)
+
+
+def bench_agent(rt: Runtime, user: str = "bench", workspace: str = "bench-agent") -> tuple[str, str]:
+    """Register a user and one workspace; its agent token and the agent's own global-database URI (a secret:
+    for the baselines of this process only, never printed). The table ``items`` (10,000 rows) exists there."""
+    import psycopg
+
+    from agentpg.tokens import Principal
+
+    svc = rt.service
+    svc.register_user(user)
+    _, issued = svc.create_workspace_with_token(user, workspace)
+    principal = Principal(kind="agent", token_id=issued.id, user_id=user, workspace_id=workspace)
+    uri = svc.agent_target(principal, "global").uri
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text, price float8)")
+        conn.execute("INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 10000) g")
+    return issued.secret, uri
+
+
+def write_json(name: str, doc: dict[str, Any]) -> Path:
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path

@@ -50,15 +50,18 @@ def post_mcp(base_url: str, token: str | None, body: dict[str, Any] = INIT, **he
 async def test_tools_are_listed_with_truthful_annotations(base_url: str, tenants: Tenants) -> None:
     async with http_session(base_url, tenants.token_a) as s:
         tools = {t.name: t for t in (await s.list_tools()).tools}
+        out = await ok(s, "query", database="agent", sql="SELECT 1 AS one")
+    assert {"columns", "rows", "row_count", "truncated", "duration_ms"} <= set(out)
     assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "execute"}
     for name in ("list_databases", "list_tables", "describe_table", "query"):
         assert tools[name].annotations is not None and tools[name].annotations.readOnlyHint is True
     execute = tools["execute"].annotations
     assert execute is not None and execute.readOnlyHint is False and execute.destructiveHint is True
     assert tools["query"].inputSchema["properties"]["database"]["enum"] == ["global", "agent"]
-    assert tools["query"].outputSchema is not None
-    assert {"columns", "rows", "row_count", "truncated", "duration_ms"} <= set(
-        tools["query"].outputSchema["properties"])
+    # query/execute return structured content of the documented shape but declare no outputSchema: the SDK
+    # client re-validates a declared one with jsonschema on every call (6-10 ms). The other tools keep theirs.
+    assert tools["query"].outputSchema is None and tools["execute"].outputSchema is None
+    assert tools["list_tables"].outputSchema is not None
 
 
 async def test_two_agents_share_the_global_database(runtime: Runtime, base_url: str, tenants: Tenants) -> None:

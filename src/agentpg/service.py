@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -15,9 +16,9 @@ from sqlalchemy.orm import Session
 
 from agentpg import __version__, envvars
 from agentpg.access import audit as audit_log
-from agentpg.access import introspect
+from agentpg.access import cache, introspect
 from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
-from agentpg.access.classify import StatementKind, classify, normalize_for_audit
+from agentpg.access.classify import Classification, StatementKind, classify, normalize_for_audit
 from agentpg.access.permissions import (
     AgentTarget,
     GlobalDbPermissions,
@@ -36,6 +37,7 @@ from agentpg.catalog.models import (
     WorkspaceAgentDatabase,
 )
 from agentpg.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from agentpg.gateway import configs as gateway_configs
 from agentpg.lifecycle import reconcile as reconcile_mod
 from agentpg.lifecycle import users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
@@ -45,6 +47,20 @@ from agentpg.usage import report as usage_report_mod
 from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
 
 log = logging.getLogger(__name__)
+
+
+_classify_cached = functools.lru_cache(maxsize=4096)(classify)
+_normalize_cached = functools.lru_cache(maxsize=4096)(normalize_for_audit)
+
+
+def _classify(statement: str) -> Classification:
+    """:func:`classify`, remembered for statements up to 4 KiB (agents repeat theirs; it is a pure function
+    of the text). A refusal is an exception, so it is never cached: it is raised again each time."""
+    return _classify_cached(statement) if len(statement) <= 4096 else classify(statement)
+
+
+def _normalize(statement: str) -> str:
+    return _normalize_cached(statement) if len(statement) <= 4096 else normalize_for_audit(statement)
 
 
 def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> DatabaseInfo | None:
@@ -65,6 +81,12 @@ class Service:
         self.tokens = tokens
         self._embedded = embedded
         self._postgres_status = postgres_status or {}
+        # Hot-path caches (see agentpg.access.cache: 2 s, dropped at once by any change made in this process)
+        # and the audit log's write-behind queue.
+        self._targets: cache.TtlCache[tuple[str, str], AgentTarget] = cache.TtlCache()
+        self._write_blocks: cache.TtlCache[str, tuple[str | None]] = cache.TtlCache()
+        self._browse_uris: cache.TtlCache[tuple[str | None, str | None, str | None], str] = cache.TtlCache()
+        self.audit_writer = audit_log.AuditWriter(deps.sessions)
 
     # -- users ---------------------------------------------------------------------------------------
 
@@ -97,7 +119,10 @@ class Service:
                             next_cursor=rows[-1].id if more and rows else None)
 
     def delete_user(self, user_id: str) -> None:
-        users.delete_user(self.deps, user_id)
+        try:
+            users.delete_user(self.deps, user_id)
+        finally:
+            cache.invalidate_all()
 
     # -- workspaces ----------------------------------------------------------------------------------
 
@@ -138,7 +163,10 @@ class Service:
                                  next_cursor=rows[-1].id if more and rows else None)
 
     def delete_workspace(self, workspace_id: str, *, user_id: str | None = None) -> None:
-        workspaces.delete_workspace(self.deps, workspace_id, user_id=user_id)
+        try:
+            workspaces.delete_workspace(self.deps, workspace_id, user_id=user_id)
+        finally:
+            cache.invalidate_all()
 
     # -- operations ----------------------------------------------------------------------------------
 
@@ -177,6 +205,29 @@ class Service:
             if rec is None or rec.status != "ready" or rec.connection_uri_sealed is None:
                 raise NotFound(f"{what} has no ready database")
             return self.deps.open(rec.connection_uri_sealed, table, rec.id, "connection_uri")
+
+    def browse_uri_cached(self, scope_user: str | None, user_id: str | None, workspace_id: str | None) -> str | None:
+        """What :meth:`browse_uri` returned for these arguments less than the cache TTL ago (no I/O)."""
+        return self._browse_uris.get((scope_user, user_id, workspace_id))
+
+    def browse_uri(self, scope_user: str | None, user_id: str | None, workspace_id: str | None) -> str:
+        """The REST browse routes' URI: a user's global database (``user_id``) or a workspace's agent
+        database (``workspace_id``, of ``scope_user`` when given: another user's is "not found").
+        Remembered for the cache TTL: the routes read with it in READ ONLY transactions only."""
+        key = (scope_user, user_id, workspace_id)
+        hit = self._browse_uris.get(key)
+        if hit is not None:
+            return hit
+        gen = cache.generation()
+        if workspace_id is None:
+            assert user_id is not None
+            self.get_user(user_id)  # validates the id, and "does not exist" reads better than "not ready"
+            uri = self.platform_uri(user_id)
+        else:
+            ws = self.get_workspace(workspace_id, user_id=scope_user)
+            uri = self.platform_uri(ws.user_id, ws.id)
+        self._browse_uris.put(key, uri, gen)
+        return uri
 
     def agent_uri(self, workspace_id: str, database: str) -> str:
         """The URI an agent's calls run with: its own role in the global database, or its agent database.
@@ -269,15 +320,33 @@ class Service:
     # database with full rights, only through these methods. Each call is classified (pglast), pre-checked
     # against the agent's permissions, run by the access layer, and audited (success or not).
 
+    def agent_target_cached(self, principal: Principal, database: str) -> AgentTarget | None:
+        """:meth:`agent_target`'s answer if it is cached (no I/O: for the event loop), else ``None``."""
+        if principal.kind != "agent" or principal.workspace_id is None:
+            return None
+        return self._targets.get((principal.workspace_id, database))
+
+    async def _agent_target(self, principal: Principal, database: str) -> AgentTarget:
+        hit = self.agent_target_cached(principal, database)
+        return hit if hit is not None else await asyncio.to_thread(self.agent_target, principal, database)
+
     def agent_target(self, principal: Principal, database: str) -> AgentTarget:
         """Where an agent's call on ``database`` ("global" | "agent") runs, and the permissions that apply
-        (None: unrestricted, i.e. the agent database or a bring-your-own global database)."""
+        (None: unrestricted, i.e. the agent database or a bring-your-own global database).
+
+        Remembered for the cache TTL (2 s) per (workspace, database); a permission change or a deletion made
+        through this process drops it at once. The role's grants, not this answer, bound what runs: a stale
+        entry can only make a refusal less precise (the server's "permission denied" instead of ours)."""
         if principal.kind != "agent" or principal.workspace_id is None:
             raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
         if database not in ("global", "agent"):
             raise InvalidInput('database must be "global" (the user\'s database, shared by all its agents) or '
                                '"agent" (this workspace\'s own)')
         workspace_id = principal.workspace_id
+        hit = self._targets.get((workspace_id, database))
+        if hit is not None:
+            return hit
+        gen = cache.generation()
         # The hot path of every tool call: one catalog round trip for the workspace, its permissions and
         # its agent database (what agent_uri finds in three).
         with self.deps.sessions() as s:
@@ -300,15 +369,17 @@ class Service:
         else:
             uri = self.deps.open(agent_db.connection_uri_sealed, "workspace_agent_database", agent_db.id,
                                  "connection_uri")
-        return AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
-                           permissions=perms)
+        target = AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
+                             permissions=perms)
+        self._targets.put((workspace_id, database), target, gen)
+        return target
 
     async def agent_list_databases(self, principal: Principal) -> list[dict[str, Any]]:
         """The two logical databases an agent can name, with what it may do in each; audited."""
         async with self._audited(principal, "list_databases") as draft:
             out: list[dict[str, Any]] = []
             for name, about in (("global", "shared by every agent of your user"), ("agent", "this agent's own")):
-                target = await asyncio.to_thread(self.agent_target, principal, name)
+                target = await self._agent_target(principal, name)
                 draft.user_id, perms = target.user_id, target.permissions
                 out.append({"name": name, "description": about,
                             "access": "full" if perms is None else "restricted",
@@ -324,17 +395,23 @@ class Service:
         Raises ``RejectedStatement`` (the classifier's refusal), ``PermissionRefused``, ``StatementFailed`` or
         another :mod:`agentpg.errors` exception; every outcome is written to the audit log.
         """
-        async with self._audited(principal, tool, database, normalize_for_audit(statement)) as draft:
-            target = await asyncio.to_thread(self.agent_target, principal, database)
+        async with self._audited(principal, tool, database, _normalize(statement)) as draft:
+            target = await self._agent_target(principal, database)
             draft.user_id = target.user_id
-            c = classify(statement)
+            c = _classify(statement)
             draft.fingerprint = c.fingerprint
             check_tool(c, tool)
             if target.permissions is not None:
                 precheck(c, target.permissions)
             if tool == "execute" and c.kind in (StatementKind.WRITE, StatementKind.DDL):
                 # The grants already say no while over budget; this says why.
-                blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
+                cached_block = self._write_blocks.get(target.user_id)
+                if cached_block is not None:
+                    blocked = cached_block[0]
+                else:
+                    gen = cache.generation()
+                    blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
+                    self._write_blocks.put(target.user_id, (blocked,), gen)
                 if blocked is not None:
                     raise PermissionRefused(blocked, reason="budget_exceeded")
             result = await queries.run(target.uri, statement, params, read_only=tool == "query",
@@ -346,7 +423,7 @@ class Service:
                                 schema: str = "public") -> dict[str, Any]:
         """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
         async with self._audited(principal, "list_tables", database) as draft:
-            target = await asyncio.to_thread(self.agent_target, principal, database)
+            target = await self._agent_target(principal, database)
             draft.user_id = target.user_id
             listed = await introspect.list_tables(queries, target.uri, schema)
             draft.rows = len(listed["tables"])
@@ -356,7 +433,7 @@ class Service:
                                    table: str) -> dict[str, Any]:
         """Columns, keys, indexes and row estimate of one table; audited."""
         async with self._audited(principal, "describe_table", database) as draft:
-            target = await asyncio.to_thread(self.agent_target, principal, database)
+            target = await self._agent_target(principal, database)
             draft.user_id = target.user_id
             return {"database": database, **await introspect.describe_table(queries, target.uri, table)}
 
@@ -379,11 +456,8 @@ class Service:
                     database=draft.database if draft.database in ("global", "agent") else None,
                     duration_ms=(time.perf_counter() - started) * 1000, fingerprint=draft.fingerprint,
                     statement=draft.statement, rows=draft.rows, error=draft.error)
-                try:
-                    await asyncio.to_thread(audit_log.record, self.deps.sessions, entry)
-                except Exception as exc:  # the call itself is done; say so, without the driver's message
-                    log.error("could not write an audit entry for workspace %s: %s", principal.workspace_id,
-                              type(exc).__name__)
+                # Write-behind (AuditWriter: batched every 100 ms, back-pressure when its queue is full).
+                await self.audit_writer.submit(entry)
 
     def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
                    cursor: str | None = None) -> AuditPage:
@@ -397,6 +471,7 @@ class Service:
             user = s.get(User, user_id)
             if user is None or user.status == "provisioning":
                 raise NotFound(f"user {user_id!r} does not exist")
+        self.audit_writer.flush()  # entries of calls that already returned are readable
         return audit_log.page(self.deps.sessions, user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
 
     def get_agent_permissions(self, workspace_id: str, *, user_id: str | None = None) -> GlobalDbPermissions:
@@ -437,6 +512,7 @@ class Service:
             row.allowed_tables = permissions.allowed_tables
             self.deps.provider.set_agent_permissions(users._plan_of(glob), ws.agent_role,
                                                      workspaces.permissions_of(row))
+        cache.invalidate_all()  # the next call of this agent sees the new permissions
         return permissions
 
     def mcp_config(self, workspace_id: str, base_url: str, *, user_id: str | None = None) -> dict[str, Any]:
@@ -451,7 +527,10 @@ class Service:
     def sync_usage(self) -> SyncReport:
         """Sample every database, update costs and totals, enforce budgets (one instance at a time)."""
         policy = self.usage_policy
-        return sync_usage(self.deps, policy.prices, default_budget_cents=policy.default_budget_cents)
+        try:
+            return sync_usage(self.deps, policy.prices, default_budget_cents=policy.default_budget_cents)
+        finally:
+            cache.invalidate_all()
 
     def usage(self, user_id: str) -> UsageReport:
         validate_id(user_id, "user id")
@@ -460,9 +539,42 @@ class Service:
 
     def set_budget(self, user_id: str, budget_cents: int | None) -> UsageReport:
         validate_id(user_id, "user id")
-        usage_report_mod.set_budget(self.deps, user_id, budget_cents)
+        try:
+            usage_report_mod.set_budget(self.deps, user_id, budget_cents)
+        finally:
+            cache.invalidate_all()
         return self.usage(user_id)
 
     def write_block_reason(self, user_id: str) -> str | None:
         """Why this user's agents may not write right now (budget exceeded), or ``None``."""
         return usage_report_mod.write_block_reason(self.deps, user_id)
+
+    # -- MCP gateway: user MCP server configs, resolved for an agent (issue 5; docs/gateway.md) -----------
+    # Configs hold ${NAME} placeholders as written (sealed whole); they are resolved only in gateway_target,
+    # whose result is a secret for the gateway alone. GLOBAL_DB_URL resolves to the calling workspace's own
+    # role in the global database (its permissions hold), AGENT_DB_URL to its agent database.
+
+    def list_mcp_servers(self, user_id: str) -> gateway_configs.McpServerList:
+        return gateway_configs.list_configs(self.deps, user_id)
+
+    def put_mcp_server(self, user_id: str, name: str, spec: gateway_configs.McpServerSpec,
+                       allowed_commands: list[str]) -> tuple[gateway_configs.McpServerInfo, bool]:
+        return gateway_configs.put_config(self.deps, user_id, name, spec, allowed_commands)
+
+    def delete_mcp_server(self, user_id: str, name: str) -> None:
+        gateway_configs.delete_config(self.deps, user_id, name)
+
+    def gateway_target(self, principal: Principal, name: str) -> gateway_configs.GatewayTarget:
+        """The config ``name`` of the agent's user, resolved for the agent's workspace (a secret)."""
+        if principal.kind != "agent" or principal.workspace_id is None:
+            raise PermissionDenied("the MCP gateway is for agent tokens (one workspace's)")
+        gateway_configs.validate_name(name)
+        workspace_id = principal.workspace_id
+        with self.deps.sessions() as s:
+            ws = s.get(Workspace, workspace_id)
+            if ws is None or ws.status != "active":
+                raise NotFound(f"workspace {workspace_id!r} does not exist")
+            user_id = ws.user_id
+        return gateway_configs.resolve(self.deps, user_id, workspace_id, name,
+                                       lambda database: self.agent_uri(workspace_id, database))
+

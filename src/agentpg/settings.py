@@ -120,3 +120,44 @@ class Settings(BaseSettings):
     neon_requests_per_minute: int = Field(default=700, ge=2, le=100_000)
     """Neon's published API rate limit; lower it when several agentpg processes share one Neon account."""
     neon_operation_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+
+    # -- MCP gateway: user-configured stdio servers reached through agentpg (issue 5) -------------------
+
+    gateway_allowed_commands: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["npx", "uvx", "node", "python"])
+    """Commands a user's MCP server config may run (bare names, looked up on ``PATH``); comma-separated."""
+    gateway_max_processes: int = Field(default=16, ge=1, le=10_000)
+    """Most gateway child processes running at once (all users); beyond it an idle one is stopped, else
+    the call is refused with a clear error."""
+    gateway_idle_timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    """A child unused this long is stopped (the next call starts it again)."""
+    gateway_start_timeout_s: float = Field(default=60.0, gt=0, le=600)
+    """How long a child may take to start and answer ``initialize``."""
+    gateway_call_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """How long one relayed request may take."""
+
+    @field_validator("gateway_allowed_commands", mode="before")
+    @classmethod
+    def _commands_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    # -- limits: rate, concurrency and pool limits of the HTTP edge (docs/limits.md) ------------------------
+
+    rate_limit_per_s: float = Field(default=50.0, ge=0, le=1_000_000)
+    """Requests per second each bearer token (or, without one, each client address) may make on ``/api``
+    and ``/mcp``, refilled continuously (a token bucket); 0 disables. The admin token is exempt."""
+    rate_limit_burst: int = Field(default=200, ge=1, le=1_000_000)
+    """How many requests a token may make at once before ``rate_limit_per_s`` applies."""
+    mcp_max_concurrent_calls: int = Field(default=16, ge=1, le=10_000)
+    """Most MCP tool calls one agent token may have running at once; more get a tool error (retry)."""
+    auth_failures_per_s: float = Field(default=10.0, ge=0, le=1_000_000)
+    """Refill rate of each client address's budget of 401 answers; 0 disables the check."""
+    auth_failures_burst: int = Field(default=500, ge=1, le=1_000_000)
+    """401s a client address may collect before its requests with unproven tokens get 429."""
+    tenant_pool_max_size: int = Field(default=5, ge=1, le=1000)
+    """Connections agentpg keeps per (tenant database, role): at most this many statements of one agent
+    run at once on one database."""
+    tenant_pool_acquire_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """How long a call waits for one of those connections before it fails with "retry shortly"."""

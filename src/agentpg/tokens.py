@@ -17,6 +17,7 @@ from typing import Literal
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from agentpg.access import cache
 from agentpg.catalog.models import Token, User, Workspace
 from agentpg.errors import NotFound, Unauthenticated
 
@@ -57,9 +58,12 @@ def hash_token(raw: str) -> str:
 class TokenStore:
     """Issue, verify and revoke tokens in the catalog. ``admin_secret`` is the platform's admin token."""
 
-    def __init__(self, sessions: sessionmaker[Session], admin_secret: str) -> None:
+    def __init__(self, sessions: sessionmaker[Session], admin_secret: str, *,
+                 cache_ttl_s: float = cache.TTL_S) -> None:
         self._sessions = sessions
         self._admin_hash = hash_token(admin_secret)
+        # Successful lookups only, by hash, for cache_ttl_s: see agentpg.access.cache for what that means.
+        self._cache: cache.TtlCache[str, Principal] = cache.TtlCache(cache_ttl_s)
 
     def issue(self, kind: Literal["user", "agent"], *, user_id: str, workspace_id: str | None = None,
               name: str | None = None, session: Session | None = None) -> IssuedToken:
@@ -80,13 +84,30 @@ class TokenStore:
         return IssuedToken(id=row.id, kind=kind, secret=raw, user_id=user_id, workspace_id=workspace_id,
                            created_at=row.created_at)
 
+    def cached(self, raw: str | None) -> Principal | None:
+        """The principal of a token authenticated less than the cache TTL ago, or ``None`` (then call
+        :meth:`authenticate`). No I/O: safe to call on an event loop."""
+        if not raw or len(raw) > 200:
+            return None
+        digest = hash_token(raw)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return Principal(kind="admin", token_id=None)
+        return self._cache.get(digest)
+
     def authenticate(self, raw: str | None) -> Principal:
-        """The principal behind a bearer token, or ``Unauthenticated`` (never says which part was wrong)."""
+        """The principal behind a bearer token, or ``Unauthenticated`` (never says which part was wrong).
+
+        A success is remembered for the cache TTL (2 s): a token revoked by another process stops working
+        within that; one revoked through this process stops at once."""
         if not raw or len(raw) > 200:
             raise Unauthenticated("a valid bearer token is required")
         digest = hash_token(raw)
         if hmac.compare_digest(digest, self._admin_hash):
             return Principal(kind="admin", token_id=None)
+        hit = self._cache.get(digest)
+        if hit is not None:
+            return hit
+        gen = cache.generation()
         with self._sessions() as s:
             row = s.scalars(select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))).one_or_none()
             if row is None:
@@ -95,8 +116,10 @@ class TokenStore:
                 ws = s.get(Workspace, row.workspace_id)
                 if ws is None or ws.status != "active":
                     raise Unauthenticated("a valid bearer token is required")
-            return Principal(kind=row.kind, token_id=row.id, user_id=row.user_id,  # type: ignore[arg-type]
-                             workspace_id=row.workspace_id)
+            principal = Principal(kind=row.kind, token_id=row.id, user_id=row.user_id,  # type: ignore[arg-type]
+                                  workspace_id=row.workspace_id)
+        self._cache.put(digest, principal, gen)
+        return principal
 
     def revoke(self, token_id: str, *, user_id: str | None = None) -> None:
         """Revoke a token; ``user_id`` scopes it (another user's token is "not found")."""
@@ -107,3 +130,4 @@ class TokenStore:
             result = s.execute(query.values(revoked_at=datetime.now(UTC)))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(f"token {token_id!r} does not exist")
+        cache.invalidate_all()  # after the commit: a lookup racing with it cannot re-store the old answer

@@ -8,17 +8,23 @@ code or SQLSTATE name rather than the server's message (which may quote values).
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.access.classify import RejectedStatement
 from agentpg.catalog.models import AuditEntry
 from agentpg.errors import AgentpgError
+
+log = logging.getLogger(__name__)
 
 AuditOutcome = Literal["ok", "refused", "denied", "timeout", "error"]
 
@@ -95,13 +101,118 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
+def _row(entry: AuditRecord) -> dict[str, object]:
+    return {"user_id": entry.user_id, "workspace_id": entry.workspace_id, "database": entry.database,
+            "tool": entry.tool, "fingerprint": entry.fingerprint, "statement": entry.statement,
+            "rows": entry.rows, "duration_ms": round(entry.duration_ms), "outcome": entry.outcome,
+            "error": entry.error[:200] if entry.error else None}
+
+
 def record(sessions: sessionmaker[Session], entry: AuditRecord) -> None:
     """Append one entry (its own short transaction)."""
+    record_many(sessions, [entry])
+
+
+def record_many(sessions: sessionmaker[Session], entries: list[AuditRecord]) -> None:
+    """Append entries in one transaction (one multi-row INSERT, without the ORM's unit of work)."""
     with sessions.begin() as s:
-        s.add(AuditEntry(user_id=entry.user_id, workspace_id=entry.workspace_id, database=entry.database,
-                         tool=entry.tool, fingerprint=entry.fingerprint, statement=entry.statement,
-                         rows=entry.rows, duration_ms=round(entry.duration_ms), outcome=entry.outcome,
-                         error=entry.error[:200] if entry.error else None))
+        s.execute(insert(AuditEntry), [_row(e) for e in entries])
+
+
+class AuditWriter:
+    """Write-behind for the audit log: calls hand their entry over and go on; a background thread writes
+    what has queued up in one transaction every ``interval_s`` (100 ms).
+
+    * **Back-pressure, never a silent drop**: the queue holds ``max_pending`` entries; when it is full,
+      :meth:`submit` waits for room (the agent's call is then as slow as the catalog can take entries).
+    * :meth:`flush` waits until everything handed over so far is written (the audit read route calls it,
+      so an entry is readable as soon as its call returned); :meth:`close` flushes and stops the thread
+      (both MCP transports call it on shutdown).
+    * **Crash window**: entries of calls that finished in the last ~``interval_s`` before the process died
+      (killed, power loss) are lost; a clean shutdown loses nothing. A batch the catalog refuses is retried
+      once, then entry by entry, and what still fails is logged (not the entry's content), as before.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, interval_s: float = 0.1, max_pending: int = 10_000,
+                 batch: int = 500) -> None:
+        self._sessions = sessions
+        self._interval_s = interval_s
+        self._batch = batch
+        self._queue: queue.Queue[AuditRecord | None] = queue.Queue(max_pending)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_started(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="agentpg-audit-writer", daemon=True)
+                    self._thread.start()
+
+    async def submit(self, entry: AuditRecord) -> None:
+        """Queue ``entry``; waits (without blocking the event loop) only while the queue is full."""
+        self._ensure_started()
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            await asyncio.to_thread(self._queue.put, entry)
+
+    def submit_sync(self, entry: AuditRecord) -> None:
+        self._ensure_started()
+        self._queue.put(entry)
+
+    def flush(self) -> None:
+        """Block until every entry submitted so far is written (or failed and logged)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+
+    def close(self) -> None:
+        """Flush, then stop the thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(30)
+        self._thread = None
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            pending: list[AuditRecord] = []
+            if first is None:
+                stop = True
+            else:
+                pending.append(first)
+                time.sleep(self._interval_s)  # let a batch gather
+            while len(pending) < self._batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    self._queue.task_done()
+                    continue
+                pending.append(item)
+            if pending:
+                self._write(pending)
+            for _ in range(len(pending) + (1 if first is None else 0)):
+                self._queue.task_done()
+
+    def _write(self, entries: list[AuditRecord]) -> None:
+        for attempt in range(2):
+            try:
+                record_many(self._sessions, entries)
+                return
+            except Exception as exc:  # a catalog hiccup: retry once, then one by one
+                if attempt == 1:
+                    log.warning("audit batch of %d failed (%s); writing one by one", len(entries),
+                                type(exc).__name__)
+        for entry in entries:
+            try:
+                record(self._sessions, entry)
+            except Exception as exc:
+                log.error("could not write an audit entry for workspace %s: %s", entry.workspace_id,
+                          type(exc).__name__)
 
 
 def page(sessions: sessionmaker[Session], user_id: str, *, workspace_id: str | None = None, limit: int = 100,

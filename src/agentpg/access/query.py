@@ -5,9 +5,10 @@ Every call to :meth:`TenantQueries.run`:
 * runs **exactly one statement over the extended protocol** (``Parse``/``Bind``/``Execute``), with or without
   bound parameters, so the *server* refuses ``SELECT 1; COMMIT; DROP TABLE t`` ("cannot insert multiple
   commands into a prepared statement") whatever any pre-check thought of it;
-* runs it in **its own transaction**: ``BEGIN``, then (for reads) ``SET TRANSACTION READ ONLY`` and a local
-  ``statement_timeout``, then the statement, then ``COMMIT`` (reads always roll back). The mode is fixed
-  before the agent's statement runs, so a ``SET TRANSACTION READ WRITE`` inside it is refused by Postgres;
+* runs it in **its own transaction**: ``BEGIN`` (``BEGIN READ ONLY`` for reads) and a local
+  ``statement_timeout`` in one round trip, then the statement, then ``COMMIT`` (reads always roll back).
+  The mode is fixed before the agent's statement runs, so a ``SET TRANSACTION READ WRITE`` inside it is
+  refused by Postgres;
 * is **cancelled from outside** if it outlives the timeout by a grace period (an agent can ``SET`` any
   timeout it likes, but not stop us sending a cancel request), and the connection is ``DISCARD ALL``-ed by
   the pool before reuse, so nothing a call changes in its session reaches the next call;
@@ -25,7 +26,9 @@ internal role and database names are replaced by words; never a URI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -42,10 +45,10 @@ from urllib.parse import unquote, urlsplit
 import pglast
 import psycopg
 from pglast import ast
-from psycopg import AsyncConnection, AsyncRawCursor, sql
+from psycopg import AsyncConnection, AsyncRawCursor, pq, sql
 from psycopg.types.string import TextLoader
 
-from agentpg.access.pools import TenantPools
+from agentpg.access.pools import RESET_STATEMENTS, TenantPools, is_connection_lost, mark_reset
 from agentpg.errors import AgentpgError, ProviderUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,8 @@ class StatementResult:
     command: str | None = None
     rows_affected: int | None = None
     truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
+    rows_json: list[str] | None = None
+    """Each row of ``rows`` as compact JSON (computed anyway to count result bytes), for text renderings."""
 
     @property
     def row_count(self) -> int:
@@ -116,6 +121,7 @@ class _Collector:
     max_rows: int
     max_bytes: int
     rows: list[list[JsonValue]] = field(default_factory=list)
+    rows_json: list[str] = field(default_factory=list)
     size: int = 0
     seen: int = 0
     truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
@@ -129,11 +135,13 @@ class _Collector:
             self.truncated_by = "max_rows"
             return False
         row = [json_value(v) for v in raw]
-        size = len(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        size = len(text)
         if self.size + size > self.max_bytes:
             self.truncated_by = "max_result_bytes"
             return False
         self.rows.append(row)
+        self.rows_json.append(text)
         self.size += size
         return True
 
@@ -163,31 +171,57 @@ class TenantQueries:
                         if cancel_after_s is None else cancel_after_s)
         collector = _Collector(limit, self.limits.max_result_bytes)
         started = time.perf_counter()
-        try:
-            # Last resort if even the cancel request goes unanswered: psycopg then closes the connection.
-            async with asyncio.timeout(cancel_after + 10), self.pools.connection(uri) as conn:
-                watchdog = asyncio.create_task(_cancel_after(conn, cancel_after))
-                try:
-                    columns, command, affected = await _execute(conn, statement, args, read_only=read_only,
-                                                                timeout_ms=timeout_ms, returns_rows=returns_rows,
-                                                                is_dml=is_dml, collector=collector)
-                finally:
-                    watchdog.cancel()
-        except psycopg.Error as exc:
-            raise _failure(exc, uri, time.perf_counter() - started) from None
-        except TimeoutError:
-            raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
-                                  condition="57014 QueryCanceled") from None
+        # A pooled connection may have died since its last use (the server restarted). If it fails before the
+        # agent's statement was sent, nothing of the call ran: drop the pool's dead connections and try once
+        # more on a fresh one. Once the statement is on the wire it is never re-sent.
+        sent = _Progress()
+        for attempt in (1, 2):
+            try:
+                # Last resort if even the cancel request goes unanswered: psycopg then closes the connection.
+                async with asyncio.timeout(cancel_after + 10), self.pools.connection(uri) as conn:
+                    # A timer, not a task per call: the cancel task exists only if the statement overruns.
+                    watchdog = asyncio.get_running_loop().call_later(cancel_after, _start_cancel, conn)
+                    try:
+                        columns, command, affected = await _execute(
+                            conn, statement, args, read_only=read_only, timeout_ms=timeout_ms,
+                            returns_rows=returns_rows, is_dml=is_dml, collector=collector, progress=sent)
+                    finally:
+                        watchdog.cancel()
+                break
+            except psycopg.Error as exc:
+                if attempt == 1 and not sent.statement_sent and is_connection_lost(exc):
+                    log.info("a pooled tenant connection was dead (%s); retrying the call on a fresh one",
+                             type(exc).__name__)
+                    await self.pools.discard_broken(uri)
+                    continue
+                raise _failure(exc, uri, time.perf_counter() - started) from None
+            except TimeoutError:
+                raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
+                                      condition="57014 QueryCanceled") from None
         return StatementResult(columns=columns, rows=collector.rows, truncated=collector.truncated_by is not None,
                                truncated_by=collector.truncated_by, command=command, rows_affected=affected,
+                               rows_json=collector.rows_json,
                                duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
     async def close(self) -> None:
         await self.pools.close()
 
 
-async def _cancel_after(conn: AsyncConnection[Any], seconds: float) -> None:
-    await asyncio.sleep(seconds)
+@dataclass
+class _Progress:
+    statement_sent: bool = False
+
+
+_CANCELS: set[asyncio.Task[None]] = set()
+
+
+def _start_cancel(conn: AsyncConnection[Any]) -> None:
+    task = asyncio.ensure_future(_cancel_now(conn))
+    _CANCELS.add(task)
+    task.add_done_callback(_CANCELS.discard)
+
+
+async def _cancel_now(conn: AsyncConnection[Any]) -> None:
     try:
         await conn.cancel_safe(timeout=5.0)
     except Exception as exc:  # the outer asyncio.timeout still ends the call (psycopg then drops the connection)
@@ -196,40 +230,58 @@ async def _cancel_after(conn: AsyncConnection[Any], seconds: float) -> None:
 
 async def _execute(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *, read_only: bool,
                    timeout_ms: int, returns_rows: bool, is_dml: bool, collector: _Collector,
-                   ) -> tuple[list[ColumnInfo], str | None, int | None]:
+                   progress: _Progress | None = None) -> tuple[list[ColumnInfo], str | None, int | None]:
     # set_config(..., true) is SET LOCAL; being a query, it also takes the transaction's snapshot, after which
     # Postgres refuses any change of the READ ONLY mode ("must be set before any query").
-    setup = sql.SQL("SELECT set_config('statement_timeout', {}, true)").format(sql.Literal(f"{timeout_ms}ms"))
-    if read_only:
-        setup = sql.SQL("SET TRANSACTION READ ONLY; ") + setup
+    # BEGIN, the mode and the timeout in one round trip (one simple-protocol Query message).
+    setup = sql.SQL("BEGIN{}; SELECT set_config('statement_timeout', {}, true)").format(
+        sql.SQL(" READ ONLY" if read_only else ""), sql.Literal(f"{timeout_ms}ms"))
     # Reads never commit, so stopping a read early (which cancels it server-side) is harmless.
-    async with conn.transaction(force_rollback=read_only):
-        await conn.execute(setup)
-        cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
-        cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
-        if not returns_rows:
-            # Pipeline mode always uses the extended protocol, even without parameters.
-            async with conn.pipeline():
-                await cur.execute(statement, args)
-            if cur.description is not None:  # a statement we did not expect to return rows did
-                for raw in await cur.fetchall():
-                    collector.add(raw)
-            return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
-        columns: list[ColumnInfo] = []
-        try:
-            # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
-            stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
-            async with aclosing(stream) as rows:
-                async for raw in rows:
-                    if not columns:
-                        columns = _columns(cur)
-                    if not collector.add(raw) and read_only:
-                        break  # leaving the stream cancels the rest of the read
-        except psycopg.ProgrammingError as exc:
-            if exc.sqlstate is not None:
-                raise
-            return [], None, None  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
-        return columns, None, collector.seen if is_dml and not read_only else None
+    await conn.execute(setup)
+    try:
+        result = await _statement(conn, statement, args, read_only=read_only, returns_rows=returns_rows,
+                                  is_dml=is_dml, collector=collector, progress=progress)
+    except BaseException:
+        if conn.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):  # the connection is gone: the pool replaces it
+                await conn.execute("ROLLBACK")
+        raise
+    # End and reset in one round trip; if COMMIT fails, the rest is not run and the pool resets it instead.
+    await conn.execute(("ROLLBACK; " if read_only else "COMMIT; ") + RESET_STATEMENTS)
+    mark_reset(conn)
+    return result
+
+
+async def _statement(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
+                     read_only: bool, returns_rows: bool, is_dml: bool, collector: _Collector,
+                     progress: _Progress | None) -> tuple[list[ColumnInfo], str | None, int | None]:
+    cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
+    cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
+    if progress is not None:
+        progress.statement_sent = True
+    if not returns_rows:
+        # Pipeline mode always uses the extended protocol, even without parameters.
+        async with conn.pipeline():
+            await cur.execute(statement, args)
+        if cur.description is not None:  # a statement we did not expect to return rows did
+            for raw in await cur.fetchall():
+                collector.add(raw)
+        return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
+    columns: list[ColumnInfo] = []
+    try:
+        # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
+        stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
+        async with aclosing(stream) as rows:
+            async for raw in rows:
+                if not columns:
+                    columns = _columns(cur)
+                if not collector.add(raw) and read_only:
+                    break  # leaving the stream cancels the rest of the read
+    except psycopg.ProgrammingError as exc:
+        if exc.sqlstate is not None:
+            raise
+        return [], None, None  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
+    return columns, None, collector.seen if is_dml and not read_only else None
 
 
 def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
@@ -237,6 +289,12 @@ def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
 
 
 def statement_shape(statement: str) -> tuple[bool, bool]:
+    """(returns rows, is DML) of the (first) statement; remembered for statements up to 4 KiB (agents repeat
+    theirs, and parsing costs more than the rest of a short call's own work)."""
+    return _shape_cached(statement) if len(statement) <= 4096 else _shape(statement)
+
+
+def _shape(statement: str) -> tuple[bool, bool]:
     """(returns rows, is DML) of the (first) statement. Rows come from SELECT/VALUES/TABLE (not SELECT
     INTO), SHOW, EXPLAIN, CALL, and INSERT/UPDATE/DELETE/MERGE with RETURNING. Unparseable text counts as
     row-returning and not DML (the server will say what is wrong with it)."""
@@ -250,6 +308,9 @@ def statement_shape(statement: str) -> tuple[bool, bool]:
     if isinstance(stmt, ast.SelectStmt):
         return stmt.intoClause is None, False
     return stmt is None or isinstance(stmt, ast.ExplainStmt | ast.VariableShowStmt | ast.CallStmt), False
+
+
+_shape_cached = functools.lru_cache(maxsize=4096)(_shape)
 
 
 def bind_params(params: Sequence[JsonValue] | None) -> list[str | None] | None:
@@ -329,9 +390,11 @@ def _failure(exc: psycopg.Error, uri: str, elapsed_s: float) -> AgentpgError:
     state = exc.sqlstate
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return StatementFailed(_timeout_message(elapsed_s), outcome="timeout", condition="57014 QueryCanceled")
-    if state is None:  # no server answer: connection lost, refused, or a client-side error
-        if isinstance(exc, psycopg.OperationalError):
-            return ProviderUnavailable("the database could not be reached to run the statement; retry shortly")
+    if is_connection_lost(exc):  # no server answer, the connection broke, or the server is shutting down
+        return ProviderUnavailable("the connection to the database was lost or could not be made (the server may "
+                                   "be restarting); retry shortly. A write that was under way may or may not "
+                                   "have been applied: check before repeating it")
+    if state is None:  # a client-side error
         return StatementFailed(f"the statement could not be sent: {scrub(str(exc), uri)}", outcome="error",
                                condition=type(exc).__name__)
     diag = exc.diag

@@ -47,14 +47,24 @@ _EXPORT_DOC: dict[int | str, dict[str, Any]] = {
 
 
 def _platform_uri(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str | None) -> str:
-    """Scope first (another user's → NotFound), then the URI. Sync: catalog reads and an unseal."""
+    """Scope first (another user's → NotFound), then the URI. Sync: catalog reads and an unseal (remembered
+    for 2 s by the service, see agentpg.access.cache)."""
     if workspace_id is None:
         assert user_id is not None
         own_user(principal, user_id)
-        ctx.service.get_user(user_id)  # validates the id, and "does not exist" reads better than "not ready"
-        return ctx.service.platform_uri(user_id)
-    ws = ctx.service.get_workspace(workspace_id, user_id=user_scope(principal))
-    return ctx.service.platform_uri(ws.user_id, ws.id)
+        return ctx.service.browse_uri(None, user_id, None)
+    return ctx.service.browse_uri(user_scope(principal), None, workspace_id)
+
+
+async def _uri(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str | None) -> str:
+    """:func:`_platform_uri`, answered on the event loop when the service has it cached."""
+    if workspace_id is None:
+        assert user_id is not None
+        own_user(principal, user_id)
+        hit = ctx.service.browse_uri_cached(None, user_id, None)
+    else:
+        hit = ctx.service.browse_uri_cached(user_scope(principal), None, workspace_id)
+    return hit if hit is not None else await run_in_threadpool(_platform_uri, ctx, principal, user_id, workspace_id)
 
 
 def _no_nul(table: str) -> str:
@@ -65,14 +75,14 @@ def _no_nul(table: str) -> str:
 
 async def _tables(ctx: AppContext, principal: Principal, user_id: str | None,
                   workspace_id: str | None) -> browse.TableList:
-    uri = await run_in_threadpool(_platform_uri, ctx, principal, user_id, workspace_id)
+    uri = await _uri(ctx, principal, user_id, workspace_id)
     async with ctx.pools.connection(uri) as conn:
         return await browse.list_tables(conn, ctx.read_limits)
 
 
 async def _query(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str | None,
                  body: QueryRequest) -> JSONResponse:
-    uri = await run_in_threadpool(_platform_uri, ctx, principal, user_id, workspace_id)
+    uri = await _uri(ctx, principal, user_id, workspace_id)
     order = [(k.column, k.direction == "desc") for k in body.order_by] if body.order_by else None
     async with ctx.pools.connection(uri) as conn:
         page = await browse.read_rows(conn, body.table, limits=ctx.read_limits, limit=body.limit,
@@ -130,7 +140,7 @@ async def _export_chunks(ctx: AppContext, uri: str, table: str, fmt: str) -> Asy
 async def _export(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str | None,
                   table: str, fmt: str) -> StreamingResponse:
     _no_nul(table)
-    uri = await run_in_threadpool(_platform_uri, ctx, principal, user_id, workspace_id)
+    uri = await _uri(ctx, principal, user_id, workspace_id)
     async with ctx.pools.connection(uri) as conn:
         info = await browse.check_table(conn, table, ctx.read_limits)  # 404 now, before the 200 is sent
     ascii_name = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in info.name)

@@ -220,6 +220,10 @@ def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "
 def mcp_stdio(token: Annotated[str | None, typer.Option(
         envvar="AGENTPG_AGENT_TOKEN", show_default=False,
         help="The workspace's agent token (prefer the AGENTPG_AGENT_TOKEN variable: options show in `ps`).",
+)] = None, server: Annotated[str | None, typer.Option(
+        "--server", show_default=False,
+        help="Relay one of the user's MCP server configs (the gateway, docs/gateway.md) instead of agentpg's "
+             "own tools, e.g. postgres-global.",
 )] = None) -> None:
     """Serve MCP over stdio for one agent (its workspace's databases), e.g. as an MCP client's command."""
     import anyio
@@ -229,6 +233,11 @@ def mcp_stdio(token: Annotated[str | None, typer.Option(
     if not token:
         raise _fail("an agent token is required: set AGENTPG_AGENT_TOKEN or pass --token", 2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
+    if server is not None:
+        from agentpg.gateway.stdio import serve_gateway_stdio
+
+        _run(lambda rt: anyio.run(serve_gateway_stdio, rt, token, server))
+        return
     _run(lambda rt: anyio.run(serve_stdio, rt, token))
 
 

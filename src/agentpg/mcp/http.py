@@ -7,7 +7,9 @@ Each request to ``/mcp``, in order:
    ``AGENTPG_PUBLIC_URL``, and ``AGENTPG_MCP_ALLOWED_HOSTS`` / ``AGENTPG_MCP_ALLOWED_ORIGINS``. A request
    without Origin (any non-browser client) passes the Origin check. Refusals: 421 (Host), 403 (Origin).
 2. **Bearer token**: none or unknown/revoked → 401 with ``WWW-Authenticate: Bearer``; a valid admin or user
-   token → 403 (agents only). The token is checked on every request, so revocation takes effect at once.
+   token → 403 (agents only). The token is checked on every request; a success is remembered for 2 s
+   (:mod:`agentpg.access.cache`), so a revocation through this process takes effect at once, one made
+   elsewhere (the CLI, another instance) within 2 s.
 3. The SDK's ``StreamableHTTPSessionManager`` serves it. The principal is handed over as the request's
    authenticated user (workspace id as ``client_id``, token id as ``subject``), which the SDK uses to bind
    each MCP session to the token that opened it: another token presenting that session id gets 404.
@@ -106,6 +108,7 @@ class McpHttp:
                 finally:
                     self._manager = self._service = None
         finally:
+            await run_in_threadpool(service.audit_writer.close)  # write-behind: nothing queued is lost
             if own:
                 await queries.close()
 
@@ -142,7 +145,9 @@ class McpHttp:
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("send this workspace's agent token as 'Authorization: Bearer <token>'")
-        principal = await run_in_threadpool(service.tokens.authenticate, token.strip())
+        principal = service.tokens.cached(token.strip())  # authenticated < 2 s ago: no catalog round trip
+        if principal is None:
+            principal = await run_in_threadpool(service.tokens.authenticate, token.strip())
         if principal.kind != "agent":
             raise PermissionDenied("/mcp is for agent tokens (one workspace's); admin and user tokens use the "
                                    "REST API")

@@ -7,8 +7,9 @@ The same server object backs both transports; only *who is calling* differs, so 
 pre-checks, runs and audits it.
 
 Contract of every tool call: the result is either structured content (matching the tool's
-``outputSchema``) plus a short text rendering, or an MCP tool error (``isError: true``) whose text says what
-went wrong and what to do; never a traceback, connection string, password or internal role name.
+``outputSchema`` where it declares one) plus a short text rendering, or an MCP tool error
+(``isError: true``) whose text says what went wrong and what to do; never a traceback, connection string,
+password or internal role name.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ async def _dispatch(service: Service, queries: TenantQueries, principal: Princip
             database=args.database, columns=[tools.Column(name=c.name, type=c.type) for c in result.columns],
             rows=result.rows, row_count=result.row_count, truncated=result.truncated,
             duration_ms=result.duration_ms, command=result.command, rows_affected=result.rows_affected)
-        return _ok(out, tools.render_statement(out))
+        return _ok(out, tools.render_statement(out, result.rows_json))
     if isinstance(args, tools.ListTablesArgs):
         listed = tools.TablesOutput.model_validate(
             await service.agent_list_tables(queries, principal, args.database, args.schema_name))

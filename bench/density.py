@@ -1,0 +1,154 @@
+"""Density: N users x (1 global + 2 agent databases) on one embedded server, with `agentpg serve` running.
+
+    python bench/density.py [--users 1000] [--requests 300]
+
+Registers users and workspaces one after another (warm pool off: every database is a real CREATE DATABASE)
+and measures, once at 10 databases and again at the end, the API's latency on the same server:
+``GET /api/users/{id}`` (a random existing user: catalog lookups) and ``POST …/global-database/query``
+(10 rows of a small table in one user's global database: token auth, catalog, tenant pool, READ ONLY read).
+Also reports ``agentpg serve``'s RSS at both points and the disk per tenant (du of the server's data
+directory, and the sum of pg_database_size over tenant databases, divided by the number of users).
+Writes bench/results/density.json and a PNG of p99 against the number of databases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ServeProcess, percentiles, report, throwaway_runtime
+
+from agentpg.runtime import admin_token
+
+OUT = Path(__file__).parent / "results"
+
+
+def du_bytes(path: Path) -> int:
+    out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=False).stdout
+    return int(out.split()[0]) if out else 0
+
+
+def measure(client: httpx.Client, user_ids: list[str], requests: int) -> dict[str, dict[str, float]]:
+    get_samples, query_samples = [], []
+    body = {"table": "items", "limit": 10}
+    for _ in range(20):  # warm-up: pools, caches
+        client.get(f"/api/users/{user_ids[0]}")
+        client.post(f"/api/users/{user_ids[0]}/global-database/query", json=body)
+    for _ in range(requests):
+        uid = random.choice(user_ids)  # noqa: S311 - not a secret
+        start = time.perf_counter()
+        r = client.get(f"/api/users/{uid}")
+        get_samples.append((time.perf_counter() - start) * 1000)
+        assert r.status_code == 200, r.text
+        start = time.perf_counter()
+        r = client.post(f"/api/users/{user_ids[0]}/global-database/query", json=body)
+        query_samples.append((time.perf_counter() - start) * 1000)
+        assert r.status_code == 200, r.text
+    return {"GET /api/users/{id}": percentiles(get_samples),
+            "POST global-database/query (10 rows)": percentiles(query_samples)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    with throwaway_runtime(embedded_fsync=False) as rt:
+        svc = rt.service
+        server = ServeProcess(rt.settings.home)
+        server.wait_ready()
+        headers = {"Authorization": f"Bearer {admin_token(rt.settings)}"}
+        results: dict[str, dict[str, float]] = {}
+        curve: list[dict[str, float]] = []
+        users: list[str] = []
+        n_dbs = 0
+        reg_ms: list[float] = []
+        start_all = time.perf_counter()
+        checkpoints = sorted({10, 300, 1000, 2000, 3 * args.users} | {3 * args.users})
+        try:
+            with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as client:
+                for i in range(args.users):
+                    uid = f"d{i:05d}"
+                    for step in range(3):
+                        t0 = time.perf_counter()
+                        if step == 0:
+                            svc.register_user(uid)
+                            users.append(uid)
+                            if i == 0:
+                                with psycopg.connect(svc.platform_uri(uid), autocommit=True) as conn:
+                                    conn.execute("CREATE TABLE items AS SELECT g AS id, 'item ' || g AS name "
+                                                 "FROM generate_series(1, 100) g")
+                                    conn.execute("ALTER TABLE items ADD PRIMARY KEY (id)")
+                        else:
+                            svc.create_workspace(uid, f"{uid}-w{step}")
+                        reg_ms.append((time.perf_counter() - t0) * 1000)
+                        n_dbs += 1
+                        if n_dbs in checkpoints:
+                            m = measure(client, users, args.requests)
+                            rss = server.rss_mb()
+                            for case, row in m.items():
+                                results[f"{case} @ {n_dbs} DBs"] = row
+                            curve.append({"dbs": n_dbs, "rss_mb": round(rss, 1),
+                                          **{f"{k} p99": v["p99"] for k, v in m.items()},
+                                          **{f"{k} p50": v["p50"] for k, v in m.items()}})
+                            print(f"[density] {n_dbs} DBs, {time.perf_counter() - start_all:.0f}s, "
+                                  f"rss {rss:.0f} MB, {json.dumps(curve[-1])}", file=sys.stderr, flush=True)
+            rss_end = server.rss_mb()
+        finally:
+            server.stop()
+        with psycopg.connect(rt.admin_dsn, autocommit=True) as conn:
+            tenant_bytes = conn.execute("SELECT coalesce(sum(pg_database_size(datname)), 0), count(*) "
+                                        "FROM pg_database WHERE datname LIKE 'apg\\_%'").fetchone()
+        data_bytes = du_bytes(rt.settings.home)
+    first, last = curve[0], curve[-1]
+    extra = {
+        "users": args.users, "databases": n_dbs, "serve_rss_mb_end": round(rss_end, 1),
+        "serve_rss_mb_at_10": first["rss_mb"],
+        "tenant_db_count": int(tenant_bytes[1]) if tenant_bytes else 0,
+        "disk_per_tenant_mb_du": round(data_bytes / args.users / 2**20, 2),
+        "disk_per_tenant_mb_pg_database_size": round(
+            int(tenant_bytes[0] if tenant_bytes else 0) / args.users / 2**20, 2),
+        "home_du_mb": round(data_bytes / 2**20, 1),
+        "registration_ms": percentiles(reg_ms),
+        "p99_ratio_end_vs_10": {k: round(last[f"{k} p99"] / first[f"{k} p99"], 2)
+                                for k in ("GET /api/users/{id}", "POST global-database/query (10 rows)")},
+        "curve": curve,
+    }
+    report("density", results, extra)
+    (OUT / "density.json").write_text(json.dumps({"results": results, **extra}, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = [c["dbs"] for c in curve]
+        for k in ("GET /api/users/{id}", "POST global-database/query (10 rows)"):
+            ax.plot(xs, [c[f"{k} p99"] for c in curve], marker="o", label=f"{k} p99")
+        ax.set_xscale("log")
+        ax.set_xlabel("databases on the server")
+        ax.set_ylabel("ms")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [c["rss_mb"] for c in curve], color="grey", linestyle="--", label="serve RSS (MB)")
+        ax2.set_ylabel("RSS MB")
+        ax.legend(loc="upper left")
+        ax.set_title("density: API p99 and RSS vs databases")
+        fig.tight_layout()
+        fig.savefig(OUT / "density.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

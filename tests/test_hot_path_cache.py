@@ -1,0 +1,138 @@
+"""The hot path's short caches (agentpg.access.cache): what they may remember, and what makes them forget.
+
+* a token's principal is remembered for at most the TTL: a revocation another process makes (a catalog write
+  this process hears nothing of) is refused once the TTL has passed, and a failure is never remembered;
+* a change made through this process (revoke, permissions) is seen by the very next call;
+* a stale cached permission can only make a refusal less precise: Postgres' grants still refuse.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mcp_support import uid
+from sqlalchemy import func, select, update
+
+from agentpg.access import cache
+from agentpg.access.permissions import GlobalDbPermissions, PermissionRefused
+from agentpg.access.pools import TenantPools
+from agentpg.access.query import StatementFailed, TenantQueries
+from agentpg.catalog.models import Token, UserGlobalDatabase, Workspace
+from agentpg.errors import Unauthenticated
+from agentpg.lifecycle import users
+from agentpg.mcp.server import limits_from
+from agentpg.providers.base import AgentPermissions
+from agentpg.runtime import Runtime
+from agentpg.tokens import TokenStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _agent(runtime: Runtime) -> tuple[str, str, str, str]:
+    svc = runtime.service
+    user, ws = uid("cu"), uid("cw")
+    svc.register_user(user)
+    _, issued = svc.create_workspace_with_token(user, ws)
+    return user, ws, issued.id, issued.secret
+
+
+def test_a_token_revoked_elsewhere_is_refused_after_the_ttl(runtime: Runtime) -> None:
+    user, ws, token_id, secret = _agent(runtime)
+    store = TokenStore(runtime.service.deps.sessions, "not-the-admin-token-" * 3, cache_ttl_s=0.5)
+    assert store.authenticate(secret).workspace_id == ws
+    # Another process revokes it: a catalog write this process is not told about.
+    with runtime.service.deps.sessions.begin() as s:
+        s.execute(update(Token).where(Token.id == token_id).values(revoked_at=func.now()))
+    assert store.authenticate(secret).workspace_id == ws  # within the TTL: the remembered answer
+    time.sleep(0.6)
+    with pytest.raises(Unauthenticated):
+        store.authenticate(secret)
+    assert store.cached(secret) is None  # a refusal is never remembered
+    with pytest.raises(Unauthenticated):
+        store.authenticate(secret)
+    runtime.service.delete_user(user)
+
+
+def test_a_revocation_through_this_process_is_immediate(runtime: Runtime) -> None:
+    user, _, token_id, secret = _agent(runtime)
+    store = TokenStore(runtime.service.deps.sessions, "not-the-admin-token-" * 3, cache_ttl_s=60)
+    store.authenticate(secret)
+    assert store.cached(secret) is not None
+    runtime.service.revoke_token(token_id)  # through another store of this process: still seen at once
+    assert store.cached(secret) is None
+    with pytest.raises(Unauthenticated):
+        store.authenticate(secret)
+    runtime.service.delete_user(user)
+
+
+async def test_permission_changes_and_stale_entries(runtime: Runtime) -> None:
+    svc = runtime.service
+    user, ws, _, secret = _agent(runtime)
+    principal = svc.tokens.authenticate(secret)
+    queries = TenantQueries(TenantPools(), limits_from(runtime.settings))
+    try:
+        await svc.agent_sql(queries, principal, "execute", "global", "CREATE TABLE cached_t (x int)")
+        await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (1)")
+        assert svc.agent_target_cached(principal, "global") is not None
+        # Changed through this process: the next call's refusal is agentpg's own, precise one.
+        svc.set_agent_permissions(ws, GlobalDbPermissions(can_write=False))
+        with pytest.raises(PermissionRefused, match="can_write is false"):
+            await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (2)")
+        svc.set_agent_permissions(ws, GlobalDbPermissions())
+        await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (3)")
+        # Changed by "another process" (grants and catalog, no invalidation here): the cached permissions
+        # still say can_write, but the role's grants refuse the write; only the message is the server's.
+        gen = cache.generation()
+        with svc.deps.sessions() as s:
+            role = s.get(Workspace, ws).agent_role  # type: ignore[union-attr]
+            glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user)).one()
+            plan = users._plan_of(glob)
+        assert role is not None
+        svc.deps.provider.set_agent_permissions(plan, role, AgentPermissions(can_write=False))
+        assert cache.generation() == gen and svc.agent_target_cached(principal, "global") is not None
+        with pytest.raises(StatementFailed) as refused:
+            await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (4)")
+        assert refused.value.outcome == "denied"
+        rows = await svc.agent_sql(queries, principal, "query", "global", "SELECT count(*) FROM cached_t")
+        assert rows.rows == [[2]]
+    finally:
+        await queries.close()
+        svc.delete_user(user)
+
+
+def test_the_audit_writer_keeps_order_applies_back_pressure_and_flushes() -> None:
+    """Write-behind: entries arrive in order, a full queue makes submit wait (never drop), flush drains."""
+    import asyncio
+    from contextlib import contextmanager
+
+    from agentpg.access.audit import AuditRecord, AuditWriter
+
+    written: list[dict[str, object]] = []
+
+    class FakeSession:
+        def execute(self, _stmt: object, rows: list[dict[str, object]]) -> None:
+            time.sleep(0.01)  # a slow catalog: the 2-entry queue fills
+            written.extend(rows)
+
+    class FakeSessions:
+        @contextmanager
+        def begin(self):  # type: ignore[no-untyped-def]
+            yield FakeSession()
+
+    writer = AuditWriter(FakeSessions(), interval_s=0.005, max_pending=2, batch=2)  # type: ignore[arg-type]
+
+    async def calls() -> None:
+        for i in range(20):
+            await writer.submit(AuditRecord(user_id="u", workspace_id="w", tool="query", outcome="ok",
+                                            duration_ms=1.0, rows=i))
+
+    asyncio.run(calls())
+    writer.flush()
+    assert [row["rows"] for row in written] == list(range(20))
+    writer.close()
