@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from agentpg import __version__, envvars
 from agentpg.access import audit as audit_log
-from agentpg.access import cache, introspect
-from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
-from agentpg.access.classify import Classification, StatementKind, classify, normalize_for_audit
+from agentpg.access import cache
 from agentpg.access.permissions import (
     AgentTarget,
-    GlobalDbPermissions,
-    PermissionRefused,
-    check_tool,
-    from_row,
-    precheck,
 )
-from agentpg.access.query import StatementResult, TenantQueries
+from agentpg.agent_calls import AgentCalls
 from agentpg.catalog.models import (
-    AgentGlobalDbPermissions,
     Operation,
     User,
     UserGlobalDatabase,
@@ -49,20 +35,6 @@ from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
 log = logging.getLogger(__name__)
 
 
-_classify_cached = functools.lru_cache(maxsize=4096)(classify)
-_normalize_cached = functools.lru_cache(maxsize=4096)(normalize_for_audit)
-
-
-def _classify(statement: str) -> Classification:
-    """:func:`classify`, remembered for statements up to 4 KiB (agents repeat theirs; it is a pure function
-    of the text). A refusal is an exception, so it is never cached: it is raised again each time."""
-    return _classify_cached(statement) if len(statement) <= 4096 else classify(statement)
-
-
-def _normalize(statement: str) -> str:
-    return _normalize_cached(statement) if len(statement) <= 4096 else normalize_for_audit(statement)
-
-
 def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> DatabaseInfo | None:
     if rec is None:
         return None
@@ -71,7 +43,7 @@ def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> Databas
                         created_at=rec.created_at, current_period_cost_cents=rec.current_period_cost_cents)
 
 
-class Service:
+class Service(AgentCalls):
     """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only."""
 
     def __init__(self, deps: LifecycleDeps, tokens: TokenStore, *, embedded: bool,
@@ -314,213 +286,6 @@ class Service:
     def _check_token_name(name: str | None) -> None:
         if name is not None and (not isinstance(name, str) or len(name) > 200 or "\x00" in name):
             raise InvalidInput("a token name is text of at most 200 characters without NUL bytes")
-
-    # -- MCP: agent calls, permissions, audit ---------------------------------------------------------
-    # An agent (a workspace's token) reaches its user's global database as its own role and its agent
-    # database with full rights, only through these methods. Each call is classified (pglast), pre-checked
-    # against the agent's permissions, run by the access layer, and audited (success or not).
-
-    def agent_target_cached(self, principal: Principal, database: str) -> AgentTarget | None:
-        """:meth:`agent_target`'s answer if it is cached (no I/O: for the event loop), else ``None``."""
-        if principal.kind != "agent" or principal.workspace_id is None:
-            return None
-        return self._targets.get((principal.workspace_id, database))
-
-    async def _agent_target(self, principal: Principal, database: str) -> AgentTarget:
-        hit = self.agent_target_cached(principal, database)
-        return hit if hit is not None else await asyncio.to_thread(self.agent_target, principal, database)
-
-    def agent_target(self, principal: Principal, database: str) -> AgentTarget:
-        """Where an agent's call on ``database`` ("global" | "agent") runs, and the permissions that apply
-        (None: unrestricted, i.e. the agent database or a bring-your-own global database).
-
-        Remembered for the cache TTL (2 s) per (workspace, database); a permission change or a deletion made
-        through this process drops it at once. The role's grants, not this answer, bound what runs: a stale
-        entry can only make a refusal less precise (the server's "permission denied" instead of ours)."""
-        if principal.kind != "agent" or principal.workspace_id is None:
-            raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
-        if database not in ("global", "agent"):
-            raise InvalidInput('database must be "global" (the user\'s database, shared by all its agents) or '
-                               '"agent" (this workspace\'s own)')
-        workspace_id = principal.workspace_id
-        hit = self._targets.get((workspace_id, database))
-        if hit is not None:
-            return hit
-        gen = cache.generation()
-        # The hot path of every tool call: one catalog round trip for the workspace, its permissions and
-        # its agent database (what agent_uri finds in three).
-        with self.deps.sessions() as s:
-            found = s.execute(
-                select(Workspace, AgentGlobalDbPermissions, WorkspaceAgentDatabase)
-                .outerjoin(AgentGlobalDbPermissions, AgentGlobalDbPermissions.workspace_id == Workspace.id)
-                .outerjoin(WorkspaceAgentDatabase, WorkspaceAgentDatabase.workspace_id == Workspace.id)
-                .where(Workspace.id == workspace_id)).one_or_none()
-        ws, perms_row, agent_db = found if found is not None else (None, None, None)
-        if ws is None or ws.status != "active":
-            raise NotFound(f"workspace {workspace_id!r} does not exist")
-        perms: GlobalDbPermissions | None = None
-        if database == "global" and ws.global_uri_sealed is not None:
-            uri = self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
-            perms = from_row(perms_row)
-        elif database == "global":  # brought by the platform: no per-agent roles, its own URI is all there is
-            uri = self.platform_uri(ws.user_id)
-        elif agent_db is None or agent_db.status != "ready" or agent_db.connection_uri_sealed is None:
-            raise NotFound(f"workspace {workspace_id!r} has no ready database")
-        else:
-            uri = self.deps.open(agent_db.connection_uri_sealed, "workspace_agent_database", agent_db.id,
-                                 "connection_uri")
-        target = AgentTarget(uri=uri, user_id=ws.user_id, workspace_id=workspace_id, database=database,
-                             permissions=perms)
-        self._targets.put((workspace_id, database), target, gen)
-        return target
-
-    async def agent_list_databases(self, principal: Principal) -> list[dict[str, Any]]:
-        """The two logical databases an agent can name, with what it may do in each; audited."""
-        async with self._audited(principal, "list_databases") as draft:
-            out: list[dict[str, Any]] = []
-            for name, about in (("global", "shared by every agent of your user"), ("agent", "this agent's own")):
-                target = await self._agent_target(principal, name)
-                draft.user_id, perms = target.user_id, target.permissions
-                out.append({"name": name, "description": about,
-                            "access": "full" if perms is None else "restricted",
-                            "permissions": perms.model_dump() if perms is not None else None})
-            draft.rows = len(out)
-            return out
-
-    async def agent_sql(self, queries: TenantQueries, principal: Principal, tool: Literal["query", "execute"],
-                        database: str, statement: str, params: list[Any] | None = None,
-                        max_rows: int | None = None) -> StatementResult:
-        """One ``query`` (read-only) or ``execute`` call: classify, pre-check, run, audit.
-
-        Raises ``RejectedStatement`` (the classifier's refusal), ``PermissionRefused``, ``StatementFailed`` or
-        another :mod:`agentpg.errors` exception; every outcome is written to the audit log.
-        """
-        async with self._audited(principal, tool, database, _normalize(statement)) as draft:
-            target = await self._agent_target(principal, database)
-            draft.user_id = target.user_id
-            c = _classify(statement)
-            draft.fingerprint = c.fingerprint
-            check_tool(c, tool)
-            if target.permissions is not None:
-                precheck(c, target.permissions)
-            if tool == "execute" and c.kind in (StatementKind.WRITE, StatementKind.DDL):
-                # The grants already say no while over budget; this says why.
-                cached_block = self._write_blocks.get(target.user_id)
-                if cached_block is not None:
-                    blocked = cached_block[0]
-                else:
-                    gen = cache.generation()
-                    blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
-                    self._write_blocks.put(target.user_id, (blocked,), gen)
-                if blocked is not None:
-                    raise PermissionRefused(blocked, reason="budget_exceeded")
-            result = await queries.run(target.uri, statement, params, read_only=tool == "query",
-                                       max_rows=max_rows)
-            draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
-            return result
-
-    async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
-                                schema: str = "public") -> dict[str, Any]:
-        """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
-        async with self._audited(principal, "list_tables", database) as draft:
-            target = await self._agent_target(principal, database)
-            draft.user_id = target.user_id
-            listed = await introspect.list_tables(queries, target.uri, schema)
-            draft.rows = len(listed["tables"])
-            return {"database": database, **listed}
-
-    async def agent_describe_table(self, queries: TenantQueries, principal: Principal, database: str,
-                                   table: str) -> dict[str, Any]:
-        """Columns, keys, indexes and row estimate of one table; audited."""
-        async with self._audited(principal, "describe_table", database) as draft:
-            target = await self._agent_target(principal, database)
-            draft.user_id = target.user_id
-            return {"database": database, **await introspect.describe_table(queries, target.uri, table)}
-
-    @asynccontextmanager
-    async def _audited(self, principal: Principal, tool: str, database: str | None = None,
-                       statement: str | None = None) -> AsyncIterator[AuditDraft]:
-        """Record the block as one audit entry, however it ends (a write failure is logged, not raised)."""
-        started = time.perf_counter()
-        draft = AuditDraft(tool=tool, database=database, statement=statement)
-        try:
-            yield draft
-        except BaseException as exc:
-            draft.fail(exc)
-            raise
-        finally:
-            user_id = draft.user_id or principal.user_id
-            if user_id is not None and principal.workspace_id is not None:  # else not an agent: nothing ran
-                entry = AuditRecord(
-                    user_id=user_id, workspace_id=principal.workspace_id, tool=draft.tool, outcome=draft.outcome,
-                    database=draft.database if draft.database in ("global", "agent") else None,
-                    duration_ms=(time.perf_counter() - started) * 1000, fingerprint=draft.fingerprint,
-                    statement=draft.statement, rows=draft.rows, error=draft.error)
-                # Write-behind (AuditWriter: batched every 100 ms, back-pressure when its queue is full).
-                await self.audit_writer.submit(entry)
-
-    def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
-                   cursor: str | None = None) -> AuditPage:
-        """A user's audit entries, newest first (``NotFound`` for an unknown user)."""
-        validate_id(user_id, "user id")
-        if workspace_id is not None:
-            validate_id(workspace_id, "workspace id")
-        if cursor is not None and not cursor.isdigit():
-            raise InvalidInput("cursor must be the next_cursor of a previous page")
-        with self.deps.sessions() as s:
-            user = s.get(User, user_id)
-            if user is None or user.status == "provisioning":
-                raise NotFound(f"user {user_id!r} does not exist")
-        self.audit_writer.flush()  # entries of calls that already returned are readable
-        return audit_log.page(self.deps.sessions, user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
-
-    def get_agent_permissions(self, workspace_id: str, *, user_id: str | None = None) -> GlobalDbPermissions:
-        """A workspace's permissions on its user's global database (scoped to ``user_id`` when given)."""
-        validate_id(workspace_id, "workspace id")
-        with self.deps.sessions() as s:
-            ws = s.get(Workspace, workspace_id)
-            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
-                raise NotFound(f"workspace {workspace_id!r} does not exist")
-            return from_row(s.scalars(select(AgentGlobalDbPermissions)
-                                          .where(AgentGlobalDbPermissions.workspace_id == workspace_id))
-                                .one_or_none())
-
-    def set_agent_permissions(self, workspace_id: str, permissions: GlobalDbPermissions, *,
-                              user_id: str | None = None) -> GlobalDbPermissions:
-        """Store a workspace's permissions and make its role's grants exactly these, at once.
-
-        The workspace row stays locked while the provider re-grants, so concurrent changes apply one after
-        the other and the catalog never says what Postgres does not enforce. ``Conflict`` for a
-        bring-your-own global database: agentpg has no per-agent roles there to enforce anything with.
-        """
-        validate_id(workspace_id, "workspace id")
-        with self.deps.sessions.begin() as s:
-            ws = s.get(Workspace, workspace_id, with_for_update=True)
-            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
-                raise NotFound(f"workspace {workspace_id!r} does not exist")
-            glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == ws.user_id)).one()
-            if ws.agent_role is None or glob.ownership_type != "platform":
-                raise Conflict("this user's global database was brought by the platform, so agentpg has no "
-                               "per-agent roles in it and cannot enforce per-agent permissions")
-            row = s.scalars(select(AgentGlobalDbPermissions)
-                            .where(AgentGlobalDbPermissions.workspace_id == workspace_id)).one_or_none()
-            if row is None:
-                row = AgentGlobalDbPermissions(workspace_id=workspace_id, user_id=ws.user_id)
-                s.add(row)
-            row.can_read, row.can_write = permissions.can_read, permissions.can_write
-            row.can_create_tables, row.can_drop_tables = permissions.can_create_tables, permissions.can_drop_tables
-            row.allowed_tables = permissions.allowed_tables
-            self.deps.provider.set_agent_permissions(users._plan_of(glob), ws.agent_role,
-                                                     workspaces.permissions_of(row))
-        cache.invalidate_all()  # the next call of this agent sees the new permissions
-        return permissions
-
-    def mcp_config(self, workspace_id: str, base_url: str, *, user_id: str | None = None) -> dict[str, Any]:
-        """The ``mcpServers`` JSON an MCP client needs for this workspace: URL and a token placeholder."""
-        self.get_workspace(workspace_id, user_id=user_id)
-        url = base_url.rstrip("/") + "/mcp"
-        return {"mcpServers": {"agentpg": {"type": "http", "url": url,
-                                           "headers": {"Authorization": "Bearer <AGENT_TOKEN>"}}}}
 
     # -- usage and budgets ---------------------------------------------------------------------------
 
