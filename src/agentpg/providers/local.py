@@ -26,12 +26,12 @@ from agentpg.providers.base import (
     UsageSample,
 )
 from agentpg.providers.tenant_sql import BOOTSTRAP
+from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-_ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION INHERIT"
 
 
 def scram_verifier(conn: Conn, role: str, password: str) -> str:

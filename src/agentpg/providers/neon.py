@@ -56,12 +56,12 @@ from agentpg.providers.neon_api import (
     RetryPolicy,
 )
 from agentpg.providers.tenant_sql import BOOTSTRAP
+from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
 
 log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-_ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION INHERIT"
 # The event trigger is installed on its own, after the rest of the bootstrap has committed.
 _TRIGGER_MARK = "DROP EVENT TRIGGER IF EXISTS agentpg_adopt;"
 _BOOTSTRAP_BODY, _mark, _trigger_tail = BOOTSTRAP.partition(_TRIGGER_MARK)

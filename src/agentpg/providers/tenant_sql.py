@@ -16,6 +16,9 @@ table, never by formatting.
 
 from __future__ import annotations
 
+#: The attributes every tenant role is (re)created with: none of the powers that would cross a tenant boundary.
+ROLE_ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION INHERIT"
+
 BOOTSTRAP = r"""
 CREATE SCHEMA IF NOT EXISTS agentpg_internal;
 REVOKE ALL ON SCHEMA agentpg_internal FROM PUBLIC;
