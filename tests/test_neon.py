@@ -214,14 +214,18 @@ def test_usage_counters_quota_and_read_only(runtime: Runtime, standin: NeonStand
     with pytest.raises(ProviderError, match="whole numbers"):
         neon.set_quota(plan, NeonQuota(active_time_seconds=-1))
 
-    # Over budget at the grant level, as the non-superuser project admin (Neon's case).
+    # Over budget at the grant level, as the non-superuser project admin (Neon's case), with Neon's quota as
+    # the hard ceiling behind the grants: a grace of compute time for reads, lifted again with the grants.
+    used = int(neon.usage(plan).compute_seconds or 0)
     neon.set_read_only(plan, True)
+    assert neon.quota(plan) == NeonQuota(compute_time_seconds=used + neon.read_only_compute_grace_s)
     for uri in (agent_uri, made.uri):
         with psycopg.connect(uri, autocommit=True) as conn:
             assert conn.execute("SELECT count(*) FROM notes").fetchone() == (2000,)
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("INSERT INTO notes VALUES (0, 'no')")
     neon.set_read_only(plan, False)
+    assert neon.quota(plan) == NeonQuota()
     for uri in (agent_uri, made.uri):
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("INSERT INTO notes VALUES (0, 'yes')")

@@ -126,7 +126,7 @@ class NeonProvider(Provider):
                  connect_timeout_s: int = 15, operation_timeout_s: float = 300.0,
                  requests_per_minute: int = PUBLISHED_REQUESTS_PER_MINUTE, burst: int = DEFAULT_BURST,
                  retry: RetryPolicy | None = None, page_size: int = 400,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, read_only_compute_grace_s: int = 3600) -> None:
         self.api = NeonApi(api_key, base_url, retry=retry, transport=transport,
                            limiter=RateLimiter(max(2, requests_per_minute),
                                                max(1, min(burst, requests_per_minute - 1))))
@@ -137,6 +137,7 @@ class NeonProvider(Provider):
         self._page_size = max(1, min(page_size, 400))
         self._projects: dict[str, _Project] = {}
         self._lock = threading.Lock()
+        self.read_only_compute_grace_s = read_only_compute_grace_s
 
     def close(self) -> None:
         self.api.close()
@@ -441,6 +442,14 @@ class NeonProvider(Provider):
                 self._act_for(conn, plan.owner_role, set_role=True)
                 conn.execute("SELECT agentpg_internal.set_agent_grants(role_name, can_read, can_write, can_create,"
                              " can_drop, allowed_tables) FROM agentpg_internal.agent_grants")
+        # Grants stop writes and keep reads. Behind them, the project's quota is the hard ceiling Neon's API
+        # offers: past any quota Neon suspends the compute (reads too), so it is set with a grace of
+        # compute time for reads, and lifted (0 = unlimited) when writes are restored.
+        if read_only:
+            used = int(self.usage(plan).compute_seconds or 0)
+            self.set_quota(plan, NeonQuota(compute_time_seconds=used + self.read_only_compute_grace_s))
+        else:
+            self.set_quota(plan, NeonQuota())
 
     def _project_body(self, plan: DatabasePlan, what: str) -> tuple[_Project, dict[str, Any]]:
         ref = self._must(plan, uri=False)
