@@ -17,15 +17,14 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware
 from starlette.applications import Starlette
-from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import TenantQueries
-from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
+from agentpg.errors import Unauthenticated
 from agentpg.gateway.proxy import Gateway, build_gateway_server
-from agentpg.mcp.http import McpHttp, _json, security_settings
+from agentpg.mcp.http import _json, admit_agent, security_settings
 from agentpg.mcp.server import limits_from
 from agentpg.service import Service
 from agentpg.settings import Settings
@@ -80,24 +79,10 @@ class GatewayHttp:
             await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
                 scope, receive, send)
             return
-        refusal = await self._security.validate_request(HTTPConnection(scope), is_post=False)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
         name = str(scope.get("path_params", {}).get("name", ""))
-        try:
-            principal = await McpHttp._authenticate(gateway.service, HTTPConnection(scope).headers.get("authorization"))
-            await gateway.target(principal, name)  # 404 for a name this user has no config of
-        except Unauthenticated as exc:
-            await _json(401, {"error": "invalid_token", "error_description": exc.message},
-                        {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
-            return
-        except PermissionDenied as exc:
-            await _json(403, {"error": "insufficient_scope", "error_description": exc.message},
-                        {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})(scope, receive, send)
-            return
-        except AgentpgError as exc:
-            await _json(exc.status, {"error": exc.code, "error_description": exc.message})(scope, receive, send)
+        principal = await admit_agent(scope, receive, send, self._security, gateway.service,
+                                      then=lambda p: gateway.target(p, name))  # 404: no config of that name
+        if principal is None:
             return
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
                                                       subject=f"{principal.token_id}/{name}", scopes=["agent"]))

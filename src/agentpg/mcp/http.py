@@ -20,7 +20,7 @@ Nothing is built at import time: :class:`McpHttp` is created by the app factory 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,37 +118,52 @@ class McpHttp:
             await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
                 scope, receive, send)
             return
-        refusal = await self._security.validate_request(HTTPConnection(scope), is_post=False)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        try:
-            principal = await self._authenticate(service, HTTPConnection(scope).headers.get("authorization"))
-        except Unauthenticated as exc:
-            await _json(401, {"error": "invalid_token", "error_description": exc.message},
-                        {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
-            return
-        except PermissionDenied as exc:
-            await _json(403, {"error": "insufficient_scope", "error_description": exc.message},
-                        {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})(scope, receive, send)
-            return
-        except AgentpgError as exc:
-            await _json(exc.status, {"error": exc.code, "error_description": exc.message})(scope, receive, send)
+        principal = await admit_agent(scope, receive, send, self._security, service)
+        if principal is None:
             return
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
                                                       subject=principal.token_id, scopes=["agent"]))
         scope[_PRINCIPAL_KEY] = principal
         await manager.handle_request(scope, receive, send)
 
-    @staticmethod
-    async def _authenticate(service: Service, header: str | None) -> Principal:
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("send this workspace's agent token as 'Authorization: Bearer <token>'")
-        principal = service.tokens.cached(token.strip())  # authenticated < 2 s ago: no catalog round trip
-        if principal is None:
-            principal = await run_in_threadpool(service.tokens.authenticate, token.strip())
-        if principal.kind != "agent":
-            raise PermissionDenied("/mcp is for agent tokens (one workspace's); admin and user tokens use the "
-                                   "REST API")
-        return principal
+
+
+async def admit_agent(scope: Scope, receive: Receive, send: Send, security: TransportSecurityMiddleware,
+                      service: Service,
+                      then: Callable[[Principal], Awaitable[object]] | None = None) -> Principal | None:
+    """The door of every agent-facing HTTP endpoint (/mcp and the gateway's): Host/Origin check, then the
+    agent token, then ``then`` (a further check, e.g. that a named server exists). Returns the principal, or
+    sends the refusal (421/403/401/403/4xx) and returns ``None``."""
+    refusal = await security.validate_request(HTTPConnection(scope), is_post=False)
+    if refusal is not None:
+        await refusal(scope, receive, send)
+        return None
+    try:
+        principal = await authenticate_agent(service, HTTPConnection(scope).headers.get("authorization"))
+        if then is not None:
+            await then(principal)
+    except Unauthenticated as exc:
+        await _json(401, {"error": "invalid_token", "error_description": exc.message},
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
+        return None
+    except PermissionDenied as exc:
+        await _json(403, {"error": "insufficient_scope", "error_description": exc.message},
+                    {"WWW-Authenticate": 'Bearer error="insufficient_scope"'})(scope, receive, send)
+        return None
+    except AgentpgError as exc:
+        await _json(exc.status, {"error": exc.code, "error_description": exc.message})(scope, receive, send)
+        return None
+    return principal
+
+
+async def authenticate_agent(service: Service, header: str | None) -> Principal:
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("send this workspace's agent token as 'Authorization: Bearer <token>'")
+    principal = service.tokens.cached(token.strip())  # authenticated < 2 s ago: no catalog round trip
+    if principal is None:
+        principal = await run_in_threadpool(service.tokens.authenticate, token.strip())
+    if principal.kind != "agent":
+        raise PermissionDenied("/mcp is for agent tokens (one workspace's); admin and user tokens use the "
+                               "REST API")
+    return principal
