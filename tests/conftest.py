@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from api_support import LiveServer, Transcript
 from leakscan import leak_scanner  # noqa: F401 - the suite-wide secret-leak check (autouse)
+from mcp_support import Tenants, make_tenants
 
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.runtime import Runtime, open_runtime
@@ -126,3 +127,36 @@ def live_server(agentpg_home: Path, runtime: Runtime, api_transcript: Transcript
         api_transcript.record("agentpg serve output", output)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -15 is the clean exit here.
     assert code in (0, -15) and "Application shutdown complete" in output, output[-3000:]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests run on asyncio (the MCP SDK's and uvicorn's loop)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def tenants(runtime: Runtime) -> Iterator[Tenants]:
+    """Two agents of one user and one agent of another, with tokens (modules may define their own)."""
+    t = make_tenants(runtime)
+    yield t
+    runtime.service.delete_user(t.user1)
+    runtime.service.delete_user(t.user2)
+
+
+@pytest.fixture(scope="module")
+def victims(api_client: Any, admin_token: str, runtime: Runtime) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A user whose global database holds ``victims`` (3 rows), for bad-input and fuzz tests that must show
+    nothing changed; yields (user, its global URI, admin headers)."""
+    from api_support import bearer, uid
+    from helpers import global_uri
+
+    admin_h = bearer(admin_token)
+    user = uid("victim")
+    assert api_client.post("/api/users", json={"id": user}, headers=admin_h).status_code == 201
+    uri = global_uri(runtime, user)
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE victims (id int PRIMARY KEY, name text, doc json)")
+        conn.execute("""INSERT INTO victims VALUES (1, 'a', '{"k": 1}'), (2, 'b', null), (3, 'c', '[]')""")
+    yield user, uri, admin_h
+    api_client.delete(f"/api/users/{user}", headers=admin_h)

@@ -8,20 +8,22 @@ from agentpg.catalog.models import EnvVar, UserGlobalDatabase, Workspace, Worksp
 from agentpg.runtime import Runtime
 
 
-def global_uri(rt: Runtime, user_id: str) -> str:
+def _opened(rt: Runtime, model: type[UserGlobalDatabase] | type[WorkspaceAgentDatabase], key: str,
+            table: str) -> str:
     deps = rt.service.deps
+    column = model.user_id if model is UserGlobalDatabase else model.workspace_id  # type: ignore[attr-defined]
     with deps.sessions() as s:
-        rec = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
+        rec = s.scalars(select(model).where(column == key)).one()
         assert rec.connection_uri_sealed
-        return deps.open(rec.connection_uri_sealed, "user_global_database", rec.id, "connection_uri")
+        return deps.open(rec.connection_uri_sealed, table, rec.id, "connection_uri")
+
+
+def global_uri(rt: Runtime, user_id: str) -> str:
+    return _opened(rt, UserGlobalDatabase, user_id, "user_global_database")
 
 
 def agent_db_uri(rt: Runtime, workspace_id: str) -> str:
-    deps = rt.service.deps
-    with deps.sessions() as s:
-        rec = s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.workspace_id == workspace_id)).one()
-        assert rec.connection_uri_sealed
-        return deps.open(rec.connection_uri_sealed, "workspace_agent_database", rec.id, "connection_uri")
+    return _opened(rt, WorkspaceAgentDatabase, workspace_id, "workspace_agent_database")
 
 
 def workspace_global_uri(rt: Runtime, workspace_id: str) -> str:

@@ -21,6 +21,12 @@ from agentpg.api.app import create_app
 from agentpg.runtime import Runtime, admin_token
 from agentpg.settings import Settings
 
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+"""What a streamable-HTTP MCP client sends with every POST."""
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+"""A raw MCP initialize request, for tests that speak HTTP to /mcp without the SDK."""
+
 
 def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"

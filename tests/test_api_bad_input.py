@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
-from api_support import assert_problem, bearer, uid
-from helpers import global_uri
-
-from agentpg.runtime import Runtime
+from api_support import assert_problem, uid
 
 INJECTIONS = ['"; DROP TABLE victims; --', "victims; DROP TABLE victims", 'victims"', "public.victims",
               "victims --", "../victims", "VICTIMS", " victims", "victims\u200b", "v" * 255,
               "pg_catalog.pg_authid", "agentpg_internal.config", "'", "%", "*"]
 
-
-@pytest.fixture(scope="module")
-def target(api_client: Any, admin_token: str, runtime: Runtime) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """A user whose global database holds ``victims`` (3 rows); yields (user, its global URI, admin headers)."""
-    admin_h = bearer(admin_token)
-    user = uid("bad")
-    assert api_client.post("/api/users", json={"id": user}, headers=admin_h).status_code == 201
-    uri = global_uri(runtime, user)
-    with psycopg.connect(uri, autocommit=True) as conn:
-        conn.execute("CREATE TABLE victims (id int PRIMARY KEY, name text, doc json)")
-        conn.execute("""INSERT INTO victims VALUES (1, 'a', '{"k": 1}'), (2, 'b', null), (3, 'c', '[]')""")
-    yield user, uri, admin_h
-    api_client.delete(f"/api/users/{user}", headers=admin_h)
 
 
 def _user_ids(api_client: Any, admin_h: dict[str, str]) -> set[str]:
@@ -43,8 +25,8 @@ def _unchanged(api_client: Any, user: str, uri: str, admin_h: dict[str, str], us
     assert _user_ids(api_client, admin_h) == users_before
 
 
-def test_injection_in_table_column_and_sort_names(api_client: Any, target: tuple[str, str, dict[str, str]]) -> None:
-    user, uri, admin_h = target
+def test_injection_in_table_column_and_sort_names(api_client: Any, victims: tuple[str, str, dict[str, str]]) -> None:
+    user, uri, admin_h = victims
     before = _user_ids(api_client, admin_h)
     query = f"/api/users/{user}/global-database/query"
     for name in INJECTIONS:
@@ -65,8 +47,8 @@ def test_injection_in_table_column_and_sort_names(api_client: Any, target: tuple
     _unchanged(api_client, user, uri, admin_h, before)
 
 
-def test_limits_offsets_and_wrong_types(api_client: Any, target: tuple[str, str, dict[str, str]]) -> None:
-    user, uri, admin_h = target
+def test_limits_offsets_and_wrong_types(api_client: Any, victims: tuple[str, str, dict[str, str]]) -> None:
+    user, uri, admin_h = victims
     before = _user_ids(api_client, admin_h)
     query = f"/api/users/{user}/global-database/query"
     bad: list[tuple[dict[str, Any], str]] = [
@@ -100,8 +82,8 @@ def test_limits_offsets_and_wrong_types(api_client: Any, target: tuple[str, str,
     _unchanged(api_client, user, uri, admin_h, before)
 
 
-def test_malformed_bodies_sizes_and_nul_bytes(api_client: Any, target: tuple[str, str, dict[str, str]]) -> None:
-    user, uri, admin_h = target
+def test_malformed_bodies_sizes_and_nul_bytes(api_client: Any, victims: tuple[str, str, dict[str, str]]) -> None:
+    user, uri, admin_h = victims
     before = _user_ids(api_client, admin_h)
     query = f"/api/users/{user}/global-database/query"
     json_h = {**admin_h, "content-type": "application/json"}

@@ -18,11 +18,10 @@ from urllib.parse import quote
 import httpx
 import psycopg
 import pytest
-from api_support import bearer, uid
 from helpers import global_uri
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mcp_support import Tenants, live_server, make_tenants
+from mcp_support import MCP_HEADERS, Tenants, live_server, make_tenants
 
 from agentpg.runtime import Runtime
 from agentpg.settings import Settings
@@ -32,7 +31,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 _ODD = st.sampled_from(["\x00", "\u202e", "\ufeff", "\U0001f600", "\u200b", "'", '"',
                         ";", "--", "$1", "%s", "\\", "\n", "é", "\u3000", "\uffff", "a" * 70_000])
@@ -51,18 +49,6 @@ def deep(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-@pytest.fixture(scope="module")
-def target(api_client: Any, admin_token: str, runtime: Runtime) -> Iterator[tuple[str, str, dict[str, str]]]:
-    admin_h = bearer(admin_token)
-    user = uid("fuzz")
-    assert api_client.post("/api/users", json={"id": user}, headers=admin_h).status_code == 201
-    uri = global_uri(runtime, user)
-    with psycopg.connect(uri, autocommit=True) as conn:
-        conn.execute("CREATE TABLE victims (id int PRIMARY KEY, name text, doc json)")
-        conn.execute("""INSERT INTO victims VALUES (1, 'a', '{"k": 1}'), (2, 'b', null), (3, 'c', '[]')""")
-    yield user, uri, admin_h
-    api_client.delete(f"/api/users/{user}", headers=admin_h)
-
 
 def _snapshot(api_client: Any, uri: str, admin_h: dict[str, str]) -> tuple[Any, ...]:
     users = api_client.get("/api/users", params={"limit": 500}, headers=admin_h).json()["items"]
@@ -79,8 +65,8 @@ def _is_4xx_problem(response: Any) -> None:
     assert body["status"] == response.status_code and body["code"] and body["detail"]
 
 
-def test_rest_bodies_are_refused_cleanly(api_client: Any, target: tuple[str, str, dict[str, str]]) -> None:
-    user, uri, admin_h = target
+def test_rest_bodies_are_refused_cleanly(api_client: Any, victims: tuple[str, str, dict[str, str]]) -> None:
+    user, uri, admin_h = victims
     before = _snapshot(api_client, uri, admin_h)
 
     @FUZZ

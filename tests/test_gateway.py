@@ -30,7 +30,7 @@ import pytest
 from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_support import Tenants, live_server, make_tenants
+from mcp_support import INIT, MCP_HEADERS, Tenants, live_server
 
 from agentpg.runtime import Runtime
 from agentpg.settings import Settings
@@ -39,14 +39,7 @@ pytestmark = pytest.mark.anyio
 
 NPM_PACKAGE = "@modelcontextprotocol/server-postgres"
 NPM_VERSION = "0.6.2"
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def _ensure_node() -> None:
@@ -78,13 +71,6 @@ def server_postgres_js() -> str:
             pytest.fail(f"npm install {NPM_PACKAGE}@{NPM_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
     return str(entry)
 
-
-@pytest.fixture(scope="module")
-def tenants(runtime: Runtime) -> Iterator[Tenants]:
-    t = make_tenants(runtime)
-    yield t
-    runtime.service.delete_user(t.user1)
-    runtime.service.delete_user(t.user2)
 
 
 GATEWAY_SETTINGS: dict[str, Any] = {"warm_pool_size": 0, "gateway_idle_timeout_s": 3.0,

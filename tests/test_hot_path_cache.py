@@ -29,10 +29,6 @@ from agentpg.tokens import TokenStore
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 def _agent(runtime: Runtime) -> tuple[str, str, str, str]:
     svc = runtime.service

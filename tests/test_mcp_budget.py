@@ -15,10 +15,6 @@ from agentpg.usage.budgets import sync_usage
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def test_execute_over_budget_is_refused_with_the_reason(runtime: Runtime, settings: Settings) -> None:
     svc = runtime.service

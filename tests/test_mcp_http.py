@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused, rss_kib, text
+from mcp_support import INIT, MCP_HEADERS, Tenants, http_session, live_server, ok, refused, rss_kib, text
 from psycopg.conninfo import make_conninfo
 
 from agentpg.runtime import Runtime
@@ -18,22 +18,8 @@ from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tenants(runtime: Runtime) -> Iterator[Tenants]:
-    t = make_tenants(runtime)
-    yield t
-    runtime.service.delete_user(t.user1)
-    runtime.service.delete_user(t.user2)
 
 
 @pytest.fixture(scope="module")

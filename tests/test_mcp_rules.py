@@ -24,10 +24,6 @@ pytestmark = pytest.mark.anyio
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @pytest.fixture(scope="module")
 def tenants(runtime: Runtime) -> Iterator[Tenants]:

@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +17,7 @@ from conftest import run_cli
 from helpers import agent_db_uri, workspace_global_uri
 from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
-from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused
+from mcp_support import Tenants, http_session, live_server, ok, refused
 
 from agentpg.runtime import Runtime
 from agentpg.settings import Settings
@@ -25,17 +25,6 @@ from agentpg.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tenants(runtime: Runtime) -> Iterator[Tenants]:
-    t = make_tenants(runtime)
-    yield t
-    runtime.service.delete_user(t.user1)
-    runtime.service.delete_user(t.user2)
 
 
 @asynccontextmanager

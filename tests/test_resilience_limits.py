@@ -6,32 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
-from mcp_support import Tenants, http_session, live_server, make_tenants, ok, text
+from mcp_support import MCP_HEADERS, Tenants, http_session, live_server, ok, text
 
 from agentpg.api.ratelimit import TokenBuckets
-from agentpg.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tenants(runtime: Runtime) -> Iterator[Tenants]:
-    t = make_tenants(runtime)
-    yield t
-    runtime.service.delete_user(t.user1)
-    runtime.service.delete_user(t.user2)
 
 
 def test_token_bucket_refills_and_says_when() -> None:

@@ -33,10 +33,6 @@ ROWS = int(os.environ.get("AGENTPG_LOAD_ROWS", "3"))
 BACK_PRESSURE = ("too many concurrent calls",)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @pytest.fixture(scope="module")
 def crowd(runtime: Runtime) -> Iterator[tuple[str, list[str]]]:

@@ -35,10 +35,6 @@ AGENTS = 3
 DOWN_S = 4.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @dataclass
 class Private:
