@@ -251,8 +251,11 @@ async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants
         with pytest.raises(StatementFailed, match="read-only transaction") as info:
             await queries.run(uri, "WITH d AS (DELETE FROM shared RETURNING *) SELECT * FROM d", read_only=True)
         assert info.value.outcome == "denied"
+        # The read's transaction is read only from its start: once the statement runs, nothing can lift it.
         with pytest.raises(StatementFailed, match="read-write mode must be set before any query"):
-            await queries.run(uri, "SET TRANSACTION READ WRITE", read_only=True)
+            await queries.run(uri, "SELECT set_config('transaction_read_only', 'off', true)", read_only=True)
+        # SET TRANSACTION alone is the whole (implicit) transaction: it may run, and changes nothing after it.
+        await queries.run(uri, "SET TRANSACTION READ WRITE", read_only=True)
         await queries.run(uri, "SELECT set_config('default_transaction_read_only', 'off', false)", read_only=True)
         with pytest.raises(StatementFailed, match="read-only transaction"):
             await queries.run(uri, "INSERT INTO shared VALUES (9, 'x')", read_only=True)
@@ -276,6 +279,27 @@ async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants
         assert time.monotonic() - started < 3
         assert (await queries.run(uri, "SELECT 1", read_only=True)).rows == [[1]]  # the connection is fine
     finally:
+        await queries.close()
+
+
+async def test_reads_stay_read_only_whatever_the_role_sets_for_itself(runtime: Runtime, tenants: Tenants) -> None:
+    """The read-only default and the timeout come in the startup packet, which outranks the role's own
+    ``ALTER ROLE ... SET`` (an ordinary role may set defaults for itself) and is what ``RESET ALL`` restores."""
+    uri = workspace_global_uri(runtime, tenants.ws_a)
+    queries = TenantQueries(TenantPools(PoolLimits(max_size=1)), QueryLimits(statement_timeout_s=1.0))
+    try:
+        await queries.run(uri, "ALTER ROLE CURRENT_USER SET default_transaction_read_only = off", read_only=False)
+        await queries.run(uri, "ALTER ROLE CURRENT_USER SET statement_timeout = 0", read_only=False)
+        await queries.pools.forget(uri)  # fresh connections: the role's settings would apply now
+        settings = await queries.run(uri, "SELECT current_setting('default_transaction_read_only'), "
+                                          "current_setting('statement_timeout')", read_only=True)
+        assert settings.rows == [["on", "1s"]]
+        with pytest.raises(StatementFailed, match="read-only transaction"):
+            await queries.run(uri, "SELECT * FROM shared FOR UPDATE", read_only=True)
+        await queries.run(uri, "RESET ALL", read_only=False)
+        assert (await queries.run(uri, "SELECT current_setting('statement_timeout')", read_only=True)).rows == [["1s"]]
+    finally:
+        await queries.run(uri, "ALTER ROLE CURRENT_USER RESET ALL", read_only=False)
         await queries.close()
 
 

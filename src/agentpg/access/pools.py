@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from agentpg.errors import AgentpgError, ProviderUnavailable
@@ -52,24 +51,29 @@ class PoolLimits:
                    connect_timeout_s=settings.connect_timeout_s)
 
 
-#: What DISCARD ALL does, as statements that may follow a COMMIT/ROLLBACK in one Query message (DISCARD ALL
-#: itself refuses to run in a multi-statement string). The query path ends each call with
-#: ``ROLLBACK; <this>`` (one round trip instead of two) and then :func:`mark_reset`.
-RESET_STATEMENTS = ("CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
-                    "SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES")
-_RESET_DONE: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
-
-
-def mark_reset(conn: AsyncConnection[Any]) -> None:
-    """``conn`` has just run :data:`RESET_STATEMENTS` successfully: the pool need not reset it again."""
-    _RESET_DONE.add(conn)
+#: Session settings a pool's connections start with, as (name, value) pairs, e.g.
+#: ``(("default_transaction_read_only", "on"),)``. They are sent in the startup packet (``options``), so
+#: they are the session's *defaults*: ``RESET ALL`` (part of ``DISCARD ALL``) returns to them, and a role's
+#: or database's own ``ALTER ... SET`` cannot override them.
+SessionSettings = tuple[tuple[str, str], ...]
 
 
 async def _reset(conn: AsyncConnection[object]) -> None:
-    if conn in _RESET_DONE:
-        _RESET_DONE.discard(conn)
-        return
+    # Run by the pool's worker after the connection is handed back (psycopg_pool returns connections in a
+    # background task when a reset is configured): the caller's answer never waits for this round trip.
     await conn.execute("DISCARD ALL")
+
+
+def startup_options(uri: str, session: SessionSettings) -> str | None:
+    """The ``options`` connection parameter: whatever ``uri`` already carries (e.g. a Neon endpoint id)
+    followed by ``-c name=value`` for each setting. Names and values are agentpg's own constants; a space or
+    backslash in a value is escaped as libpq's options syntax requires."""
+    existing = conninfo_to_dict(uri).get("options")
+    parts = [str(existing)] if existing else []
+    for name, value in session:
+        escaped = value.replace("\\", "\\\\").replace(" ", "\\ ")
+        parts.append(f"-c {name}={escaped}")
+    return " ".join(parts) or None
 
 
 async def _configure(conn: AsyncConnection[object]) -> None:
@@ -90,11 +94,13 @@ class TenantPools:
         self._lock = asyncio.Lock()
 
     @staticmethod
-    def _key(uri: str) -> str:
-        return hashlib.sha256(uri.encode()).hexdigest()
+    def _key(uri: str, session: SessionSettings = ()) -> str:
+        """The pool's key: a hash of the URI (never the URI itself), then one of the settings."""
+        settings = hashlib.sha256(repr(session).encode()).hexdigest()[:16] if session else ""
+        return f"{hashlib.sha256(uri.encode()).hexdigest()}:{settings}"
 
-    async def _pool(self, uri: str) -> AsyncConnectionPool[AsyncConnection[object]]:
-        key = self._key(uri)
+    async def _pool(self, uri: str, session: SessionSettings) -> AsyncConnectionPool[AsyncConnection[object]]:
+        key = self._key(uri, session)
         async with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
@@ -106,7 +112,7 @@ class TenantPools:
                 # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
                 # every call opens its own transaction explicitly with conn.transaction().
                 kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",
-                        "autocommit": True},
+                        "autocommit": True, **({"options": startup_options(uri, session)} if session else {})},
                 name=f"tenant-{key[:8]}", reconnect_timeout=30,
             )
             await pool.open(wait=False)
@@ -119,9 +125,13 @@ class TenantPools:
         return pool
 
     @asynccontextmanager
-    async def connection(self, uri: str) -> AsyncIterator[AsyncConnection[object]]:
-        """A connection to ``uri`` for one call. Raises ``PoolExhausted`` or ``ProviderUnavailable``."""
-        pool = await self._pool(uri)
+    async def connection(self, uri: str, session: SessionSettings = ()) -> AsyncIterator[AsyncConnection[object]]:
+        """A connection to ``uri`` for one call, from the pool of connections that start with ``session``
+        settings (one pool per URI and settings). Raises ``PoolExhausted`` or ``ProviderUnavailable``.
+
+        Leave it idle (no transaction open) when the block ends; the pool resets it (``DISCARD ALL``) in the
+        background before anyone else gets it."""
+        pool = await self._pool(uri, session)
         errors_before = pool.get_stats().get("connections_errors", 0)
         try:
             async with pool.connection() as conn:
@@ -134,10 +144,10 @@ class TenantPools:
                 raise ProviderUnavailable("the database server cannot be reached right now; retry shortly") from None
             raise PoolExhausted("too many concurrent calls on this database; retry shortly") from None
 
-    async def discard_broken(self, uri: str) -> None:
+    async def discard_broken(self, uri: str, session: SessionSettings = ()) -> None:
         """A connection of ``uri``'s pool turned out dead (the server restarted, or killed it): check every idle
         connection of that pool now and drop the dead ones, so the next checkout gets a live one."""
-        pool = self._pools.get(self._key(uri))
+        pool = self._pools.get(self._key(uri, session))
         if pool is not None:
             try:
                 await pool.check()
@@ -146,9 +156,10 @@ class TenantPools:
 
     async def forget(self, uri: str) -> None:
         """Close the pool of a database or role that is being dropped or re-passworded."""
+        prefix = self._key(uri).partition(":")[0] + ":"
         async with self._lock:
-            pool = self._pools.pop(self._key(uri), None)
-        if pool is not None:
+            doomed = [self._pools.pop(key) for key in [k for k in self._pools if k.startswith(prefix)]]
+        for pool in doomed:  # every settings variant of this URI
             await pool.close()
 
     async def close(self) -> None:

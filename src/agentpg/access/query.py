@@ -5,13 +5,15 @@ Every call to :meth:`TenantQueries.run`:
 * runs **exactly one statement over the extended protocol** (``Parse``/``Bind``/``Execute``), with or without
   bound parameters, so the *server* refuses ``SELECT 1; COMMIT; DROP TABLE t`` ("cannot insert multiple
   commands into a prepared statement") whatever any pre-check thought of it;
-* runs it in **its own transaction**: ``BEGIN`` (``BEGIN READ ONLY`` for reads) and a local
-  ``statement_timeout`` in one round trip, then the statement, then ``COMMIT`` (reads always roll back).
-  The mode is fixed before the agent's statement runs, so a ``SET TRANSACTION READ WRITE`` inside it is
-  refused by Postgres;
+* runs it in **its own transaction**, on a connection whose session starts (startup packet) with
+  ``default_transaction_read_only=on`` and the ``statement_timeout``: a read is the statement alone in its
+  implicit, read-only transaction (one round trip); a write is ``BEGIN READ WRITE``, the statement, then
+  ``COMMIT``. The mode is fixed when the transaction starts, before the agent's statement, so a
+  ``SET TRANSACTION READ WRITE`` inside it is refused by Postgres;
 * is **cancelled from outside** if it outlives the timeout by a grace period (an agent can ``SET`` any
   timeout it likes, but not stop us sending a cancel request), and the connection is ``DISCARD ALL``-ed by
-  the pool before reuse, so nothing a call changes in its session reaches the next call;
+  the pool (in the background, after the answer) before reuse, so nothing a call changes in its session
+  reaches the next call: ``RESET ALL`` returns to the startup settings above, not to the role's defaults;
 * **streams** rows (libpq chunked-rows mode) and keeps at most ``max_rows`` of them and ``max_result_bytes``
   of their JSON form: a read that would return more is cancelled at once (``truncated``), a write that
   returns more rows runs to completion and its surplus rows are dropped as they arrive. Memory stays flat.
@@ -35,7 +37,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -45,10 +47,10 @@ from urllib.parse import unquote, urlsplit
 import pglast
 import psycopg
 from pglast import ast
-from psycopg import AsyncConnection, AsyncRawCursor, pq, sql
+from psycopg import AsyncConnection, AsyncRawCursor, pq
 from psycopg.types.string import TextLoader
 
-from agentpg.access.pools import RESET_STATEMENTS, TenantPools, is_connection_lost, mark_reset
+from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
 from agentpg.errors import AgentpgError, ProviderUnavailable
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,30 @@ class StatementFailed(AgentpgError):
         self.condition = condition
 
 
+#: OIDs of the types whose values, as psycopg loads them, are JSON as they are (bool, char, name, int8, int2,
+#: int4, text, oid, bpchar, varchar): their columns skip :func:`json_value`.
+_JSON_READY_TYPES = frozenset({16, 18, 19, 20, 21, 23, 25, 26, 1042, 1043})
+
+
+def _row_encoder() -> Callable[[list[JsonValue]], str]:
+    """Compact JSON of one row, built once. Every ``json.dumps`` call builds its C encoder afresh, which costs
+    more than encoding a short row; CPython's ``c_make_encoder`` (what ``JSONEncoder.iterencode`` calls) is
+    kept instead, with the pure ``JSONEncoder`` as the fallback where it is missing or differs."""
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is not None:
+        try:
+            fast = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+            if "".join(fast([1, "é", None, 1.5, True], 0)) == '[1,"é",null,1.5,true]':
+                return lambda row: "".join(fast(row, 0))
+        except TypeError:  # another signature: use the documented path
+            pass
+    return encoder.encode
+
+
+_encode_row = _row_encoder()
+
+
 @dataclass
 class _Collector:
     """Keeps rows until a limit is reached; counts (but drops) the rest."""
@@ -125,6 +151,13 @@ class _Collector:
     size: int = 0
     seen: int = 0
     truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
+    convert: list[int] | None = None
+    """Positions of the columns whose values need :func:`json_value` (None: unknown, so all)."""
+
+    def describe(self, description: Sequence[psycopg.Column] | None) -> None:
+        """The result's columns are known: convert only the values that need it (most are plain already)."""
+        if description is not None:
+            self.convert = [i for i, c in enumerate(description) if c.type_code not in _JSON_READY_TYPES]
 
     def add(self, raw: Sequence[Any]) -> bool:
         """Take one row; False once the result is full (the caller may stop fetching)."""
@@ -134,8 +167,13 @@ class _Collector:
         if len(self.rows) >= self.max_rows:
             self.truncated_by = "max_rows"
             return False
-        row = [json_value(v) for v in raw]
-        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        if self.convert is None:
+            row = [json_value(v) for v in raw]
+        else:
+            row = list(raw)
+            for i in self.convert:
+                row[i] = json_value(row[i])
+        text = _encode_row(row)
         size = len(text)
         if self.size + size > self.max_bytes:
             self.truncated_by = "max_result_bytes"
@@ -152,6 +190,7 @@ class TenantQueries:
     def __init__(self, pools: TenantPools, limits: QueryLimits) -> None:
         self.pools = pools
         self.limits = limits
+        self._session = session_settings(limits)
 
     async def run(self, uri: str, statement: str, params: Sequence[JsonValue] | None = None, *,
                   read_only: bool, max_rows: int | None = None,
@@ -166,33 +205,34 @@ class TenantQueries:
         limit = self.limits.max_rows if max_rows is None else max(0, min(max_rows, self.limits.max_rows))
         returns_rows, is_dml = statement_shape(statement)
         args = bind_params(params)
-        timeout_ms = max(1, int(self.limits.statement_timeout_s * 1000))
         cancel_after = (self.limits.statement_timeout_s + self.limits.cancel_grace_s
                         if cancel_after_s is None else cancel_after_s)
         collector = _Collector(limit, self.limits.max_result_bytes)
         started = time.perf_counter()
         # A pooled connection may have died since its last use (the server restarted). If it fails before the
         # agent's statement was sent, nothing of the call ran: drop the pool's dead connections and try once
-        # more on a fresh one. Once the statement is on the wire it is never re-sent.
+        # more on a fresh one. A write on the wire is never re-sent; a read is (its transaction was read only
+        # and never committed) as long as none of its rows arrived.
         sent = _Progress()
         for attempt in (1, 2):
             try:
                 # Last resort if even the cancel request goes unanswered: psycopg then closes the connection.
-                async with asyncio.timeout(cancel_after + 10), self.pools.connection(uri) as conn:
+                async with asyncio.timeout(cancel_after + 10), self.pools.connection(uri, self._session) as conn:
                     # A timer, not a task per call: the cancel task exists only if the statement overruns.
                     watchdog = asyncio.get_running_loop().call_later(cancel_after, _start_cancel, conn)
                     try:
                         columns, command, affected = await _execute(
-                            conn, statement, args, read_only=read_only, timeout_ms=timeout_ms,
+                            conn, statement, args, read_only=read_only,
                             returns_rows=returns_rows, is_dml=is_dml, collector=collector, progress=sent)
                     finally:
                         watchdog.cancel()
                 break
             except psycopg.Error as exc:
-                if attempt == 1 and not sent.statement_sent and is_connection_lost(exc):
+                resendable = not sent.statement_sent or (read_only and collector.seen == 0)
+                if attempt == 1 and resendable and is_connection_lost(exc):
                     log.info("a pooled tenant connection was dead (%s); retrying the call on a fresh one",
                              type(exc).__name__)
-                    await self.pools.discard_broken(uri)
+                    await self.pools.discard_broken(uri, self._session)
                     continue
                 raise _failure(exc, uri, time.perf_counter() - started) from None
             except TimeoutError:
@@ -228,46 +268,63 @@ async def _cancel_now(conn: AsyncConnection[Any]) -> None:
         log.warning("could not cancel an overrunning agent statement: %s", type(exc).__name__)
 
 
+def session_settings(limits: QueryLimits) -> SessionSettings:
+    """What every connection of the agent path starts with: transactions read only unless opened
+    ``READ WRITE``, and the statement timeout. Startup defaults, so the pool's ``DISCARD ALL`` restores them
+    after any call, whatever the call ``SET``."""
+    timeout_ms = max(1, int(limits.statement_timeout_s * 1000))
+    return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"))
+
+
 async def _execute(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *, read_only: bool,
-                   timeout_ms: int, returns_rows: bool, is_dml: bool, collector: _Collector,
+                   returns_rows: bool, is_dml: bool, collector: _Collector,
                    progress: _Progress | None = None) -> tuple[list[ColumnInfo], str | None, int | None]:
-    # set_config(..., true) is SET LOCAL; being a query, it also takes the transaction's snapshot, after which
-    # Postgres refuses any change of the READ ONLY mode ("must be set before any query").
-    # BEGIN, the mode and the timeout in one round trip (one simple-protocol Query message).
-    setup = sql.SQL("BEGIN{}; SELECT set_config('statement_timeout', {}, true)").format(
-        sql.SQL(" READ ONLY" if read_only else ""), sql.Literal(f"{timeout_ms}ms"))
-    # Reads never commit, so stopping a read early (which cancels it server-side) is harmless.
-    await conn.execute(setup)
+    """Run the statement in its own transaction. The connection is idle again when this returns or raises
+    (the pool resets the session afterwards, off the caller's time).
+
+    A read is one round trip: the statement alone in the implicit transaction of its extended-protocol
+    exchange, which is read only (and timed) because the session's defaults say so; the mode is fixed when
+    the transaction starts, before the statement, so nothing in it can turn it read-write. A write opens
+    ``BEGIN READ WRITE`` first, then runs the statement and ``COMMIT`` (together, when it returns no rows).
+    """
+    if read_only:
+        return await _statement(conn, statement, args, read_only=True, returns_rows=returns_rows, is_dml=is_dml,
+                                collector=collector, progress=progress)
+    await conn.execute("BEGIN READ WRITE")  # also proves the pooled connection alive before the statement
     try:
-        result = await _statement(conn, statement, args, read_only=read_only, returns_rows=returns_rows,
-                                  is_dml=is_dml, collector=collector, progress=progress)
+        result = await _statement(conn, statement, args, read_only=False, returns_rows=returns_rows,
+                                  is_dml=is_dml, collector=collector, progress=progress, commit=True)
     except BaseException:
         if conn.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
             with contextlib.suppress(psycopg.Error):  # the connection is gone: the pool replaces it
                 await conn.execute("ROLLBACK")
         raise
-    # End and reset in one round trip; if COMMIT fails, the rest is not run and the pool resets it instead.
-    await conn.execute(("ROLLBACK; " if read_only else "COMMIT; ") + RESET_STATEMENTS)
-    mark_reset(conn)
     return result
 
 
 async def _statement(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
                      read_only: bool, returns_rows: bool, is_dml: bool, collector: _Collector,
-                     progress: _Progress | None) -> tuple[list[ColumnInfo], str | None, int | None]:
+                     progress: _Progress | None,
+                     commit: bool = False) -> tuple[list[ColumnInfo], str | None, int | None]:
+    """Run ``statement`` (and ``COMMIT`` after it when ``commit``)."""
     cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
     cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
     if progress is not None:
         progress.statement_sent = True
     if not returns_rows:
-        # Pipeline mode always uses the extended protocol, even without parameters.
+        # Pipeline mode always uses the extended protocol, even without parameters; a failed statement
+        # makes the server skip the COMMIT queued behind it.
         async with conn.pipeline():
             await cur.execute(statement, args)
+            if commit:
+                await conn.execute("COMMIT")
         if cur.description is not None:  # a statement we did not expect to return rows did
+            collector.describe(cur.description)
             for raw in await cur.fetchall():
                 collector.add(raw)
         return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
     columns: list[ColumnInfo] = []
+    no_result = False
     try:
         # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
         stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
@@ -275,12 +332,17 @@ async def _statement(conn: AsyncConnection[Any], statement: str, args: list[str 
             async for raw in rows:
                 if not columns:
                     columns = _columns(cur)
+                    collector.describe(cur.description)
                 if not collector.add(raw) and read_only:
                     break  # leaving the stream cancels the rest of the read
     except psycopg.ProgrammingError as exc:
         if exc.sqlstate is not None:
             raise
-        return [], None, None  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
+        no_result = True  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
+    if commit:
+        await conn.execute("COMMIT")
+    if no_result:
+        return [], None, None
     return columns, None, collector.seen if is_dml and not read_only else None
 
 
