@@ -1,6 +1,6 @@
 """Concurrent agents: throughput and p99 of MCP ``query`` at 1, 10, 50, 200 concurrent sessions over HTTP.
 
-    python bench/concurrency.py [--levels 1,10,50,200] [--seconds 10] [--clients 2]
+    python bench/concurrency.py [--levels 1,10,50,200] [--seconds 10] [--clients 2] [--rounds 3]
 
 One user with as many workspaces (agents) as the highest level; every session is a different agent (its
 own token, its own Postgres role) calling ``query`` (a 1-row SELECT on a 10,000-row table in the user's
@@ -8,7 +8,9 @@ global database) over streamable HTTP, back to back, for --seconds. The client i
 JSON-RPC over streamable HTTP: initialize, notifications/initialized, tools/call; JSON responses), spread
 over --clients processes, so the client's own cost stays small next to the server's on a 2-core machine.
 The baseline, measured in the same run: the same SELECT over raw psycopg with the same number of concurrent
-connections (one per agent role, each its own thread). Writes bench/results/concurrency.{json,png}.
+connections (one per agent role, each its own thread). Each level runs --rounds times; the figures are the
+medians over rounds (every round's calls/s and p99 are kept in the JSON).
+Writes bench/results/concurrency.{json,png}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import statistics
 import sys
 import threading
 import time
@@ -42,8 +45,10 @@ async def _session(base_url: str, token: str, seconds: float, start_at: float, o
         r = await client.post("/mcp", json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}})
         r.raise_for_status()
-        sid = r.headers["mcp-session-id"]
-        client.headers.update({"Mcp-Session-Id": sid, "Mcp-Protocol-Version": "2025-06-18"})
+        sid = r.headers.get("mcp-session-id")  # only a stateful server issues one
+        client.headers.update({"Mcp-Protocol-Version": "2025-06-18"})
+        if sid is not None:
+            client.headers["Mcp-Session-Id"] = sid
         await client.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                 "params": {"name": "query", "arguments": {"database": "global", "sql": SQL}}}
@@ -57,7 +62,8 @@ async def _session(base_url: str, token: str, seconds: float, start_at: float, o
                 errors.append(1)
             else:
                 out.append(elapsed)
-        await client.delete("/mcp")
+        if sid is not None:
+            await client.delete("/mcp")
 
 
 def _client_process(base_url: str, tokens: list[str], seconds: float, start_at: float, conn: Any) -> None:
@@ -126,6 +132,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--pool-size", type=int, default=1, help="AGENTPG_TENANT_POOL_MAX_SIZE of the server")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     results: dict[str, dict[str, float]] = {}
@@ -149,12 +156,17 @@ def main() -> None:
         try:
             server.wait_ready()
             for n in levels:
-                samples, errors = mcp_level(server.base_url, tokens[:n], args.seconds, args.clients)
+                rounds = [mcp_level(server.base_url, tokens[:n], args.seconds, args.clients)
+                          for _ in range(args.rounds)]
+                per_round = [percentiles(samples) for samples, _ in rounds]
+                rates = [round(len(samples) / args.seconds, 1) for samples, _ in rounds]
+                errors = sum(e for _, e in rounds)
                 raw = raws[n]
-                row = percentiles(samples)
+                row = {k: round(statistics.median(r[k] for r in per_round), 3) for k in per_round[0]}
                 results[f"MCP query, {n} sessions"] = row
                 results[f"raw psycopg, {n} connections (baseline)"] = percentiles(raw)
-                curve.append({"sessions": n, "calls_per_s": round(len(samples) / args.seconds, 1),
+                curve.append({"sessions": n, "calls_per_s": statistics.median(rates),
+                              "calls_per_s_per_round": rates, "p99_ms_per_round": [r["p99"] for r in per_round],
                               "p50_ms": row["p50"], "p99_ms": row["p99"], "errors": errors,
                               "raw_calls_per_s": round(len(raw) / min(args.seconds, 5.0), 1),
                               "raw_p99_ms": results[f"raw psycopg, {n} connections (baseline)"]["p99"]})
@@ -162,7 +174,7 @@ def main() -> None:
             rss = server.rss_mb()
         finally:
             server.stop()
-    extra = {"curve": curve, "serve_rss_mb": round(rss, 1), "seconds_per_level": args.seconds,
+    extra = {"curve": curve, "serve_rss_mb": round(rss, 1), "seconds_per_level": args.seconds, "rounds": args.rounds,
              "client_processes": args.clients, "tenant_pool_max_size": args.pool_size}
     report("concurrency", results, extra)
     print("\n" + "\n".join(f"{c['sessions']:>4} sessions: {c['calls_per_s']:>8} calls/s  p99 {c['p99_ms']} ms  "
