@@ -1,10 +1,10 @@
-"""The MCP server agents talk to, built by a factory (no module state) on the SDK's low-level ``Server``.
+"""The agent tools' call logic (:class:`ToolCalls`), and the SDK ``Server`` built on it for streamable HTTP.
 
-The same server object backs both transports; only *who is calling* differs, so the factory takes an
-``identify`` callable: over streamable HTTP it reads the principal the bearer middleware put on the request
-(:mod:`agentpg.mcp.http`), over stdio it re-checks the token the process was started with
-(:mod:`agentpg.mcp.stdio`). Every call then goes through :class:`~agentpg.service.Service`, which classifies,
-pre-checks, runs and audits it.
+Both transports run the same :class:`ToolCalls`; only *who is calling* differs, so it takes an ``identify``
+callable: over streamable HTTP it reads the principal the bearer middleware put on the request
+(:mod:`agentpg.mcp.http`, through :func:`build_server`), over stdio it re-checks the token the process was
+started with (:mod:`agentpg.mcp.stdio`, through :mod:`agentpg.mcp.jsonrpc`). Every call then goes through
+:class:`~agentpg.service.Service`, which classifies, pre-checks, runs and audits it.
 
 Contract of every tool call: the result is either structured content (matching the tool's
 ``outputSchema`` where it declares one) plus a short text rendering, or an MCP tool error
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from mcp import types
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from agentpg import __version__
 from agentpg.access.classify import RejectedStatement
-from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.access.query import QueryLimits, StatementResult, TenantQueries
 from agentpg.errors import AgentpgError
 from agentpg.mcp import tools
 from agentpg.service import Service
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: Who is calling, given the transport's request object (a Starlette ``Request`` over HTTP, None on stdio).
 Identify = Callable[[Any], Awaitable[Principal]]
+
+#: A ``CallToolResult`` in wire form: exactly the dict the SDK would send for it (``model_dump(by_alias=True,
+#: exclude_none=True, mode="json")``), built without models on the hot path.
+WireResult = dict[str, Any]
 
 INSTRUCTIONS = """\
 agentpg gives you two PostgreSQL databases, named by the `database` argument of every tool:
@@ -54,73 +58,100 @@ def limits_from(settings: Settings) -> QueryLimits:
                        statement_timeout_s=settings.mcp_statement_timeout_s)
 
 
+class ToolCalls:
+    """Runs one tool call for any transport: validates the arguments, identifies the caller, dispatches to
+    the service and maps every failure to a tool error."""
+
+    def __init__(self, service: Service, queries: TenantQueries, identify: Identify) -> None:
+        self.service = service
+        self.queries = queries
+        self.identify = identify
+
+    async def call(self, name: str, arguments: Mapping[str, Any] | None, request: Any = None) -> WireResult:
+        """The result of tool ``name`` in wire form. ``request`` is handed to ``identify``.
+
+        Never raises for anything the call does: unknown tool, invalid arguments, a refusal or failure become
+        a tool error (``isError: true``); an unexpected exception is logged with its traceback under a
+        reference id that the (generic) error text names. Cancellation (``CancelledError``) propagates.
+        """
+        model = tools.ARGS.get(name)
+        if model is None:
+            return tool_error(f"unknown tool {name!r}; the tools are: {', '.join(tools.ARGS)}")
+        try:
+            args = model.model_validate(arguments if arguments is not None else {})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
+                                 for e in exc.errors(include_input=False))
+            return tool_error(f"invalid arguments for {name}: {problems}")
+        try:
+            principal = await self.identify(request)
+            return await self._dispatch(principal, args)
+        except (RejectedStatement, AgentpgError) as exc:
+            return tool_error(exc.message)
+        except Exception as exc:
+            # The traceback, not the message: a driver's message may name a host or role.
+            reference = uuid.uuid4().hex[:12]
+            log.error("MCP tool %s failed unexpectedly with %s (reference %s)\n%s", name, type(exc).__name__,
+                      reference, "".join(traceback.format_tb(exc.__traceback__)))
+            return tool_error(f"agentpg hit an internal error and did not complete the call (reference "
+                              f"{reference}). Retry once; if it persists, report the reference.")
+
+    async def _dispatch(self, principal: Principal, args: BaseModel) -> WireResult:
+        service, queries = self.service, self.queries
+        if isinstance(args, tools.QueryArgs | tools.ExecuteArgs):
+            tool: Literal["query", "execute"] = "query" if isinstance(args, tools.QueryArgs) else "execute"
+            max_rows = args.max_rows if isinstance(args, tools.QueryArgs) else None
+            result = await service.agent_sql(queries, principal, tool, args.database, args.sql, args.params,
+                                             max_rows=max_rows)
+            return statement_result(args.database, result)
+        if isinstance(args, tools.ListTablesArgs):
+            listed = tools.TablesOutput.model_validate(
+                await service.agent_list_tables(queries, principal, args.database, args.schema_name))
+            return _model_result(listed, tools.render_tables(listed))
+        if isinstance(args, tools.DescribeTableArgs):
+            table = tools.TableOutput.model_validate(
+                await service.agent_describe_table(queries, principal, args.database, args.table))
+            return _model_result(table, tools.render_table(table))
+        databases = tools.DatabasesOutput(databases=await service.agent_list_databases(principal))
+        return _model_result(databases, tools.render_databases(databases))
+
+
+def statement_result(database: str, result: StatementResult) -> WireResult:
+    """A ``query``/``execute`` result in wire form. The structured part is built as a plain dict (the hot
+    path: no model per call); it equals ``tools.StatementOutput(...).model_dump(mode="json")`` field for
+    field, since ``rows`` already hold JSON values (tests/test_mcp_jsonrpc.py checks the two agree)."""
+    structured: tools.StatementContent = {
+        "database": database, "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+        "rows": result.rows, "row_count": len(result.rows), "truncated": result.truncated,
+        "duration_ms": result.duration_ms, "command": result.command, "rows_affected": result.rows_affected}
+    return {"content": [{"type": "text", "text": tools.render_statement(structured, result.rows_json)}],
+            "structuredContent": structured, "isError": False}
+
+
+def _model_result(structured: BaseModel, text: str) -> WireResult:
+    return {"content": [{"type": "text", "text": text}],
+            "structuredContent": structured.model_dump(mode="json", by_alias=True), "isError": False}
+
+
+def tool_error(message: str) -> WireResult:
+    """An MCP tool error (``isError: true``) saying ``message``, in wire form."""
+    return {"content": [{"type": "text", "text": message}], "isError": True}
+
+
 def build_server(service: Service, queries: TenantQueries, identify: Identify) -> Server[Any, Any]:
-    """A fresh MCP server whose tools run as the principal ``identify`` returns for each request."""
+    """A fresh SDK MCP server (for streamable HTTP and the gateway's built-in child) whose tools run as the
+    principal ``identify`` returns for each request."""
     server: Server[Any, Any] = Server("agentpg", version=__version__, instructions=INSTRUCTIONS)
+    calls = ToolCalls(service, queries, identify)
     tool_list = tools.tool_list()
 
     async def list_tools() -> list[types.Tool]:
         return tool_list
 
     async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        model = tools.ARGS.get(name)
-        if model is None:
-            return _error(f"unknown tool {name!r}; the tools are: {', '.join(tools.ARGS)}")
-        try:
-            args = model.model_validate(arguments)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}"
-                                 for e in exc.errors(include_input=False))
-            return _error(f"invalid arguments for {name}: {problems}")
-        try:
-            principal = await identify(server.request_context.request)
-            return await _dispatch(service, queries, principal, args)
-        except RejectedStatement as exc:
-            return _error(exc.message)
-        except AgentpgError as exc:
-            return _error(exc.message)
-        except Exception as exc:
-            # The traceback, not the message: a driver's message may name a host or role.
-            reference = uuid.uuid4().hex[:12]
-            log.error("MCP tool %s failed unexpectedly with %s (reference %s)\n%s", name, type(exc).__name__,
-                      reference, "".join(traceback.format_tb(exc.__traceback__)))
-            return _error(f"agentpg hit an internal error and did not complete the call (reference {reference}). "
-                          "Retry once; if it persists, report the reference.")
+        wire = await calls.call(name, arguments, server.request_context.request)
+        return types.CallToolResult.model_validate(wire)
 
     server.list_tools()(list_tools)  # type: ignore[no-untyped-call]
     server.call_tool(validate_input=False)(call_tool)
     return server
-
-
-async def _dispatch(service: Service, queries: TenantQueries, principal: Principal,
-                    args: BaseModel) -> types.CallToolResult:
-    if isinstance(args, tools.QueryArgs | tools.ExecuteArgs):
-        tool: Literal["query", "execute"] = "query" if isinstance(args, tools.QueryArgs) else "execute"
-        max_rows = args.max_rows if isinstance(args, tools.QueryArgs) else None
-        result = await service.agent_sql(queries, principal, tool, args.database, args.sql, args.params,
-                                         max_rows=max_rows)
-        out = tools.StatementOutput(
-            database=args.database, columns=[tools.Column(name=c.name, type=c.type) for c in result.columns],
-            rows=result.rows, row_count=result.row_count, truncated=result.truncated,
-            duration_ms=result.duration_ms, command=result.command, rows_affected=result.rows_affected)
-        return _ok(out, tools.render_statement(out, result.rows_json))
-    if isinstance(args, tools.ListTablesArgs):
-        listed = tools.TablesOutput.model_validate(
-            await service.agent_list_tables(queries, principal, args.database, args.schema_name))
-        return _ok(listed, tools.render_tables(listed))
-    if isinstance(args, tools.DescribeTableArgs):
-        table = tools.TableOutput.model_validate(
-            await service.agent_describe_table(queries, principal, args.database, args.table))
-        return _ok(table, tools.render_table(table))
-    databases = tools.DatabasesOutput(databases=await service.agent_list_databases(principal))
-    return _ok(databases, tools.render_databases(databases))
-
-
-def _ok(structured: BaseModel, text: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=text)],
-                                structuredContent=structured.model_dump(mode="json", by_alias=True),
-                                isError=False)
-
-
-def _error(message: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], isError=True)

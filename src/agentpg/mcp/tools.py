@@ -8,7 +8,7 @@ schema and arguments are validated once, here. Databases are named logically —
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from mcp import types
 from pydantic import BaseModel, ConfigDict, Field
@@ -77,6 +77,20 @@ class StatementOutput(BaseModel):
     duration_ms: float
     command: str | None = None
     rows_affected: int | None = None
+
+
+class StatementContent(TypedDict):
+    """:class:`StatementOutput` as the plain dict sent as ``structuredContent`` (the same keys, in the same
+    order): the hot path builds this directly instead of a model per call."""
+
+    database: str
+    columns: list[dict[str, str]]
+    rows: list[list[Any]]
+    row_count: int
+    truncated: bool
+    duration_ms: float
+    command: str | None
+    rows_affected: int | None
 
 
 class DatabasesOutput(BaseModel):
@@ -155,22 +169,21 @@ def _row_line(row: list[Any]) -> str:
     return json.dumps(row, ensure_ascii=False, separators=(", ", ": "), default=str)
 
 
-def render_statement(out: StatementOutput, row_lines: list[str] | None = None) -> str:
+def render_statement(out: StatementContent, row_lines: list[str] | None = None) -> str:
     """``row_lines``: the rows already as JSON text (the query path has them), else rendered here."""
-    counted = f"{out.row_count} row{'s' if out.row_count != 1 else ''}"
-    head = counted if out.columns or not out.command else out.command
-    if out.rows_affected is not None:
-        head += f" ({out.rows_affected} row{'s' if out.rows_affected != 1 else ''} affected)"
-    head += f" in {out.duration_ms:g} ms"
-    if out.truncated:
+    row_count, columns, rows_affected = out["row_count"], out["columns"], out["rows_affected"]
+    head = f"{row_count} row{'s' if row_count != 1 else ''}" if columns or not out["command"] else out["command"]
+    if rows_affected is not None:
+        head += f" ({rows_affected} row{'s' if rows_affected != 1 else ''} affected)"
+    head += f" in {out['duration_ms']:g} ms"
+    if out["truncated"]:
         head += "; TRUNCATED, more rows exist: narrow the query (WHERE, LIMIT, fewer columns)"
-    if not out.columns:
+    if not columns:
         return head
-    lines = [head, "columns: " + ", ".join(f"{c.name} ({c.type})" for c in out.columns)]
-    if row_lines is None or len(row_lines) != len(out.rows):
-        row_lines = [_row_line(r) for r in out.rows]
-    lines += row_lines
-    return "\n".join(lines)
+    rows = out["rows"]
+    if row_lines is None or len(row_lines) != len(rows):
+        row_lines = [_row_line(r) for r in rows]
+    return "\n".join([head, "columns: " + ", ".join(f"{c['name']} ({c['type']})" for c in columns), *row_lines])
 
 
 def render_databases(out: DatabasesOutput) -> str:
