@@ -113,19 +113,17 @@ async def test_http_auth_host_and_origin(runtime: Runtime, base_url: str, tenant
     port = base_url.rsplit(":", 1)[1]
     opened = post_mcp(base_url, tenants.token_a, Origin=f"http://localhost:{port}")
     assert opened.status_code == 200
-    session = opened.headers["mcp-session-id"]
-    # A session belongs to the token that opened it: another agent's token cannot ride on it.
+    # Stateless: no session to ride on; each request is whoever its own token says, checked every time.
+    assert "mcp-session-id" not in opened.headers
     tools_list = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
-    hijack = post_mcp(base_url, tenants.token_b, tools_list, **{"Mcp-Session-Id": session,
-                                                                "Mcp-Protocol-Version": "2025-06-18"})
-    assert hijack.status_code == 404
-    # A revoked token stops at once, even on a session it opened.
+    headers = {"Mcp-Protocol-Version": "2025-06-18"}
     issued = runtime.service.issue_agent_token(tenants.ws_a)
-    opened = post_mcp(base_url, issued.secret)
-    headers = {"Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-06-18"}
     assert post_mcp(base_url, issued.secret, tools_list, **headers).status_code == 200
-    runtime.service.revoke_token(issued.id)
+    runtime.service.revoke_token(issued.id)  # a revocation stops the very next request
     assert post_mcp(base_url, issued.secret, tools_list, **headers).status_code == 401
+    query = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+             "params": {"name": "query", "arguments": {"database": "agent", "sql": "SELECT 1"}}}
+    assert post_mcp(base_url, issued.secret, query, **headers).status_code == 401
 
 
 async def test_generate_series_is_truncated_and_memory_stays_flat(base_url: str, tenants: Tenants) -> None:

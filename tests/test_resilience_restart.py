@@ -48,8 +48,10 @@ class Private:
 def private() -> Iterator[Private]:
     home = Path(tempfile.mkdtemp(prefix="agentpg-restart-", dir="/tmp"))
     home.chmod(0o711)
+    # No per-token rate limit: the writers share tokens and, at full speed, would exceed 50 calls/s each;
+    # this test is about the restart (limits have their own tests).
     settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0,
-                        tenant_pool_acquire_timeout_s=3.0, connect_timeout_s=2)
+                        tenant_pool_acquire_timeout_s=3.0, connect_timeout_s=2, rate_limit_per_s=0.0)
     try:
         with open_runtime(settings) as rt:
             user = uid("ru")

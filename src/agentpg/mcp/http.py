@@ -10,9 +10,12 @@ Each request to ``/mcp``, in order:
    token → 403 (agents only). The token is checked on every request; a success is remembered for 2 s
    (:mod:`agentpg.access.cache`), so a revocation through this process takes effect at once, one made
    elsewhere (the CLI, another instance) within 2 s.
-3. The SDK's ``StreamableHTTPSessionManager`` serves it. The principal is handed over as the request's
-   authenticated user (workspace id as ``client_id``, token id as ``subject``), which the SDK uses to bind
-   each MCP session to the token that opened it: another token presenting that session id gets 404.
+3. The hot requests (``tools/call``, ``tools/list``, ``ping``, ``notifications/cancelled``) are answered by
+   :class:`~agentpg.mcp.http_fast.FastPath` with the same tool logic as the SDK server; everything else
+   (``initialize``, other notifications, anything malformed) by the SDK's ``StreamableHTTPSessionManager``,
+   **stateless**: no ``Mcp-Session-Id`` is issued, the bearer token identifies the caller on every request
+   (the tools keep no per-session state and send no server-to-client messages, so a session would only
+   cost a server task per client). The principal is handed to the SDK as the request's authenticated user.
 
 Nothing is built at import time: :class:`McpHttp` is created by the app factory and started in its lifespan.
 """
@@ -39,7 +42,9 @@ from starlette.types import Receive, Scope, Send
 from agentpg.access.pools import TenantPools
 from agentpg.access.query import TenantQueries
 from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
-from agentpg.mcp.server import build_server, limits_from
+from agentpg.mcp import tools
+from agentpg.mcp.http_fast import FastPath
+from agentpg.mcp.server import ToolCalls, build_server, limits_from
 from agentpg.service import Service
 from agentpg.settings import Settings
 from agentpg.tokens import Principal
@@ -83,11 +88,13 @@ class McpHttp:
         self._settings = settings
         self._security = TransportSecurityMiddleware(security_settings(settings))
         self._manager: StreamableHTTPSessionManager | None = None
+        self._fast: FastPath | None = None
         self._service: Service | None = None
 
     def mount(self, app: Starlette) -> None:
-        """Route ``/mcp`` (exactly; no redirect to ``/mcp/``) to this endpoint; it answers 503 until running."""
-        app.router.routes.append(Route(PATH, endpoint=self, include_in_schema=False))  # an ASGI app: all methods
+        """Route ``/mcp`` (exactly; no redirect to ``/mcp/``) to this endpoint; it answers 503 until running.
+        First in the route list: the agents' hot path should not be matched against every REST route."""
+        app.router.routes.insert(0, Route(PATH, endpoint=self, include_in_schema=False))  # ASGI app: all methods
 
     @asynccontextmanager
     async def run(self, service: Service, pools: TenantPools | None = None) -> AsyncIterator[None]:
@@ -99,22 +106,23 @@ class McpHttp:
         # JSON is a few ms quicker per call and friendlier to proxies. Clients may still open the GET stream.
         manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),
                                                security_settings=security_settings(self._settings),
-                                               json_response=True)
+                                               json_response=True, stateless=True)
         try:
             async with manager.run():
                 self._manager, self._service = manager, service
+                self._fast = FastPath(ToolCalls(service, queries, principal_of), tools.tool_list())
                 try:
                     yield
                 finally:
-                    self._manager = self._service = None
+                    self._manager = self._service = self._fast = None
         finally:
             await run_in_threadpool(service.audit_writer.close)  # write-behind: nothing queued is lost
             if own:
                 await queries.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        manager, service = self._manager, self._service
-        if manager is None or service is None:
+        manager, service, fast = self._manager, self._service, self._fast
+        if manager is None or service is None or fast is None:
             await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
                 scope, receive, send)
             return
@@ -124,7 +132,9 @@ class McpHttp:
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
                                                       subject=principal.token_id, scopes=["agent"]))
         scope[_PRINCIPAL_KEY] = principal
-        await manager.handle_request(scope, receive, send)
+        handed_on = await fast.serve(scope, receive, send, principal)
+        if handed_on is not None:
+            await manager.handle_request(scope, handed_on, send)
 
 
 
