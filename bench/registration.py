@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import percentiles, report, throwaway_runtime
+from _common import percentiles, report, throwaway_runtime, write_json
 
 from agentpg.lifecycle.warm import fill
 
@@ -59,8 +59,10 @@ def main() -> None:
             warm.append((time.perf_counter() - start) * 1000)
         results["agentpg register, warm pool"] = percentiles(warm)
     speedup = results["plain CREATE DATABASE + role (baseline)"]["p50"] / results["agentpg register, warm pool"]["p50"]
-    report("registration", results, {"fsync": args.fsync, "warm_pool_refill_per_s": round(args.users / fill_s, 1),
-                                     "speedup_p50_warm_vs_baseline": round(speedup, 1)})
+    extra = {"fsync": args.fsync, "warm_pool_refill_per_s": round(args.users / fill_s, 1),
+             "speedup_p50_warm_vs_baseline": round(speedup, 1)}
+    report("registration", results, extra)
+    write_json("registration", {"results": results, **extra})
 
 
 if __name__ == "__main__":

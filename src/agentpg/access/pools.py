@@ -11,6 +11,7 @@ Pools are keyed by a hash of the URI, never the URI itself, and no URI is ever l
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
@@ -85,6 +86,13 @@ async def _configure(conn: AsyncConnection[object]) -> None:
     await conn.set_autocommit(True)
 
 
+@functools.lru_cache(maxsize=4096)
+def _pool_key(uri: str, session: SessionSettings) -> str:
+    """Hashing the URI on every call costs more than the rest of the lookup; remembered per process."""
+    settings = hashlib.sha256(repr(session).encode()).hexdigest()[:16] if session else ""
+    return f"{hashlib.sha256(uri.encode()).hexdigest()}:{settings}"
+
+
 class TenantPools:
     """The LRU of pools. Create one per process in a lifespan; ``close()`` it on the way out."""
 
@@ -96,14 +104,17 @@ class TenantPools:
     @staticmethod
     def _key(uri: str, session: SessionSettings = ()) -> str:
         """The pool's key: a hash of the URI (never the URI itself), then one of the settings."""
-        settings = hashlib.sha256(repr(session).encode()).hexdigest()[:16] if session else ""
-        return f"{hashlib.sha256(uri.encode()).hexdigest()}:{settings}"
+        return _pool_key(uri, session)
 
     async def _pool(self, uri: str, session: SessionSettings) -> AsyncConnectionPool[AsyncConnection[object]]:
         key = self._key(uri, session)
+        pool = self._pools.get(key)
+        if pool is not None:  # the common case, without the lock: nothing awaits between lookup and move
+            self._pools.move_to_end(key)
+            return pool
         async with self._lock:
             pool = self._pools.get(key)
-            if pool is not None:
+            if pool is not None:  # made while this call waited for the lock
                 self._pools.move_to_end(key)
                 return pool
             pool = AsyncConnectionPool(
