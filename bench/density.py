@@ -8,16 +8,21 @@ and measures, once at 10 databases and again at the end, the API's latency on th
 (10 rows of a small table in one user's global database: token auth, catalog, tenant pool, READ ONLY read).
 Also reports ``agentpg serve``'s RSS at both points and the disk per tenant (du of the server's data
 directory, and the sum of pg_database_size over tenant databases, divided by the number of users).
-Each checkpoint measures ``--rounds`` times (a few seconds apart) and reports the median of each percentile
-over the rounds, with every round's p99 alongside: one round's p99 on a shared 2-core machine moves with
-whatever else ran in that second, and building 3,000 databases three times would take half an hour.
+Each point measures ``--rounds`` times (a few seconds apart) and reports the median of each percentile over
+the rounds, with every round's p99 alongside: one round's p99 on a shared 2-core machine moves with whatever
+else ran in that second, and building 3,000 databases three times would take half an hour. Each point
+starts with a ``CHECKPOINT`` of the server, so it measures the API at that many databases rather than the
+write-back of the burst of CREATE DATABASE that made them; and this (client) process's garbage collector is
+paused during each round, since its own heap grows with every database it made.
 Writes bench/results/density.json and a PNG of p99 against the number of databases.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -46,7 +51,15 @@ def measure_rounds(client: httpx.Client, user_ids: list[str], requests: int,
     """Median over ``rounds`` of each percentile, and each round's p99 per case."""
     runs = []
     for _ in range(rounds):
-        runs.append(measure(client, user_ids, requests))
+        # This process also made every database through the service, so its heap grows with N and a full
+        # collection during a round would be the client's pause, not the API's: collect first, then keep
+        # the collector out of the measured requests.
+        gc.collect()
+        gc.disable()
+        try:
+            runs.append(measure(client, user_ids, requests))
+        finally:
+            gc.enable()
         time.sleep(2)
     merged = {case: {k: (round(statistics.median(r[case][k] for r in runs), 3) if k != "n" else
                          sum(r[case]["n"] for r in runs)) for k in runs[0][case]} for case in runs[0]}
@@ -111,6 +124,12 @@ def main() -> None:
                         reg_ms.append((time.perf_counter() - t0) * 1000)
                         n_dbs += 1
                         if n_dbs in checkpoints:
+                            # Creating databases leaves the server with WAL and dirty buffers to write back;
+                            # a checkpoint first, so each point measures the API at that many databases,
+                            # not the write-back of the burst that made them (the first point has none).
+                            with psycopg.connect(rt.admin_dsn, autocommit=True) as admin:
+                                admin.execute("CHECKPOINT")
+                            os.sync()  # and the kernel's write-back of it (the server runs with fsync off)
                             m, round_p99 = measure_rounds(client, users, args.requests, args.rounds)
                             rss = server.rss_mb()
                             for case, row in m.items():
