@@ -112,20 +112,23 @@ def users_delete(user_id: str, as_json: JsonOpt = False) -> None:
 @users_app.command("list")
 def users_list(as_json: JsonOpt = False) -> None:
     """List users and their global databases."""
-    def collect(rt: Runtime) -> list[Any]:
-        items: list[Any] = []
-        cursor = None
-        while True:
-            page = rt.service.list_users(limit=500, cursor=cursor)
-            items.extend(page.items)
-            if not page.next_cursor:
-                return items
-            cursor = page.next_cursor
-
-    items = _run(collect)
+    items = _run(lambda rt: _all_pages(lambda cursor: rt.service.list_users(limit=500, cursor=cursor)))
     _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
         f"{u.id}\t{u.status}\t{u.global_database.name if u.global_database else '-'}\t"
         f"{u.global_database.status if u.global_database else '-'}" for u in items) or "no users")
+
+
+def _all_pages(fetch: Callable[[str | None], Any]) -> list[Any]:
+    """Every item of a cursor-paged listing: ``fetch(cursor)`` returns a page with ``items`` and
+    ``next_cursor`` (None on the last page)."""
+    items: list[Any] = []
+    cursor: str | None = None
+    while True:
+        page = fetch(cursor)
+        items.extend(page.items)
+        if not page.next_cursor:
+            return items
+        cursor = page.next_cursor
 
 
 # -- workspaces ---------------------------------------------------------------------------------------
@@ -151,17 +154,8 @@ def workspaces_delete(workspace_id: str, as_json: JsonOpt = False) -> None:
 @workspaces_app.command("list")
 def workspaces_list(user_id: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False) -> None:
     """List workspaces, of one user or of all."""
-    def collect(rt: Runtime) -> list[Any]:
-        items: list[Any] = []
-        cursor = None
-        while True:
-            page = rt.service.list_workspaces(user_id, limit=500, cursor=cursor)
-            items.extend(page.items)
-            if not page.next_cursor:
-                return items
-            cursor = page.next_cursor
-
-    items = _run(collect)
+    items = _run(lambda rt: _all_pages(
+        lambda cursor: rt.service.list_workspaces(user_id, limit=500, cursor=cursor)))
     _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
         f"{w.id}\t{w.user_id}\t{w.status}\t{w.database.name if w.database else '-'}" for w in items)
         or "no workspaces")
