@@ -105,23 +105,17 @@ async def test_permission_changes_and_stale_entries(runtime: Runtime) -> None:
 def test_the_audit_writer_keeps_order_applies_back_pressure_and_flushes() -> None:
     """Write-behind: entries arrive in order, a full queue makes submit wait (never drop), flush drains."""
     import asyncio
-    from contextlib import contextmanager
 
     from agentpg.access.audit import AuditRecord, AuditWriter
 
-    written: list[dict[str, object]] = []
+    written: list[AuditRecord] = []
 
-    class FakeSession:
-        def execute(self, _stmt: object, rows: list[dict[str, object]]) -> None:
+    class SlowCatalogWriter(AuditWriter):
+        def _store(self, entries: list[AuditRecord]) -> None:
             time.sleep(0.01)  # a slow catalog: the 2-entry queue fills
-            written.extend(rows)
+            written.extend(entries)
 
-    class FakeSessions:
-        @contextmanager
-        def begin(self):  # type: ignore[no-untyped-def]
-            yield FakeSession()
-
-    writer = AuditWriter(FakeSessions(), interval_s=0.005, max_pending=2, batch=2)  # type: ignore[arg-type]
+    writer = SlowCatalogWriter(None, interval_s=0.005, max_pending=2, batch=2)  # type: ignore[arg-type]
 
     async def calls() -> None:
         for i in range(20):
@@ -130,5 +124,5 @@ def test_the_audit_writer_keeps_order_applies_back_pressure_and_flushes() -> Non
 
     asyncio.run(calls())
     writer.flush()
-    assert [row["rows"] for row in written] == list(range(20))
+    assert [entry.rows for entry in written] == list(range(20))
     writer.close()

@@ -13,11 +13,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
 
+import psycopg
+from psycopg import sql
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.access.classify import RejectedStatement
@@ -101,11 +103,17 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
-def _row(entry: AuditRecord) -> dict[str, object]:
-    return {"user_id": entry.user_id, "workspace_id": entry.workspace_id, "database": entry.database,
-            "tool": entry.tool, "fingerprint": entry.fingerprint, "statement": entry.statement,
-            "rows": entry.rows, "duration_ms": round(entry.duration_ms), "outcome": entry.outcome,
-            "error": entry.error[:200] if entry.error else None}
+_COLUMNS = ("user_id", "workspace_id", "database", "tool", "fingerprint", "statement", "rows", "duration_ms",
+            "outcome", "error", "created_at")
+_COPY = sql.SQL("COPY {} ({}) FROM STDIN").format(
+    sql.Identifier(AuditEntry.__tablename__), sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
+
+
+def _row(entry: AuditRecord, created_at: datetime) -> tuple[object, ...]:
+    """``entry`` as a row of :data:`_COLUMNS`."""
+    return (entry.user_id, entry.workspace_id, entry.database, entry.tool, entry.fingerprint, entry.statement,
+            entry.rows, round(entry.duration_ms), entry.outcome, entry.error[:200] if entry.error else None,
+            created_at)
 
 
 def record(sessions: sessionmaker[Session], entry: AuditRecord) -> None:
@@ -114,9 +122,18 @@ def record(sessions: sessionmaker[Session], entry: AuditRecord) -> None:
 
 
 def record_many(sessions: sessionmaker[Session], entries: list[AuditRecord]) -> None:
-    """Append entries in one transaction (one multi-row INSERT, without the ORM's unit of work)."""
+    """Append entries in one transaction, with ``COPY``.
+
+    Why COPY and not an INSERT: the writer runs in a thread beside the event loop, and every microsecond it
+    spends in Python holds the GIL a tool call may be waiting for. An ORM/Core multi-row INSERT of 100 entries
+    cost 3.7 ms of CPU here; COPY (rows formatted by psycopg's C code) 1.2 ms.
+    """
+    created_at = datetime.now(UTC)
     with sessions.begin() as s:
-        s.execute(insert(AuditEntry), [_row(e) for e in entries])
+        driver = cast(psycopg.Connection[Any], s.connection().connection.driver_connection)  # always psycopg 3
+        with driver.cursor() as cur, cur.copy(_COPY) as copy:
+            for entry in entries:
+                copy.write_row(_row(entry, created_at))
 
 
 class AuditWriter:
@@ -198,10 +215,14 @@ class AuditWriter:
             for _ in range(len(pending) + (1 if first is None else 0)):
                 self._queue.task_done()
 
+    def _store(self, entries: list[AuditRecord]) -> None:
+        """Write one batch in one transaction (tests override it to stand in a slow catalog)."""
+        record_many(self._sessions, entries)
+
     def _write(self, entries: list[AuditRecord]) -> None:
         for attempt in range(2):
             try:
-                record_many(self._sessions, entries)
+                self._store(entries)
                 return
             except Exception as exc:  # a catalog hiccup: retry once, then one by one
                 if attempt == 1:
@@ -209,7 +230,7 @@ class AuditWriter:
                                 type(exc).__name__)
         for entry in entries:
             try:
-                record(self._sessions, entry)
+                self._store([entry])
             except Exception as exc:
                 log.error("could not write an audit entry for workspace %s: %s", entry.workspace_id,
                           type(exc).__name__)
