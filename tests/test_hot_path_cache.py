@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mcp_support import uid
 from sqlalchemy import func, select, update
 
@@ -126,3 +128,31 @@ def test_the_audit_writer_keeps_order_applies_back_pressure_and_flushes() -> Non
     writer.flush()
     assert [entry.rows for entry in written] == list(range(20))
     writer.close()
+
+
+_cell = st.one_of(st.none(), st.integers(-10**6, 10**6), st.text(max_size=12), st.floats(allow_nan=True),
+                  st.booleans())
+
+
+@given(rows=st.lists(st.lists(_cell, min_size=2, max_size=2).map(tuple), max_size=40),
+       max_rows=st.integers(0, 30), max_bytes=st.integers(0, 400), chunk=st.integers(1, 7),
+       typed=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_a_chunk_of_rows_is_kept_exactly_as_row_by_row(rows: list[tuple[object, ...]], max_rows: int,
+                                                       max_bytes: int, chunk: int, typed: bool) -> None:
+    """The read path hands the collector whole chunks; it must keep the same rows, JSON and truncation
+    reason as taking them one at a time (what writes still do)."""
+    from agentpg.access.query import _Collector
+
+    one, many = _Collector(max_rows, max_bytes), _Collector(max_rows, max_bytes)
+    if typed:  # column 0 int4 (JSON as it is), column 1 of a type whose values need converting (float8)
+        one.describe([23, 701])
+        many.describe([23, 701])
+    for row in rows:
+        if not one.add(row):
+            break
+    for start in range(0, len(rows), chunk):
+        if not many.add_rows(rows[start:start + chunk]):
+            break
+    assert (many.rows, many.rows_json, many.truncated_by, many.size) == \
+        (one.rows, one.rows_json, one.truncated_by, one.size)

@@ -266,6 +266,16 @@ async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants
         assert (await queries.run(uri, "SELECT current_setting('statement_timeout'), current_setting("
                                   "'search_path'), pg_backend_pid()", read_only=True)).rows == [
             ["1s", '"$user", public', pid[0][0]]]
+        # A session-level advisory lock a read takes is gone when the call ends (the same backend, reset).
+        await queries.run(uri, "SELECT pg_advisory_lock(4242)", read_only=True)
+        assert (await queries.run(uri, "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                                  "objid = 4242), pg_backend_pid()", read_only=True)).rows == [[0, pid[0][0]]]
+        # A read's columns are known even when no row matched.
+        empty = await queries.run(uri, "SELECT 1 AS a, 'x'::text AS b WHERE false", read_only=True)
+        assert [(c.name, c.type) for c in empty.columns] == [("a", "int4"), ("b", "text")] and empty.rows == []
+        for sql, params in (("SELECT 1 -- \x00", None), ("SELECT $1::text", ["a\x00b"])):
+            with pytest.raises(StatementFailed, match="NUL"):
+                await queries.run(uri, sql, params, read_only=True)
         started = time.monotonic()
         with pytest.raises(StatementFailed, match="cancelled") as info:
             await queries.run(uri, "SELECT pg_sleep(10)", read_only=True)

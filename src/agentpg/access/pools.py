@@ -14,10 +14,12 @@ import asyncio
 import functools
 import hashlib
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -59,12 +61,6 @@ class PoolLimits:
 SessionSettings = tuple[tuple[str, str], ...]
 
 
-async def _reset(conn: AsyncConnection[object]) -> None:
-    # Run by the pool's worker after the connection is handed back (psycopg_pool returns connections in a
-    # background task when a reset is configured): the caller's answer never waits for this round trip.
-    await conn.execute("DISCARD ALL")
-
-
 def startup_options(uri: str, session: SessionSettings) -> str | None:
     """The ``options`` connection parameter: whatever ``uri`` already carries (e.g. a Neon endpoint id)
     followed by ``-c name=value`` for each setting. Names and values are agentpg's own constants; a space or
@@ -100,6 +96,20 @@ class TenantPools:
         self.limits = limits or PoolLimits()
         self._pools: OrderedDict[str, AsyncConnectionPool[AsyncConnection[object]]] = OrderedDict()
         self._lock = asyncio.Lock()
+        self._already_reset: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+
+    def mark_reset(self, conn: AsyncConnection[Any]) -> None:
+        """``conn``'s session was just ``DISCARD ALL``-ed by its caller (a read does it in the same round trip):
+        the pool need not do it again when the connection comes back."""
+        self._already_reset.add(conn)
+
+    async def _reset(self, conn: AsyncConnection[Any]) -> None:
+        # Run by the pool's worker after the connection is handed back (psycopg_pool returns connections in a
+        # background task when a reset is configured): the caller's answer never waits for this round trip.
+        if conn in self._already_reset:
+            self._already_reset.discard(conn)
+            return
+        await conn.execute("DISCARD ALL")
 
     @staticmethod
     def _key(uri: str, session: SessionSettings = ()) -> str:
@@ -119,7 +129,7 @@ class TenantPools:
                 return pool
             pool = AsyncConnectionPool(
                 uri, min_size=0, max_size=self.limits.max_size, max_idle=self.limits.max_idle_s,
-                timeout=self.limits.acquire_timeout_s, reset=_reset, configure=_configure, open=False,
+                timeout=self.limits.acquire_timeout_s, reset=self._reset, configure=_configure, open=False,
                 # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
                 # every call opens its own transaction explicitly with conn.transaction().
                 kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",

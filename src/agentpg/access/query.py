@@ -7,13 +7,14 @@ Every call to :meth:`TenantQueries.run`:
   commands into a prepared statement") whatever any pre-check thought of it;
 * runs it in **its own transaction**, on a connection whose session starts (startup packet) with
   ``default_transaction_read_only=on`` and the ``statement_timeout``: a read is the statement alone in its
-  implicit, read-only transaction (one round trip); a write is ``BEGIN READ WRITE``, the statement, then
-  ``COMMIT``. The mode is fixed when the transaction starts, before the agent's statement, so a
-  ``SET TRANSACTION READ WRITE`` inside it is refused by Postgres;
+  implicit, read-only transaction, followed in the same round trip by the session's ``DISCARD ALL``
+  (:mod:`agentpg.access.pipeline`); a write is ``BEGIN READ WRITE``, the statement, then ``COMMIT``, and the
+  pool resets its session in the background after the answer. The mode is fixed when the transaction
+  starts, before the agent's statement, so a ``SET TRANSACTION READ WRITE`` inside it is refused by Postgres;
 * is **cancelled from outside** if it outlives the timeout by a grace period (an agent can ``SET`` any
-  timeout it likes, but not stop us sending a cancel request), and the connection is ``DISCARD ALL``-ed by
-  the pool (in the background, after the answer) before reuse, so nothing a call changes in its session
-  reaches the next call: ``RESET ALL`` returns to the startup settings above, not to the role's defaults;
+  timeout it likes, but not stop us sending a cancel request). Since every connection is ``DISCARD ALL``-ed
+  before reuse, nothing a call changes in its session reaches the next call: ``RESET ALL`` returns to the
+  startup settings above, not to the role's defaults;
 * **streams** rows (libpq chunked-rows mode) and keeps at most ``max_rows`` of them and ``max_result_bytes``
   of their JSON form: a read that would return more is cancelled at once (``truncated``), a write that
   returns more rows runs to completion and its surplus rows are dropped as they arrive. Memory stays flat.
@@ -48,8 +49,10 @@ import pglast
 import psycopg
 from pglast import ast
 from psycopg import AsyncConnection, AsyncRawCursor, pq
+from psycopg.adapt import AdaptersMap
 from psycopg.types.string import TextLoader
 
+from agentpg.access.pipeline import Field, read_and_reset
 from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
 from agentpg.errors import AgentpgError, ProviderUnavailable
 
@@ -85,8 +88,8 @@ class ColumnInfo:
 class StatementResult:
     """What one statement returned. ``rows`` hold JSON-safe values; ``row_count`` is ``len(rows)``;
     ``rows_affected`` is the server's count for INSERT/UPDATE/DELETE/MERGE (and rows seen for RETURNING).
-    ``columns`` of a streamed statement come with its first row: a query that matched no row has none
-    (psycopg's streaming does not expose an empty result's description)."""
+    A read's ``columns`` are known even when no row matched; a write's RETURNING columns come with its first
+    row (psycopg's streaming does not expose an empty result's description)."""
 
     columns: list[ColumnInfo]
     rows: list[list[JsonValue]]
@@ -154,10 +157,39 @@ class _Collector:
     convert: list[int] | None = None
     """Positions of the columns whose values need :func:`json_value` (None: unknown, so all)."""
 
-    def describe(self, description: Sequence[psycopg.Column] | None) -> None:
-        """The result's columns are known: convert only the values that need it (most are plain already)."""
-        if description is not None:
-            self.convert = [i for i, c in enumerate(description) if c.type_code not in _JSON_READY_TYPES]
+    def describe(self, type_oids: Sequence[int]) -> None:
+        """The result's column types are known: convert only the values that need it (most are plain already)."""
+        self.convert = [i for i, oid in enumerate(type_oids) if oid not in _JSON_READY_TYPES]
+
+    def add_rows(self, raws: Sequence[Sequence[Any]]) -> bool:
+        """Take a chunk of rows, as :meth:`add` would one by one (the same rows kept, the same truncation),
+        column by column rather than row by row; False once the result is full."""
+        self.seen += len(raws)
+        if self.truncated_by is not None:
+            return False
+        room = self.max_rows - len(self.rows)
+        rows = [list(raw) for raw in (raws[:room] if len(raws) > room else raws)]
+        if self.convert is None:
+            rows = [[json_value(v) for v in row] for row in rows]
+        else:
+            for i in self.convert:
+                for row in rows:
+                    row[i] = json_value(row[i])
+        texts = [_encode_row(row) for row in rows]
+        size, limit = self.size, self.max_bytes
+        for kept, text in enumerate(texts):
+            if size + len(text) > limit:
+                self.truncated_by = "max_result_bytes"
+                del rows[kept:], texts[kept:]
+                break
+            size += len(text)
+        else:
+            if len(raws) > room:
+                self.truncated_by = "max_rows"
+        self.rows.extend(rows)
+        self.rows_json.extend(texts)
+        self.size = size
+        return self.truncated_by is None
 
     def add(self, raw: Sequence[Any]) -> bool:
         """Take one row; False once the result is full (the caller may stop fetching)."""
@@ -191,6 +223,8 @@ class TenantQueries:
         self.pools = pools
         self.limits = limits
         self._session = session_settings(limits)
+        self._adapters = AdaptersMap(psycopg.adapters)
+        self._adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
 
     async def run(self, uri: str, statement: str, params: Sequence[JsonValue] | None = None, *,
                   read_only: bool, max_rows: int | None = None,
@@ -221,9 +255,12 @@ class TenantQueries:
                     # A timer, not a task per call: the cancel task exists only if the statement overruns.
                     watchdog = asyncio.get_running_loop().call_later(cancel_after, _start_cancel, conn)
                     try:
-                        columns, command, affected = await _execute(
-                            conn, statement, args, read_only=read_only,
-                            returns_rows=returns_rows, is_dml=is_dml, collector=collector, progress=sent)
+                        if read_only:
+                            columns, command, affected = await self._read(conn, statement, args, collector, sent)
+                        else:
+                            columns, command, affected = await _write(
+                                conn, statement, args, returns_rows=returns_rows, is_dml=is_dml,
+                                collector=collector, progress=sent)
                     finally:
                         watchdog.cancel()
                 break
@@ -242,6 +279,28 @@ class TenantQueries:
                                truncated_by=collector.truncated_by, command=command, rows_affected=affected,
                                rows_json=collector.rows_json,
                                duration_ms=round((time.perf_counter() - started) * 1000, 2))
+
+    async def _read(self, conn: AsyncConnection[Any], statement: str, args: list[str | None] | None,
+                    collector: _Collector, progress: _Progress) -> tuple[list[ColumnInfo], str | None, None]:
+        """A read and the session's reset in one round trip (:mod:`agentpg.access.pipeline`); the pool then
+        skips its own reset. Columns come from the result's description, even when no row matched."""
+        columns: list[ColumnInfo] = []
+
+        def on_fields(fields: list[Field]) -> None:
+            columns.extend(ColumnInfo(name=f.name, type=self._type_display(f.type_oid, f.type_mod)) for f in fields)
+            collector.describe([f.type_oid for f in fields])
+
+        progress.statement_sent = True
+        outcome = await read_and_reset(conn, self._adapters, statement, args, chunk_rows=_CHUNK_ROWS,
+                                       on_fields=on_fields, on_rows=collector.add_rows)
+        if outcome.reset:
+            self.pools.mark_reset(conn)
+        return columns, None if columns else outcome.command, None
+
+    def _type_display(self, oid: int, type_mod: int) -> str:
+        """The type's name as psql shows it (``integer``, ``numeric(10,2)``, ``text[]``); its OID if unknown."""
+        info = self._adapters.types.get(oid)
+        return info.get_type_display(oid=oid, fmod=type_mod) if info is not None else str(oid)
 
     async def close(self) -> None:
         await self.pools.close()
@@ -276,74 +335,52 @@ def session_settings(limits: QueryLimits) -> SessionSettings:
     return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"))
 
 
-async def _execute(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *, read_only: bool,
-                   returns_rows: bool, is_dml: bool, collector: _Collector,
-                   progress: _Progress | None = None) -> tuple[list[ColumnInfo], str | None, int | None]:
-    """Run the statement in its own transaction. The connection is idle again when this returns or raises
-    (the pool resets the session afterwards, off the caller's time).
-
-    A read is one round trip: the statement alone in the implicit transaction of its extended-protocol
-    exchange, which is read only (and timed) because the session's defaults say so; the mode is fixed when
-    the transaction starts, before the statement, so nothing in it can turn it read-write. A write opens
-    ``BEGIN READ WRITE`` first, then runs the statement and ``COMMIT`` (together, when it returns no rows).
-    """
-    if read_only:
-        return await _statement(conn, statement, args, read_only=True, returns_rows=returns_rows, is_dml=is_dml,
-                                collector=collector, progress=progress)
-    await conn.execute("BEGIN READ WRITE")  # also proves the pooled connection alive before the statement
+async def _write(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
+                 returns_rows: bool, is_dml: bool, collector: _Collector,
+                 progress: _Progress) -> tuple[list[ColumnInfo], str | None, int | None]:
+    """Run a write in its own transaction: ``BEGIN READ WRITE`` first (it also proves the pooled connection
+    alive before the statement is sent), then the statement and ``COMMIT`` (together, when it returns no rows).
+    The connection is idle again when this returns or raises; the pool resets the session afterwards, off
+    the caller's time. RETURNING rows are streamed to completion; those past the limits are dropped."""
+    await conn.execute("BEGIN READ WRITE")
     try:
-        result = await _statement(conn, statement, args, read_only=False, returns_rows=returns_rows,
-                                  is_dml=is_dml, collector=collector, progress=progress, commit=True)
+        cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
+        cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
+        progress.statement_sent = True
+        if not returns_rows:
+            # Pipeline mode always uses the extended protocol, even without parameters; a failed statement
+            # makes the server skip the COMMIT queued behind it.
+            async with conn.pipeline():
+                await cur.execute(statement, args)
+                await conn.execute("COMMIT")
+            if cur.description is not None:  # a statement we did not expect to return rows did
+                collector.describe([c.type_code for c in cur.description])
+                collector.add_rows(await cur.fetchall())
+            return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
+        columns: list[ColumnInfo] = []
+        no_result = False
+        try:
+            # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
+            stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
+            async with aclosing(stream) as rows:
+                async for raw in rows:
+                    if not columns:
+                        columns = _columns(cur)
+                        collector.describe([c.type_code for c in cur.description or ()])
+                    collector.add(raw)
+        except psycopg.ProgrammingError as exc:
+            if exc.sqlstate is not None:
+                raise
+            no_result = True  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
+        await conn.execute("COMMIT")
+        if no_result:
+            return [], None, None
+        return columns, None, collector.seen if is_dml else None
     except BaseException:
         if conn.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
             with contextlib.suppress(psycopg.Error):  # the connection is gone: the pool replaces it
                 await conn.execute("ROLLBACK")
         raise
-    return result
-
-
-async def _statement(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
-                     read_only: bool, returns_rows: bool, is_dml: bool, collector: _Collector,
-                     progress: _Progress | None,
-                     commit: bool = False) -> tuple[list[ColumnInfo], str | None, int | None]:
-    """Run ``statement`` (and ``COMMIT`` after it when ``commit``)."""
-    cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
-    cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
-    if progress is not None:
-        progress.statement_sent = True
-    if not returns_rows:
-        # Pipeline mode always uses the extended protocol, even without parameters; a failed statement
-        # makes the server skip the COMMIT queued behind it.
-        async with conn.pipeline():
-            await cur.execute(statement, args)
-            if commit:
-                await conn.execute("COMMIT")
-        if cur.description is not None:  # a statement we did not expect to return rows did
-            collector.describe(cur.description)
-            for raw in await cur.fetchall():
-                collector.add(raw)
-        return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
-    columns: list[ColumnInfo] = []
-    no_result = False
-    try:
-        # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
-        stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
-        async with aclosing(stream) as rows:
-            async for raw in rows:
-                if not columns:
-                    columns = _columns(cur)
-                    collector.describe(cur.description)
-                if not collector.add(raw) and read_only:
-                    break  # leaving the stream cancels the rest of the read
-    except psycopg.ProgrammingError as exc:
-        if exc.sqlstate is not None:
-            raise
-        no_result = True  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
-    if commit:
-        await conn.execute("COMMIT")
-    if no_result:
-        return [], None, None
-    return columns, None, collector.seen if is_dml and not read_only else None
 
 
 def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
