@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,3 +245,36 @@ def test_unreachable_install_is_copied_to_runtime_dir() -> None:
         EmbeddedPostgres(home).stop()
         shutil.rmtree(private, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_autovacuum_is_paced_by_the_number_of_databases(pg: EmbeddedPostgres) -> None:
+    """One database per tenant: the launcher's worker starts (one per database per naptime) are kept to
+    about one per ``pace`` seconds by raising autovacuum_naptime, within [60 s, 1 h]."""
+    from agentpg.lifecycle.autovacuum import naptime_for, pace_autovacuum
+
+    assert naptime_for(10, 1.0) == 60 and naptime_for(3000, 1.0) == 3000 and naptime_for(10**6, 1.0) == 3600
+    dsn = pg.ensure_running().dsn("postgres")
+
+    def naptime() -> int:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'autovacuum_naptime'").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_database").fetchone()
+        assert row is not None
+        databases = int(row[0])
+    try:
+        assert pace_autovacuum(dsn, 200 / databases) == 200  # as if each database needed 200/n seconds
+        deadline = time.monotonic() + 10
+        while naptime() != 200 and time.monotonic() < deadline:  # the reload is asynchronous
+            time.sleep(0.1)
+        assert naptime() == 200
+        assert pace_autovacuum(dsn, 0) is None and naptime() == 200  # 0: left alone
+    finally:
+        assert pace_autovacuum(dsn, 0.001) == 60
+        deadline = time.monotonic() + 10
+        while naptime() != 60 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert naptime() == 60

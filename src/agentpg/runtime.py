@@ -20,6 +20,7 @@ from agentpg.catalog.engine import ensure_database, make_engine, migrate, sessio
 from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
+from agentpg.lifecycle.autovacuum import AutovacuumPacer
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller
 from agentpg.providers.base import Provider
@@ -53,10 +54,14 @@ class Runtime:
     """Keeps the warm pool full; only long-running processes (``serve``) start it."""
     usage_syncer: UsageSyncer
     """Syncs usage and enforces budgets periodically; only ``serve`` starts it."""
+    autovacuum_pacer: AutovacuumPacer | None = None
+    """Paces autovacuum on the embedded server as databases accumulate; only ``serve`` starts it."""
 
     def start_background_jobs(self) -> None:
         self.refiller.start()
         self.usage_syncer.start()
+        if self.autovacuum_pacer is not None:
+            self.autovacuum_pacer.start()
 
 
 def prepare_home(settings: Settings) -> None:
@@ -170,6 +175,7 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
     refiller: Refiller | None = None
     syncer: UsageSyncer | None = None
+    pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
     try:
         if migrate_catalog:
@@ -189,10 +195,12 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
                           embedded=embedded is not None, postgres_status=status, usage_policy=policy)
         syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
-                      embedded=embedded, refiller=refiller, usage_syncer=syncer)
+                      embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer)
     except ProviderUnavailable:
         raise
     finally:
+        if pacer is not None:
+            pacer.stop()
         if syncer is not None:
             syncer.stop()
         if refiller is not None:
