@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,11 +87,52 @@ def measure(client: httpx.Client, user_ids: list[str], requests: int) -> dict[st
             "POST global-database/query (10 rows)": percentiles(query_samples)}
 
 
+def server_slow_counts(client: httpx.Client) -> dict[str, float]:
+    """From serve's own /metrics: how many requests of the two measured routes took longer than 5 and 10 ms
+    inside the server (the histogram's buckets), to tell a slower server from a slower client or network."""
+    text = client.get("/metrics").text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("agentpg_http_request_duration_seconds_"):
+            continue
+        name, _, value = line.rpartition(" ")
+        route = "query" if "global-database/query" in name else "get_user" if 'route="/api/users/{user_id}"' in name \
+            else None
+        if route is None:
+            continue
+        if name.startswith("agentpg_http_request_duration_seconds_count"):
+            counts[f"{route} total"] = counts.get(f"{route} total", 0) + float(value)
+        for bound in ("0.005", "0.01"):
+            if f'le="{bound}"' in name:
+                key = f"{route} >{float(bound) * 1000:g}ms"
+                counts[key] = counts.get(key, 0) - float(value)
+    for route in ("query", "get_user"):
+        for bound in ("5", "10"):
+            if f"{route} >{bound}ms" in counts:
+                counts[f"{route} >{bound}ms"] += counts.get(f"{route} total", 0)
+    return counts
+
+
+def start_profile(server: ServeProcess, n_dbs: int) -> subprocess.Popen[bytes] | None:
+    import shutil
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print("[density] --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(server.process.pid), "--rate", "200", "--format", "raw",
+                             "--output", str(OUT / f"density-profile-{n_dbs}.txt"), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3, help="measurement rounds per checkpoint (medians)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy (must be installed) records `agentpg serve` during each checkpoint's rounds "
+                             "into results/density-profile-<dbs>.txt (raw stacks)")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     with throwaway_runtime(embedded_fsync=False) as rt:
@@ -130,11 +172,17 @@ def main() -> None:
                             with psycopg.connect(rt.admin_dsn, autocommit=True) as admin:
                                 admin.execute("CHECKPOINT")
                             os.sync()  # and the kernel's write-back of it (the server runs with fsync off)
+                            slow_before = server_slow_counts(client)
+                            spy = start_profile(server, n_dbs) if args.profile else None
                             m, round_p99 = measure_rounds(client, users, args.requests, args.rounds)
+                            if spy is not None:
+                                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                                spy.wait(timeout=60)
+                            server_slow = {k: v - slow_before.get(k, 0) for k, v in server_slow_counts(client).items()}
                             rss = server.rss_mb()
                             for case, row in m.items():
                                 results[f"{case} @ {n_dbs} DBs"] = row
-                            curve.append({"dbs": n_dbs, "rss_mb": round(rss, 1),
+                            curve.append({"dbs": n_dbs, "rss_mb": round(rss, 1), "server_side_over": server_slow,
                                           **{f"{k} p99 per round": v for k, v in round_p99.items()},
                                           **{f"{k} p99": v["p99"] for k, v in m.items()},
                                           **{f"{k} p50": v["p50"] for k, v in m.items()}})
