@@ -35,16 +35,22 @@ def naptime_for(databases: int, pace_s: float) -> int:
     return round(min(MAX_NAPTIME_S, max(MIN_NAPTIME_S, databases * pace_s)))
 
 
-def pace_autovacuum(admin_dsn: str, pace_s: float) -> int | None:
+def pace_autovacuum(admin_dsn: str, pace_s: float) -> int:
     """Set the server's ``autovacuum_naptime`` for its current number of databases (``ALTER SYSTEM`` and a
-    reload, only when it changes). Returns the naptime in force, or None when ``pace_s`` is 0 (left alone)."""
-    if pace_s <= 0:
-        return None
+    reload, only when it changes); ``pace_s`` 0 takes back what an earlier pacing set (PostgreSQL's own
+    configuration applies again). Returns the naptime in force, in seconds."""
     with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM pg_database), setting::int FROM pg_settings "
+        row = conn.execute("SELECT (SELECT count(*) FROM pg_database), setting::int, "
+                           "coalesce(sourcefile LIKE '%postgresql.auto.conf', false) FROM pg_settings "
                            "WHERE name = 'autovacuum_naptime'").fetchone()
         assert row is not None  # the setting always exists
-        databases, current = int(row[0]), int(row[1])
+        databases, current, paced = int(row[0]), int(row[1]), bool(row[2])
+        if pace_s <= 0:
+            if paced:
+                conn.execute("ALTER SYSTEM RESET autovacuum_naptime")
+                conn.execute("SELECT pg_reload_conf()")
+                log.info("autovacuum_naptime: pacing off, back to the server's configuration")
+            return current
         wanted = naptime_for(databases, pace_s)
         if wanted != current:
             # ALTER SYSTEM takes no bound parameters: the value goes in as a quoted literal.
@@ -68,6 +74,11 @@ class AutovacuumPacer:
     def start(self) -> None:
         if self._pace_s > 0:
             self._thread.start()
+            return
+        try:  # pacing switched off: undo what an earlier run set
+            pace_autovacuum(self._admin_dsn, 0)
+        except Exception as exc:
+            log.warning("could not reset autovacuum_naptime: %s", type(exc).__name__)
 
     def stop(self) -> None:
         self._stop.set()
