@@ -168,7 +168,7 @@ def _command(result: PGresult, encoding: str) -> str | None:
 async def _next_result(pgconn: PGconn) -> PGresult | None:
     """The next result, waiting for the socket only when libpq has none complete."""
     while pgconn.is_busy():
-        await _readable(pgconn.socket)
+        await _ready(pgconn.socket, write=False)
         pgconn.consume_input()
     return pgconn.get_result()
 
@@ -176,27 +176,24 @@ async def _next_result(pgconn: PGconn) -> PGresult | None:
 async def _flush(pgconn: PGconn) -> None:
     """Send what libpq has queued (a long statement may not fit the socket buffer at once)."""
     while pgconn.flush():
-        await _writable(pgconn.socket)
+        await _ready(pgconn.socket, write=True)
 
 
-async def _readable(fd: int) -> None:
+async def _ready(fd: int, *, write: bool) -> None:
+    """Until ``fd`` is readable (or writable)."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, _set, ready)
+    if write:
+        loop.add_writer(fd, _set, ready)
+    else:
+        loop.add_reader(fd, _set, ready)
     try:
         await ready
     finally:
-        loop.remove_reader(fd)
-
-
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(fd, _set, ready)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def _set(future: asyncio.Future[None]) -> None:
