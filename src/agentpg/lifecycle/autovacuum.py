@@ -18,10 +18,11 @@ is its operator's to tune: nothing here touches it.
 from __future__ import annotations
 
 import logging
-import threading
 
 import psycopg
 from psycopg import sql
+
+from agentpg.periodic import PeriodicJob
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +61,22 @@ def pace_autovacuum(admin_dsn: str, pace_s: float) -> int:
         return wanted
 
 
-class AutovacuumPacer:
-    """A background thread that re-paces the embedded server's autovacuum every ``interval_s`` (``serve``
-    starts it; databases come and go while it runs)."""
+class AutovacuumPacer(PeriodicJob):
+    """Re-paces the embedded server's autovacuum every ``interval_s`` in the background (``serve`` starts it;
+    databases come and go while it runs)."""
 
     def __init__(self, admin_dsn: str, pace_s: float, interval_s: float = 60.0) -> None:
         self._admin_dsn = admin_dsn
         self._pace_s = pace_s
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="agentpg-autovacuum-pacer", daemon=True)
+        # The server may be restarting: a failure is one line, and the next minute tries again.
+        super().__init__("autovacuum-pacer", lambda: pace_autovacuum(admin_dsn, pace_s),
+                         interval_s if pace_s > 0 else 0, first_run_now=True, log_traceback=False)
 
     def start(self) -> None:
         if self._pace_s > 0:
-            self._thread.start()
+            super().start()
             return
         try:  # pacing switched off: undo what an earlier run set
             pace_autovacuum(self._admin_dsn, 0)
         except Exception as exc:
             log.warning("could not reset autovacuum_naptime: %s", type(exc).__name__)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                pace_autovacuum(self._admin_dsn, self._pace_s)
-            except Exception as exc:  # the server may be restarting; try again next time
-                log.warning("could not pace autovacuum: %s", type(exc).__name__)
-            self._stop.wait(self._interval_s)

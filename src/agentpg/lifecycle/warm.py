@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from agentpg.catalog.models import WarmDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.periodic import PeriodicJob
 from agentpg.providers.base import DatabasePlan, new_password
 
 log = logging.getLogger(__name__)
@@ -92,35 +93,10 @@ def drain(deps: LifecycleDeps) -> int:
     return len(ids)
 
 
-class Refiller:
-    """A background thread that keeps the pool at ``target``; ``kick()`` after a claim wakes it early."""
+class Refiller(PeriodicJob):
+    """Keeps the pool at ``target`` from a background thread, every ``interval_s``; ``kick()`` after a claim
+    wakes it early. A target of 0 never starts."""
 
     def __init__(self, deps: LifecycleDeps, target: int, interval_s: float = 5.0) -> None:
-        self._deps = deps
-        self._target = target
-        self._interval = interval_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="agentpg-warm-pool", daemon=True)
-
-    def start(self) -> None:
-        if self._target > 0:
-            self._thread.start()
-
-    def kick(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                fill(self._deps, self._target, stop=self._stop)
-            except Exception:  # the loop must outlive a catalog or server outage
-                log.exception("warm pool refill failed; retrying in %.0f s", self._interval)
-            self._wake.wait(self._interval)
-            self._wake.clear()
+        super().__init__("warm-pool", lambda: fill(deps, target, stop=self.stopping),
+                         interval_s if target > 0 else 0, first_run_now=True)

@@ -9,7 +9,6 @@ after the provider has really changed the grants.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from sqlalchemy import select, text
 from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.periodic import PeriodicJob
 from agentpg.providers.base import DatabasePlan, UsageSample
 from agentpg.usage.pricing import MICRO, PriceTable, cost_microcents
 
@@ -173,32 +173,18 @@ def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePla
     return True
 
 
-class UsageSyncer:
-    """The periodic job ``serve`` runs: a sync every ``interval_s``; the advisory lock keeps it to one
-    instance at a time however many ``serve`` processes share the catalog."""
+class UsageSyncer(PeriodicJob):
+    """The periodic job ``serve`` runs: a sync every ``interval_s`` (the first after one interval); the
+    advisory lock keeps it to one instance at a time however many ``serve`` processes share the catalog."""
 
     def __init__(self, deps: LifecycleDeps, prices: PriceTable, interval_s: float,
                  default_budget_cents: int | None) -> None:
-        self._deps, self._prices, self._interval = deps, prices, interval_s
+        self._deps, self._prices = deps, prices
         self._default_budget = default_budget_cents
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="agentpg-usage-sync", daemon=True)
+        super().__init__("usage-sync", self._sync_once, interval_s, first_run_now=False)
 
-    def start(self) -> None:
-        if self._interval > 0:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                report = sync_usage(self._deps, self._prices, default_budget_cents=self._default_budget)
-                if not report.skipped:
-                    log.info("usage sync: %d databases, %d users, %d failed", report.databases, report.users,
-                             len(report.failed))
-            except Exception:  # the job must outlive a catalog or server outage
-                log.exception("usage sync failed; retrying next interval")
+    def _sync_once(self) -> None:
+        report = sync_usage(self._deps, self._prices, default_budget_cents=self._default_budget)
+        if not report.skipped:
+            log.info("usage sync: %d databases, %d users, %d failed", report.databases, report.users,
+                     len(report.failed))
