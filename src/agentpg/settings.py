@@ -40,9 +40,9 @@ class Settings(BaseSettings):
     postgres_os_user: str = "nobody"
     """The unprivileged OS user the embedded server runs as when agentpg runs as root."""
     embedded_fsync: bool = True
-    embedded_autovacuum_pace_s: float = Field(default=1.0, ge=0, le=3600)
+    embedded_autovacuum_pace_s: float = Field(default=2.0, ge=0, le=3600)
     """On the embedded server, ``serve`` keeps autovacuum's worker starts at most one per this many seconds
-    (``autovacuum_naptime`` = databases x this, between 60 s and 1 h); 0 leaves PostgreSQL's default."""
+    (``autovacuum_naptime`` = databases x this, between 60 s and 2 h); 0 leaves PostgreSQL's default."""
     tenant_connection_limit: int = Field(default=20, ge=1, le=1000)
     """CONNECTION LIMIT of every tenant login role."""
     warm_pool_size: int = Field(default=8, ge=0, le=1000)
