@@ -121,3 +121,70 @@ def test_only_one_sync_runs_at_a_time(runtime: Runtime) -> None:
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": 0x61677470_75736167})
     assert not sync_usage(runtime.service.deps, PriceTable()).skipped
+
+
+def _plans_of(runtime: Runtime, user_id: str) -> list[DatabasePlan]:
+    from sqlalchemy import select
+
+    from agentpg.catalog.models import UserGlobalDatabase, WorkspaceAgentDatabase
+
+    with runtime.service.deps.sessions() as s:
+        records = [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)),
+                   *s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id))]
+    return [DatabasePlan(r.database_name, r.owner_role or "", r.login_role or "", r.provider_server)
+            for r in records]
+
+
+def test_usage_of_many_databases_is_read_at_once_and_a_missing_one_fails_alone(runtime: Runtime) -> None:
+    from agentpg.errors import ProviderError
+    from agentpg.providers.base import UsageSample
+
+    svc = runtime.service
+    u = f"many-{uuid.uuid4().hex[:8]}"
+    svc.register_user(u)
+    svc.create_workspace(u, f"w-{uuid.uuid4().hex[:8]}")
+    plans = _plans_of(runtime, u)
+    assert len(plans) == 2
+    gone = DatabasePlan("apg_0000000000000000", "apg_0000000000000000_o", "apg_0000000000000000_l",
+                        plans[0].server)
+    samples = svc.deps.provider.usage_many([*plans, gone])
+    assert set(samples) == {p.database for p in plans} | {gone.database}
+    for plan in plans:
+        sample = samples[plan.database]
+        assert isinstance(sample, UsageSample) and sample.storage_bytes > 1_000_000
+        # the same figures as asking for that database alone (storage is stable on an idle database)
+        assert sample.storage_bytes == svc.deps.provider.usage(plan).storage_bytes
+    missing = samples[gone.database]
+    assert isinstance(missing, ProviderError) and "does not exist" in missing.message
+    svc.delete_user(u)
+
+
+def test_a_sync_in_batches_prices_every_database_exactly_once(runtime: Runtime,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from agentpg.catalog.models import UserGlobalDatabase, WorkspaceAgentDatabase
+    from agentpg.usage import budgets
+
+    svc = runtime.service
+    users = [f"batch-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for u in users:
+        svc.register_user(u)
+        svc.create_workspace(u, f"w-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setattr(budgets, "BATCH", 2)  # several batches, one of them partly filled
+    now = datetime.now(UTC)
+    report = sync_usage(svc.deps, PriceTable(), now=now)
+    with svc.deps.sessions() as s:
+        ready = [r for model in (UserGlobalDatabase, WorkspaceAgentDatabase)
+                 for r in s.scalars(select(model).where(model.status == "ready"))]
+    platform = [r for r in ready if r.ownership_type == "platform" and r.owner_role and r.login_role]
+    assert not report.failed
+    assert report.databases == len(platform) >= 4
+    assert all(r.last_consumption_sync == now and r.usage_snapshot for r in platform)
+    ours = [r for r in platform if r.user_id in users]
+    assert len(ours) == 4 and all(r.usage_snapshot["storage_bytes"] > 1_000_000 for r in ours)  # type: ignore[index]
+    for u in users:
+        assert svc.usage(u).budget_cents is None  # a budget row for each user, none set
+        svc.delete_user(u)

@@ -18,6 +18,7 @@ from agentpg.embedded import EmbeddedPostgres
 from agentpg.errors import ProviderUnavailable
 from agentpg.lifecycle import reconcile, users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.providers.base import DatabasePlan, UsageSample
 from agentpg.providers.fleet import FleetProvider, server_name_of
 from agentpg.runtime import Runtime
 
@@ -73,6 +74,19 @@ def test_thirty_users_spread_evenly_and_a_dead_server_fails_only_its_users(
             on_victim = list(s.scalars(select(UserGlobalDatabase.user_id).where(
                 UserGlobalDatabase.user_id.in_(ids), UserGlobalDatabase.provider_server == victim_name)))
         assert on_victim
+        # The usage sync's read: one request per server, and the dead server fails only its own databases.
+        with fleet_deps.sessions() as s:
+            records = list(s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id.in_(ids))))
+        samples = fleet_deps.provider.usage_many(
+            [DatabasePlan(r.database_name, r.owner_role or "", r.login_role or "", r.provider_server)
+             for r in records])
+        assert len(samples) == len(records) == 30
+        for rec in records:
+            sample = samples[rec.database_name]
+            if rec.provider_server == victim_name:
+                assert isinstance(sample, ProviderUnavailable)
+            else:
+                assert isinstance(sample, UsageSample) and sample.storage_bytes > 0
         with pytest.raises(ProviderUnavailable, match=victim_name.split(":")[1]):
             users.delete_user(fleet_deps, on_victim[0])
         survivor = next(u for u in ids if u not in on_victim and u != ids[0])

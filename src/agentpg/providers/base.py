@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import abc
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from agentpg.errors import AgentpgError
 
 #: Every database and role agentpg creates starts with this, so ``reconcile`` can tell ours from others'.
 NAME_PREFIX = "apg_"
@@ -174,6 +176,18 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def usage(self, plan: DatabasePlan) -> UsageSample:
         """The database's counters now (see :class:`UsageSample`)."""
+
+    def usage_many(self, plans: Sequence[DatabasePlan]) -> dict[str, UsageSample | AgentpgError]:
+        """Each database's counters keyed by its name, or the error reading that one failed with: one
+        database's failure never fails the others. The default asks :meth:`usage` once per database; a
+        provider that can read many in one request overrides it (the usage sync reads every database)."""
+        samples: dict[str, UsageSample | AgentpgError] = {}
+        for plan in plans:
+            try:
+                samples[plan.database] = self.usage(plan)
+            except AgentpgError as exc:
+                samples[plan.database] = exc
+        return samples
 
     @abc.abstractmethod
     def inventory(self) -> Inventory:

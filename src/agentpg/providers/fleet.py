@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from agentpg.errors import ProviderError, ProviderUnavailable
+from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.providers.base import (
     NAME_PREFIX,
     AgentPermissions,
@@ -109,6 +109,21 @@ class FleetProvider(Provider):
 
     def usage(self, plan: DatabasePlan) -> UsageSample:
         return self._member(plan).usage(plan)
+
+    def usage_many(self, plans: Sequence[DatabasePlan]) -> dict[str, UsageSample | AgentpgError]:
+        """One request per server (a down server fails only its own databases)."""
+        samples: dict[str, UsageSample | AgentpgError] = {}
+        by_server: dict[str, list[DatabasePlan]] = {}
+        for plan in plans:
+            try:
+                self._member(plan)
+            except ProviderError as exc:
+                samples[plan.database] = exc
+                continue
+            by_server.setdefault(str(plan.server), []).append(plan)
+        for server, group in by_server.items():
+            samples.update(self.members[server].usage_many(group))
+        return samples
 
     def inventory(self) -> Inventory:
         """The union over every reachable server; raises if any is down, since a partial inventory would

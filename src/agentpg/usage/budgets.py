@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Literal, TypeVar
 
 from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
 from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 _SYNC_LOCK_KEY = 0x61677470_75736167  # any constant shared by every agentpg process on one catalog
 
 Record = UserGlobalDatabase | WorkspaceAgentDatabase
+_T = TypeVar("_T")
+
+BATCH = 500
+"""Databases (and users) per provider request and catalog transaction: a sync of thousands of databases is a
+handful of round trips, and a transaction holds its row locks for milliseconds."""
 
 
 def period_start_of(now: datetime) -> datetime:
@@ -89,67 +97,96 @@ def sync_usage(deps: LifecycleDeps, prices: PriceTable, *, default_budget_cents:
     return report
 
 
+def _ready_records(deps: LifecycleDeps) -> list[Record]:
+    with deps.sessions() as s:
+        return [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.status == "ready")),
+                *s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.status == "ready"))]
+
+
+def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), BATCH):
+        yield items[start:start + BATCH]
+
+
 def _sample_all(deps: LifecycleDeps, prices: PriceTable, now: datetime, period: datetime,
                 report: SyncReport) -> None:
-    with deps.sessions() as s:
-        records: list[Record] = [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.status == "ready")),
-                                 *s.scalars(select(WorkspaceAgentDatabase)
-                                            .where(WorkspaceAgentDatabase.status == "ready"))]
-    for rec in records:
-        plan = _plan(rec)
-        if plan is None:
-            continue
-        try:
-            sample = deps.provider.usage(plan)
-        except AgentpgError as exc:
-            report.failed.append(f"{rec.database_name}: {exc.message}")
-            continue
+    planned = [(rec, plan) for rec in _ready_records(deps) if (plan := _plan(rec)) is not None]
+    for chunk in _chunks(planned):
+        samples = deps.provider.usage_many([plan for _, plan in chunk])
         with deps.sessions.begin() as s:
-            fresh = cast(Record | None, s.get(type(rec), rec.id, with_for_update=True))
-            if fresh is None:
-                continue
-            if fresh.period_start is None or fresh.period_start < period:
-                fresh.period_start = period
-                fresh.period_cost_microcents = 0
-            before = UsageSample.from_json(fresh.usage_snapshot) if fresh.usage_snapshot else None
-            since = max(fresh.last_consumption_sync or fresh.created_at, period)
-            fresh.period_cost_microcents += cost_microcents(prices, before, sample, (now - since).total_seconds())
-            fresh.current_period_cost_cents = round(fresh.period_cost_microcents / MICRO)
-            fresh.usage_snapshot = sample.to_json()
-            fresh.last_consumption_sync = now
-        report.databases += 1
+            locked = _lock_records(s, [rec for rec, _ in chunk])
+            for rec, plan in chunk:
+                sample = samples.get(plan.database)
+                if not isinstance(sample, UsageSample):
+                    reason = sample.message if sample is not None else "the provider returned no sample"
+                    report.failed.append(f"{rec.database_name}: {reason}")
+                    continue
+                fresh = locked.get((type(rec), rec.id))
+                if fresh is None:  # deleted since the list was read
+                    continue
+                _add_cost(fresh, sample, prices, now, period)
+                report.databases += 1
+
+
+def _lock_records(s: Session, records: Sequence[Record]) -> dict[tuple[type, str], Record]:
+    """The catalog rows of ``records``, locked for this transaction (in id order, one query per table)."""
+    locked: dict[tuple[type, str], Record] = {}
+    models: tuple[type[UserGlobalDatabase], type[WorkspaceAgentDatabase]] = (UserGlobalDatabase,
+                                                                             WorkspaceAgentDatabase)
+    for model in models:
+        ids = [rec.id for rec in records if isinstance(rec, model)]
+        if ids:
+            rows: list[Record] = list(s.scalars(select(model).where(model.id.in_(ids)).order_by(model.id)
+                                                .with_for_update()))
+            locked.update(((model, row.id), row) for row in rows)
+    return locked
+
+
+def _add_cost(rec: Record, sample: UsageSample, prices: PriceTable, now: datetime, period: datetime) -> None:
+    """Price what ``rec`` used since its last sample into its period cost, and keep ``sample`` as the next
+    starting point (a new period starts the cost from zero)."""
+    if rec.period_start is None or rec.period_start < period:
+        rec.period_start = period
+        rec.period_cost_microcents = 0
+    before = UsageSample.from_json(rec.usage_snapshot) if rec.usage_snapshot else None
+    since = max(rec.last_consumption_sync or rec.created_at, period)
+    rec.period_cost_microcents += cost_microcents(prices, before, sample, (now - since).total_seconds())
+    rec.current_period_cost_cents = round(rec.period_cost_microcents / MICRO)
+    rec.usage_snapshot = sample.to_json()
+    rec.last_consumption_sync = now
 
 
 def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budget_cents: int | None,
              report: SyncReport) -> None:
+    totals: dict[str, int] = defaultdict(int)
+    plans: dict[str, list[DatabasePlan]] = defaultdict(list)
+    for rec in _ready_records(deps):
+        if rec.period_start is not None and rec.period_start >= period:
+            totals[rec.user_id] += rec.period_cost_microcents
+        plan = _plan(rec)
+        if plan is not None:
+            plans[rec.user_id].append(plan)
     with deps.sessions() as s:
-        totals: dict[str, int] = defaultdict(int)
-        plans: dict[str, list[DatabasePlan]] = defaultdict(list)
-        records: list[Record] = [*s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.status == "ready")),
-                                 *s.scalars(select(WorkspaceAgentDatabase)
-                                            .where(WorkspaceAgentDatabase.status == "ready"))]
-        for rec in records:
-            if rec.period_start is not None and rec.period_start >= period:
-                totals[rec.user_id] += rec.period_cost_microcents
-            plan = _plan(rec)
-            if plan is not None:
-                plans[rec.user_id].append(plan)
-        user_ids = list(s.scalars(select(User.id).where(User.status == "active")))
-    for user_id in user_ids:
-        total_cents = round(totals[user_id] / MICRO)
+        user_ids = list(s.scalars(select(User.id).where(User.status == "active").order_by(User.id)))
+    for chunk in _chunks(user_ids):
+        changes: list[tuple[str, bool]] = []
         with deps.sessions.begin() as s:
-            budget = s.get(UserBudget, user_id, with_for_update=True)
-            if budget is None:
-                budget = UserBudget(user_id=user_id, budget_cents=default_budget_cents, period_start=period,
-                                    total_cost_cents=0, exceeded=False, enforced=False)
-                s.add(budget)
-            budget.period_start = period
-            budget.total_cost_cents = total_cents
-            budget.exceeded = budget.budget_cents is not None and total_cents >= budget.budget_cents
-            want, have = budget.exceeded, budget.enforced
-        report.users += 1
-        if want != have:
-            apply_enforcement(deps, user_id, plans[user_id], want, report)
+            # A budget row for every user first; ON CONFLICT: one set through the API meanwhile is kept.
+            s.execute(pg_insert(UserBudget).values([
+                {"user_id": user_id, "budget_cents": default_budget_cents, "period_start": period,
+                 "total_cost_cents": 0, "exceeded": False, "enforced": False} for user_id in chunk])
+                .on_conflict_do_nothing(index_elements=[UserBudget.user_id]))
+            for budget in s.scalars(select(UserBudget).where(UserBudget.user_id.in_(chunk))
+                                    .order_by(UserBudget.user_id).with_for_update()):
+                total_cents = round(totals[budget.user_id] / MICRO)
+                budget.period_start = period
+                budget.total_cost_cents = total_cents
+                budget.exceeded = budget.budget_cents is not None and total_cents >= budget.budget_cents
+                if budget.exceeded != budget.enforced:
+                    changes.append((budget.user_id, budget.exceeded))
+        report.users += len(chunk)
+        for user_id, read_only in changes:
+            apply_enforcement(deps, user_id, plans[user_id], read_only, report)
 
 
 def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePlan], read_only: bool,
