@@ -48,9 +48,10 @@ def report(name: str, results: dict[str, dict[str, float]], extra: dict[str, Any
         extra.setdefault("loadavg_1_5_15", [round(x, 2) for x in os.getloadavg()])
     print(json.dumps({"benchmark": name, "results": results, **(extra or {})}, indent=2))
     keys = ["n", "p50", "p95", "p99", "mean", "max"]
-    print(f"\n{'case':<44}" + "".join(f"{k:>10}" for k in keys))
+    width = max([44, *(len(case) + 2 for case in results)])
+    print(f"\n{'case':<{width}}" + "".join(f"{k:>10}" for k in keys))
     for case, row in results.items():
-        print(f"{case:<44}" + "".join(f"{row.get(k, ''):>10}" for k in keys))
+        print(f"{case:<{width}}" + "".join(f"{row.get(k, ''):>10}" for k in keys))
 
 
 class ServeProcess:
