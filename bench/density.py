@@ -336,9 +336,10 @@ def plot(curve: list[dict[str, Any]]) -> None:
     ax.set_ylabel("ms")
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(xs, [c["rss_mb"] for c in curve], color="grey", linestyle="--", label="serve RSS (MB)")
-    ax2.set_ylabel("RSS MB")
-    ax2.set_ylim(bottom=0)
+    rss = [c["rss_mb"] for c in curve]
+    ax2.plot(xs, rss, color="grey", linestyle="--", label="serve RSS (MB)")
+    ax2.set_ylabel("serve RSS MB (grey, dashed)")
+    ax2.set_ylim(0, max(rss) * 1.3)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("density: API p99 and RSS vs databases")
     fig.tight_layout()
