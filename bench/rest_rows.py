@@ -19,7 +19,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ServeProcess, percentiles, report, throwaway_runtime
+from _common import ServeProcess, percentiles, report, throwaway_runtime, write_json
 
 from agentpg.runtime import admin_token
 
@@ -78,8 +78,9 @@ def main() -> None:
             for _ in range(args.requests):
                 conn.execute("SELECT * FROM items ORDER BY id LIMIT 100 OFFSET 0").fetchall()
             throughput["raw psycopg req/s (one connection)"] = round(args.requests / (time.perf_counter() - start), 1)
-    report("rest_rows", results, {"throughput": throughput, "serve_rss_mb": round(rss, 1),
-                                  "concurrency": args.concurrency})
+    extra = {"throughput": throughput, "serve_rss_mb": round(rss, 1), "concurrency": args.concurrency}
+    report("rest_rows", results, extra)
+    write_json("rest_rows", {"results": results, **extra})
 
 
 if __name__ == "__main__":

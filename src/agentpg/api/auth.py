@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from agentpg.api.context import Ctx
 from agentpg.errors import NotFound, PermissionDenied, Unauthenticated
@@ -23,12 +24,25 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
                      description="The admin token, or a user token (agent tokens are for MCP only).")
 
 
-def authenticated(ctx: Ctx,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    """The caller, or ``Unauthenticated``/``PermissionDenied``. Sync: the token lookup is a catalog query."""
+def principal_of(ctx: Ctx, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller, or ``Unauthenticated``/``PermissionDenied``. Sync: the token lookup may be a catalog query."""
     if credentials is None:
         raise Unauthenticated("send the admin token or a user token as 'Authorization: Bearer <token>'")
-    principal = ctx.service.tokens.authenticate(credentials.credentials)
+    return _not_an_agent(ctx.service.tokens.authenticate(credentials.credentials))
+
+
+async def authenticated(ctx: Ctx,
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """:func:`principal_of` as the routes' dependency. A token seen in the last 2 s (and the admin token) is
+    answered on the event loop; only a catalog lookup goes to a worker thread, so most requests skip a
+    thread hop here."""
+    hit = ctx.service.tokens.cached(credentials.credentials) if credentials is not None else None
+    if hit is not None:
+        return _not_an_agent(hit)
+    return await run_in_threadpool(principal_of, ctx, credentials)
+
+
+def _not_an_agent(principal: Principal) -> Principal:
     if principal.kind == "agent":
         raise PermissionDenied("agent tokens reach only the MCP endpoint; the REST API needs the admin token "
                                "or a user token")

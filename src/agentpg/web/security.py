@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from fastapi import Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
-from agentpg.api.auth import authenticated
+from agentpg.api.auth import principal_of
 from agentpg.api.context import AppContext
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import AgentpgError, InvalidInput, SecretError, Unauthenticated
@@ -64,7 +64,7 @@ def principal_from_token(ctx: AppContext, token: str) -> Principal:
     """The API's own check (unknown/revoked → 401; agent token → 403), on a token from a form or cookie."""
     if not token or len(token) > 512 or not token.isascii() or not token.isprintable():
         raise Unauthenticated("that is not a token agentpg issued")
-    return authenticated(ctx, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+    return principal_of(ctx, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
 
 
 _SESSION: Final = SealContext("explorer_session", "cookie", "token")
