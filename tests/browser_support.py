@@ -23,6 +23,7 @@ import leakscan
 import psycopg
 from api_support import role_names
 from helpers import agent_db_uri, global_uri, workspace_global_uri
+from psycopg.conninfo import make_conninfo
 
 from agentpg.access import audit as audit_log
 from agentpg.runtime import Runtime, admin_token
@@ -122,10 +123,14 @@ def make_tenant(runtime: Runtime, *, seed_directly: bool) -> Tenant:
         conn.execute("INSERT INTO other_secrets VALUES (1, 'OTHER-USER-SECRET-VALUE')")
     if seed_directly:
         with psycopg.connect(workspace_global_uri(runtime, ws_a), autocommit=True) as conn:
-            for statement in (CUSTOMERS, FILL_CUSTOMERS, ORDERS, "INSERT INTO orders VALUES (1, 1, 9.5)",
-                              "CREATE FUNCTION touch_customers() RETURNS integer LANGUAGE sql AS "
-                              "'UPDATE customers SET tier = tier RETURNING 1'"):
+            for statement in (CUSTOMERS, FILL_CUSTOMERS, ORDERS, "INSERT INTO orders VALUES (1, 1, 9.5)"):
                 conn.execute(statement)
+        # Agents cannot define functions in the shared database; the operator (a trusted principal) can: a
+        # function that writes, for the SQL box's READ ONLY test.
+        dbname = urlsplit(global_uri(runtime, user)).path.lstrip("/")
+        with psycopg.connect(make_conninfo(runtime.admin_dsn, dbname=dbname), autocommit=True) as conn:
+            conn.execute("CREATE FUNCTION public.touch_customers() RETURNS integer LANGUAGE sql AS "
+                         "'UPDATE public.customers SET tier = tier RETURNING 1'")
         for outcome, statement in (("ok", "SELECT * FROM customers WHERE id = $1"),
                                    ("denied", "DROP TABLE customers")):
             audit_log.record(svc.deps.sessions, audit_log.AuditRecord(

@@ -77,8 +77,11 @@ def test_user_and_two_workspaces_share_global_and_are_isolated(runtime: Runtime,
     # w1 has full rights in its own agent database, no rights to become anyone else.
     with psycopg.connect(a1, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id int)")
-        attrs = conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolbypassrls, rolreplication, "
-                             "rolconnlimit FROM pg_roles WHERE rolname = current_user").fetchone()
+        me = conn.execute("SELECT current_user").fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # other tenants' roles are hidden
+            conn.execute("SELECT rolname FROM pg_roles")
+        attrs = admin.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolbypassrls, rolreplication, "
+                              "rolconnlimit FROM pg_roles WHERE rolname = %s", me).fetchone()
         assert attrs is not None and attrs[:5] == (False,) * 5 and attrs[5] == runtime.settings.tenant_connection_limit
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE EXTENSION dblink")

@@ -105,8 +105,9 @@ async def test_can_create_tables_false(runtime: Runtime, base_url: str, tenants:
                                                      sql="CREATE VIEW nope AS SELECT 1")
         with as_agent(runtime, tenants.ws_b) as b:
             assert "permission denied for schema public" in denied(b, "CREATE TABLE nope (x int)")
-            assert "permission denied for schema public" in denied(b, "CREATE FUNCTION nope() RETURNS int "
-                                                                   "LANGUAGE sql AS 'SELECT 1'")
+            # No code at all in the shared database, whatever the permissions (tests/test_attack_postgres.py)
+            assert "not allowed in the shared global database" in denied(b, "CREATE FUNCTION nope() RETURNS int "
+                                                                              "LANGUAGE sql AS 'SELECT 1'")
     finally:
         set_perms(runtime, tenants.ws_b)
 
@@ -157,10 +158,10 @@ async def test_allowed_tables(runtime: Runtime, base_url: str, tenants: Tenants)
             # The tricks that would reach a table through an object the owner role ends up owning:
             b.execute("CREATE VIEW v_allowed AS SELECT * FROM secret")  # a view runs as its invoker...
             assert "permission denied for table secret" in denied(b, "SELECT * FROM v_allowed")
-            assert "SECURITY DEFINER" in denied(  # ...and a SECURITY DEFINER routine cannot exist
+            assert "not allowed in the shared global database" in denied(  # ...and no routine can exist
                 b, "CREATE FUNCTION peek() RETURNS SETOF int LANGUAGE sql SECURITY DEFINER AS "
                    "'SELECT x FROM secret'")
-            assert "permission denied" in denied(  # no TRIGGER: one agent's code never runs as another's
+            assert "not allowed in the shared global database" in denied(  # one agent's code never runs as another's
                 b, "CREATE TRIGGER t BEFORE UPDATE ON allowed FOR EACH ROW "
                    "EXECUTE FUNCTION suppress_redundant_updates_trigger()")
     finally:
@@ -233,11 +234,15 @@ async def test_known_bypasses_fail_as_the_agent_role(runtime: Runtime, tenants: 
         superuser = conninfo_to_dict(runtime.admin_dsn)["user"]
         for role in (other_role, superuser):
             assert "permission denied to set role" in denied(a, f'SET ROLE "{role}"')
-        attrs = a.execute("SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication "
-                          "FROM pg_roles WHERE rolname = current_user").fetchone()
+        me = a.execute("SELECT current_user").fetchone()
+        # Role catalogs are hidden from agents (tests/test_attack_postgres.py); the admin looks instead.
+        assert "permission denied" in denied(a, "SELECT rolname FROM pg_roles")
+    with psycopg.connect(runtime.admin_dsn, autocommit=True) as admin:
+        attrs = admin.execute("SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication "
+                              "FROM pg_roles WHERE rolname = %s", me).fetchone()
         assert attrs == (False,) * 5
-        assert a.execute("SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
-                         "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = current_user)").fetchone() == (0,)
+        assert admin.execute("SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+                             "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = %s)", me).fetchone() == (0,)
 
 
 async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants: Tenants) -> None:
@@ -252,24 +257,24 @@ async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants
             await queries.run(uri, "WITH d AS (DELETE FROM shared RETURNING *) SELECT * FROM d", read_only=True)
         assert info.value.outcome == "denied"
         # The read's transaction is read only from its start: once the statement runs, nothing can lift it.
-        with pytest.raises(StatementFailed, match="read-write mode must be set before any query"):
+        # (In the shared database set_config is not even available to agents.)
+        with pytest.raises(StatementFailed, match=r"read-write mode must be set|permission denied for function"):
             await queries.run(uri, "SELECT set_config('transaction_read_only', 'off', true)", read_only=True)
         # SET TRANSACTION alone is the whole (implicit) transaction: it may run, and changes nothing after it.
         await queries.run(uri, "SET TRANSACTION READ WRITE", read_only=True)
-        await queries.run(uri, "SELECT set_config('default_transaction_read_only', 'off', false)", read_only=True)
+        await queries.run(uri, "SET default_transaction_read_only = off", read_only=False)
         with pytest.raises(StatementFailed, match="read-only transaction"):
             await queries.run(uri, "INSERT INTO shared VALUES (9, 'x')", read_only=True)
         # A session-level SET in one call does not survive into the next on the same (pooled) connection.
         pid = (await queries.run(uri, "SELECT pg_backend_pid()", read_only=True)).rows
         await queries.run(uri, "SET statement_timeout = 0", read_only=False)
-        await queries.run(uri, "SELECT set_config('search_path', 'pg_catalog', false)", read_only=True)
+        await queries.run(uri, "SET search_path = pg_catalog", read_only=False)
         assert (await queries.run(uri, "SELECT current_setting('statement_timeout'), current_setting("
                                   "'search_path'), pg_backend_pid()", read_only=True)).rows == [
             ["1s", '"$user", public', pid[0][0]]]
-        # A session-level advisory lock a read takes is gone when the call ends (the same backend, reset).
-        await queries.run(uri, "SELECT pg_advisory_lock(4242)", read_only=True)
-        assert (await queries.run(uri, "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
-                                  "objid = 4242), pg_backend_pid()", read_only=True)).rows == [[0, pid[0][0]]]
+        # Advisory locks (a channel between sessions) are not available to agents in the shared database.
+        with pytest.raises(StatementFailed, match="permission denied for function"):
+            await queries.run(uri, "SELECT pg_advisory_lock(4242)", read_only=True)
         # A read's columns are known even when no row matched.
         empty = await queries.run(uri, "SELECT 1 AS a, 'x'::text AS b WHERE false", read_only=True)
         assert [(c.name, c.type) for c in empty.columns] == [("a", "int4"), ("b", "text")] and empty.rows == []

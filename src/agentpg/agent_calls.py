@@ -20,7 +20,7 @@ from sqlalchemy import select
 from agentpg.access import audit as audit_log
 from agentpg.access import cache, introspect
 from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
-from agentpg.access.classify import Classification, StatementKind, classify, normalize_for_audit
+from agentpg.access.classify import Classification, StatementKind, check_shared, classify, normalize_for_audit
 from agentpg.access.permissions import (
     AgentTarget,
     GlobalDbPermissions,
@@ -163,6 +163,8 @@ class AgentCalls:
             c = _classify(statement)
             draft.fingerprint = c.fingerprint
             check_tool(c, tool)
+            if database == "global":
+                check_shared(c)
             if target.permissions is not None:
                 precheck(c, target.permissions)
             if tool == "execute" and c.kind in (StatementKind.WRITE, StatementKind.DDL):

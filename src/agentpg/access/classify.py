@@ -490,6 +490,28 @@ def _classify(sql: str) -> Classification:
                           result.drops_table, pglast.fingerprint(sql))
 
 
+# Statements that define code someone else would run (another agent, the owner role through ANALYZE or a
+# refresh, the platform's readers): refused in the shared global database, where agents are not alone.
+_SHARED_CODE: Final = frozenset({
+    "CREATE FUNCTION", "CREATE PROCEDURE", "ALTER FUNCTION", "ALTER PROCEDURE", "ALTER ROUTINE",
+    "CREATE TRIGGER", "CREATE RULE", "CREATE OPERATOR", "CREATE AGGREGATE", "CREATE CAST",
+    "CREATE MATERIALIZED VIEW", "REFRESH MATERIALIZED VIEW",
+})
+
+
+def check_shared(c: Classification) -> None:
+    """Refuse, with why, a statement that defines code in the shared global database.
+
+    The database refuses them too (no USAGE on the languages, an event trigger); this is the clearer error.
+    Raises RejectedStatement.
+    """
+    if c.command in _SHARED_CODE:
+        raise _refuse("shared_code", f"{c.command} is not allowed in the global database: code defined there "
+                      "would run with the rights of other agents or of the database owner. Use plain SQL "
+                      "(views, constraints and indexes on built-in functions are fine), or create functions "
+                      "in your agent database.")
+
+
 def classify(sql: str) -> Classification:
     """Classify exactly one SQL statement, or raise RejectedStatement with an actionable message."""
     try:

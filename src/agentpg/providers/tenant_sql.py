@@ -94,6 +94,7 @@ BEGIN
         SET can_read = p_read, can_write = p_write, can_create = p_create, can_drop = p_drop,
             allowed_tables = p_tables
     RETURNING * INTO g;
+    PERFORM agentpg_internal.lock_down_shared();  -- agents are granted into the shared database only
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), p_role);
     EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', p_role);
     IF agentpg_internal.read_only() THEN  -- over budget: the row keeps the wishes, the grants say no
@@ -195,14 +196,15 @@ BEGIN
                 WHERE d.classid = 'pg_class'::regclass AND d.objid = obj.objid
                   AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'));
             CONTINUE WHEN (SELECT relkind FROM pg_class WHERE oid = obj.objid) NOT IN ('r','p','v','m','f','S');
-            IF (SELECT relowner FROM pg_class WHERE oid = obj.objid) <> owner_oid THEN
-                EXECUTE format('ALTER TABLE %s OWNER TO %I', obj.objid::regclass, owner_role);
-            END IF;
             -- A view owned by the owner role would otherwise read its tables with the owner's rights: any
-            -- agent could read or write a table it may not touch through a view it created.
+            -- agent could read or write a table it may not touch through a view it created. (Before the
+            -- owner changes: each ALTER here fires this trigger again, and its check below.)
             IF (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'v'
                AND current_setting('server_version_num')::int >= 150000 THEN
                 EXECUTE format('ALTER VIEW %s SET (security_invoker = true)', obj.objid::regclass);
+            END IF;
+            IF (SELECT relowner FROM pg_class WHERE oid = obj.objid) <> owner_oid THEN
+                EXECUTE format('ALTER TABLE %s OWNER TO %I', obj.objid::regclass, owner_role);
             END IF;
             FOR g IN SELECT * FROM agentpg_internal.agent_grants LOOP
                 PERFORM agentpg_internal.grant_relation(obj.objid::regclass, g);
@@ -212,7 +214,9 @@ BEGIN
                 PERFORM agentpg_internal.grant_relation(d.objid::regclass, g)
                 FROM pg_depend d
                 WHERE d.refobjid = obj.objid AND d.classid = 'pg_class'::regclass
-                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i');
+                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+                  -- An index on an expression (an EXCLUDE constraint's too) depends on its table the same way.
+                  AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'S';
             END LOOP;
         ELSIF obj.classid = 'pg_proc'::regclass THEN
             -- Handed to the owner role, a SECURITY DEFINER routine would run with the owner's rights.
@@ -230,12 +234,128 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    -- ALTER VIEW ... SET (security_invoker = false) or RESET, as a statement or from a function's EXECUTE:
+    -- the view would read its tables with the owner role's rights. Every view in public stays an invoker's.
+    IF current_setting('server_version_num')::int >= 150000 AND EXISTS (
+        SELECT 1 FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'v'
+          AND NOT EXISTS (SELECT 1 FROM pg_options_to_table(c.reloptions) o
+                          WHERE o.option_name = 'security_invoker'
+                            AND lower(o.option_value) IN ('true', 'on', 'yes', '1')))
+    THEN
+        RAISE EXCEPTION 'views here must stay security_invoker = true'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A view reads its tables with the rights of whoever queries it; that cannot be changed.';
+    END IF;
+END
+$fn$;
+
+-- Before any DDL: in the shared (global) database, no tenant role may define code that another principal
+-- (another agent, the owner role through ANALYZE/autovacuum/REFRESH, the platform's readers) would run:
+-- functions, procedures, triggers, rules, operators, aggregates, casts, materialized views. Revoking the
+-- languages already stops CREATE FUNCTION and DO where agentpg's admin may revoke; this also covers servers
+-- where it may not (Neon), and gives a message that says why.
+CREATE OR REPLACE FUNCTION agentpg_internal.guard_ddl()
+RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF coalesce((SELECT value FROM agentpg_internal.config WHERE key = 'shared'), 'off') <> 'on' THEN
+        RETURN;
+    END IF;
+    IF NOT (session_user IN (SELECT role_name FROM agentpg_internal.agent_grants)
+            OR session_user IN (SELECT value FROM agentpg_internal.config
+                                WHERE key IN ('owner_role', 'login_role'))) THEN
+        RETURN;  -- agentpg's own admin
+    END IF;
+    IF tg_tag IN ('CREATE FUNCTION', 'CREATE PROCEDURE', 'ALTER FUNCTION', 'ALTER PROCEDURE', 'ALTER ROUTINE',
+                  'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE', 'CREATE OPERATOR', 'ALTER OPERATOR',
+                  'CREATE OPERATOR CLASS', 'CREATE OPERATOR FAMILY', 'ALTER OPERATOR FAMILY',
+                  'CREATE AGGREGATE', 'ALTER AGGREGATE', 'CREATE CAST', 'CREATE MATERIALIZED VIEW',
+                  'REFRESH MATERIALIZED VIEW', 'ALTER MATERIALIZED VIEW', 'CREATE TRANSFORM', 'CREATE LANGUAGE',
+                  'CREATE CONVERSION', 'CREATE TEXT SEARCH PARSER', 'CREATE TEXT SEARCH TEMPLATE',
+                  'CREATE ACCESS METHOD', 'CREATE EVENT TRIGGER') THEN
+        RAISE EXCEPTION '% is not allowed in the shared global database', tg_tag
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Code defined here would run with the rights of other agents or of the owner; '
+                         'use plain SQL, or put functions in your agent database.';
+    END IF;
+END
+$fn$;
+
+-- Make this database the shared one (called when its first agent is granted in): take away the code
+-- languages and the built-ins that run SQL text with the caller's rights or carry data between sessions.
+CREATE OR REPLACE FUNCTION agentpg_internal.lock_down_shared()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF coalesce((SELECT value FROM agentpg_internal.config WHERE key = 'shared'), 'off') = 'on' THEN
+        RETURN;
+    END IF;
+    INSERT INTO agentpg_internal.config VALUES ('shared', 'on')
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN;  -- a managed admin (Neon) may not revoke built-ins: the event trigger still guards DDL
+    END IF;
+    REVOKE USAGE ON LANGUAGE sql, plpgsql FROM PUBLIC;
+    FOR f IN
+        SELECT p.oid FROM pg_proc p
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace
+          AND (p.proname IN (
+                  -- run SQL text (or read a whole table, schema, database) with the caller's rights
+                  'query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema',
+                  'cursor_to_xml', 'cursor_to_xmlschema', 'table_to_xml', 'table_to_xmlschema',
+                  'table_to_xml_and_xmlschema', 'schema_to_xml', 'schema_to_xmlschema',
+                  'schema_to_xml_and_xmlschema', 'database_to_xml', 'database_to_xmlschema',
+                  'database_to_xml_and_xmlschema', 'ts_stat', 'ts_rewrite',
+                  -- carry data between sessions or roles: settings others can see, notifications, locks,
+                  -- large objects (which also store data without any table grant), sequence resets
+                  'set_config', 'pg_notify', 'setval')
+               OR p.proname ~ '^(pg_advisory_|pg_try_advisory_)'
+               OR p.proname ~ '^lo_' OR p.proname IN ('loread', 'lowrite'))
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
 END
 $fn$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agentpg_internal FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA agentpg_internal FROM PUBLIC;
 
+-- Tenants do not see each other: other databases, roles, sessions (with their application_name, a channel
+-- between tenants), locks and statistics. System views live in each database's own pg_catalog, so this is
+-- per database. A managed admin (Neon: one server per database, nobody else to see) may not, and need not.
+DO $hide$
+DECLARE
+    target text;
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RETURN;
+    END IF;
+    FOR target IN
+        SELECT format('TABLE %s', c.oid::regclass) FROM pg_catalog.pg_class c
+        WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relname IN (
+            'pg_stat_activity', 'pg_stat_database', 'pg_stat_database_conflicts', 'pg_locks',
+            'pg_prepared_xacts', 'pg_stat_ssl', 'pg_stat_gssapi', 'pg_stat_subscription',
+            'pg_stat_subscription_stats', 'pg_replication_slots', 'pg_stat_replication_slots',
+            'pg_replication_origin_status', 'pg_stat_progress_analyze', 'pg_stat_progress_vacuum',
+            'pg_stat_progress_cluster', 'pg_stat_progress_create_index', 'pg_stat_progress_basebackup',
+            'pg_stat_progress_copy', 'pg_database', 'pg_roles', 'pg_user', 'pg_group', 'pg_auth_members',
+            'pg_db_role_setting', 'pg_shdescription', 'pg_shseclabel', 'pg_shdepend', 'pg_seclabels')
+        UNION ALL
+        SELECT format('FUNCTION %s', p.oid::regprocedure) FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'pg_catalog'::regnamespace
+          AND (p.proname ~ '^pg_stat_get_(activity|backend_|db_|progress_info|subscription|replication_slot)'
+               OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids',
+                                'pg_isolation_test_session_is_blocked', 'pg_prepared_xact',
+                                'pg_get_replication_slots', 'pg_tablespace_databases'))
+    LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', target);
+    END LOOP;
+END
+$hide$;
+
 DROP EVENT TRIGGER IF EXISTS agentpg_adopt;
 CREATE EVENT TRIGGER agentpg_adopt ON ddl_command_end EXECUTE FUNCTION agentpg_internal.adopt_new_objects();
+DROP EVENT TRIGGER IF EXISTS agentpg_guard;
+CREATE EVENT TRIGGER agentpg_guard ON ddl_command_start EXECUTE FUNCTION agentpg_internal.guard_ddl();
 """
