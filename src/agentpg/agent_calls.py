@@ -274,7 +274,7 @@ class AgentCalls:
             row.can_read, row.can_write = permissions.can_read, permissions.can_write
             row.can_create_tables, row.can_drop_tables = permissions.can_create_tables, permissions.can_drop_tables
             row.allowed_tables = permissions.allowed_tables
-            self.deps.provider.set_agent_permissions(users._plan_of(glob), ws.agent_role,
+            self.deps.provider.set_agent_permissions(users.plan_of(glob), ws.agent_role,
                                                      workspaces.permissions_of(row))
         cache.invalidate_all()  # the next call of this agent sees the new permissions
         return permissions

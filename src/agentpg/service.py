@@ -142,8 +142,8 @@ class Service(AgentCalls):
 
     # -- operations ----------------------------------------------------------------------------------
 
-    def reconcile(self, *, fix: bool = False) -> reconcile_mod.ReconcileReport:
-        return reconcile_mod.reconcile(self.deps, fix=fix)
+    def reconcile(self, *, fix: bool = False, upgrade: bool = False) -> reconcile_mod.ReconcileReport:
+        return reconcile_mod.reconcile(self.deps, fix=fix, upgrade=upgrade)
 
     def status(self) -> StatusInfo:
         with self.deps.sessions() as s:

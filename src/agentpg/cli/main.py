@@ -166,9 +166,12 @@ def workspaces_list(user_id: Annotated[str | None, typer.Argument()] = None, as_
 
 @app.command()
 def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases and roles no record owns.")] = False,
+              upgrade: Annotated[bool, typer.Option(
+                  "--upgrade", help="First re-install agentpg's SQL in every tenant database (after an upgrade "
+                                    "of agentpg: databases made earlier get today's isolation rules).")] = False,
               as_json: JsonOpt = False) -> None:
     """Finish or undo operations a crash left half-done; report (and with --fix drop) unowned databases."""
-    report = _run(lambda rt: rt.service.reconcile(fix=fix))
+    report = _run(lambda rt: rt.service.reconcile(fix=fix, upgrade=upgrade))
     data = {**report.__dict__, "clean": report.clean}
 
     def human() -> str:
@@ -178,6 +181,10 @@ def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases an
         lines += [f"orphan database: {d}" for d in report.orphan_databases]
         lines += [f"orphan role: {r}" for r in report.orphan_roles]
         lines += [f"dropped: {d}" for d in report.dropped]
+        if upgrade:
+            lines.append(f"tenant SQL refreshed in {report.refreshed} databases")
+            lines += [f"routine a tenant defined in a shared database (review, then drop it): {r}"
+                      for r in report.tenant_code]
         if (report.orphan_databases or report.orphan_roles) and not fix:
             lines.append("run `agentpg reconcile --fix` to drop the orphans")
         return "\n".join(lines)

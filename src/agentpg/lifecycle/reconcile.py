@@ -9,7 +9,7 @@ from sqlalchemy import select
 from agentpg.catalog.models import Operation, UserGlobalDatabase, WarmDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
-from agentpg.lifecycle.users import finish_delete_user, undo_register
+from agentpg.lifecycle.users import finish_delete_user, plan_of, undo_register
 from agentpg.lifecycle.warm import discard
 from agentpg.lifecycle.workspaces import finish_delete_workspace, undo_create_workspace
 
@@ -25,6 +25,10 @@ class ReconcileReport:
     orphan_databases: list[str] = field(default_factory=list)
     orphan_roles: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    refreshed: int = 0
+    """Databases whose tenant SQL was re-installed (``upgrade``)."""
+    tenant_code: list[str] = field(default_factory=list)
+    """Routines tenants defined in a shared database before it was locked down (``upgrade``): a human looks."""
 
     @property
     def clean(self) -> bool:
@@ -49,14 +53,37 @@ def _settle(deps: LifecycleDeps, op: Operation) -> str:
     raise AgentpgError(f"unknown operation kind {op.kind!r}")
 
 
-def reconcile(deps: LifecycleDeps, *, fix: bool = False) -> ReconcileReport:
+def refresh_tenant_sql(deps: LifecycleDeps, report: ReconcileReport) -> None:
+    """Give every platform database today's tenant SQL (rules added since it was made included)."""
+    with deps.sessions() as s:
+        records: list[UserGlobalDatabase | WorkspaceAgentDatabase] = [
+            *s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.ownership_type == "platform",
+                                                        UserGlobalDatabase.status == "ready")),
+            *s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.ownership_type == "platform",
+                                                            WorkspaceAgentDatabase.status == "ready")),
+        ]
+        plans = [plan_of(rec) for rec in records]
+    for plan in plans:
+        try:
+            found = deps.provider.refresh_tenant_sql(plan)
+        except AgentpgError as exc:
+            report.failed.append(f"refresh {plan.database}: {exc.message}")
+            continue
+        report.refreshed += 1
+        report.tenant_code.extend(f"{plan.database}: {routine}" for routine in found)
+
+
+def reconcile(deps: LifecycleDeps, *, fix: bool = False, upgrade: bool = False) -> ReconcileReport:
     """Settle every abandoned operation, then compare the provider's inventory with the catalog.
 
     An operation whose advisory lock another process holds is in flight and left alone. Creations are
     undone (the caller was never told they succeeded), deletions are finished (the caller asked for them).
-    With ``fix``, databases and roles that no record or pending operation owns are dropped.
+    With ``fix``, databases and roles that no record or pending operation owns are dropped. With ``upgrade``,
+    every platform database gets today's tenant SQL first (:func:`refresh_tenant_sql`).
     """
     report = ReconcileReport()
+    if upgrade:
+        refresh_tenant_sql(deps, report)
     with deps.sessions() as s:
         pending = list(s.scalars(select(Operation).where(Operation.state == "pending").order_by(Operation.created_at)))
     for op in pending:

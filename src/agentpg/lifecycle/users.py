@@ -209,18 +209,18 @@ def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
     global_plan: dict[str, str | None] | None = None
     glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one_or_none()
     if glob is not None and glob.ownership_type == "platform" and glob.owner_role and glob.login_role:
-        global_plan = _plan_of(glob).to_json()
-        drops.append(_plan_of(glob).to_json())
+        global_plan = plan_of(glob).to_json()
+        drops.append(plan_of(glob).to_json())
     for ws in s.scalars(select(Workspace).where(Workspace.user_id == user_id)):
         if ws.agent_role:
             roles.append(ws.agent_role)
     for arec in s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)):
         if arec.ownership_type == "platform" and arec.owner_role and arec.login_role:
-            drops.append(_plan_of(arec).to_json())
+            drops.append(plan_of(arec).to_json())
     return {"global": global_plan, "drop": drops, "agent_roles": roles}
 
 
-def _plan_of(record: UserGlobalDatabase | WorkspaceAgentDatabase) -> DatabasePlan:
+def plan_of(record: UserGlobalDatabase | WorkspaceAgentDatabase) -> DatabasePlan:
     assert record.owner_role is not None and record.login_role is not None
     return DatabasePlan(record.database_name, record.owner_role, record.login_role, record.provider_server)
 

@@ -18,7 +18,7 @@ from agentpg.catalog.models import (
 )
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
-from agentpg.lifecycle.users import AGENT_DB_URL, _describe, _plan_of, _put_managed_env, provision
+from agentpg.lifecycle.users import AGENT_DB_URL, _describe, plan_of, _put_managed_env, provision
 from agentpg.lifecycle.warm import claim
 from agentpg.providers.base import NAME_PREFIX, AgentPermissions, DatabasePlan, new_password, opaque_name
 
@@ -138,8 +138,8 @@ def delete_workspace(deps: LifecycleDeps, workspace_id: str, *, user_id: str | N
             if arec is not None:
                 arec.status = "deleting"
                 if arec.ownership_type == "platform":
-                    drop = _plan_of(arec).to_json()
-            global_plan = _plan_of(glob).to_json() if glob.ownership_type == "platform" else None
+                    drop = plan_of(arec).to_json()
+            global_plan = plan_of(glob).to_json() if glob.ownership_type == "platform" else None
             s.add(Operation(id=op_id, kind="delete_workspace", user_id=ws.user_id, workspace_id=workspace_id,
                             plan={"agent": drop, "global": global_plan, "agent_role": ws.agent_role}))
         deps.reached("delete_workspace:intent")

@@ -191,6 +191,16 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def inventory(self) -> Inventory:
+    def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
+        """Re-install agentpg's tenant SQL (:mod:`.tenant_sql`) in an existing database, so one made by an
+        older agentpg gets today's rules (the shared-database lockdown included, where agents are granted in).
+
+        Idempotent. Returns the routines found in its schema ``public`` that a tenant defined in a shared
+        database (they predate the lockdown; an operator should look at them), as ``schema.name(args)``.
+        The default does nothing: a provider whose admin may not run the SQL keeps what creation installed.
+        """
+        return []
+
         """Every agentpg-made database and role on the provider's servers."""
 
     @abc.abstractmethod

@@ -107,6 +107,9 @@ class FleetProvider(Provider):
     def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
         self._member(plan).set_read_only(plan, read_only)
 
+    def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
+        return self._member(plan).refresh_tenant_sql(plan)
+
     def usage(self, plan: DatabasePlan) -> UsageSample:
         return self._member(plan).usage(plan)
 

@@ -284,6 +284,22 @@ class LocalProvider(Provider):
             raise ProviderError(
                 f"changing write access of {plan.database} failed: {exc.diag.message_primary}") from None
 
+    def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
+        try:
+            with self._admin(plan.database, tag=plan.database) as conn, conn.transaction():
+                conn.execute(BOOTSTRAP)
+                shared = conn.execute("SELECT EXISTS (SELECT 1 FROM agentpg_internal.agent_grants)").fetchone()
+                if not (shared and shared[0]):
+                    return []
+                conn.execute("SELECT agentpg_internal.lock_down_shared()")
+                rows = conn.execute(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
+                    "WHERE p.pronamespace = 'public'::regnamespace AND NOT r.rolsuper ORDER BY 1").fetchall()
+        except psycopg.Error as exc:
+            raise ProviderError(f"refreshing agentpg's SQL in {plan.database} failed: "
+                                f"{exc.diag.message_primary}") from None
+        return [str(row[0]) for row in rows]
+
     def usage(self, plan: DatabasePlan) -> UsageSample:
         sample = self._read_usage([plan.database]).get(plan.database)
         if sample is None:

@@ -1,0 +1,46 @@
+"""`agentpg reconcile --upgrade`: databases made by an older agentpg get today's isolation rules."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from helpers import workspace_global_uri
+from mcp_support import uid
+from psycopg.conninfo import make_conninfo
+
+from agentpg.runtime import Runtime
+
+
+def test_upgrade_locks_down_a_shared_database_made_before_the_rules(runtime: Runtime) -> None:
+    svc = runtime.service
+    user, ws = uid("up"), uid("upw")
+    svc.register_user(user)
+    svc.create_workspace_with_token(user, ws)
+    try:
+        agent_uri = workspace_global_uri(runtime, ws)
+        dbname = urlsplit(agent_uri).path.lstrip("/")
+        admin_dsn = make_conninfo(runtime.admin_dsn, dbname=dbname)
+        # Make it look like a database of the previous release: languages open, no guard, not marked shared.
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("GRANT USAGE ON LANGUAGE sql, plpgsql TO PUBLIC")
+            admin.execute("DROP EVENT TRIGGER agentpg_guard")
+            admin.execute("DELETE FROM agentpg_internal.config WHERE key = 'shared'")
+        with psycopg.connect(agent_uri, autocommit=True) as agent:
+            agent.execute("CREATE FUNCTION old_helper(i int) RETURNS int LANGUAGE sql AS 'SELECT i + 1'")
+
+        report = svc.reconcile(upgrade=True)
+
+        assert report.refreshed >= 2 and not report.failed, report
+        assert f"{dbname}: old_helper(integer)" in report.tenant_code
+        with psycopg.connect(agent_uri, autocommit=True) as agent:
+            for statement in ("CREATE FUNCTION newer() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                              "DO $$ BEGIN PERFORM 1; END $$"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    agent.execute(statement)
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname = 'agentpg_guard'"
+                                 ).fetchone() == (1,)
+    finally:
+        svc.delete_user(user)
