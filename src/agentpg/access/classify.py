@@ -495,7 +495,7 @@ def _classify(sql: str) -> Classification:
 _SHARED_CODE: Final = frozenset({
     "CREATE FUNCTION", "CREATE PROCEDURE", "ALTER FUNCTION", "ALTER PROCEDURE", "ALTER ROUTINE",
     "CREATE TRIGGER", "CREATE RULE", "CREATE OPERATOR", "CREATE AGGREGATE", "CREATE CAST",
-    "CREATE MATERIALIZED VIEW", "REFRESH MATERIALIZED VIEW",
+    "REFRESH MATERIALIZED VIEW",  # runs the view's query as the owner role (creating it runs it as its author)
 })
 
 
@@ -508,8 +508,8 @@ def check_shared(c: Classification) -> None:
     if c.command in _SHARED_CODE:
         raise _refuse("shared_code", f"{c.command} is not allowed in the global database: code defined there "
                       "would run with the rights of other agents or of the database owner. Use plain SQL "
-                      "(views, constraints and indexes on built-in functions are fine), or create functions "
-                      "in your agent database.")
+                      "(views, constraints and indexes on built-in functions are fine; re-create a materialized "
+                      "view instead of refreshing it), or create functions in your agent database.")
 
 
 def classify(sql: str) -> Classification:

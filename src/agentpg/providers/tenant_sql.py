@@ -54,6 +54,12 @@ BEGIN
         g.can_write := false;
     END IF;
     SELECT c.relkind, c.relname INTO kind, relname FROM pg_class c WHERE c.oid = rel;
+    IF kind = 'S' THEN  -- a serial/identity column's sequence is allowed with its table
+        relname := coalesce((SELECT t.relname FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid
+                             WHERE d.classid = 'pg_class'::regclass AND d.objid = rel
+                               AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+                             LIMIT 1), relname);
+    END IF;
     EXECUTE format('REVOKE ALL ON %s FROM %I', rel, g.role_name);
     IF g.allowed_tables IS NOT NULL AND NOT (relname = ANY (g.allowed_tables)) THEN
         RETURN;
@@ -252,7 +258,8 @@ $fn$;
 
 -- Before any DDL: in the shared (global) database, no tenant role may define code that another principal
 -- (another agent, the owner role through ANALYZE/autovacuum/REFRESH, the platform's readers) would run:
--- functions, procedures, triggers, rules, operators, aggregates, casts, materialized views. Revoking the
+-- functions, procedures, triggers, rules, operators, aggregates, casts, and REFRESH of a materialized view
+-- (its query would run as the owner role; creating one runs it as its author, which is fine). Revoking the
 -- languages already stops CREATE FUNCTION and DO where agentpg's admin may revoke; this also covers servers
 -- where it may not (Neon), and gives a message that says why.
 CREATE OR REPLACE FUNCTION agentpg_internal.guard_ddl()
@@ -269,8 +276,8 @@ BEGIN
     IF tg_tag IN ('CREATE FUNCTION', 'CREATE PROCEDURE', 'ALTER FUNCTION', 'ALTER PROCEDURE', 'ALTER ROUTINE',
                   'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE', 'CREATE OPERATOR', 'ALTER OPERATOR',
                   'CREATE OPERATOR CLASS', 'CREATE OPERATOR FAMILY', 'ALTER OPERATOR FAMILY',
-                  'CREATE AGGREGATE', 'ALTER AGGREGATE', 'CREATE CAST', 'CREATE MATERIALIZED VIEW',
-                  'REFRESH MATERIALIZED VIEW', 'ALTER MATERIALIZED VIEW', 'CREATE TRANSFORM', 'CREATE LANGUAGE',
+                  'CREATE AGGREGATE', 'ALTER AGGREGATE', 'CREATE CAST', 'REFRESH MATERIALIZED VIEW',
+                  'CREATE TRANSFORM', 'CREATE LANGUAGE',
                   'CREATE CONVERSION', 'CREATE TEXT SEARCH PARSER', 'CREATE TEXT SEARCH TEMPLATE',
                   'CREATE ACCESS METHOD', 'CREATE EVENT TRIGGER') THEN
         RAISE EXCEPTION '% is not allowed in the shared global database', tg_tag
