@@ -39,6 +39,13 @@ def routes(user: str, ws: str, table: str = "things") -> list[Route]:
         ("GET", f"{a}/tables", None),
         ("POST", f"{a}/query", {"table": table}),
         ("GET", f"{a}/tables/{table}/export", None),
+        # The same workspace, naming its user (workspace ids are per user).
+        ("GET", f"/api/users/{user}/workspaces/{ws}", None),
+        ("DELETE", f"/api/users/{user}/workspaces/{ws}", None),
+        ("POST", f"/api/users/{user}/workspaces/{ws}/tokens", {}),
+        ("GET", f"/api/users/{user}/workspaces/{ws}/global-database-permissions", None),
+        ("PUT", f"/api/users/{user}/workspaces/{ws}/global-database-permissions", {"can_read": True}),
+        ("GET", f"/api/users/{user}/workspaces/{ws}/mcp-config", None),
     ]
 
 

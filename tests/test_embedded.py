@@ -99,6 +99,7 @@ def test_wrong_password_rejected_and_no_trust(pg: EmbeddedPostgres) -> None:
     assert rules == [
         ["host", "all", "all", "127.0.0.1/32", "scram-sha-256"],
         ["host", "all", "all", "::1/128", "scram-sha-256"],
+        ["host", "replication", "agentpg_admin", "127.0.0.1/32", "scram-sha-256"],
     ]
 
 

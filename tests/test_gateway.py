@@ -1,9 +1,11 @@
-"""The MCP gateway (issue 5): user MCP server configs with ``${GLOBAL_DB_URL}``, resolved and spawned
-server-side, relayed over streamable HTTP (``/mcp/servers/{name}``) and stdio (``agentpg mcp --server``).
+"""The MCP gateway (issues 5, 17): users pick servers from the operator's catalog, whose
+``${GLOBAL_DB_URL}`` is resolved server-side; the server is spawned sandboxed and relayed over streamable
+HTTP (``/mcp/servers/{name}``) and stdio (``agentpg mcp --server``).
 
 The spawned server is the real npm package ``@modelcontextprotocol/server-postgres`` (installed by the
-fixture below into a test-local directory; node/npm are installed with apt when missing). Every response,
-error, resource URI, stderr and log line is scanned for the exact resolved secrets.
+fixture below into a test-local directory; node/npm and bubblewrap are installed with apt when missing).
+Every response, error, resource URI, stderr and log line is scanned for the exact resolved secrets. The
+attacks on the gateway are in ``test_attack_gateway.py``.
 """
 
 from __future__ import annotations
@@ -42,17 +44,29 @@ NPM_VERSION = "0.6.2"
 
 
 
-def _ensure_node() -> None:
-    if shutil.which("node") and shutil.which("npm"):
+def apt_install(programs: tuple[str, ...], packages: tuple[str, ...]) -> None:
+    """Install Debian ``packages`` when one of ``programs`` is missing (tests run as root on a fresh box)."""
+    if all(shutil.which(p) for p in programs):
         return
     if os.geteuid() != 0:
-        pytest.fail("node and npm are missing and the tests are not root: install nodejs and npm", pytrace=False)
+        pytest.fail(f"{', '.join(programs)} missing and the tests are not root: install {' '.join(packages)}",
+                    pytrace=False)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "nodejs", "npm"], check=True, env=env,
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], check=True, env=env,
                    capture_output=True, timeout=900)
-    if not (shutil.which("node") and shutil.which("npm")):
-        pytest.fail("apt-get installed nodejs/npm but node or npm is still not on PATH", pytrace=False)
+    if not all(shutil.which(p) for p in programs):
+        pytest.fail(f"apt-get installed {' '.join(packages)} but {', '.join(programs)} is still not on PATH",
+                    pytrace=False)
+
+
+def _ensure_node() -> None:
+    apt_install(("node", "npm"), ("nodejs", "npm"))
+
+
+def ensure_bwrap() -> None:
+    """bubblewrap, the gateway's sandbox tool (Debian's package), as an operator would install it."""
+    apt_install(("bwrap",), ("bubblewrap",))
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +74,7 @@ def server_postgres_js() -> str:
     """The entry point of the pinned npm package, installed into a test-local directory (kept per version
     under /tmp so a re-run does not download it again)."""
     _ensure_node()
+    ensure_bwrap()
     prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-server-postgres-{NPM_VERSION}"
     entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-postgres" / "dist" / "index.js"
     if not entry.exists():
@@ -75,11 +90,36 @@ def server_postgres_js() -> str:
 
 GATEWAY_SETTINGS: dict[str, Any] = {"warm_pool_size": 0, "gateway_idle_timeout_s": 3.0,
                                     "gateway_start_timeout_s": 30.0, "gateway_max_processes": 4}
+NOISY_SCRIPT = ("const u = new URL(process.argv[1]); console.error('cannot connect to ' + process.argv[1] + "
+                "' as ' + u.username + ' pw ' + u.password + ' enc ' + encodeURIComponent(process.argv[1])); "
+                "process.exit(3)")
+
+
+def catalog_json(server_postgres_js: str) -> str:
+    """The operator's catalog of these tests: the design's npm server (pinned, installed ahead), with
+    ${GLOBAL_DB_URL}; variants with an env, a secret param, and a server that fails noisily."""
+    node = shutil.which("node") or "/usr/bin/node"
+    modules = str(Path(server_postgres_js).parents[3])
+    pg = {"description": "@modelcontextprotocol/server-postgres 0.6.2", "command": node,
+          "args": [server_postgres_js, "${GLOBAL_DB_URL}"], "read_only_paths": [modules]}
+    return json.dumps({
+        "postgres": pg,
+        "postgres-env": {**pg, "env": {"EXTRA_SETTING": "on"}},
+        "postgres-token": {**pg, "env": {"API_TOKEN": "${TOKEN}", "LABEL": "${LABEL}"},
+                           "params": {"TOKEN": {"pattern": "tok-[a-z0-9]{8,64}", "secret": True},
+                                      "LABEL": {"pattern": "[a-z]{1,20}", "description": "a label"}}},
+        "noisy": {"command": node, "args": ["-e", NOISY_SCRIPT, "${GLOBAL_DB_URL}"]},
+    })
+
+
+def gateway_settings(settings: Settings, server_postgres_js: str, **more: Any) -> Settings:
+    return settings.model_copy(update={**GATEWAY_SETTINGS, "gateway_catalog": catalog_json(server_postgres_js),
+                                       **more})
 
 
 @pytest.fixture(scope="module")
-def base_url(settings: Settings, tenants: Tenants) -> Iterator[str]:
-    with live_server(settings.model_copy(update=GATEWAY_SETTINGS)) as url:
+def base_url(settings: Settings, tenants: Tenants, server_postgres_js: str) -> Iterator[str]:
+    with live_server(gateway_settings(settings, server_postgres_js)) as url:
         yield url
 
 
@@ -134,8 +174,8 @@ def role_of(runtime: Runtime, workspace: str) -> str:
     return urlsplit(runtime.service.agent_uri(workspace, "global")).username or "?"
 
 
-def pg_config(entry: str) -> dict[str, Any]:
-    return {"command": "node", "args": [entry, "${GLOBAL_DB_URL}"], "env": {}}
+def pg_config(_entry: str = "") -> dict[str, Any]:
+    return {"server": "postgres", "params": {}}
 
 
 @asynccontextmanager
@@ -181,30 +221,31 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
 # -- configs (REST) ----------------------------------------------------------------------------------------
 
 
-async def test_configs_validate_and_never_show_resolved_values(base_url: str, tenants: Tenants,
-                                                                server_postgres_js: str) -> None:
+async def test_configs_validate_against_the_catalog(base_url: str, tenants: Tenants) -> None:
     u1, t1 = tenants.user1, tenants.user1_token
     listed = httpx.get(f"{base_url}/api/users/{u1}/mcp-servers", headers={"Authorization": f"Bearer {t1}"}).json()
     assert {i["name"]: i["kind"] for i in listed["items"]} == {"postgres-agent": "builtin",
                                                                "postgres-global": "builtin"}
-    bad = put_config(base_url, t1, u1, "evil", {"command": "bash", "args": ["-c", "env"]})
-    assert bad.status_code == 422 and "not allowed" in bad.json()["detail"]
-    bad = put_config(base_url, t1, u1, "pg", {"command": "/usr/bin/node", "args": []})
+    # The old command form is gone (the attacks are in test_attack_gateway.py).
+    bad = put_config(base_url, t1, u1, "evil", {"command": "node", "args": ["-e", "1"]})
     assert bad.status_code == 422
-    bad = put_config(base_url, t1, u1, "pg", {"command": "node", "args": [server_postgres_js, "${NOPE_URL}"]})
-    assert bad.status_code == 422 and "${NOPE_URL}" in bad.json()["detail"]
-    bad = put_config(base_url, t1, u1, "pg", {"command": "node", "args": [], "env": {"AGENTPG_SECRET_KEY": "x"}})
-    assert bad.status_code == 422
-    # A user env var is a known placeholder; a literal env value is write-only.
-    assert httpx.put(f"{base_url}/api/users/{u1}/env/MY_TOKEN", json={"value": "tok-" + "s" * 30},
-                     headers={"Authorization": f"Bearer {t1}"}).status_code == 201
-    made = put_config(base_url, t1, u1, "other", {"command": "node", "args": [server_postgres_js, "${GLOBAL_DB_URL}"],
-                                                  "env": {"API_TOKEN": "${MY_TOKEN}", "LITERAL": "typed-secret-123"}})
+    bad = put_config(base_url, t1, u1, "pg", {"server": "nope"})
+    assert bad.status_code == 422 and "postgres, postgres-env, postgres-token" in bad.json()["detail"]
+    bad = put_config(base_url, t1, u1, "pg", {"server": "postgres", "params": {"X": "1"}})
+    assert bad.status_code == 422 and "its params: none" in bad.json()["detail"]
+    bad = put_config(base_url, t1, u1, "pg", {"server": "postgres-token", "params": {"LABEL": "ok"}})
+    assert bad.status_code == 422 and "needs params TOKEN" in bad.json()["detail"]
+    bad = put_config(base_url, t1, u1, "pg", {"server": "postgres-token",
+                                              "params": {"LABEL": "ok", "TOKEN": "not-a-token"}})
+    assert bad.status_code == 422 and "not-a-token" not in bad.text  # a secret param is never echoed
+    made = put_config(base_url, t1, u1, "other", {"server": "postgres-token",
+                                                  "params": {"TOKEN": "tok-s3cr3tvalue", "LABEL": "shown"}})
     assert made.status_code == 201, made.text
     body = made.json()
-    assert body["args"][1] == "${GLOBAL_DB_URL}" and body["env"] == {"API_TOKEN": "${MY_TOKEN}", "LITERAL": "<hidden>"}
-    assert body["placeholders"] == ["GLOBAL_DB_URL", "MY_TOKEN"]
-    assert put_config(base_url, t1, u1, "other", {"command": "node", "args": []}).status_code == 200
+    assert body["kind"] == "catalog" and body["server"] == "postgres-token"
+    assert body["params"] == {"TOKEN": "<hidden>", "LABEL": "shown"}
+    assert "tok-s3cr3tvalue" not in made.text
+    assert put_config(base_url, t1, u1, "other", pg_config()).status_code == 200
     # Another user's token sees none of it.
     other = httpx.get(f"{base_url}/api/users/{u1}/mcp-servers",
                       headers={"Authorization": f"Bearer {tenants.user2_token}"})
@@ -351,7 +392,7 @@ async def test_crash_restart_and_idle_stop(runtime: Runtime, base_url: str, tena
 
 async def test_concurrency_bound_is_a_clear_error(runtime: Runtime, settings: Settings, tenants: Tenants,
                                                   server_postgres_js: str) -> None:
-    bounded = settings.model_copy(update={**GATEWAY_SETTINGS, "gateway_max_processes": 1})
+    bounded = gateway_settings(settings, server_postgres_js, gateway_max_processes=1)
     with live_server(bounded) as url:
         assert put_config(url, tenants.user1_token, tenants.user1, "postgres-global",
                           pg_config(server_postgres_js)).status_code in (200, 201)
@@ -378,7 +419,8 @@ async def test_stdio_gateway(runtime: Runtime, agentpg_home: Path, base_url: str
     exe = Path(sys.executable).with_name("agentpg")
     params = StdioServerParameters(command=str(exe), args=["mcp", "--server", "postgres-global"],
                                    env={"AGENTPG_HOME": str(agentpg_home), "AGENTPG_AGENT_TOKEN": tenants.token_a,
-                                        "AGENTPG_WARM_POOL_SIZE": "0", "AGENTPG_USAGE_SYNC_INTERVAL_S": "0"})
+                                        "AGENTPG_WARM_POOL_SIZE": "0", "AGENTPG_USAGE_SYNC_INTERVAL_S": "0",
+                                        "AGENTPG_GATEWAY_CATALOG": catalog_json(server_postgres_js)})
     errlog = (tmp_path / "stderr.log").open("w")
     try:
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
@@ -409,11 +451,8 @@ async def test_stdio_gateway(runtime: Runtime, agentpg_home: Path, base_url: str
 async def test_stderr_and_start_failure_are_scrubbed(runtime: Runtime, base_url: str, tenants: Tenants,
                                                      log_lines: list[str]) -> None:
     secrets = Secrets(runtime, tenants.ws_a)
-    script = ("const u = new URL(process.argv[1]); console.error('cannot connect to ' + process.argv[1] + "
-              "' as ' + u.username + ' pw ' + u.password + ' enc ' + encodeURIComponent(process.argv[1])); "
-              "process.exit(3)")
     assert put_config(base_url, tenants.user1_token, tenants.user1, "noisy",
-                      {"command": "node", "args": ["-e", script, "${GLOBAL_DB_URL}"]}).status_code in (200, 201)
+                      {"server": "noisy"}).status_code in (200, 201)
     async with gateway_session(base_url, tenants.token_a, "noisy") as s:
         failed = await s.call_tool("anything", {})
         secrets.check("failed start", dump(failed))
@@ -432,8 +471,7 @@ async def test_child_environment_is_minimal(runtime: Runtime, base_url: str, ten
                                             server_postgres_js: str) -> None:
     assert any(k.startswith("AGENTPG_") for k in os.environ)  # conftest sets some: they must not pass
     assert put_config(base_url, tenants.user1_token, tenants.user1, "pg-env",
-                      {"command": "node", "args": [server_postgres_js, "${GLOBAL_DB_URL}"],
-                       "env": {"EXTRA_SETTING": "on"}}).status_code in (200, 201)
+                      {"server": "postgres-env"}).status_code in (200, 201)
     role = role_of(runtime, tenants.ws_b)
     async with gateway_session(base_url, tenants.token_b, "pg-env") as s:
         assert not (await s.call_tool("query", {"sql": "SELECT 1"})).isError
@@ -444,6 +482,20 @@ async def test_child_environment_is_minimal(runtime: Runtime, base_url: str, ten
                        Path(f"/proc/{pids[0]}/environ").read_bytes().decode().split("\0") if "=" in item)
     assert environ["EXTRA_SETTING"] == "on"
     assert set(environ) <= {"PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "EXTRA_SETTING"}, sorted(environ)
+
+
+async def test_secret_param_reaches_the_child_and_is_scrubbed(runtime: Runtime, base_url: str,
+                                                              tenants: Tenants) -> None:
+    token = "tok-" + "q7" * 12
+    assert put_config(base_url, tenants.user1_token, tenants.user1, "pg-token",
+                      {"server": "postgres-token", "params": {"TOKEN": token, "LABEL": "abc"}}).status_code == 201
+    role = role_of(runtime, tenants.ws_a)
+    async with gateway_session(base_url, tenants.token_a, "pg-token") as s:
+        echoed = await s.call_tool("query", {"sql": f"SELECT '{token}' AS t"})
+        assert not echoed.isError and token not in dump(echoed) and "[redacted]" in text_of(echoed)
+        [pid] = [p for p in children_pids(role) if token.encode() in Path(f"/proc/{p}/environ").read_bytes()]
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"API_TOKEN={token}".encode() in environ and b"LABEL=abc" in environ
 
 
 def test_scrubber_variants_and_uri_mapping() -> None:

@@ -90,7 +90,7 @@ async def test_permission_changes_and_stale_entries(runtime: Runtime) -> None:
         with svc.deps.sessions() as s:
             role = s.get(Workspace, ws).agent_role  # type: ignore[union-attr]
             glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user)).one()
-            plan = users._plan_of(glob)
+            plan = users.plan_of(glob)
         assert role is not None
         svc.deps.provider.set_agent_permissions(plan, role, AgentPermissions(can_write=False))
         assert cache.generation() == gen and svc.agent_target_cached(principal, "global") is not None

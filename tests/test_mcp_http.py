@@ -38,11 +38,15 @@ async def test_tools_are_listed_with_truthful_annotations(base_url: str, tenants
         tools = {t.name: t for t in (await s.list_tools()).tools}
         out = await ok(s, "query", database="agent", sql="SELECT 1 AS one")
     assert {"columns", "rows", "row_count", "truncated", "duration_ms"} <= set(out)
-    assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "execute"}
-    for name in ("list_databases", "list_tables", "describe_table", "query"):
+    assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "execute", "checkpoint",
+                          "list_checkpoints", "restore"}
+    for name in ("list_databases", "list_tables", "describe_table", "query", "list_checkpoints"):
         assert tools[name].annotations is not None and tools[name].annotations.readOnlyHint is True
     execute = tools["execute"].annotations
     assert execute is not None and execute.readOnlyHint is False and execute.destructiveHint is True
+    restore, checkpoint = tools["restore"].annotations, tools["checkpoint"].annotations
+    assert restore is not None and restore.destructiveHint is True  # it replaces the current state
+    assert checkpoint is not None and checkpoint.readOnlyHint is False and checkpoint.destructiveHint is False
     assert tools["query"].inputSchema["properties"]["database"]["enum"] == ["global", "agent"]
     # query/execute return structured content of the documented shape but declare no outputSchema: the SDK
     # client re-validates a declared one with jsonschema on every call (6-10 ms). The other tools keep theirs.

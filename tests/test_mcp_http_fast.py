@@ -81,7 +81,9 @@ async def _sleeping_backends(runtime: Runtime) -> int:
         import psycopg
 
         with psycopg.connect(runtime.admin_dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+            # LIKE: agentpg sends a query wrapped in its row-size check (access.query.bounded_statement).
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%(SELECT pg_sleep(30)%' "
+                               "AND pid <> pg_backend_pid() "
                                "AND state = 'active'").fetchone()
         return int(row[0]) if row else 0
 

@@ -208,7 +208,7 @@ BYPASSES = [
     ("execute", "SET statement_timeout = 0", "SET statement_timeout is not allowed"),
     ("query", "SELECT pg_read_file('/etc/passwd')", "pg_read_file() is not allowed"),
     ("execute", "COPY (SELECT 1) TO PROGRAM 'id'", "would run a shell command"),
-    ("execute", "CREATE EXTENSION dblink", "CREATE EXTENSION"),
+    ("execute", "CREATE EXTENSION dblink", "agentpg never installs it"),
     ("execute", "SET ROLE postgres", "SET ROLE is not allowed"),
     ("query", "SELECT * FROM dblink('dbname=postgres', 'SELECT 1') AS t(x int)", "dblink() is not allowed"),
 ]

@@ -42,7 +42,8 @@ async def test_stdio_agent_shares_the_global_database(runtime: Runtime, agentpg_
                                                       tenants: Tenants) -> None:
     async with stdio_session(agentpg_home, tenants.token_a) as a:
         assert {t.name for t in (await a.list_tools()).tools} == {
-            "list_databases", "list_tables", "describe_table", "query", "execute"}
+            "list_databases", "list_tables", "describe_table", "query", "execute", "checkpoint", "list_checkpoints",
+            "restore"}
         await ok(a, "execute", database="global", sql="CREATE TABLE notes (id int, body text)")
         await ok(a, "execute", database="global", sql="INSERT INTO notes VALUES ($1, $2)", params=[1, "from stdio"])
         await ok(a, "execute", database="agent", sql="CREATE TABLE private_notes (id int)")
@@ -57,7 +58,8 @@ async def test_stdio_agent_shares_the_global_database(runtime: Runtime, agentpg_
 
 
 def test_stdio_refuses_bad_tokens(agentpg_home: Path, tenants: Tenants) -> None:
-    cases = [("apg_g_wrong", "valid bearer token"), (tenants.user1_token, "agent token"), (None, "AGENTPG_AGENT_TOKEN")]
+    cases = [("apg_g_wrong", f"unknown to the agentpg whose home is {agentpg_home}"),
+             (tenants.user1_token, "agent token"), (None, "AGENTPG_AGENT_TOKEN")]
     with ThreadPoolExecutor(len(cases)) as pool:  # each start opens a runtime: run them side by side
         results = list(pool.map(lambda case: run_cli(agentpg_home, "mcp", timeout=60, env=(
             {"AGENTPG_AGENT_TOKEN": case[0]} if case[0] else None)), cases))

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import select
@@ -24,6 +25,7 @@ from agentpg.access.classify import Classification, StatementKind, check_shared,
 from agentpg.access.permissions import (
     AgentTarget,
     GlobalDbPermissions,
+    GlobalDbPermissionsSet,
     PermissionRefused,
     check_tool,
     from_row,
@@ -38,10 +40,14 @@ from agentpg.catalog.models import (
     WorkspaceAgentDatabase,
 )
 from agentpg.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from agentpg.lifecycle import users, workspaces
+from agentpg.lifecycle import users, workspace_ids, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
+from agentpg.lifecycle.undo import TargetSpec
+from agentpg.providers.extensions import NEVER_ALLOWED
 from agentpg.schemas import WorkspaceInfo
+from agentpg.settings import Settings
 from agentpg.tokens import Principal
+from agentpg.undo_service import CheckpointInfo, RestoreResult, UndoService
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class AgentCalls:
     audit_writer: audit_log.AuditWriter
     _targets: cache.TtlCache[tuple[str, str], AgentTarget]
     _write_blocks: cache.TtlCache[str, tuple[str | None]]
+    undo: UndoService
 
     def get_workspace(self, workspace_id: str, *, user_id: str | None = None) -> WorkspaceInfo:
         raise NotImplementedError  # Service's
@@ -163,6 +170,11 @@ class AgentCalls:
             c = _classify(statement)
             draft.fingerprint = c.fingerprint
             check_tool(c, tool)
+            if c.extension is not None:  # never run as the agent: agentpg's admin installs allowed ones
+                started = time.perf_counter()
+                await asyncio.to_thread(self.install_extension, principal, database, c.extension)
+                return StatementResult(columns=[], rows=[], truncated=False, command="CREATE EXTENSION",
+                                       duration_ms=round((time.perf_counter() - started) * 1000, 3))
             if database == "global":
                 check_shared(c)
             if target.permissions is not None:
@@ -181,6 +193,69 @@ class AgentCalls:
             result = await queries.run(target.uri, statement, params, read_only=tool == "query",
                                        max_rows=max_rows)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
+            return result
+
+    def install_extension(self, principal: Principal, database: str, name: str) -> None:
+        """An agent's ``CREATE EXTENSION name``: installed by agentpg's admin if the operator allows it
+        (idempotent; every allowed one is already in new databases). Raises PermissionRefused naming the
+        allow-list otherwise, NotFound for an unknown workspace, ProviderError if the server lacks it."""
+        target = self.agent_target(principal, database)
+        allowed = self.deps.provider.extensions
+        if name not in allowed:
+            why = NEVER_ALLOWED.get(name)
+            raise PermissionRefused(
+                f"extension {name!r} is not available: "
+                + (f"agentpg never installs it for tenants (it {why}). " if why else "")
+                + f"Allowed by the operator (AGENTPG_TENANT_EXTENSIONS): {', '.join(allowed) or 'none'}.",
+                reason="extension_not_allowed")
+        with self.deps.sessions() as s:
+            record: UserGlobalDatabase | WorkspaceAgentDatabase | None
+            if database == "global":
+                record = s.scalars(select(UserGlobalDatabase).where(
+                    UserGlobalDatabase.user_id == target.user_id)).one_or_none()
+            else:
+                record = s.scalars(select(WorkspaceAgentDatabase).where(
+                    WorkspaceAgentDatabase.workspace_id == target.workspace_id)).one_or_none()
+            if record is None or record.ownership_type != "platform":
+                raise PermissionRefused("this database was brought by the platform; agentpg does not manage its "
+                                        "extensions", reason="extension_not_allowed")
+            plan = users.plan_of(record)
+        self.deps.provider.install_extension(plan, name)
+
+    # -- undo for agents (issue 19): checkpoints of either database, restore of its own ---------------------
+
+    def _agent_ids(self, principal: Principal) -> tuple[str, str]:
+        if principal.kind != "agent" or principal.workspace_id is None or principal.user_id is None:
+            raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
+        return principal.user_id, principal.workspace_id
+
+    async def agent_checkpoint(self, principal: Principal, database: Literal["global", "agent", "both"],
+                               name: str | None) -> list[CheckpointInfo]:
+        async with self._audited(principal, "checkpoint", database if database != "both" else None) as draft:
+            user_id, workspace_id = self._agent_ids(principal)
+            made = await asyncio.to_thread(self.undo.agent_checkpoint, user_id, workspace_id, database, name)
+            draft.rows = len(made)
+            return made
+
+    async def agent_list_checkpoints(self, principal: Principal,
+                                     database: Literal["global", "agent"]) -> list[CheckpointInfo]:
+        async with self._audited(principal, "list_checkpoints", database) as draft:
+            user_id, workspace_id = self._agent_ids(principal)
+            listed = await asyncio.to_thread(self.undo.agent_list_checkpoints, user_id, workspace_id, database)
+            draft.rows = len(listed)
+            return listed
+
+    async def agent_restore(self, queries: TenantQueries, principal: Principal, checkpoint_id: str | None,
+                            at: datetime | None, before_audit_id: int | None,
+                            mode: Literal["in_place", "new"]) -> RestoreResult:
+        """Restore the agent's own agent database; its pooled sessions are dropped after an in-place one."""
+        async with self._audited(principal, "restore", "agent"):
+            user_id, workspace_id = self._agent_ids(principal)
+            spec = TargetSpec(checkpoint_id=checkpoint_id, at=at, before_audit_id=before_audit_id)
+            result = await asyncio.to_thread(self.undo.agent_restore, user_id, workspace_id, spec, mode)
+            if mode == "in_place":
+                target = await self._agent_target(principal, "agent")
+                await queries.pools.forget(target.uri)
             return result
 
     async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
@@ -205,7 +280,7 @@ class AgentCalls:
     async def _audited(self, principal: Principal, tool: str, database: str | None = None,
                        statement: str | None = None) -> AsyncIterator[AuditDraft]:
         """Record the block as one audit entry, however it ends (a write failure is logged, not raised)."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), datetime.now(UTC)
         draft = AuditDraft(tool=tool, database=database, statement=statement)
         try:
             yield draft
@@ -219,7 +294,7 @@ class AgentCalls:
                     user_id=user_id, workspace_id=principal.workspace_id, tool=draft.tool, outcome=draft.outcome,
                     database=draft.database if draft.database in ("global", "agent") else None,
                     duration_ms=(time.perf_counter() - started) * 1000, fingerprint=draft.fingerprint,
-                    statement=draft.statement, rows=draft.rows, error=draft.error)
+                    statement=draft.statement, rows=draft.rows, error=draft.error, started_at=started_at)
                 # Write-behind (AuditWriter: batched every 100 ms, back-pressure when its queue is full).
                 await self.audit_writer.submit(entry)
 
@@ -242,15 +317,15 @@ class AgentCalls:
         """A workspace's permissions on its user's global database (scoped to ``user_id`` when given)."""
         validate_id(workspace_id, "workspace id")
         with self.deps.sessions() as s:
-            ws = s.get(Workspace, workspace_id)
-            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
+            ws = workspace_ids.find(s, workspace_id, user_id)
+            if ws is None or ws.status != "active":
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
             return from_row(s.scalars(select(AgentGlobalDbPermissions)
-                                          .where(AgentGlobalDbPermissions.workspace_id == workspace_id))
+                                          .where(AgentGlobalDbPermissions.workspace_id == ws.id))
                                 .one_or_none())
 
     def set_agent_permissions(self, workspace_id: str, permissions: GlobalDbPermissions, *,
-                              user_id: str | None = None) -> GlobalDbPermissions:
+                              user_id: str | None = None) -> GlobalDbPermissionsSet:
         """Store a workspace's permissions and make its role's grants exactly these, at once.
 
         The workspace row stays locked while the provider re-grants, so concurrent changes apply one after
@@ -259,9 +334,10 @@ class AgentCalls:
         """
         validate_id(workspace_id, "workspace id")
         with self.deps.sessions.begin() as s:
-            ws = s.get(Workspace, workspace_id, with_for_update=True)
-            if ws is None or ws.status != "active" or (user_id is not None and ws.user_id != user_id):
+            ws = workspace_ids.find(s, workspace_id, user_id, for_update=True)
+            if ws is None or ws.status != "active":
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
+            workspace_id = ws.id  # the catalog's id (workspace ids are per user)
             glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == ws.user_id)).one()
             if ws.agent_role is None or glob.ownership_type != "platform":
                 raise Conflict("this user's global database was brought by the platform, so agentpg has no "
@@ -276,13 +352,35 @@ class AgentCalls:
             row.allowed_tables = permissions.allowed_tables
             self.deps.provider.set_agent_permissions(users.plan_of(glob), ws.agent_role,
                                                      workspaces.permissions_of(row))
+            owner = ws.user_id
         cache.invalidate_all()  # the next call of this agent sees the new permissions
-        return permissions
+        result = GlobalDbPermissionsSet(**permissions.model_dump())
+        if permissions.allowed_tables:
+            result.missing_tables = self._missing_relations(owner, permissions.allowed_tables)
+        if result.missing_tables:
+            result.warning = ("allowed_tables names what the global database does not have yet: "
+                              + ", ".join(result.missing_tables) + ". Permissions match tables by name, so these "
+                              "take effect when a table of that name is created (by an agent allowed to create "
+                              "tables); check the spelling if none should be")
+        return result
 
-    def mcp_config(self, workspace_id: str, base_url: str, *, user_id: str | None = None) -> dict[str, Any]:
-        """The ``mcpServers`` JSON an MCP client needs for this workspace: URL and a token placeholder."""
+    def _missing_relations(self, user_id: str, names: list[str]) -> list[str]:
+        """The names of ``names`` no relation of schema public of the user's global database has."""
+        import psycopg
+
+        with psycopg.connect(self.platform_uri(user_id), autocommit=True,
+                             connect_timeout=10) as conn:
+            found = {r[0] for r in conn.execute(
+                "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relnamespace = 'public'::regnamespace "
+                "AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND c.relname = ANY(%s)", (names,))}
+        return [n for n in names if n not in found]
+
+    def mcp_config(self, workspace_id: str, base_url: str, settings: Settings, *,
+                   user_id: str | None = None) -> dict[str, Any]:
+        """The MCP client configurations for this workspace, HTTP and stdio, with a token placeholder
+        (:func:`agentpg.mcp.config.client_configs`)."""
+        from agentpg.mcp.config import client_configs
+
         self.get_workspace(workspace_id, user_id=user_id)
-        url = base_url.rstrip("/") + "/mcp"
-        return {"mcpServers": {"agentpg": {"type": "http", "url": url,
-                                           "headers": {"Authorization": "Bearer <AGENT_TOKEN>"}}}}
+        return client_configs(settings, base_url)
 

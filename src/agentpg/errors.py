@@ -75,6 +75,14 @@ class CatalogUnavailable(AgentpgError):
     code = "catalog_unavailable"
 
 
+class Busy(AgentpgError):
+    """agentpg's own capacity for concurrent changes is in use; the request waited its turn and gave up.
+    Retrying shortly works (the REST edge says so with ``Retry-After``)."""
+
+    status = 503
+    code = "busy"
+
+
 class SecretError(AgentpgError):
     """A sealed value would not open: wrong key, tampered, or moved to another row."""
 

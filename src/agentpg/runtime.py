@@ -6,16 +6,21 @@ is created at import time.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine
 
+from agentpg.access import guard
 from agentpg.catalog.engine import ensure_database, make_engine, migrate, session_factory
 from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -23,7 +28,9 @@ from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.autovacuum import AutovacuumPacer
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller
+from agentpg.providers.archiving import ArchiveJob, attach_archivers
 from agentpg.providers.base import Provider
+from agentpg.providers.extensions import ExtensionNotAllowed, check_allowed
 from agentpg.providers.fleet import FleetProvider, server_name_of
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
@@ -56,19 +63,65 @@ class Runtime:
     """Syncs usage and enforces budgets periodically; only ``serve`` starts it."""
     autovacuum_pacer: AutovacuumPacer | None = None
     """Paces autovacuum on the embedded server as databases accumulate; only ``serve`` starts it."""
+    archive_job: ArchiveJob | None = None
+    """Continuous archiving of the servers (undo: providers/archive.py); only ``serve`` starts it."""
 
     def start_background_jobs(self) -> None:
+        try:
+            missing = self.service.deps.provider.extension_status()["missing"]
+        except AgentpgError:
+            missing = []
+        if missing:  # said once, at start-up of a long-running process; `agentpg status` says it too
+            log.warning("the PostgreSQL server lacks these extensions of AGENTPG_TENANT_EXTENSIONS; tenant "
+                        "databases will not have them: %s", ", ".join(missing))
         self.refiller.start()
         self.usage_syncer.start()
         if self.autovacuum_pacer is not None:
             self.autovacuum_pacer.start()
+        if self.archive_job is not None:
+            self.archive_job.start()
+
+
+def uses_embedded(settings: Settings) -> bool:
+    """True when agentpg runs its own PostgreSQL server under ``home`` (no server DSN is configured)."""
+    return settings.postgres_url is None and not settings.fleet
 
 
 def prepare_home(settings: Settings) -> None:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        # The embedded server's unprivileged user must traverse (not list) the home to reach its data.
-        settings.home.chmod(0o711)
+    """Create the home if it does not exist; never loosen the permissions of one that does.
+
+    As root the embedded server's unprivileged user must traverse (not list) the home to reach its data: a
+    home agentpg creates is made 0711 for that; an existing one that user cannot traverse is an error that
+    says which ``chmod`` to run (agentpg does not change permissions of a folder it did not create)."""
+    home = settings.home
+    as_root = os.geteuid() == 0
+    if not home.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o711 if as_root and uses_embedded(settings) else 0o700)
+        return
+    if as_root and uses_embedded(settings) and not _traversable_by(home, settings.postgres_os_user):
+        mode = stat.S_IMODE(home.stat().st_mode)
+        raise StartupError(
+            f"AGENTPG_HOME {home} is mode {mode:04o}: the embedded PostgreSQL server's user "
+            f"{settings.postgres_os_user!r} cannot traverse it to reach its data. agentpg does not loosen the "
+            f"permissions of a folder it did not create: run `chmod o+x {home}` (it lets others traverse, not "
+            "list, the folder), or point AGENTPG_HOME at a path that does not exist yet and agentpg creates it")
+
+
+def _traversable_by(path: Path, os_user: str) -> bool:
+    """Whether ``os_user`` may traverse (search) ``path`` by its mode bits; an unknown user is left to the
+    embedded server's own check, which names it."""
+    try:
+        user = pwd.getpwnam(os_user)
+    except KeyError:
+        return True
+    st = path.stat()
+    groups = {user.pw_gid, *(g.gr_gid for g in grp.getgrall() if os_user in g.gr_mem)}
+    if st.st_uid == user.pw_uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
 
 
 def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
@@ -105,6 +158,17 @@ def admin_token(settings: Settings) -> str:
     return path.read_text().strip()
 
 
+def _existing_admin_token(settings: Settings) -> str:
+    """The admin token if one exists; else a random one nobody holds (nothing is written)."""
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value()
+    path = settings.home / "admin-token"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "apg_a_" + secrets.token_urlsafe(32)
+
+
 def usage_policy(settings: Settings) -> UsagePolicy:
     prices = PriceTable(storage_cents_per_gb_month=settings.price_storage_cents_per_gb_month,
                         compute_cents_per_hour=settings.price_compute_cents_per_hour,
@@ -117,6 +181,10 @@ def usage_policy(settings: Settings) -> UsagePolicy:
 
 def make_provider(settings: Settings, admin: str) -> Provider:
     """Neon when asked for, the fleet when ``AGENTPG_FLEET`` lists servers, else the one server ``admin`` reaches."""
+    try:
+        extensions = check_allowed(settings.tenant_extensions)
+    except ExtensionNotAllowed as exc:
+        raise StartupError(f"AGENTPG_TENANT_EXTENSIONS: {exc}") from None
     if settings.provider == "neon":
         from agentpg.providers.neon import NeonProvider  # imported only when used: it brings httpx
 
@@ -131,9 +199,9 @@ def make_provider(settings: Settings, admin: str) -> Provider:
     if settings.fleet or settings.provider == "fleet":
         dsns = [d.get_secret_value() for d in settings.fleet]
         return FleetProvider({server_name_of(d): d for d in dsns}, connection_limit=settings.tenant_connection_limit,
-                             connect_timeout_s=settings.connect_timeout_s)
+                             connect_timeout_s=settings.connect_timeout_s, extensions=extensions)
     return LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
-                         connect_timeout_s=settings.connect_timeout_s)
+                         connect_timeout_s=settings.connect_timeout_s, extensions=extensions)
 
 
 def keyring(settings: Settings) -> KeyRing:
@@ -165,23 +233,63 @@ def _as_url(dsn: str) -> str:
     return f"postgresql://{auth}@{p.get('host', '127.0.0.1')}:{p.get('port', 5432)}/{p.get('dbname', 'postgres')}"
 
 
+def attach_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The admin DSN of a server that already runs: for ``agentpg mcp``, which serves agents of an agentpg
+    set up elsewhere (``agentpg serve``) and so never creates a home or starts a server of its own. Raises
+    ``StartupError`` saying which home it looked in and what is missing."""
+    home = settings.home
+    origin = ("AGENTPG_HOME" if "home" in settings.model_fields_set or os.environ.get("AGENTPG_HOME")
+              else "the default home; AGENTPG_HOME is unset")
+    hint = ("set AGENTPG_HOME to the home `agentpg serve` uses (`GET /api/workspaces/{id}/mcp-config` gives "
+            "the whole stdio config, AGENTPG_HOME included)")
+    missing_key = settings.secret_key is None and not (home / "secret.key").is_file()
+    if missing_key or (uses_embedded(settings) and not (home / "postgres" / "data").is_dir()):
+        raise StartupError(f"no agentpg home at {home} ({origin}): agentpg mcp serves the agents of an "
+                           f"agentpg set up by `agentpg serve` and creates no home of its own; {hint}")
+    if not uses_embedded(settings):
+        return admin_dsn(settings)
+    embedded = EmbeddedPostgres(home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync)
+    try:
+        info = embedded.running_info()
+    except EmbeddedPostgresError as exc:
+        raise StartupError(f"the embedded PostgreSQL server of {home} cannot be reached: {exc}") from None
+    if info is None:
+        raise StartupError(f"no PostgreSQL server runs for the agentpg home {home} ({origin}): start "
+                           f"`agentpg serve` with AGENTPG_HOME={home} first (agentpg mcp does not start one)")
+    return info.dsn("postgres"), embedded
+
+
 @contextmanager
-def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = True) -> Iterator[Runtime]:
-    """Start (or reach) Postgres, open and migrate the catalog, load the key ring; close it all on exit."""
+def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = True,
+                 attach_only: bool = False) -> Iterator[Runtime]:
+    """Start (or reach) Postgres, open and migrate the catalog, load the key ring; close it all on exit.
+
+    ``attach_only`` (``agentpg mcp``): create nothing — no home, no server start, no key file, no admin
+    token — and say exactly what is missing instead (:func:`attach_dsn`)."""
     settings = settings or Settings()
-    prepare_home(settings)
-    admin, embedded = admin_dsn(settings)
+    if attach_only:
+        admin, embedded = attach_dsn(settings)
+    else:
+        prepare_home(settings)
+        admin, embedded = admin_dsn(settings)
     ring = keyring(settings)
     engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
     refiller: Refiller | None = None
     syncer: UsageSyncer | None = None
+    archive_job: ArchiveJob | None = None
     pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
+    # Issue 18: the limits tenant roles get, and the superuser that terminates backends agentpg gave up on.
+    guard.configure_from_settings(settings)
+    if settings.provider != "neon":
+        for dsn in (admin, *(d.get_secret_value() for d in settings.fleet)):
+            guard.register_admin_dsn(dsn)
     try:
         if migrate_catalog:
             migrate(engine)
-        if embedded is not None and isinstance(provider, LocalProvider):
+        if embedded is not None and isinstance(provider, LocalProvider) and not attach_only:
             provider.harden_server()
+        archive_job = ArchiveJob(attach_archivers(settings, provider, embedded))
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
                              crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
         warm_size = settings.warm_pool_size
@@ -191,14 +299,18 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         deps.on_claim = refiller.kick
         status = embedded.status() if embedded is not None else None
         policy = usage_policy(settings)
-        service = Service(deps, TokenStore(deps.sessions, admin_token(settings)),
+        admin_secret = _existing_admin_token(settings) if attach_only else admin_token(settings)
+        service = Service(deps, TokenStore(deps.sessions, admin_secret),
                           embedded=embedded is not None, postgres_status=status, usage_policy=policy)
         syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
-                      embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer)
+                      embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,
+                      archive_job=archive_job)
     except ProviderUnavailable:
         raise
     finally:
+        if archive_job is not None:
+            archive_job.stop()
         if pacer is not None:
             pacer.stop()
         if syncer is not None:

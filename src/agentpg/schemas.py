@@ -49,6 +49,10 @@ class StatusInfo(Public):
     users: int
     workspaces: int
     pending_operations: int
+    extensions: list[str] = []
+    """Of the operator's list (AGENTPG_TENANT_EXTENSIONS), what every new tenant database gets."""
+    extensions_missing: list[str] = []
+    """Of that list, what the server lacks (skipped)."""
 
 
 class Page(Public):

@@ -22,13 +22,14 @@ from agentpg.catalog.models import (
     Workspace,
     WorkspaceAgentDatabase,
 )
-from agentpg.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound, PermissionDenied
 from agentpg.gateway import configs as gateway_configs
 from agentpg.lifecycle import reconcile as reconcile_mod
-from agentpg.lifecycle import users, workspaces
+from agentpg.lifecycle import undo, users, workspace_ids, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.schemas import DatabaseInfo, StatusInfo, UsageReport, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
 from agentpg.tokens import IssuedToken, Principal, TokenStore
+from agentpg.undo_service import UndoService
 from agentpg.usage import report as usage_report_mod
 from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
 
@@ -59,6 +60,33 @@ class Service(AgentCalls):
         self._write_blocks: cache.TtlCache[str, tuple[str | None]] = cache.TtlCache()
         self._browse_uris: cache.TtlCache[tuple[str | None, str | None, str | None], str] = cache.TtlCache()
         self.audit_writer = audit_log.AuditWriter(deps.sessions)
+        self.undo = UndoService(deps, resolve=self._workspace_catalog_id,
+                                read_only=lambda user_id: self.write_block_reason(user_id) is not None)
+
+    def _workspace_catalog_id(self, user_id: str, workspace_id: str) -> str:
+        """The catalog's id of ``user_id``'s workspace ``workspace_id`` (NotFound for another user's)."""
+        with self.deps.sessions() as s:
+            return self._find_workspace(s, workspace_id, user_id).id
+
+    def restored_database_uris(self, user_id: str, workspace_id: str | None) -> list[str]:
+        """Every URI agentpg may hold pooled sessions on for one database (its login role's, and in a global
+        database each agent's own): after a restore in place, the edges drop those pools. Secrets."""
+        uris: list[str] = []
+        with self.deps.sessions() as s:
+            if workspace_id is None:
+                for ws in s.scalars(select(Workspace).where(Workspace.user_id == user_id)):
+                    if ws.global_uri_sealed is not None:
+                        uris.append(self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri"))
+                catalog_id = None
+            else:
+                catalog_id = self._find_workspace(s, workspace_id, user_id).id
+        uris.append(self.platform_uri(user_id, catalog_id))
+        return uris
+
+    def copy_uri(self, user_id: str, copy_id: str) -> str:
+        """The READ ONLY browse URI of a restored copy of ``user_id`` (a secret, for the access layer)."""
+        validate_id(user_id, "user id")
+        return undo.copy_uri(self.deps, user_id, copy_id)
 
     # -- users ---------------------------------------------------------------------------------------
 
@@ -100,26 +128,36 @@ class Service(AgentCalls):
 
     def create_workspace(self, user_id: str, workspace_id: str, name: str | None = None) -> WorkspaceInfo:
         workspaces.create_workspace(self.deps, user_id, workspace_id, name)
-        return self.get_workspace(workspace_id)
+        return self.get_workspace(workspace_id, user_id=user_id)
 
     def get_workspace(self, workspace_id: str, *, user_id: str | None = None) -> WorkspaceInfo:
-        validate_id(workspace_id, "workspace id")
+        """The workspace the platform calls ``workspace_id``, of ``user_id`` (another user's is "not found");
+        for the admin (``user_id`` None) of whichever user has it, ``Conflict`` if several users do
+        (workspace ids are per user: :mod:`agentpg.lifecycle.workspace_ids`)."""
         with self.deps.sessions() as s:
-            ws = s.get(Workspace, workspace_id)
-            if ws is None or ws.status == "provisioning" or (user_id is not None and ws.user_id != user_id):
-                raise NotFound(f"workspace {workspace_id!r} does not exist")
-            return self._workspace_info(s, ws)
+            return self._workspace_info(s, self._find_workspace(s, workspace_id, user_id))
+
+    @staticmethod
+    def _find_workspace(s: Session, workspace_id: str, user_id: str | None) -> Workspace:
+        """The catalog row of :meth:`get_workspace`'s workspace (its ``id`` is the catalog's id)."""
+        validate_id(workspace_id, "workspace id")
+        ws = workspace_ids.find(s, workspace_id, user_id)
+        if ws is None or ws.status == "provisioning":
+            raise NotFound(f"workspace {workspace_id!r} does not exist")
+        return ws
 
     def _workspace_info(self, s: Session, ws: Workspace) -> WorkspaceInfo:
         rec = s.scalars(select(WorkspaceAgentDatabase)
                         .where(WorkspaceAgentDatabase.workspace_id == ws.id)).one_or_none()
-        return WorkspaceInfo(id=ws.id, user_id=ws.user_id, name=ws.name, status=ws.status,
-                             created_at=ws.created_at, database=_db_info(rec))
+        return WorkspaceInfo(id=workspace_ids.public_id(ws.id), user_id=ws.user_id, name=ws.name,
+                             status=ws.status, created_at=ws.created_at, database=_db_info(rec))
 
     def list_workspaces(self, user_id: str | None = None, *, limit: int = 100,
                         cursor: str | None = None) -> WorkspacePage:
         with self.deps.sessions() as s:
-            query = select(Workspace).where(Workspace.status != "provisioning").order_by(Workspace.id)
+            # One user's: by the platform's id (unique per user). Everyone's (the CLI): by the catalog's id.
+            key = Workspace.id if user_id is None else func.split_part(Workspace.id, workspace_ids.SEPARATOR, 1)
+            query = select(Workspace).where(Workspace.status != "provisioning").order_by(key)
             if user_id is not None:
                 validate_id(user_id, "user id")
                 user = s.get(User, user_id)
@@ -127,12 +165,13 @@ class Service(AgentCalls):
                     raise NotFound(f"user {user_id!r} does not exist")
                 query = query.where(Workspace.user_id == user_id)
             if cursor:
-                query = query.where(Workspace.id > cursor)
+                query = query.where(key > cursor)
             rows = list(s.scalars(query.limit(limit + 1)))
             more = len(rows) > limit
             rows = rows[:limit]
+            last = (rows[-1].id if user_id is None else workspace_ids.public_id(rows[-1].id)) if rows else None
             return WorkspacePage(items=[self._workspace_info(s, w) for w in rows],
-                                 next_cursor=rows[-1].id if more and rows else None)
+                                 next_cursor=last if more else None)
 
     def delete_workspace(self, workspace_id: str, *, user_id: str | None = None) -> None:
         try:
@@ -151,10 +190,15 @@ class Service(AgentCalls):
             n_ws = s.scalar(select(func.count()).select_from(Workspace)) or 0
             n_ops = s.scalar(select(func.count()).select_from(Operation).where(Operation.state == "pending")) or 0
         version = self._postgres_status.get("version")
+        try:
+            extensions = self.deps.provider.extension_status()
+        except AgentpgError:
+            extensions = {"installed": [], "missing": []}
         return StatusInfo(version=__version__, postgres="embedded" if self._embedded else "external",
                           postgres_running=bool(self._postgres_status.get("running", True)),
                           postgres_version=str(version) if version else None, catalog="ok",
-                          users=n_users, workspaces=n_ws, pending_operations=n_ops)
+                          users=n_users, workspaces=n_ws, pending_operations=n_ops,
+                          extensions=extensions["installed"], extensions_missing=extensions["missing"])
 
     # -- tenant connection strings (secrets: for the access layer only, never for an edge to show) ------
 
@@ -196,7 +240,8 @@ class Service(AgentCalls):
             self.get_user(user_id)  # validates the id, and "does not exist" reads better than "not ready"
             uri = self.platform_uri(user_id)
         else:
-            ws = self.get_workspace(workspace_id, user_id=scope_user)
+            with self.deps.sessions() as s:
+                ws = self._find_workspace(s, workspace_id, scope_user)
             uri = self.platform_uri(ws.user_id, ws.id)
         self._browse_uris.put(key, uri, gen)
         return uri
@@ -242,7 +287,8 @@ class Service(AgentCalls):
                           name: str | None = None) -> IssuedToken:
         """A token that reaches this workspace's MCP tools only."""
         self._check_token_name(name)
-        ws = self.get_workspace(workspace_id, user_id=user_id)
+        with self.deps.sessions() as s:
+            ws = self._find_workspace(s, workspace_id, user_id)
         if ws.status != "active":
             raise Conflict(f"workspace {workspace_id!r} is {ws.status}; tokens are issued to active workspaces")
         return self.tokens.issue("agent", user_id=ws.user_id, workspace_id=ws.id, name=name)
@@ -271,7 +317,7 @@ class Service(AgentCalls):
         """
         validate_id(user_id, "user id")
         with self.deps.sessions() as s:
-            ws_ids = [workspace_id] if workspace_id is not None else list(
+            ws_ids = [self._find_workspace(s, workspace_id, user_id).id] if workspace_id is not None else list(
                 s.scalars(select(Workspace.id).where(Workspace.user_id == user_id)))
         targets: list[str | None] = ([] if workspace_id is not None else [None]) + list(ws_ids)
         uris = []
@@ -300,7 +346,8 @@ class Service(AgentCalls):
     def usage(self, user_id: str) -> UsageReport:
         validate_id(user_id, "user id")
         return usage_report_mod.usage_report(self.deps, user_id, warning_percent=self.usage_policy.warning_percent,
-                                             default_budget_cents=self.usage_policy.default_budget_cents)
+                                             default_budget_cents=self.usage_policy.default_budget_cents,
+                                             prices=self.usage_policy.prices)
 
     def set_budget(self, user_id: str, budget_cents: int | None) -> UsageReport:
         validate_id(user_id, "user id")
@@ -319,17 +366,19 @@ class Service(AgentCalls):
     # whose result is a secret for the gateway alone. GLOBAL_DB_URL resolves to the calling workspace's own
     # role in the global database (its permissions hold), AGENT_DB_URL to its agent database.
 
-    def list_mcp_servers(self, user_id: str) -> gateway_configs.McpServerList:
-        return gateway_configs.list_configs(self.deps, user_id)
+    def list_mcp_servers(self, user_id: str,
+                         catalog: gateway_configs.Catalog) -> gateway_configs.McpServerList:
+        return gateway_configs.list_configs(self.deps, user_id, catalog)
 
     def put_mcp_server(self, user_id: str, name: str, spec: gateway_configs.McpServerSpec,
-                       allowed_commands: list[str]) -> tuple[gateway_configs.McpServerInfo, bool]:
-        return gateway_configs.put_config(self.deps, user_id, name, spec, allowed_commands)
+                       catalog: gateway_configs.Catalog) -> tuple[gateway_configs.McpServerInfo, bool]:
+        return gateway_configs.put_config(self.deps, user_id, name, spec, catalog)
 
     def delete_mcp_server(self, user_id: str, name: str) -> None:
         gateway_configs.delete_config(self.deps, user_id, name)
 
-    def gateway_target(self, principal: Principal, name: str) -> gateway_configs.GatewayTarget:
+    def gateway_target(self, principal: Principal, name: str,
+                       catalog: gateway_configs.Catalog) -> gateway_configs.GatewayTarget:
         """The config ``name`` of the agent's user, resolved for the agent's workspace (a secret)."""
         if principal.kind != "agent" or principal.workspace_id is None:
             raise PermissionDenied("the MCP gateway is for agent tokens (one workspace's)")
@@ -341,5 +390,5 @@ class Service(AgentCalls):
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
             user_id = ws.user_id
         return gateway_configs.resolve(self.deps, user_id, workspace_id, name,
-                                       lambda database: self.agent_uri(workspace_id, database))
+                                       lambda database: self.agent_uri(workspace_id, database), catalog)
 

@@ -45,6 +45,20 @@ class Settings(BaseSettings):
     (``autovacuum_naptime`` = databases x this, between 60 s and 2 h); 0 leaves PostgreSQL's default."""
     tenant_connection_limit: int = Field(default=20, ge=1, le=1000)
     """CONNECTION LIMIT of every tenant login role."""
+    tenant_temp_file_limit_mb: int = Field(default=1024, ge=1, le=1_048_576)
+    """``temp_file_limit`` of every tenant login role (MB of temporary files one session may hold at once; a
+    superuser-only setting, so the agent cannot raise it). Applies to roles created from then on."""
+    tenant_work_mem_mb: int = Field(default=4, ge=1, le=65_536)
+    """``work_mem`` default of tenant roles and agentpg's tenant connections (a default: Postgres lets any role
+    SET it; see docs/limits.md)."""
+    tenant_maintenance_work_mem_mb: int = Field(default=64, ge=1, le=65_536)
+    """``maintenance_work_mem`` default of tenant roles and agentpg's tenant connections (a default, as above)."""
+    tenant_extensions: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [
+        "vector", "pg_trgm", "citext", "hstore", "ltree", "fuzzystrmatch", "unaccent", "btree_gin", "btree_gist",
+        "pgcrypto"])
+    """Extensions agentpg installs (as its admin) in every tenant database, comma-separated; one the server
+    lacks is skipped and reported. Some can never be listed (dblink, postgres_fdw, …: providers/extensions.py).
+    Databases made before the list grew get the new ones with ``agentpg reconcile --upgrade``."""
     warm_pool_size: int = Field(default=8, ge=0, le=1000)
     """Ready-made databases kept per server by ``agentpg serve`` so registration only claims one; 0 disables."""
     connect_timeout_s: int = Field(default=5, ge=1, le=120)
@@ -72,7 +86,7 @@ class Settings(BaseSettings):
     """The service's URL as agents reach it (e.g. ``https://db.example.com``), used in the MCP config;
     unset means the URL the request came in on."""
 
-    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", mode="before")
+    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", "tenant_extensions", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -96,6 +110,25 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
+    # -- undo: continuous archiving of each server (providers/archive.py) ----------------------------------
+
+    backup_enabled: bool | None = None
+    """Archive continuously (base backups + streamed WAL) so databases can be restored to any point of the
+    retention window. Unset: the embedded server only; true: also an external server (AGENTPG_POSTGRES_URL,
+    AGENTPG_FLEET) whose admin role may replicate (this creates a replication slot there); false: none."""
+    backup_dir: Path | None = None
+    """Where backups go (0700, owned by the user agentpg runs as); unset means ``home/backup``."""
+    backup_retention_days: float = Field(default=7.0, gt=0, le=3650)
+    """How far back any instant stays restorable; older base backups and WAL are deleted."""
+    backup_interval_h: float = Field(default=24.0, gt=0, le=24 * 365)
+    """How often ``serve`` takes a base backup (incremental where the server summarizes its WAL)."""
+    backup_synchronous: bool = False
+    """Commits wait until their WAL is flushed in the backup directory (nothing acknowledged is lost, one more
+    fsync per commit); off: at most what pg_receivewal had not flushed yet is lost with the server's disk."""
+
+    def backup_root(self) -> Path:
+        return self.backup_dir if self.backup_dir is not None else self.home / "backup"
 
     # -- usage and budgets ---------------------------------------------------------------------------------
 
@@ -126,9 +159,27 @@ class Settings(BaseSettings):
 
     # -- MCP gateway: user-configured stdio servers reached through agentpg (issue 5) -------------------
 
-    gateway_allowed_commands: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["npx", "uvx", "node", "python"])
-    """Commands a user's MCP server config may run (bare names, looked up on ``PATH``); comma-separated."""
+    gateway_catalog: str | None = None
+    """The operator's catalog of MCP servers users may run (docs/gateway.md): a JSON file path or inline JSON.
+    Unset: only the built-in defaults. (``AGENTPG_GATEWAY_ALLOWED_COMMANDS`` is gone: users send no command.)"""
+    gateway_sandbox: Literal["auto", "namespaces", "none"] = "auto"
+    """``auto``: bubblewrap namespaces where the kernel allows, else uid + rlimits + env only (with a warning);
+    ``namespaces``: refuse to start children without them; ``none``: never use bubblewrap."""
+    gateway_uid_base: int = Field(default=470_000, ge=1000, le=2**31 - 2)
+    """First of the uids gateway children run as when agentpg runs as root (one per child, no passwd entry)."""
+    gateway_uid_count: int = Field(default=1024, ge=1, le=1_000_000)
+    gateway_limit_cpu_s: int = Field(default=600, ge=1, le=86_400)
+    """CPU seconds a child may use in its life (RLIMIT_CPU); then it is killed and started again on the next call."""
+    gateway_limit_memory_mb: int = Field(default=512, ge=16, le=1_048_576)
+    """RLIMIT_DATA of a child (heap and other private writable memory)."""
+    gateway_limit_address_space_mb: int = Field(default=16_384, ge=64, le=1_048_576)
+    """RLIMIT_AS of a child: only a backstop, node reserves far more virtual memory than it uses (measured:
+    server-postgres fails below 12 GiB once WebAssembly is used, for ~60 MB resident). Memory is bounded by
+    ``gateway_limit_memory_mb``."""
+    gateway_limit_processes: int = Field(default=64, ge=1, le=100_000)
+    """RLIMIT_NPROC: processes and threads of one child (each child has its own uid)."""
+    gateway_limit_file_size_mb: int = Field(default=64, ge=1, le=1_048_576)
+    gateway_limit_open_files: int = Field(default=256, ge=16, le=1_048_576)
     gateway_max_processes: int = Field(default=16, ge=1, le=10_000)
     """Most gateway child processes running at once (all users); beyond it an idle one is stopped, else
     the call is refused with a clear error."""
@@ -138,13 +189,6 @@ class Settings(BaseSettings):
     """How long a child may take to start and answer ``initialize``."""
     gateway_call_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     """How long one relayed request may take."""
-
-    @field_validator("gateway_allowed_commands", mode="before")
-    @classmethod
-    def _commands_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
 
     # -- limits: rate, concurrency and pool limits of the HTTP edge (docs/limits.md) ------------------------
 

@@ -18,13 +18,14 @@ from typing import Any, Literal, cast
 
 import psycopg
 from psycopg import sql
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
+from pydantic import BaseModel, ConfigDict, field_validator
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.access.classify import RejectedStatement
 from agentpg.catalog.models import AuditEntry
 from agentpg.errors import AgentpgError
+from agentpg.lifecycle import workspace_ids
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class AuditRecord:
     statement: str | None = None
     rows: int | None = None
     error: str | None = None
+    started_at: datetime | None = None
+    """When the call began, before its statement reached the server (a restore "before it" stops here)."""
 
 
 @dataclass
@@ -83,6 +86,7 @@ class AuditEntryInfo(BaseModel):
 
     id: int
     workspace_id: str
+    """The platform's id of the workspace (:mod:`agentpg.lifecycle.workspace_ids`)."""
     database: str | None
     tool: str
     fingerprint: str | None
@@ -92,6 +96,13 @@ class AuditEntryInfo(BaseModel):
     outcome: str
     error: str | None
     created_at: datetime
+    started_at: datetime | None = None
+    """When the call began; ``POST …/restore {"before_audit_id": id}`` restores to just before it."""
+
+    @field_validator("workspace_id")
+    @classmethod
+    def _public(cls, value: str) -> str:
+        return workspace_ids.public_id(value)
 
 
 class AuditPage(BaseModel):
@@ -104,7 +115,7 @@ class AuditPage(BaseModel):
 
 
 _COLUMNS = ("user_id", "workspace_id", "database", "tool", "fingerprint", "statement", "rows", "duration_ms",
-            "outcome", "error", "created_at")
+            "outcome", "error", "created_at", "started_at")
 _COPY = sql.SQL("COPY {} ({}) FROM STDIN").format(
     sql.Identifier(AuditEntry.__tablename__), sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)))
 
@@ -113,7 +124,7 @@ def _row(entry: AuditRecord, created_at: datetime) -> tuple[object, ...]:
     """``entry`` as a row of :data:`_COLUMNS`."""
     return (entry.user_id, entry.workspace_id, entry.database, entry.tool, entry.fingerprint, entry.statement,
             entry.rows, round(entry.duration_ms), entry.outcome, entry.error[:200] if entry.error else None,
-            created_at)
+            created_at, entry.started_at)
 
 
 def record(sessions: sessionmaker[Session], entry: AuditRecord) -> None:
@@ -240,8 +251,9 @@ def page(sessions: sessionmaker[Session], user_id: str, *, workspace_id: str | N
          cursor: str | None = None) -> AuditPage:
     """A user's entries, newest first, optionally of one workspace. ``cursor`` is an opaque id."""
     query = select(AuditEntry).where(AuditEntry.user_id == user_id)
-    if workspace_id is not None:
-        query = query.where(AuditEntry.workspace_id == workspace_id)
+    if workspace_id is not None:  # the platform's id: entries of this user's workspace(s) by that id
+        query = query.where(or_(AuditEntry.workspace_id == workspace_id, AuditEntry.workspace_id.startswith(
+            workspace_id + workspace_ids.SEPARATOR, autoescape=True)))
     if cursor:
         query = query.where(AuditEntry.id < int(cursor))
     with sessions() as s:

@@ -35,6 +35,7 @@ class Classification:
     creates_table: bool
     drops_table: bool
     fingerprint: str  # pglast fingerprint: stable and literal-free
+    extension: str | None = None  # CREATE EXTENSION's name: agentpg installs it on the agent's behalf, or not
 
 
 class RejectedStatement(ValueError):
@@ -91,7 +92,6 @@ database_management: CreatedbStmt=CREATE DATABASE | DropdbStmt=DROP DATABASE | A
 database_management: AlterDatabaseSetStmt=ALTER DATABASE | AlterDatabaseRefreshCollStmt=ALTER DATABASE
 tablespace_management: CreateTableSpaceStmt=CREATE TABLESPACE | DropTableSpaceStmt=DROP TABLESPACE
 tablespace_management: AlterTableSpaceOptionsStmt=ALTER TABLESPACE | AlterTableMoveAllStmt=ALTER ... TABLESPACE
-extension_management: CreateExtensionStmt=CREATE EXTENSION (or CREATE LANGUAGE)
 extension_management: AlterExtensionStmt=ALTER EXTENSION | AlterExtensionContentsStmt=ALTER EXTENSION
 language_management: CreatePLangStmt=CREATE LANGUAGE
 foreign_data_management: CreateFdwStmt=CREATE FOREIGN DATA WRAPPER | AlterFdwStmt=ALTER FOREIGN DATA WRAPPER
@@ -374,6 +374,20 @@ def _create_table_as(stmt: Any) -> _Result:
     return result
 
 
+def _create_extension(stmt: Any) -> _Result:
+    """CREATE EXTENSION [IF NOT EXISTS] name [SCHEMA public]: installed by agentpg (never run as the agent)."""
+    for opt in stmt.options or ():
+        if not isinstance(opt, ast.DefElem):
+            continue
+        value = str(opt.arg.sval) if isinstance(opt.arg, ast.String) else None
+        if opt.defname == "schema" and value == "public":
+            continue
+        raise _refuse("extension_option", f"CREATE EXTENSION ... {str(opt.defname).upper()} is not supported: agentpg "
+                      "installs allowed extensions in schema public, at the version the server ships. Send "
+                      f"CREATE EXTENSION {stmt.extname}.")
+    return _Result(StatementKind.DDL, "CREATE EXTENSION")
+
+
 def _create_schema(stmt: Any) -> _Result:
     result = _Result(StatementKind.DDL, "CREATE SCHEMA")
     for element in stmt.schemaElts or ():  # CREATE SCHEMA s CREATE TABLE ... CREATE VIEW ...
@@ -390,7 +404,7 @@ _HANDLERS: Final[Mapping[str, Callable[[Any], _Result]]] = MappingProxyType({
     "AlterFunctionStmt": _routine, "AlterTableStmt": _alter_table, "DropStmt": _drop,
     "RenameStmt": _rename_or_move, "AlterObjectSchemaStmt": _rename_or_move, "CreateStmt": _create_table,
     "CreateForeignTableStmt": _create_table, "CreateTableAsStmt": _create_table_as,
-    "CreateSchemaStmt": _create_schema,
+    "CreateSchemaStmt": _create_schema, "CreateExtensionStmt": _create_extension,
     "GrantStmt": lambda s: _Result(StatementKind.DDL, "GRANT" if s.is_grant else "REVOKE"),
     "DefineStmt": lambda s: _Result(StatementKind.DDL, f"CREATE {_object_label(s.kind)}"),
 })
@@ -486,8 +500,9 @@ def _classify(sql: str) -> Classification:
         and not (node.schemaname is None and node.catalogname is None and node.relname in ctes)
     }
     written = frozenset(result.written | {_relname(node) for node in result.targets})
+    extension = str(stmt.extname) if isinstance(stmt, ast.CreateExtensionStmt) else None
     return Classification(result.kind, result.command, frozenset(read), written, result.creates_table,
-                          result.drops_table, pglast.fingerprint(sql))
+                          result.drops_table, pglast.fingerprint(sql), extension)
 
 
 # Statements that define code someone else would run (another agent, the owner role through ANALYZE or a
@@ -505,6 +520,10 @@ def check_shared(c: Classification) -> None:
     The database refuses them too (no USAGE on the languages, an event trigger); this is the clearer error.
     Raises RejectedStatement.
     """
+    if c.command in ("GRANT", "REVOKE", "ALTER DEFAULT PRIVILEGES"):
+        raise _refuse("shared_privileges", f"{c.command} is not allowed in the global database: who may read and "
+                      "write what there follows each agent's permissions, which the user sets "
+                      "(PUT /api/workspaces/{id}/global-database-permissions).")
     if c.command in _SHARED_CODE:
         raise _refuse("shared_code", f"{c.command} is not allowed in the global database: code defined there "
                       "would run with the rights of other agents or of the database owner. Use plain SQL "

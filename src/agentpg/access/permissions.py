@@ -70,6 +70,19 @@ class GlobalDbPermissions(BaseModel):
         return self
 
 
+class GlobalDbPermissionsSet(GlobalDbPermissions):
+    """The answer to setting permissions: the permissions as stored, and what the caller should know.
+
+    ``allowed_tables`` matches by name, so a name no table has yet is accepted (an agent may create it
+    later, and the grant then applies at once) but never silently: ``missing_tables`` lists such names and
+    ``warning`` says what that means."""
+
+    missing_tables: list[str] = Field(
+        default_factory=list,
+        description="Names in allowed_tables that no table, view or sequence of schema public has yet.")
+    warning: str | None = Field(default=None, description="Set when missing_tables is not empty.")
+
+
 def from_row(row: AgentGlobalDbPermissions | None) -> GlobalDbPermissions:
     """The catalog row as the public shape (the defaults when a workspace has no row)."""
     if row is None:

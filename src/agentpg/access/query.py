@@ -12,12 +12,21 @@ Every call to :meth:`TenantQueries.run`:
   pool resets its session in the background after the answer. The mode is fixed when the transaction
   starts, before the agent's statement, so a ``SET TRANSACTION READ WRITE`` inside it is refused by Postgres;
 * is **cancelled from outside** if it outlives the timeout by a grace period (an agent can ``SET`` any
-  timeout it likes, but not stop us sending a cancel request). Since every connection is ``DISCARD ALL``-ed
+  timeout it likes, but not stop us sending a cancel request), and if it is still running
+  ``terminate_grace_s`` later (a plpgsql handler can swallow a cancel), its **backend is terminated**
+  (``pg_terminate_backend`` by pid, as agentpg's admin: :mod:`agentpg.access.guard`). The same happens when
+  the call is abandoned any other way while its statement may run (the caller cancelled it, the result was
+  too large): a connection whose backend may still run is never handed back to the pool as free; the call
+  ends only once that backend is gone. Since every connection is ``DISCARD ALL``-ed
   before reuse, nothing a call changes in its session reaches the next call: ``RESET ALL`` returns to the
   startup settings above, not to the role's defaults;
 * **streams** rows (libpq chunked-rows mode) and keeps at most ``max_rows`` of them and ``max_result_bytes``
   of their JSON form: a read that would return more is cancelled at once (``truncated``), a write that
-  returns more rows runs to completion and its surplus rows are dropped as they arrive. Memory stays flat.
+  returns more rows runs to completion and its surplus rows are dropped as they arrive. Memory stays flat,
+  whatever one value's size: at most :attr:`QueryLimits.read_bound_bytes` of a not yet complete chunk of
+  rows is read from the server (:mod:`agentpg.access.pipeline`); past it the call ends with "result too
+  large" (or, when rows were already kept, as a truncated result) and the backend is terminated. A first
+  row that alone exceeds ``max_result_bytes`` is "result too large" too (no row could be returned).
 
 Parameters are sent as untyped text (``$1``, ``$2`` … in the SQL; Postgres infers each type from context,
 as with ``psql``'s ``\\bind``); ``%`` in the SQL is never interpreted.
@@ -38,11 +47,10 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal, cast
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import pglast
@@ -52,7 +60,8 @@ from psycopg import AsyncConnection, AsyncRawCursor, pq
 from psycopg.adapt import AdaptersMap
 from psycopg.types.string import TextLoader
 
-from agentpg.access.pipeline import Field, read_and_reset
+from agentpg.access.guard import session_limits, terminate_backend
+from agentpg.access.pipeline import Field, ResultTooLarge, read_and_reset, stream_in_transaction
 from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
 from agentpg.errors import AgentpgError, ProviderUnavailable
 
@@ -60,6 +69,8 @@ log = logging.getLogger(__name__)
 
 JsonValue = None | bool | int | float | str | list[Any] | dict[str, Any]
 Outcome = Literal["denied", "timeout", "error"]
+Terminate = Callable[[str, int], Awaitable[bool]]
+"""Ends the backend of pid (2nd argument) for the URI's role and database; True once it is gone."""
 
 #: Rows asked from the server per network chunk while streaming.
 _CHUNK_ROWS = 100
@@ -70,12 +81,27 @@ MAX_PARAMS = 1000
 @dataclass(frozen=True)
 class QueryLimits:
     """Server-side limits of one agent call. ``cancel_grace_s`` is how long past ``statement_timeout_s``
-    agentpg waits before it cancels the statement itself."""
+    agentpg waits before it cancels the statement itself; ``terminate_grace_s`` how long after that cancel it
+    terminates the statement's backend if the statement still runs."""
 
     max_rows: int = 500
     max_result_bytes: int = 1_000_000
     statement_timeout_s: float = 30.0
     cancel_grace_s: float = 2.0
+    terminate_grace_s: float = 2.0
+
+    @property
+    def row_bound_bytes(self) -> int:
+        """Largest row (``pg_column_size`` of it) the server may send for a query or DML ``RETURNING``: twice the
+        byte cap plus 64 KiB (a row over the cap is never kept; the margin is for rows whose JSON is larger than
+        their size in Postgres)."""
+        return 2 * self.max_result_bytes + (64 << 10)
+
+    @property
+    def read_bound_bytes(self) -> int:
+        """Most bytes of one not yet complete chunk of rows (or one row) serve reads from the server: two row
+        bounds, at least 4 MiB."""
+        return max(2 * self.row_bound_bytes, 4 << 20)
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,8 @@ class _Collector:
     truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
     convert: list[int] | None = None
     """Positions of the columns whose values need :func:`json_value` (None: unknown, so all)."""
+    columns: list[ColumnInfo] = field(default_factory=list)
+    """The result's columns, once known."""
 
     def describe(self, type_oids: Sequence[int]) -> None:
         """The result's column types are known: convert only the values that need it (most are plain already)."""
@@ -219,9 +247,10 @@ class _Collector:
 class TenantQueries:
     """Runs agent statements on tenant databases through a :class:`TenantPools`. One per process edge."""
 
-    def __init__(self, pools: TenantPools, limits: QueryLimits) -> None:
+    def __init__(self, pools: TenantPools, limits: QueryLimits, *, terminate: Terminate | None = None) -> None:
         self.pools = pools
         self.limits = limits
+        self._terminate = terminate or terminate_backend
         self._session = session_settings(limits)
         self._adapters = AdaptersMap(psycopg.adapters)
         self._adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
@@ -239,6 +268,8 @@ class TenantQueries:
         limit = self.limits.max_rows if max_rows is None else max(0, min(max_rows, self.limits.max_rows))
         returns_rows, is_dml = statement_shape(statement)
         args = bind_params(params)
+        bounded = bounded_statement(statement, self.limits.row_bound_bytes) if returns_rows else None
+        text = statement if bounded is None else bounded.text
         cancel_after = (self.limits.statement_timeout_s + self.limits.cancel_grace_s
                         if cancel_after_s is None else cancel_after_s)
         collector = _Collector(limit, self.limits.max_result_bytes)
@@ -248,54 +279,140 @@ class TenantQueries:
         # more on a fresh one. A write on the wire is never re-sent; a read is (its transaction was read only
         # and never committed) as long as none of its rows arrived.
         sent = _Progress()
-        for attempt in (1, 2):
+        watch: _Watch | None = None
+        chunk = _CHUNK_ROWS
+        for attempt in (1, 2, 3):
             try:
-                # Last resort if even the cancel request goes unanswered: psycopg then closes the connection.
-                async with asyncio.timeout(cancel_after + 10), self.pools.connection(uri, self._session) as conn:
-                    # A timer, not a task per call: the cancel task exists only if the statement overruns.
-                    watchdog = asyncio.get_running_loop().call_later(cancel_after, _start_cancel, conn)
+                # Last resort if even the termination fails: the call ends (its connection closed) regardless.
+                async with asyncio.timeout(cancel_after + self.limits.terminate_grace_s + 15), \
+                        self.pools.connection(uri, self._session) as conn:
+                    # A timer, not a task per call: the give-up task exists only if the statement overruns.
+                    watch = _Watch(conn, uri, self._terminate, self.limits.terminate_grace_s)
+                    watchdog = asyncio.get_running_loop().call_later(cancel_after, watch.give_up)
                     try:
                         if read_only:
-                            columns, command, affected = await self._read(conn, statement, args, collector, sent)
+                            columns, command, affected = await self._read(conn, text, args, collector, sent,
+                                                                          chunk_rows=chunk, look_ahead=not bounded)
                         else:
-                            columns, command, affected = await _write(
-                                conn, statement, args, returns_rows=returns_rows, is_dml=is_dml,
-                                collector=collector, progress=sent)
+                            columns, command, affected = await self._write(
+                                conn, text, args, returns_rows=returns_rows, is_dml=is_dml,
+                                collector=collector, progress=sent, look_ahead=not bounded)
+                    except BaseException as exc:
+                        # Before the connection's pool slot is freed: its backend must not be left running.
+                        await watch.settle(exc, statement_sent=sent.statement_sent)
+                        raise
                     finally:
                         watchdog.cancel()
+                        watch.stop()
                 break
+            except ResultTooLarge as exc:
+                if read_only and bounded is not None and chunk > 1 and collector.seen == 0:
+                    # A first chunk of rows over the read bound, none complete: the rows are wide but each within
+                    # the row bound. Read again a row at a time (reads are read only: re-running is safe).
+                    log.info("a read's first chunk of rows was over the read bound; reading it row by row")
+                    chunk, collector, sent = 1, _Collector(limit, self.limits.max_result_bytes), _Progress()
+                    continue
+                return self._too_large(collector, read_only=read_only, read_bytes=exc.pending, started=started)
             except psycopg.Error as exc:
+                gave_up = watch is not None and watch.gave_up
+                if gave_up:  # cancelled, then terminated by us: the statement overran
+                    raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
+                                          condition="57014 QueryCanceled") from None
+                if _oversize_row(exc):  # the server refused to send a row over the read bound
+                    return self._too_large(collector, read_only=read_only, read_bytes=None, started=started)
                 resendable = not sent.statement_sent or (read_only and collector.seen == 0)
                 if attempt == 1 and resendable and is_connection_lost(exc):
                     log.info("a pooled tenant connection was dead (%s); retrying the call on a fresh one",
                              type(exc).__name__)
                     await self.pools.discard_broken(uri, self._session)
                     continue
-                raise _failure(exc, uri, time.perf_counter() - started) from None
+                raise _failure(exc, uri, time.perf_counter() - started,
+                               offset=bounded.offset if bounded is not None else 0, length=len(statement)) from None
             except TimeoutError:
                 raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
                                       condition="57014 QueryCanceled") from None
+        if read_only and collector.truncated_by == "max_result_bytes" and not collector.rows:
+            return self._too_large(collector, read_only=True, read_bytes=None, started=started)  # no row fits
         return StatementResult(columns=columns, rows=collector.rows, truncated=collector.truncated_by is not None,
                                truncated_by=collector.truncated_by, command=command, rows_affected=affected,
                                rows_json=collector.rows_json,
                                duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
+    def _too_large(self, collector: _Collector, *, read_only: bool, read_bytes: int | None,
+                   started: float) -> StatementResult:
+        """A row too large to return arrived (or was refused by the server). A read that already kept rows
+        returns them, truncated; otherwise the call fails with "result too large" (a write was rolled back)."""
+        if read_only and collector.rows:
+            return StatementResult(columns=list(collector.columns), rows=collector.rows, truncated=True,
+                                   truncated_by="max_result_bytes", rows_json=collector.rows_json,
+                                   duration_ms=round((time.perf_counter() - started) * 1000, 2))
+        if read_only:
+            raise StatementFailed(_too_large_message(self.limits.max_result_bytes, read_bytes), outcome="error",
+                                  condition="result_too_large")
+        raise StatementFailed(
+            f"The result is too large: a row it returns is over the {self.limits.row_bound_bytes:,}-byte limit "
+            "of one row, so the statement was rolled back (nothing was written). Return fewer or narrower "
+            "columns (e.g. RETURNING id, or left(col, 1000)).", outcome="error", condition="result_too_large")
+
     async def _read(self, conn: AsyncConnection[Any], statement: str, args: list[str | None] | None,
-                    collector: _Collector, progress: _Progress) -> tuple[list[ColumnInfo], str | None, None]:
+                    collector: _Collector, progress: _Progress, *, chunk_rows: int = _CHUNK_ROWS,
+                    look_ahead: bool = False) -> tuple[list[ColumnInfo], str | None, None]:
         """A read and the session's reset in one round trip (:mod:`agentpg.access.pipeline`); the pool then
         skips its own reset. Columns come from the result's description, even when no row matched."""
-        columns: list[ColumnInfo] = []
-
-        def on_fields(fields: list[Field]) -> None:
-            columns.extend(ColumnInfo(name=f.name, type=self._type_display(f.type_oid, f.type_mod)) for f in fields)
-            collector.describe([f.type_oid for f in fields])
-
         progress.statement_sent = True
-        outcome = await read_and_reset(conn, self._adapters, statement, args, chunk_rows=_CHUNK_ROWS,
-                                       on_fields=on_fields, on_rows=collector.add_rows)
+        outcome = await read_and_reset(conn, self._adapters, statement, args, chunk_rows=chunk_rows,
+                                       on_fields=functools.partial(self._on_fields, collector),
+                                       on_rows=collector.add_rows, max_pending_bytes=self.limits.read_bound_bytes,
+                                       look_ahead=look_ahead)
         if outcome.reset:
             self.pools.mark_reset(conn)
+        columns = collector.columns
         return columns, None if columns else outcome.command, None
+
+    def _on_fields(self, collector: _Collector, fields: list[Field]) -> None:
+        collector.columns.extend(ColumnInfo(name=f.name, type=self._type_display(f.type_oid, f.type_mod))
+                                 for f in fields)
+        collector.describe([f.type_oid for f in fields])
+
+    async def _write(self, conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
+                     returns_rows: bool, is_dml: bool, collector: _Collector, progress: _Progress,
+                     look_ahead: bool = False) -> tuple[list[ColumnInfo], str | None, int | None]:
+        """Run a write in its own transaction: ``BEGIN READ WRITE`` first (it also proves the pooled connection
+        alive before the statement is sent), then the statement and ``COMMIT`` (together, when it returns no
+        rows). The connection is idle again when this returns or raises; the pool resets the session afterwards,
+        off the caller's time. RETURNING rows are streamed to completion (within the read bound, as a read's);
+        those past the limits are dropped."""
+        await conn.execute("BEGIN READ WRITE")
+        try:
+            progress.statement_sent = True
+            if not returns_rows:
+                cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
+                cur.adapters.register_loader("interval", TextLoader)  # timedelta would turn months into days
+                # Pipeline mode always uses the extended protocol, even without parameters; a failed statement
+                # makes the server skip the COMMIT queued behind it.
+                async with conn.pipeline():
+                    await cur.execute(statement, args)
+                    await conn.execute("COMMIT")
+                if cur.description is not None:  # a statement we did not expect to return rows did
+                    collector.describe([c.type_code for c in cur.description])
+                    collector.add_rows(await cur.fetchall())
+                return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
+            # Chunks small enough that rows within the row bound never make one over the read bound: a
+            # write cannot be re-run a row at a time as a read can.
+            outcome = await stream_in_transaction(
+                conn, self._adapters, statement, args,
+                chunk_rows=max(1, min(_CHUNK_ROWS, self.limits.read_bound_bytes // self.limits.row_bound_bytes)),
+                on_fields=functools.partial(self._on_fields, collector), on_rows=collector.add_rows,
+                max_pending_bytes=self.limits.read_bound_bytes, look_ahead=look_ahead)
+            await conn.execute("COMMIT")
+            if not outcome.fields:  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
+                return [], None, None
+            return collector.columns, None, collector.seen if is_dml else None
+        except BaseException:
+            if conn.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                with contextlib.suppress(psycopg.Error):  # the connection is gone: the pool replaces it
+                    await conn.execute("ROLLBACK")
+            raise
 
     def _type_display(self, oid: int, type_mod: int) -> str:
         """The type's name as psql shows it (``integer``, ``numeric(10,2)``, ``text[]``); its OID if unknown."""
@@ -311,20 +428,80 @@ class _Progress:
     statement_sent: bool = False
 
 
-_CANCELS: set[asyncio.Task[None]] = set()
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+"""Give-up and termination tasks, held until done (the event loop keeps only weak references to tasks)."""
 
 
-def _start_cancel(conn: AsyncConnection[Any]) -> None:
-    task = asyncio.ensure_future(_cancel_now(conn))
-    _CANCELS.add(task)
-    task.add_done_callback(_CANCELS.discard)
+def _hold(task: asyncio.Task[Any]) -> None:
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
-async def _cancel_now(conn: AsyncConnection[Any]) -> None:
-    try:
-        await conn.cancel_safe(timeout=5.0)
-    except Exception as exc:  # the outer asyncio.timeout still ends the call (psycopg then drops the connection)
-        log.warning("could not cancel an overrunning agent statement: %s", type(exc).__name__)
+class _Watch:
+    """One call's statement, watched: at the deadline (:meth:`give_up`, a timer) it is cancelled from outside;
+    if it still runs ``grace_s`` later, its backend is terminated by pid (:data:`Terminate`). :meth:`settle`
+    makes sure, before a failed call frees its connection, that no backend is left running for it."""
+
+    def __init__(self, conn: AsyncConnection[Any], uri: str, terminate: Terminate, grace_s: float) -> None:
+        self._conn = conn
+        self._uri = uri
+        self._pid = conn.info.backend_pid
+        self._terminate_backend = terminate
+        self._grace_s = grace_s
+        self._task: asyncio.Task[None] | None = None
+        self._terminating: asyncio.Task[bool] | None = None
+        self.gave_up = False
+        """The outside cancel was sent: the statement overran."""
+
+    def give_up(self) -> None:
+        self.gave_up = True
+        self._task = asyncio.ensure_future(self._cancel_then_terminate())
+        _hold(self._task)
+
+    async def _cancel_then_terminate(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._conn.cancel_safe(timeout=5.0)
+        except Exception as exc:  # the termination below still ends it
+            log.warning("could not cancel an overrunning agent statement: %s", type(exc).__name__)
+        await asyncio.sleep(max(0.0, self._grace_s - (time.monotonic() - started)))
+        log.warning("an agent statement outlived its cancel by %.1f s: terminating its backend", self._grace_s)
+        await self._terminate()
+
+    def _terminate(self) -> asyncio.Task[bool]:
+        """Terminate the backend (once), in a task of its own: a cancelled caller does not stop it."""
+        if self._terminating is None:
+            self._terminating = asyncio.ensure_future(self._terminate_backend(self._uri, self._pid))
+            _hold(self._terminating)
+        return self._terminating
+
+    def _healthy(self) -> bool:
+        """The connection is open, idle, outside any transaction or pipeline: its statement is over."""
+        pgconn = self._conn.pgconn
+        return (not self._conn.closed and pgconn.status == pq.ConnStatus.OK
+                and pgconn.transaction_status == pq.TransactionStatus.IDLE
+                and pgconn.pipeline_status == pq.PipelineStatus.OFF)
+
+    async def settle(self, exc: BaseException, *, statement_sent: bool) -> None:
+        """The call is failing with ``exc``. If its statement may still run (the call was abandoned, or gave up
+        on it), terminate its backend and wait (bounded) until it is gone; never raises."""
+        if self._terminating is None:
+            if not statement_sent or (self._healthy() and not isinstance(exc, ResultTooLarge)):
+                return  # the statement ended (it failed, or the cancel worked): the connection is fine
+            if (isinstance(exc, psycopg.Error) and not isinstance(exc, ResultTooLarge) and not self.gave_up
+                    and is_connection_lost(exc)):
+                return  # the server ended the connection itself (a restart): nothing of it runs
+            if self._task is not None:
+                self._task.cancel()  # no need to wait out the grace: the call is over
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._terminate()), 15)
+        with contextlib.suppress(Exception):
+            await self._conn.close()  # never handed out again: the pool discards it
+
+    def stop(self) -> None:
+        """The call is over: a give-up still waiting out its grace has nothing left to do."""
+        if self._task is not None and not self._task.done() and self._terminating is None:
+            self._task.cancel()
 
 
 def session_settings(limits: QueryLimits) -> SessionSettings:
@@ -332,55 +509,7 @@ def session_settings(limits: QueryLimits) -> SessionSettings:
     ``READ WRITE``, and the statement timeout. Startup defaults, so the pool's ``DISCARD ALL`` restores them
     after any call, whatever the call ``SET``."""
     timeout_ms = max(1, int(limits.statement_timeout_s * 1000))
-    return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"))
-
-
-async def _write(conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
-                 returns_rows: bool, is_dml: bool, collector: _Collector,
-                 progress: _Progress) -> tuple[list[ColumnInfo], str | None, int | None]:
-    """Run a write in its own transaction: ``BEGIN READ WRITE`` first (it also proves the pooled connection
-    alive before the statement is sent), then the statement and ``COMMIT`` (together, when it returns no rows).
-    The connection is idle again when this returns or raises; the pool resets the session afterwards, off
-    the caller's time. RETURNING rows are streamed to completion; those past the limits are dropped."""
-    await conn.execute("BEGIN READ WRITE")
-    try:
-        cur: AsyncRawCursor[tuple[Any, ...]] = AsyncRawCursor(conn)
-        cur.adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
-        progress.statement_sent = True
-        if not returns_rows:
-            # Pipeline mode always uses the extended protocol, even without parameters; a failed statement
-            # makes the server skip the COMMIT queued behind it.
-            async with conn.pipeline():
-                await cur.execute(statement, args)
-                await conn.execute("COMMIT")
-            if cur.description is not None:  # a statement we did not expect to return rows did
-                collector.describe([c.type_code for c in cur.description])
-                collector.add_rows(await cur.fetchall())
-            return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
-        columns: list[ColumnInfo] = []
-        no_result = False
-        try:
-            # stream() always uses the extended protocol (chunked-rows mode needs libpq 17).
-            stream = cast(AsyncGenerator[tuple[Any, ...], None], cur.stream(statement, args, size=_CHUNK_ROWS))
-            async with aclosing(stream) as rows:
-                async for raw in rows:
-                    if not columns:
-                        columns = _columns(cur)
-                        collector.describe([c.type_code for c in cur.description or ()])
-                    collector.add(raw)
-        except psycopg.ProgrammingError as exc:
-            if exc.sqlstate is not None:
-                raise
-            no_result = True  # it ran fine but returned no rows (e.g. CALL of a procedure without OUT)
-        await conn.execute("COMMIT")
-        if no_result:
-            return [], None, None
-        return columns, None, collector.seen if is_dml else None
-    except BaseException:
-        if conn.pgconn.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-            with contextlib.suppress(psycopg.Error):  # the connection is gone: the pool replaces it
-                await conn.execute("ROLLBACK")
-        raise
+    return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"), *session_limits())
 
 
 def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
@@ -485,7 +614,98 @@ def _timeout_message(elapsed_s: float) -> str:
             "(WHERE, LIMIT), add an index, or split the work into smaller statements.")
 
 
-def _failure(exc: psycopg.Error, uri: str, elapsed_s: float) -> AgentpgError:
+#: What the server's refusal of a row over the read bound says (an ``int4`` cast error carrying the row's size).
+_ROW_TOO_LARGE = "agentpg:row-too-large:"
+
+
+@dataclass(frozen=True)
+class BoundedStatement:
+    """An agent statement wrapped so the server itself refuses to send a row over the read bound."""
+
+    text: str
+    offset: int
+    """Characters before the agent's statement in ``text`` (error positions are moved back by this much)."""
+
+
+def bounded_statement(statement: str, row_bound: int) -> BoundedStatement | None:
+    """``statement`` wrapped so that the server raises an error instead of sending a row whose size is over
+    ``row_bound`` bytes (serve never has to take in a value it would only throw away); None for statements
+    that cannot be wrapped (not one statement, not a query or DML ``RETURNING``, a query with data-modifying
+    ``WITH``). Still one statement, same columns (names, types, modifiers) and, for a query, same row order
+    (a subquery with ORDER BY is not flattened)::
+
+        SELECT _apg.* FROM (<query>) AS _apg WHERE <row size check>
+        WITH _apg AS (<INSERT/UPDATE/DELETE … RETURNING>) SELECT _apg.* FROM _apg WHERE <row size check>
+    """
+    plan = _wrap_plan_cached(statement) if len(statement) <= 4096 else _wrap_plan(statement)
+    if plan is None:
+        return None
+    kind, end = plan
+    # pg_column_size of the whole row: its values' size in memory, detoasted and decompressed (a whole-row
+    # value is flattened); the text sent is about as large (text, json), at most a few times larger (bytea
+    # hex, arrays of small numbers). Cheaper than measuring the text form (0.3 vs 0.7 us a row).
+    check = (f"WHERE CASE WHEN pg_catalog.pg_column_size(_apg.*) <= {int(row_bound)} THEN true "
+             f"ELSE pg_catalog.int4(pg_catalog.concat('{_ROW_TOO_LARGE}', pg_catalog.pg_column_size(_apg.*))) "
+             "IS NULL END")
+    if kind == "query":
+        prefix, suffix = "SELECT _apg.* FROM (", f"\n) AS _apg {check}"
+    else:
+        prefix, suffix = "WITH _apg AS (", f"\n) SELECT _apg.* FROM _apg {check}"
+    return BoundedStatement(text=prefix + statement[:end] + suffix, offset=len(prefix))
+
+
+def _wrap_plan(statement: str) -> tuple[Literal["query", "dml"], int] | None:
+    """(kind, end of the statement in characters, before any ``;``) if ``statement`` can be wrapped."""
+    try:
+        parsed = pglast.parse_sql(statement)
+    except Exception:
+        return None
+    if len(parsed) != 1:
+        return None
+    raw = parsed[0]
+    stmt = raw.stmt
+    kind: Literal["query", "dml"]
+    if isinstance(stmt, ast.SelectStmt):
+        if stmt.intoClause is not None or _modifies(stmt.withClause):
+            return None
+        kind = "query"
+    elif isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+        if stmt.returningClause is None or stmt.withClause is not None:
+            return None
+        kind = "dml"
+    else:
+        return None
+    if not raw.stmt_len:  # to the end of the text
+        return kind, len(statement)
+    end_byte = (raw.stmt_location or 0) + raw.stmt_len
+    return kind, len(statement.encode("utf-8")[:end_byte].decode("utf-8", errors="ignore"))
+
+
+def _modifies(with_clause: ast.WithClause | None) -> bool:
+    """A ``WITH`` holding INSERT/UPDATE/DELETE/MERGE (which must stay at the top level)."""
+    if with_clause is None:
+        return False
+    return any(isinstance(getattr(cte, "ctequery", None), ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt
+                          | ast.MergeStmt) for cte in with_clause.ctes or ())
+
+
+_wrap_plan_cached = functools.lru_cache(maxsize=4096)(_wrap_plan)
+
+
+def _oversize_row(exc: psycopg.Error) -> bool:
+    return (isinstance(exc, psycopg.errors.InvalidTextRepresentation)
+            and _ROW_TOO_LARGE in (exc.diag.message_primary or ""))
+
+
+def _too_large_message(max_result_bytes: int, pending: int | None) -> str:
+    read = "" if pending is None else f" (agentpg stopped reading it at {pending:,} bytes)"
+    return (f"The result is too large: its first row alone is over the {max_result_bytes:,}-byte limit of one "
+            f"call's result{read}, so no row can be returned. Select fewer or narrower columns: e.g. "
+            "left(col, 1000), length(col) or octet_length(col) instead of the whole value.")
+
+
+def _failure(exc: psycopg.Error, uri: str, elapsed_s: float, *, offset: int = 0,
+             length: int | None = None) -> AgentpgError:
     state = exc.sqlstate
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return StatementFailed(_timeout_message(elapsed_s), outcome="timeout", condition="57014 QueryCanceled")
@@ -498,13 +718,29 @@ def _failure(exc: psycopg.Error, uri: str, elapsed_s: float) -> AgentpgError:
                                condition=type(exc).__name__)
     diag = exc.diag
     message = f"Postgres refused the statement: {diag.message_primary or type(exc).__name__}"
-    if diag.statement_position:
-        message += f" (at character {diag.statement_position})"
+    where = diag.statement_position or ""
+    position = int(where) - offset if where.isdigit() else 0
+    if 0 < position <= (length if length is not None else position):  # not in agentpg's wrapping of it
+        message += f" (at character {position})"
     if diag.message_detail:
         message += f"\nDetail: {diag.message_detail}"
     if diag.message_hint:
         message += f"\nHint: {diag.message_hint}"
+    if state == "53400" and "temp_file_limit" in (diag.message_primary or ""):
+        limit = _temp_limit_text(diag.message_primary or "")
+        message += (f"\nagentpg limits the temporary files a statement may hold on disk{limit}: this one sorted, "
+                    "hashed or materialized more than that on disk. Narrow it (WHERE, LIMIT, fewer columns), "
+                    "add an index that avoids the sort, or split the work into smaller statements.")
     message += f"\nSQLSTATE {state}"
     denied = state == "42501" or state.startswith("25")  # insufficient privilege; read-only / txn state
     return StatementFailed(scrub(message, uri), outcome="denied" if denied else "error",
                            condition=f"{state} {type(exc).__name__}")
+
+
+def _temp_limit_text(primary: str) -> str:
+    """" (2 MB)" from Postgres' "temporary file size exceeds temp_file_limit (2048kB)"; else ""."""
+    match = re.search(r"temp_file_limit\"? \((\d+)kB\)", primary)
+    if match is None:
+        return ""
+    kib = int(match.group(1))
+    return f" ({kib // 1024} MB)" if kib % 1024 == 0 else f" ({kib} kB)"

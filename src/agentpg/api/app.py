@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from agentpg import __version__
 from agentpg.access.browse import ReadLimits
 from agentpg.access.pools import PoolLimits, TenantPools
-from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_usage, routes_users
+from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_undo, routes_usage, routes_users
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
 from agentpg.api.metrics import ApiMetrics
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     app.include_router(routes_agents.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_mcp_servers.router)
+    app.include_router(routes_undo.router)
     app.include_router(explorer_router)  # the database explorer's pages: /, /explorer/…
     mcp.mount(app)
     gateway.mount(app)

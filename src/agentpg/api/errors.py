@@ -25,6 +25,8 @@ from agentpg.errors import AgentpgError, Unauthenticated
 log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+RETRY_AFTER_S = "1"
+"""``Retry-After`` of a 503: the catalog or a server is unreachable, or agentpg is busy; all are retryable."""
 
 
 class FieldError(BaseModel):
@@ -85,6 +87,12 @@ def _message(err: dict[str, Any]) -> str:
         return "unknown field (not part of this request's schema)"
     if kind == "missing":
         return "required"
+    if kind in ("too_long", "too_short") and isinstance(err.get("input"), str):
+        # A text field's length is checked after its NUL check, so pydantic words it as a list's ("items").
+        ctx = err.get("ctx") or {}
+        bound = "at most" if kind == "too_long" else "at least"
+        limit = ctx.get("max_length" if kind == "too_long" else "min_length")
+        return f"should have {bound} {limit} characters, not {len(err['input'])}"
     msg = str(err.get("msg", "invalid"))
     return msg.removeprefix("Value error, ")
 
@@ -100,6 +108,8 @@ def validation_problem(exc: RequestValidationError) -> ProblemResponse:
 async def _agentpg_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, AgentpgError)
     headers = {"WWW-Authenticate": 'Bearer realm="agentpg"'} if isinstance(exc, Unauthenticated) else None
+    if exc.status == 503:  # a server or the catalog cannot be reached, or agentpg is busy: retryable
+        headers = {"Retry-After": RETRY_AFTER_S}
     if exc.status >= 500:
         log.warning("%s %s answered %d (%s)", request.method, request.url.path, exc.status, exc.code)
     return problem(exc.status, exc.code, exc.message, headers=headers)
@@ -107,7 +117,22 @@ async def _agentpg_error(request: Request, exc: Exception) -> ProblemResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, RequestValidationError)
+    content_type = request.headers.get("content-type")
+    whole_body = any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in exc.errors())
+    if whole_body and content_type is not None and not _is_json(content_type):
+        # FastAPI reads a body as JSON only when it says so; anything else (curl -d sends form encoding by
+        # default) reached the model as raw bytes, which pydantic calls "not a valid dictionary".
+        return problem(415, "unsupported_media_type",
+                       f"the body must be JSON sent with the header Content-Type: application/json; this "
+                       f"request's Content-Type is {content_type.split(';')[0].strip()[:100]!r} (curl -d sends "
+                       "application/x-www-form-urlencoded unless told otherwise: add -H 'Content-Type: "
+                       "application/json')")
     return validation_problem(exc)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def _http_error(request: Request, exc: Exception) -> ProblemResponse:
@@ -148,7 +173,8 @@ _DESCRIPTIONS = {
          "retry shortly.",
     500: "Unexpected failure (details are only in the server log).",
     502: "The database server refused an operation.",
-    503: "A database server or the catalog cannot be reached; retry later.",
+    503: "A database server or the catalog cannot be reached, or agentpg is busy with other changes; retry "
+         "after the seconds in Retry-After.",
     504: "The read ran past its statement timeout.",
 }
 

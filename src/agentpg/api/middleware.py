@@ -14,7 +14,7 @@ import traceback
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentpg.api.errors import problem
+from agentpg.api.errors import RETRY_AFTER_S, problem
 from agentpg.api.metrics import UNMATCHED, ApiMetrics
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,22 @@ class GuardMiddleware:
         except ResponseAborted:
             return
         except Exception as exc:
+            if _catalog_busy(exc):
+                # Every catalog connection of this process is in use and none came free in time.
+                log.warning("%s %s: no catalog connection came free in time; answered 503", scope["method"],
+                            route_template(scope))
+                if not started:
+                    await problem(503, "busy", "agentpg is busy with other requests right now; retry shortly",
+                                  headers={"Retry-After": RETRY_AFTER_S})(scope, receive, send)
+                return
             if _database_unreachable(exc):
                 # The catalog (or a server) went away mid-request, e.g. while it restarts: retryable, not a bug.
                 log.warning("%s %s: a database connection failed (%s); answered 503", scope["method"],
                             route_template(scope), type(exc).__name__)
                 if not started:
                     await problem(503, "catalog_unavailable", "agentpg's catalog database cannot be reached "
-                                  "right now; retry shortly", headers={"Retry-After": "1"})(scope, receive, send)
+                                  "right now; retry shortly",
+                                  headers={"Retry-After": RETRY_AFTER_S})(scope, receive, send)
                 return
             log.error("unexpected %s while answering %s %s%s\n%s", type(exc).__name__, scope["method"],
                       route_template(scope), " (response already started; connection dropped)" if started else "",
@@ -96,6 +105,12 @@ class GuardMiddleware:
             if not started:
                 response = problem(500, "internal", "an unexpected error occurred; it has been logged")
                 await response(scope, receive, send)
+
+
+def _catalog_busy(exc: BaseException) -> bool:
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    return isinstance(exc, PoolTimeoutError)
 
 
 def _database_unreachable(exc: BaseException) -> bool:

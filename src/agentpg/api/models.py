@@ -7,7 +7,7 @@ is not a limit), and no text may contain a NUL byte (PostgreSQL cannot store one
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -93,3 +93,8 @@ class TokenOut(BaseModel):
 class WorkspaceCreated(WorkspaceInfo):
     agent_token: TokenOut
     """The workspace's first agent token (for its MCP connection), shown this once."""
+    mcp_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The MCP client configurations (`http`, `stdio`: each a whole `mcpServers` document to "
+                    "paste) with this first agent token filled in; `GET …/mcp-config` gives them later with a "
+                    "placeholder instead.")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from agentpg.access.audit import AuditPage
-from agentpg.access.permissions import GlobalDbPermissions
+from agentpg.access.permissions import GlobalDbPermissions, GlobalDbPermissionsSet
 from agentpg.api.auth import Auth, own_user, user_scope
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
@@ -23,7 +23,7 @@ UserId = Annotated[str, Path(description="The platform's id for the user.", max_
 WorkspaceId = Annotated[str, Path(description="The platform's id for the workspace.", max_length=128)]
 
 
-@router.get("/workspaces/{workspace_id}/global-database-permissions", tags=["agents"])
+@router.get("/workspaces/{workspace_id}/global-database-permissions", tags=["agents"], responses=problems(409))
 def get_global_database_permissions(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> GlobalDbPermissions:
     """What this workspace's agent may do in its user's global database."""
     return ctx.service.get_agent_permissions(workspace_id, user_id=user_scope(principal))
@@ -32,16 +32,39 @@ def get_global_database_permissions(workspace_id: WorkspaceId, principal: Auth, 
 @router.put("/workspaces/{workspace_id}/global-database-permissions", tags=["agents"],
             responses=problems(409, 502, 503))
 def put_global_database_permissions(workspace_id: WorkspaceId, body: GlobalDbPermissions, principal: Auth,
-                                    ctx: Ctx) -> GlobalDbPermissions:
+                                    ctx: Ctx) -> GlobalDbPermissionsSet:
     """Set what this workspace's agent may do in its user's global database; its Postgres role's grants
     change at once (the next statement it runs already sees them).
 
     ``can_drop_tables`` means co-owning the schema (Postgres lets only owners drop or alter), so it needs
     ``can_read``, ``can_write`` and ``can_create_tables`` and no ``allowed_tables`` (422 otherwise).
-    ``allowed_tables`` limits reads and writes to tables of those names in schema ``public``. 409 if the
-    user's global database was brought by the platform (no per-agent roles there).
+    ``allowed_tables`` limits reads and writes to tables of those names in schema ``public``; it matches by
+    name, so names no table has yet are accepted (an agent may create them later) and listed in
+    ``missing_tables`` with a ``warning``. 409 if the user's global database was brought by the platform (no
+    per-agent roles there).
     """
     return ctx.service.set_agent_permissions(workspace_id, body, user_id=user_scope(principal))
+
+
+# The same, naming the user: for the admin token when two users have a workspace of that id (workspace ids
+# are per user; /api/workspaces/{id} answers 409 then).
+
+
+@router.get("/users/{user_id}/workspaces/{workspace_id}/global-database-permissions", tags=["agents"])
+def get_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, principal: Auth,
+                                   ctx: Ctx) -> GlobalDbPermissions:
+    """``GET /api/workspaces/{id}/global-database-permissions`` for the user's workspace ``workspace_id``."""
+    own_user(principal, user_id)
+    return ctx.service.get_agent_permissions(workspace_id, user_id=user_id)
+
+
+@router.put("/users/{user_id}/workspaces/{workspace_id}/global-database-permissions", tags=["agents"],
+            responses=problems(409, 502, 503))
+def put_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, body: GlobalDbPermissions,
+                                   principal: Auth, ctx: Ctx) -> GlobalDbPermissionsSet:
+    """``PUT /api/workspaces/{id}/global-database-permissions`` for the user's workspace ``workspace_id``."""
+    own_user(principal, user_id)
+    return ctx.service.set_agent_permissions(workspace_id, body, user_id=user_id)
 
 
 @router.get("/users/{user_id}/audit", tags=["agents"])
@@ -58,9 +81,21 @@ def list_audit(user_id: UserId, principal: Auth, ctx: Ctx,
     return ctx.service.list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
 
 
-@router.get("/workspaces/{workspace_id}/mcp-config", tags=["agents"])
+@router.get("/workspaces/{workspace_id}/mcp-config", tags=["agents"], responses=problems(409))
 def mcp_config(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx, request: Request) -> dict[str, Any]:
-    """The ``mcpServers`` JSON an MCP client needs to reach this workspace's databases. The token is a
-    placeholder (``<AGENT_TOKEN>``): issue one with ``POST /api/workspaces/{id}/tokens``."""
+    """The MCP client configurations that reach this workspace's databases, each a whole ``mcpServers``
+    document to paste: ``http`` (streamable HTTP; also at the top level as ``mcpServers``) and ``stdio`` (the
+    absolute ``agentpg`` command and the environment ``agentpg mcp`` needs, AGENTPG_HOME included). The token
+    is a placeholder (``<AGENT_TOKEN>``): the workspace's first token came with its creation; issue another
+    with ``POST /api/workspaces/{id}/tokens``."""
     base = ctx.runtime.settings.public_url or str(request.base_url)
-    return ctx.service.mcp_config(workspace_id, base, user_id=user_scope(principal))
+    return ctx.service.mcp_config(workspace_id, base, ctx.runtime.settings, user_id=user_scope(principal))
+
+
+@router.get("/users/{user_id}/workspaces/{workspace_id}/mcp-config", tags=["agents"])
+def user_workspace_mcp_config(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx,
+                              request: Request) -> dict[str, Any]:
+    """``GET /api/workspaces/{id}/mcp-config`` for the user's workspace ``workspace_id``."""
+    own_user(principal, user_id)
+    base = ctx.runtime.settings.public_url or str(request.base_url)
+    return ctx.service.mcp_config(workspace_id, base, ctx.runtime.settings, user_id=user_id)

@@ -53,7 +53,16 @@ def _platform_uri(ctx: AppContext, principal: Principal, user_id: str | None, wo
         assert user_id is not None
         own_user(principal, user_id)
         return ctx.service.browse_uri(None, user_id, None)
-    return ctx.service.browse_uri(user_scope(principal), None, workspace_id)
+    return ctx.service.browse_uri(_workspace_scope(principal, user_id), None, workspace_id)
+
+
+def _workspace_scope(principal: Principal, user_id: str | None) -> str | None:
+    """Whose workspace a workspace route names: ``user_id``'s under ``/api/users/{user_id}/workspaces``
+    (workspace ids are per user), else the caller's user's (any user's for the admin token)."""
+    if user_id is None:
+        return user_scope(principal)
+    own_user(principal, user_id)
+    return user_id
 
 
 async def _uri(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str | None) -> str:
@@ -63,7 +72,7 @@ async def _uri(ctx: AppContext, principal: Principal, user_id: str | None, works
         own_user(principal, user_id)
         hit = ctx.service.browse_uri_cached(None, user_id, None)
     else:
-        hit = ctx.service.browse_uri_cached(user_scope(principal), None, workspace_id)
+        hit = ctx.service.browse_uri_cached(_workspace_scope(principal, user_id), None, workspace_id)
     return hit if hit is not None else await run_in_threadpool(_platform_uri, ctx, principal, user_id, workspace_id)
 
 
@@ -187,31 +196,69 @@ async def global_export(user_id: UserId, table: TableName, principal: Auth, ctx:
 # -- a workspace's agent database -----------------------------------------------------------------------
 
 
-@router.get("/workspaces/{workspace_id}/database", tags=["agent database"])
+@router.get("/workspaces/{workspace_id}/database", tags=["agent database"], responses=problems(409))
 def agent_database(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> DatabaseInfo:
     """The agent database's public info (never a URI)."""
-    info = ctx.service.get_workspace(workspace_id, user_id=user_scope(principal)).database
+    return _agent_database(ctx, principal, None, workspace_id)
+
+
+def _agent_database(ctx: AppContext, principal: Principal, user_id: str | None, workspace_id: str) -> DatabaseInfo:
+    info = ctx.service.get_workspace(workspace_id, user_id=_workspace_scope(principal, user_id)).database
     if info is None:
         raise NotFound(f"workspace {workspace_id!r} has no database")
     return info
 
 
-@router.get("/workspaces/{workspace_id}/database/tables", tags=["agent database"], responses=_READ_ERRORS)
+@router.get("/workspaces/{workspace_id}/database/tables", tags=["agent database"],
+            responses={**_READ_ERRORS, **problems(409)})
 async def agent_tables(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> browse.TableList:
     """Tables in schema public with their columns, primary key and estimated row count."""
     return await _tables(ctx, principal, None, workspace_id)
 
 
-@router.post("/workspaces/{workspace_id}/database/query", tags=["agent database"], responses=_READ_ERRORS,
-             response_model=browse.RowsPage)
+@router.post("/workspaces/{workspace_id}/database/query", tags=["agent database"],
+             responses={**_READ_ERRORS, **problems(409)}, response_model=browse.RowsPage)
 async def agent_query(workspace_id: WorkspaceId, body: QueryRequest, principal: Auth, ctx: Ctx) -> JSONResponse:
     """A page of rows (read only). Unknown table → 404; unknown column → 422."""
     return await _query(ctx, principal, None, workspace_id, body)
 
 
 @router.get("/workspaces/{workspace_id}/database/tables/{table}/export", tags=["agent database"],
-            response_class=StreamingResponse, responses=_EXPORT_DOC)
+            response_class=StreamingResponse, responses={**_EXPORT_DOC, **problems(409)})
 async def agent_export(workspace_id: WorkspaceId, table: TableName, principal: Auth, ctx: Ctx,
                        format: ExportFormat = "csv") -> StreamingResponse:
     """The whole table as CSV or JSON, streamed from one consistent READ ONLY snapshot."""
     return await _export(ctx, principal, None, workspace_id, table, format)
+
+
+# The same, naming the user: workspace ids are per user, and for the admin token an id two users share is
+# ambiguous under /api/workspaces/{id} (409).
+_USER_WS = "/users/{user_id}/workspaces/{workspace_id}/database"
+
+
+@router.get(_USER_WS, tags=["agent database"])
+def user_agent_database(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> DatabaseInfo:
+    """``GET /api/workspaces/{id}/database`` for the user's workspace ``workspace_id``."""
+    return _agent_database(ctx, principal, user_id, workspace_id)
+
+
+@router.get(_USER_WS + "/tables", tags=["agent database"], responses=_READ_ERRORS)
+async def user_agent_tables(user_id: UserId, workspace_id: WorkspaceId, principal: Auth,
+                            ctx: Ctx) -> browse.TableList:
+    """``GET /api/workspaces/{id}/database/tables`` for the user's workspace ``workspace_id``."""
+    return await _tables(ctx, principal, user_id, workspace_id)
+
+
+@router.post(_USER_WS + "/query", tags=["agent database"], responses=_READ_ERRORS, response_model=browse.RowsPage)
+async def user_agent_query(user_id: UserId, workspace_id: WorkspaceId, body: QueryRequest, principal: Auth,
+                           ctx: Ctx) -> JSONResponse:
+    """``POST /api/workspaces/{id}/database/query`` for the user's workspace ``workspace_id``."""
+    return await _query(ctx, principal, user_id, workspace_id, body)
+
+
+@router.get(_USER_WS + "/tables/{table}/export", tags=["agent database"], response_class=StreamingResponse,
+            responses=_EXPORT_DOC)
+async def user_agent_export(user_id: UserId, workspace_id: WorkspaceId, table: TableName, principal: Auth,
+                            ctx: Ctx, format: ExportFormat = "csv") -> StreamingResponse:
+    """``GET /api/workspaces/{id}/database/tables/{table}/export`` for the user's workspace ``workspace_id``."""
+    return await _export(ctx, principal, user_id, workspace_id, table, format)

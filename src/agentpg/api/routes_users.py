@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Path, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from agentpg.api.auth import Auth, own_user, require_admin, user_scope
@@ -26,6 +26,8 @@ from agentpg.api.models import (
     WorkspaceCreated,
 )
 from agentpg.envvars import EnvVarInfo, EnvVarList
+from agentpg.lifecycle import workspace_ids
+from agentpg.mcp.config import client_configs
 from agentpg.schemas import UserInfo, UserPage, WorkspaceInfo, WorkspacePage
 from agentpg.tokens import IssuedToken
 
@@ -40,7 +42,8 @@ EnvName = Annotated[str, Path(pattern=ENV_NAME_PATTERN, description="Upper-case 
 
 def _token_out(issued: IssuedToken, name: str | None) -> TokenOut:
     return TokenOut(id=issued.id, kind=issued.kind, token=issued.secret,  # type: ignore[arg-type]
-                    user_id=issued.user_id, workspace_id=issued.workspace_id, name=name,
+                    user_id=issued.user_id, name=name,
+                    workspace_id=workspace_ids.public_id(issued.workspace_id) if issued.workspace_id else None,
                     created_at=issued.created_at)
 
 
@@ -104,12 +107,16 @@ def issue_user_token(user_id: UserId, principal: Auth, ctx: Ctx,
 
 @router.post("/users/{user_id}/workspaces", status_code=status.HTTP_201_CREATED, tags=["workspaces"],
              responses=problems(409, 502, 503))
-def create_workspace(user_id: UserId, body: WorkspaceCreate, principal: Auth, ctx: Ctx) -> WorkspaceCreated:
-    """Create a workspace with its agent database; the answer carries its first agent token, shown once."""
+def create_workspace(user_id: UserId, body: WorkspaceCreate, principal: Auth, ctx: Ctx,
+                     request: Request) -> WorkspaceCreated:
+    """Create a workspace with its agent database; the answer carries its first agent token, shown once,
+    and the MCP client configurations (HTTP and stdio) with that token filled in."""
     own_user(principal, user_id)
     with ctx.metrics.provisioning_timer("create_workspace"):
         info, issued = ctx.service.create_workspace_with_token(user_id, body.id, body.name)
-    return WorkspaceCreated(**info.model_dump(), agent_token=_token_out(issued, None))
+    base = ctx.runtime.settings.public_url or str(request.base_url)
+    configs = client_configs(ctx.runtime.settings, base, issued.secret)
+    return WorkspaceCreated(**info.model_dump(), agent_token=_token_out(issued, None), mcp_config=configs)
 
 
 @router.get("/users/{user_id}/workspaces", tags=["workspaces"])
@@ -120,23 +127,46 @@ def list_workspaces(user_id: UserId, principal: Auth, ctx: Ctx, limit: PageLimit
     return ctx.service.list_workspaces(user_id, limit=limit, cursor=cursor)
 
 
-@router.get("/workspaces/{workspace_id}", tags=["workspaces"])
+# Workspace ids are per user (agentpg.lifecycle.workspace_ids): /api/workspaces/{id} is the workspace of the
+# caller's user for a user token, and for the admin token the one workspace any user has by that id (409 when
+# two users have one). /api/users/{user_id}/workspaces/{id} names the user, for the admin token's sake.
+
+
+@router.get("/workspaces/{workspace_id}", tags=["workspaces"], responses=problems(409))
 def get_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> WorkspaceInfo:
     """A workspace and its agent database's public info."""
     return ctx.service.get_workspace(workspace_id, user_id=user_scope(principal))
+
+
+@router.get("/users/{user_id}/workspaces/{workspace_id}", tags=["workspaces"])
+def get_user_workspace(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> WorkspaceInfo:
+    """The user's workspace ``workspace_id`` (the same as ``GET /api/workspaces/{id}``, naming the user)."""
+    own_user(principal, user_id)
+    return ctx.service.get_workspace(workspace_id, user_id=user_id)
+
+
+async def _delete_workspace(ctx: AppContext, workspace_id: str, scope: str | None) -> Response:
+    info = await run_in_threadpool(ctx.service.get_workspace, workspace_id, user_id=scope)
+    uris = await run_in_threadpool(ctx.service.database_uris, info.user_id, workspace_id)
+    with ctx.metrics.provisioning_timer("delete_workspace"):
+        await run_in_threadpool(ctx.service.delete_workspace, workspace_id, user_id=info.user_id)
+    await _forget_pools(ctx, uris)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.delete("/workspaces/{workspace_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["workspaces"],
                responses=problems(409, 502, 503))
 async def delete_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> Response:
     """Delete a workspace, its agent database and its role in the global database; its tokens stop working."""
-    scope = user_scope(principal)
-    info = await run_in_threadpool(ctx.service.get_workspace, workspace_id, user_id=scope)
-    uris = await run_in_threadpool(ctx.service.database_uris, info.user_id, workspace_id)
-    with ctx.metrics.provisioning_timer("delete_workspace"):
-        await run_in_threadpool(ctx.service.delete_workspace, workspace_id, user_id=scope)
-    await _forget_pools(ctx, uris)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return await _delete_workspace(ctx, workspace_id, user_scope(principal))
+
+
+@router.delete("/users/{user_id}/workspaces/{workspace_id}", status_code=status.HTTP_204_NO_CONTENT,
+               tags=["workspaces"], responses=problems(409, 502, 503))
+async def delete_user_workspace(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> Response:
+    """Delete the user's workspace ``workspace_id`` (``DELETE /api/workspaces/{id}``, naming the user)."""
+    own_user(principal, user_id)
+    return await _delete_workspace(ctx, workspace_id, user_id)
 
 
 @router.post("/workspaces/{workspace_id}/tokens", status_code=status.HTTP_201_CREATED, tags=["tokens"],
@@ -147,6 +177,17 @@ def issue_agent_token(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx,
     name = body.name if body else None
     issued = ctx.service.issue_agent_token(workspace_id, user_id=user_scope(principal), name=name)
     return _token_out(issued, name)
+
+
+@router.post("/users/{user_id}/workspaces/{workspace_id}/tokens", status_code=status.HTTP_201_CREATED,
+             tags=["tokens"], responses=problems(409))
+def issue_user_workspace_agent_token(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx,
+                                     body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
+    """Issue another agent token for the user's workspace (``POST /api/workspaces/{id}/tokens``, naming
+    the user). Shown once."""
+    own_user(principal, user_id)
+    name = body.name if body else None
+    return _token_out(ctx.service.issue_agent_token(workspace_id, user_id=user_id, name=name), name)
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["tokens"])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.errors import CatalogUnavailable
@@ -40,7 +40,7 @@ def ensure_database(admin_dsn: str, name: str) -> None:
 
 
 def make_engine(dsn: str, *, connect_timeout_s: int = 5, pool_size: int = 5) -> Engine:
-    return create_engine(
+    engine = create_engine(
         sqlalchemy_url(dsn),
         pool_size=pool_size,
         max_overflow=10,
@@ -48,6 +48,19 @@ def make_engine(dsn: str, *, connect_timeout_s: int = 5, pool_size: int = 5) -> 
         connect_args={"connect_timeout": connect_timeout_s, "application_name": "agentpg catalog"},
         hide_parameters=True,
     )
+    event.listen(engine, "handle_error", _catalog_unreachable)
+    return engine
+
+
+def _catalog_unreachable(context: ExceptionContext) -> None:
+    """A catalog connection that cannot be made (server down, no slot left, refused) or that broke mid-way is
+    :class:`CatalogUnavailable` for every caller: REST answers 503 with ``Retry-After``, an MCP tool call a
+    tool error saying so, the CLI exit code 3. A failed pre-ping is left alone: the pool reconnects."""
+    if context.is_pre_ping:
+        return
+    original = context.original_exception
+    if context.is_disconnect or (context.connection is None and isinstance(original, psycopg.OperationalError)):
+        raise CatalogUnavailable("agentpg's catalog database cannot be reached right now; retry shortly") from None
 
 
 _REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
@@ -75,6 +88,8 @@ def _at_head(engine: Engine) -> bool:
     try:
         with engine.connect() as connection:
             current = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except CatalogUnavailable:
+        raise
     except Exception as exc:
         if "OperationalError" in type(exc).__name__:
             raise CatalogUnavailable("the catalog database cannot be reached") from None

@@ -229,6 +229,9 @@ class AuditEntry(Base):
     """ok | refused (pre-check) | denied (Postgres: no privilege) | timeout | error"""
     error: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the call began, before its statement reached the server: a restore "to before this statement"
+    stops there (issue 19). Null for entries written before it was recorded."""
 
 
 class UserBudget(Base):
@@ -263,3 +266,49 @@ class McpServerConfig(Base):
     config_sealed: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Checkpoint(Base):
+    """A named point in time of one tenant database (issue 19): a restore point in its server's WAL, no copy.
+
+    ``database`` is ``global`` (the user's) or ``agent`` (``workspace_id``'s); ``run_id`` groups the two
+    checkpoints of one agent run (its user's global database and its own agent database, taken together).
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    workspace_id: Mapped[str | None] = mapped_column(String(128))
+    database: Mapped[str] = mapped_column(String(8), nullable=False)
+    database_name: Mapped[str] = mapped_column(String(63), nullable=False)
+    """The tenant database it was taken of (a checkpoint outlives a restore of it, not its database)."""
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    lsn: Mapped[str] = mapped_column(String(32), nullable=False)
+    created_by: Mapped[str] = mapped_column(String(160), nullable=False)
+    """who: ``admin``, ``user``, ``agent <workspace>``, or ``agentpg`` (the checkpoint before a restore)"""
+    run_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    """The database server's time when the restore point was written."""
+
+
+class RestoredCopy(Base):
+    """A database restored "as a new database" (issue 19), for the user to inspect, then keep or drop.
+
+    It lives on the same server as its source, owned by the source's owner role; only the platform's reads
+    reach it (its source's login role may connect), never an agent.
+    """
+
+    __tablename__ = "restored_copies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+    workspace_id: Mapped[str | None] = mapped_column(String(128))
+    database: Mapped[str] = mapped_column(String(8), nullable=False)
+    source_database_name: Mapped[str] = mapped_column(String(63), nullable=False)
+    database_name: Mapped[str] = mapped_column(String(63), nullable=False, unique=True)
+    provider_server: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    """What it was restored to: ``{"checkpoint_id"|"at"|"before_audit_id": …, "lsn"|"time": …}``."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

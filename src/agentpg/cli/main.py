@@ -1,6 +1,7 @@
 """``agentpg``: run the service and manage users, workspaces and repairs from a shell.
 
-Every command works whether or not ``agentpg serve`` is running: each opens its own runtime (starting the
+Every command but ``mcp`` works whether or not ``agentpg serve`` is running (``mcp`` attaches to a running
+agentpg and never starts one): each opens its own runtime (starting the
 embedded server if it is not up) and closes it. Output never contains a password or URI; ``--json`` gives
 machine-readable output. Errors print one line on stderr and exit non-zero.
 """
@@ -16,7 +17,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
-from agentpg.errors import AgentpgError
+from agentpg.cli import undo as undo_cli
+from agentpg.errors import AgentpgError, Unauthenticated
 from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
 
@@ -48,21 +50,21 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def _runtime() -> Iterator[Runtime]:
+def _runtime(*, attach_only: bool = False) -> Iterator[Runtime]:
     try:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
         raise _fail(f"invalid setting AGENTPG_{str(first['loc'][0]).upper()}: {first['msg']}", 2) from None
     try:
-        with open_runtime(settings) as runtime:
+        with open_runtime(settings, attach_only=attach_only) as runtime:
             yield runtime
     except AgentpgError as exc:
         raise _fail(exc.message, _EXIT_UNAVAILABLE if exc.status >= 500 else _EXIT_REFUSED) from None
 
 
-def _run(action: Callable[[Runtime], T]) -> T:
-    with _runtime() as runtime:
+def _run(action: Callable[[Runtime], T], *, attach_only: bool = False) -> T:
+    with _runtime(attach_only=attach_only) as runtime:
         try:
             return action(runtime)
         except AgentpgError as exc:
@@ -75,6 +77,9 @@ def _emit(value: Any, as_json: bool, human: Callable[[], str]) -> None:
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
         typer.echo(human())
+
+
+undo_cli.register(app, _run, _emit)  # checkpoints, restore, backups
 
 
 # -- users --------------------------------------------------------------------------------------------
@@ -195,10 +200,24 @@ def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases an
 
 
 @app.command()
+def home() -> None:
+    """Print the agentpg home (AGENTPG_HOME, or the default) without creating or starting anything, e.g.
+    ``cat "$(agentpg home)/admin-token"``."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise _fail(f"invalid settings: {exc.errors()[0]['msg']}", 2) from None
+    typer.echo(str(settings.home))
+
+
+@app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Where the data lives, whether Postgres and the catalog answer, and how much is provisioned."""
-    info = _run(lambda rt: rt.service.status())
-    _emit(info, as_json, lambda: "\n".join(f"{k}: {v}" for k, v in info.model_dump().items()))
+    from agentpg.gateway.children import gateway_status
+
+    info, gateway = _run(lambda rt: (rt.service.status(), gateway_status(rt.settings)))
+    data = {**info.model_dump(mode="json"), **gateway}
+    _emit(data, as_json, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
 @app.command()
@@ -239,12 +258,33 @@ def mcp_stdio(token: Annotated[str | None, typer.Option(
     if not token:
         raise _fail("an agent token is required: set AGENTPG_AGENT_TOKEN or pass --token", 2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
-    if server is not None:
-        from agentpg.gateway.stdio import serve_gateway_stdio
+    def serve(rt: Runtime) -> None:
+        try:
+            if server is not None:
+                from agentpg.gateway.stdio import serve_gateway_stdio
 
-        _run(lambda rt: anyio.run(serve_gateway_stdio, rt, token, server, backend_options=_loop_options()))
-        return
-    _run(lambda rt: anyio.run(serve_stdio, rt, token, backend_options=_loop_options()))
+                anyio.run(serve_gateway_stdio, rt, token, server, backend_options=_loop_options())
+            else:
+                anyio.run(serve_stdio, rt, token, backend_options=_loop_options())
+        except Unauthenticated:
+            raise Unauthenticated(f"this agent token is unknown to {_where(rt.settings)}: it was never issued "
+                                  "there, was revoked, or its workspace was deleted (issue one with POST "
+                                  "/api/workspaces/{id}/tokens)") from None
+
+    # Attach only: `agentpg mcp` serves the agents of an agentpg that `agentpg serve` set up; it never makes
+    # a home or starts a server of its own, and says which home it looked in when something is missing.
+    _run(serve, attach_only=True)
+
+
+def _where(settings: Settings) -> str:
+    """Which agentpg a process reached, in words: its home, or the server/catalog variable it used."""
+    if settings.catalog_url is not None:
+        return f"the agentpg whose catalog is AGENTPG_CATALOG_URL (home {settings.home})"
+    if settings.postgres_url is not None:
+        return f"the agentpg on the server of AGENTPG_POSTGRES_URL (home {settings.home})"
+    if settings.fleet:
+        return f"the agentpg on the first server of AGENTPG_FLEET (home {settings.home})"
+    return f"the agentpg whose home is {settings.home} (AGENTPG_HOME)"
 
 
 def _loop_options() -> dict[str, Any]:

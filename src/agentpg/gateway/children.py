@@ -1,9 +1,11 @@
 """The gateway's children: one MCP client session per (workspace, server), started on first use.
 
-A stdio child is spawned directly (``argv``, never a shell) with a minimal environment: ``PATH``, ``HOME``,
-``LANG``/``LC_ALL``/``TERM`` and ``TMPDIR`` when set, plus the config's resolved ``env`` — nothing else of
-agentpg's own (``AGENTPG_SECRET_KEY`` …). It gets its own process group, so stopping it also stops what it
-spawned (``npx`` runs ``node``). Its stderr is read line by line, scrubbed, and logged.
+A stdio child is an entry of the operator's catalog, spawned directly (``argv``, never a shell) inside the
+sandbox of :mod:`.sandbox`: its own unprivileged uid, rlimits, bubblewrap namespaces where the host allows
+them, and an environment built from an allow-list plus the entry's resolved ``env`` — nothing of agentpg's
+own (``AGENTPG_SECRET_KEY`` …). It gets its own process group (and bubblewrap's PID namespace dies with it),
+and once it stopped every process left running as its uid is killed. Its stderr is read line by line,
+scrubbed, and logged.
 
 The built-in defaults (``postgres-global``, ``postgres-agent``) are agentpg's own MCP server, run in-process
 over memory streams: no process, not counted by the bound.
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,13 +38,13 @@ from mcp.shared.message import SessionMessage
 
 from agentpg.errors import AgentpgError
 from agentpg.gateway.configs import GatewayTarget
+from agentpg.gateway.sandbox import Limits, Sandbox, SandboxMode, SandboxUnavailable
 from agentpg.gateway.scrub import Scrubber
 from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR")
 #: A builtin server factory: the agentpg MCP server for one workspace.
 BuiltinFactory = Callable[[GatewayTarget], Server[Any, Any]]
 
@@ -71,18 +72,28 @@ class GatewayFailed(AgentpgError):
     code = "gateway_failed"
 
 
-def child_env(target: GatewayTarget) -> dict[str, str]:
-    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(dict(target.env))
-    return env
+def make_sandbox(settings: Settings) -> Sandbox:
+    return Sandbox(home=settings.home, requested=settings.gateway_sandbox, uid_base=settings.gateway_uid_base,
+                   uid_count=settings.gateway_uid_count, postgres_os_user=settings.postgres_os_user)
+
+
+def limits_for(settings: Settings, target: GatewayTarget) -> Limits:
+    own = target.limits
+    return Limits(cpu_s=own.cpu_s or settings.gateway_limit_cpu_s,
+                  memory_mb=own.memory_mb or settings.gateway_limit_memory_mb,
+                  address_space_mb=own.address_space_mb or settings.gateway_limit_address_space_mb,
+                  processes=own.processes or settings.gateway_limit_processes,
+                  file_size_mb=own.file_size_mb or settings.gateway_limit_file_size_mb,
+                  open_files=own.open_files or settings.gateway_limit_open_files)
 
 
 class Child:
     """One running MCP server behind the gateway, and the client session to it."""
 
-    def __init__(self, target: GatewayTarget, settings: Settings, builtin: BuiltinFactory | None) -> None:
+    def __init__(self, target: GatewayTarget, settings: Settings, builtin: BuiltinFactory | None,
+                 sandbox: Sandbox | None = None) -> None:
         self.target = target
+        self._sandbox = sandbox
         self.fingerprint = target.fingerprint
         self.scrubber = Scrubber(target.secrets)
         self.is_process = not target.builtin
@@ -173,14 +184,24 @@ class Child:
             tg.cancel_scope.cancel()
 
     async def _run_process(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        env = child_env(self.target)
-        exe = shutil.which(self.target.command, path=env["PATH"])
-        if self.target.command not in self._settings.gateway_allowed_commands or exe is None:
-            raise GatewayFailed(f"command {self.target.command!r} is not allowed or not installed on this "
-                                "server")
-        process = await anyio.open_process([exe, *self.target.args], env=env, start_new_session=True)
+        sandbox = self._sandbox
+        if sandbox is None:
+            raise GatewayFailed("the gateway has no sandbox; it does not start processes")
+        command = self.target.command
+        if not (os.path.isabs(command) and os.access(command, os.X_OK)):
+            raise GatewayFailed(f"MCP server {self.target.name}: the catalog's command for {self.target.server} "
+                                "is not installed on this server; ask the operator")
+        launch = await anyio.to_thread.run_sync(
+            lambda: sandbox.plan(command, list(self.target.args), dict(self.target.env),
+                                 list(self.target.read_only_paths), limits_for(self._settings, self.target)))
+        try:
+            process = await anyio.open_process(launch.argv, env=launch.env, cwd=launch.cwd, start_new_session=True)
+        except BaseException:
+            await anyio.to_thread.run_sync(launch.release, sandbox)
+            raise
         self.pid = process.pid
-        log.info("gateway started %s (pid %d)", self.label, process.pid)
+        log.info("gateway started %s (pid %d, uid %s, %s)", self.label, process.pid,
+                 launch.uid if launch.uid is not None else "agentpg's", sandbox.mode.kind)
         read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
         write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
 
@@ -249,6 +270,8 @@ class Child:
                     await self._terminate(process)
                     tg.cancel_scope.cancel()
         finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(launch.release, sandbox)
             log.info("gateway stopped %s (exit %s)", self.label, process.returncode)
 
     @staticmethod
@@ -280,12 +303,33 @@ class Children:
         self._children: dict[tuple[str, str], Child] = {}
         self._lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
+        self.sandbox = make_sandbox(settings)
+        self.sandbox_mode: SandboxMode | None = None
+        self.sandbox_error: str | None = None
+
+    async def _detect(self) -> None:
+        try:
+            started = time.monotonic()
+            mode = await anyio.to_thread.run_sync(lambda: self.sandbox.mode)
+        except SandboxUnavailable as exc:
+            self.sandbox_error = exc.message
+            log.warning("gateway: MCP server processes will NOT be started: %s", exc.message)
+            return
+        self.sandbox_mode = mode
+        if mode.degraded:
+            log.warning("gateway sandbox is DEGRADED: %s", mode.describe())
+        else:
+            log.info("gateway sandbox: %s (checked in %d ms)", mode.describe(), (time.monotonic() - started) * 1000)
 
     @asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
+        if "AGENTPG_GATEWAY_ALLOWED_COMMANDS" in os.environ:
+            log.warning("AGENTPG_GATEWAY_ALLOWED_COMMANDS is ignored: users no longer send commands; the operator "
+                        "lists the servers users may run in AGENTPG_GATEWAY_CATALOG")
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._reaper)
+            tg.start_soon(self._detect)  # at start-up: the warning (if any) is in the log before any call
             try:
                 yield
             finally:
@@ -304,31 +348,39 @@ class Children:
         while True:
             await anyio.sleep(min(max(idle / 4, 0.1), 5.0))
             now = time.monotonic()
+            stopping: list[Child] = []
             for key, child in list(self._children.items()):
                 if child.dead:
                     self._children.pop(key, None)
                 elif child.inflight == 0 and now - child.last_used > idle:
                     log.info("gateway stopping idle %s", child.label)
                     self._children.pop(key, None)
-                    await child.stop()
+                    stopping.append(child)
+            async with anyio.create_task_group() as tg:  # at once: a slow one does not hold the others up
+                for child in stopping:
+                    tg.start_soon(child.stop)
 
     async def _acquire(self, target: GatewayTarget) -> Child:
         key = (target.workspace_id, target.name)
         child = self._children.get(key)
-        if child is not None and not child.dead and child.fingerprint == target.fingerprint:
+        if child is not None and not child.stopping and child.fingerprint == target.fingerprint:
             return child
         async with self._lock:
             child = self._children.get(key)
-            if child is not None and not child.dead and child.fingerprint == target.fingerprint:
+            if child is not None and not child.stopping and child.fingerprint == target.fingerprint:
                 return child
             if child is not None:
                 self._children.pop(key, None)
                 await child.stop()
             if not target.builtin:
+                if self.sandbox_mode is None and self.sandbox_error is None:
+                    await self._detect()
+                if self.sandbox_error is not None:
+                    raise GatewayFailed(f"the gateway does not start MCP server processes here: {self.sandbox_error}")
                 await self._make_room()
             if self._tg is None:
                 raise GatewayFailed("the gateway is not running")
-            child = Child(target, self._settings, self._builtin)
+            child = Child(target, self._settings, self._builtin, self.sandbox)
             try:
                 await self._tg.start(child.run)
             except Exception as exc:
@@ -374,3 +426,21 @@ def _start_error(child: Child, exc: BaseException) -> AgentpgError:
     tail = child.stderr_tail()
     return GatewayFailed(f"MCP server {child.target.name} did not start ({type(exc).__name__})"
                          + (f"; its last stderr lines: {tail}" if tail else ""))
+
+
+def gateway_status(settings: Settings) -> dict[str, str]:
+    """For ``agentpg status``: the catalog and the sandbox this host gives gateway children (runs the probe)."""
+    from agentpg.gateway.catalog import CatalogError, load_catalog
+
+    try:
+        catalog = load_catalog(settings.gateway_catalog, settings.home)
+        entries = f"{len(catalog.entries)} entries ({catalog.source})" + (
+            f": {', '.join(catalog.names())}" if catalog.entries else "")
+    except CatalogError as exc:
+        entries = f"INVALID: {exc.message}"
+    try:
+        mode = make_sandbox(settings).detect()
+        sandbox = ("DEGRADED: " if mode.degraded else "") + mode.describe()
+    except SandboxUnavailable as exc:
+        sandbox = f"UNAVAILABLE (no server processes are started): {exc.message}"
+    return {"gateway_catalog": entries, "gateway_sandbox": sandbox}

@@ -27,6 +27,7 @@ from pydantic import AnyUrl, BaseModel
 from agentpg import __version__
 from agentpg.access.query import TenantQueries
 from agentpg.errors import AgentpgError, PermissionDenied
+from agentpg.gateway.catalog import CatalogSource
 from agentpg.gateway.children import Child, Children
 from agentpg.gateway.configs import GatewayTarget
 from agentpg.mcp.server import build_server
@@ -48,6 +49,7 @@ class Gateway:
         self.service = service
         self.settings = settings
         self._queries = queries
+        self.catalog = CatalogSource(settings.gateway_catalog, settings.home)
         self.children = Children(settings, self._builtin_server)
 
     def _builtin_server(self, target: GatewayTarget) -> Server[Any, Any]:
@@ -60,7 +62,7 @@ class Gateway:
         return build_server(self.service, self._queries, identify)
 
     async def target(self, principal: Principal, name: str) -> GatewayTarget:
-        return await asyncio.to_thread(self.service.gateway_target, principal, name)
+        return await asyncio.to_thread(lambda: self.service.gateway_target(principal, name, self.catalog.get()))
 
     @asynccontextmanager
     async def use(self, principal: Principal, name: str) -> AsyncIterator[Child]:

@@ -34,10 +34,14 @@ async def serve_gateway_stdio(runtime: Runtime, token: str, name: str) -> None:
     async def identify(_request: Any) -> tuple[Principal, str]:
         return await principal(), name
 
-    await run_in_threadpool(service.gateway_target, await principal(), name)
     queries = TenantQueries(TenantPools(PoolLimits(connect_timeout_s=runtime.settings.connect_timeout_s)),
                             limits_from(runtime.settings))
     gateway = Gateway(service, runtime.settings, queries)
+    try:
+        await gateway.target(await principal(), name)
+    except BaseException:
+        await queries.close()
+        raise
     try:
         server = build_gateway_server(gateway, identify)
         async with gateway.children.run(), stdio_server() as (read, write):

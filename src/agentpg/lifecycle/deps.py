@@ -4,19 +4,43 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, QueuePool, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.crypto import KeyRing, SealContext
-from agentpg.errors import InvalidInput
+from agentpg.errors import Busy, InvalidInput
 from agentpg.providers.base import Provider
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _EMAIL_PATTERN = re.compile(r"[^@\s\x00]{1,64}@[^@\s\x00]{1,255}")
+
+#: How long an operation waits for a free slot (see :func:`_operation_slots`) before answering "busy".
+OPERATION_SLOT_WAIT_S = 120.0
+_slots: weakref.WeakKeyDictionary[Engine, threading.BoundedSemaphore] = weakref.WeakKeyDictionary()
+_slots_lock = threading.Lock()
+
+
+def _operation_slots(engine: Engine) -> threading.BoundedSemaphore:
+    """How many operations may run at once against this catalog engine's pool.
+
+    An operation holds two catalog connections (its lease, and one for its own transactions). Twenty
+    operations started together on a pool of fifteen would each take a lease, then all wait for a second
+    connection none would give back: the pool's timeout, then 500s. A third of the pool's connections go to
+    operations (two each), the rest stay free for everything else (token checks, reads, permission changes).
+    """
+    with _slots_lock:
+        slots = _slots.get(engine)
+        if slots is None:
+            pool = engine.pool
+            capacity = pool.size() + max(pool._max_overflow, 0) if isinstance(pool, QueuePool) else 15
+            slots = _slots[engine] = threading.BoundedSemaphore(max(1, capacity // 3))
+        return slots
 
 
 def validate_id(value: object, what: str) -> str:
@@ -68,6 +92,17 @@ class LifecycleDeps:
         own transactions can run on the same connection (``lease.transaction()``): a session-level advisory
         lock outlives the transactions, and one connection saves a pool checkout per step.
         """
+        slots = _operation_slots(self.engine)
+        if not slots.acquire(timeout=OPERATION_SLOT_WAIT_S):
+            raise Busy("agentpg is busy with other changes right now; retry shortly")
+        try:
+            with self._leased(operation_id) as lease:
+                yield lease
+        finally:
+            slots.release()
+
+    @contextmanager
+    def _leased(self, operation_id: str) -> Iterator[Lease]:
         with self.engine.connect() as conn:
             got = bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:id, 0))"),
                                     {"id": operation_id}).scalar())

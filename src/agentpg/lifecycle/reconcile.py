@@ -6,9 +6,17 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from agentpg.catalog.models import Operation, UserGlobalDatabase, WarmDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.catalog.models import (
+    Operation,
+    RestoredCopy,
+    UserGlobalDatabase,
+    WarmDatabase,
+    Workspace,
+    WorkspaceAgentDatabase,
+)
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.lifecycle.undo import undo_restore
 from agentpg.lifecycle.users import finish_delete_user, plan_of, undo_register
 from agentpg.lifecycle.warm import discard
 from agentpg.lifecycle.workspaces import finish_delete_workspace, undo_create_workspace
@@ -50,6 +58,10 @@ def _settle(deps: LifecycleDeps, op: Operation) -> str:
     if op.kind == "delete_workspace":
         finish_delete_workspace(deps, op.id)
         return "finished"
+    if op.kind == "restore":  # before the swap: the copy is dropped; once it began: the swap is finished
+        swapping = op.plan.get("step") == "replacing"
+        undo_restore(deps, op.id, reason=op.error or "abandoned: the process stopped mid-restore")
+        return "finished" if swapping else "undone"
     raise AgentpgError(f"unknown operation kind {op.kind!r}")
 
 
@@ -128,6 +140,7 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False, upgrade: bool = False) 
             owned_dbs.add(rec.database_name)
             owned_roles.update(r for r in (rec.owner_role, rec.login_role) if r)
         owned_roles.update(r for r in s.scalars(select(Workspace.agent_role)) if r)
+        owned_dbs.update(s.scalars(select(RestoredCopy.database_name)))
         for warm_db in s.scalars(select(WarmDatabase)):
             owned_dbs.add(warm_db.database_name)
             owned_roles.update((warm_db.owner_role, warm_db.login_role))

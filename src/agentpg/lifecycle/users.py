@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from agentpg.catalog.models import (
     EnvVar,
     Operation,
+    RestoredCopy,
     User,
     UserGlobalDatabase,
     Workspace,
@@ -217,6 +218,9 @@ def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
     for arec in s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)):
         if arec.ownership_type == "platform" and arec.owner_role and arec.login_role:
             drops.append(plan_of(arec).to_json())
+    for copy in s.scalars(select(RestoredCopy).where(RestoredCopy.user_id == user_id)):  # restored "as new"
+        name = copy.database_name
+        drops.append(DatabasePlan(name, f"{name}_owner", f"{name}_login", copy.provider_server).to_json())
     return {"global": global_plan, "drop": drops, "agent_roles": roles}
 
 

@@ -17,8 +17,9 @@ from agentpg.catalog.models import (
     WorkspaceAgentDatabase,
 )
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
+from agentpg.lifecycle import workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
-from agentpg.lifecycle.users import AGENT_DB_URL, _describe, plan_of, _put_managed_env, provision
+from agentpg.lifecycle.users import AGENT_DB_URL, _describe, _put_managed_env, plan_of, provision
 from agentpg.lifecycle.warm import claim
 from agentpg.providers.base import NAME_PREFIX, AgentPermissions, DatabasePlan, new_password, opaque_name
 
@@ -50,7 +51,9 @@ def create_workspace(deps: LifecycleDeps, user_id: str, workspace_id: str, name:
                 if user.status != "active":
                     raise Conflict(f"user {user_id!r} is {user.status}; workspaces can be added once it is active")
                 glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one()
-                global_plan = _plan_of(glob).to_json() if glob.ownership_type == "platform" else None
+                global_plan = plan_of(glob).to_json() if glob.ownership_type == "platform" else None
+                workspace_ids.lock_public_id(s, workspace_id)  # ids are per user: see workspace_ids
+                workspace_id = workspace_ids.internal_id_for_new(s, user_id, workspace_id)
                 s.add(Workspace(id=workspace_id, user_id=user_id, name=name, status="provisioning",
                                 agent_role=agent_role if global_plan else None))
                 s.flush()
@@ -66,7 +69,7 @@ def create_workspace(deps: LifecycleDeps, user_id: str, workspace_id: str, name:
                                 plan={"agent": plan.to_json(), "global": global_plan, "warm": warm is not None,
                                       "agent_role": agent_role if global_plan else None}))
         except IntegrityError:
-            raise Conflict(f"workspace {workspace_id!r} already exists") from None
+            raise Conflict(f"workspace {workspace_ids.public_id(workspace_id)!r} already exists") from None
         deps.reached("create_workspace:intent")
         try:
             provisioned = provision(deps, plan, warm is not None)
@@ -119,17 +122,19 @@ def undo_create_workspace(deps: LifecycleDeps, op_id: str, reason: BaseException
 def delete_workspace(deps: LifecycleDeps, workspace_id: str, *, user_id: str | None = None) -> None:
     """Drop the workspace's agent database and its role in the global database, then its records.
 
-    ``user_id``, when given, scopes the lookup: another user's workspace is "not found".
+    ``workspace_id`` is the platform's (public) id. ``user_id``, when given, scopes the lookup: another
+    user's workspace is "not found"; without it, an id two users share is a ``Conflict`` (see workspace_ids).
     """
     validate_id(workspace_id, "workspace id")
     op_id = str(uuid.uuid4())
     with deps.operation_lease(op_id):
         with deps.sessions.begin() as s:
-            ws = s.get(Workspace, workspace_id, with_for_update=True)
-            if ws is None or (user_id is not None and ws.user_id != user_id):
+            ws = workspace_ids.find(s, workspace_id, user_id, for_update=True)
+            if ws is None:
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
             if ws.status == "provisioning":
                 raise Conflict(f"workspace {workspace_id!r} is still being created; try again in a moment")
+            workspace_id = ws.id  # the catalog's id from here on
             ws.status = "deleting"
             glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == ws.user_id)).one()
             arec = s.scalars(select(WorkspaceAgentDatabase)

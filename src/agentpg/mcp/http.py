@@ -12,7 +12,8 @@ Each request to ``/mcp``, in order:
    elsewhere (the CLI, another instance) within 2 s.
 3. The hot requests (``tools/call``, ``tools/list``, ``ping``, ``notifications/cancelled``) are answered by
    :class:`~agentpg.mcp.http_fast.FastPath` with the same tool logic as the SDK server; everything else
-   (``initialize``, other notifications, anything malformed) by the SDK's ``StreamableHTTPSessionManager``,
+   (``initialize``, other notifications; a malformed message is refused by the fast path) by the SDK's
+   ``StreamableHTTPSessionManager``,
    **stateless**: no ``Mcp-Session-Id`` is issued, the bearer token identifies the caller on every request
    (the tools keep no per-session state and send no server-to-client messages, so a session would only
    cost a server task per client). The principal is handed to the SDK as the request's authenticated user.

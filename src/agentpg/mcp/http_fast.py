@@ -11,9 +11,12 @@ Contract of :meth:`FastPath.serve`: it answers only a POST that the SDK would ac
 (``Content-Type: application/json``, an ``Accept`` that includes ``application/json``, an
 ``MCP-Protocol-Version`` that is absent or supported) whose body is ONE JSON-RPC 2.0 message: a request
 for ``tools/call`` (``params.name`` a string, ``params.arguments`` an object or absent), ``tools/list`` or
-``ping`` with a string or integer id, or a ``notifications/cancelled``. Anything else (``initialize``, other
-notifications, batches, malformed JSON, bad params, GET, DELETE) is handed on with its body replayed, so
-every error response stays the SDK's own. The SDK server runs stateless (no ``Mcp-Session-Id``): the bearer
+``ping`` with a string or integer id, or a ``notifications/cancelled``. A body that is not one well-formed
+JSON-RPC message (not JSON, a batch, an id that is not a string or an integer, ...) is refused here, 400 with
+the JSON-RPC error :mod:`agentpg.mcp.envelope` finds (the SDK would take an object id for a notification
+and answer 202, or quote pydantic). Anything else (``initialize``, other notifications, client responses,
+GET, DELETE, headers the SDK refuses) is handed on with its body replayed, so those answers are the SDK's.
+The SDK server runs stateless (no ``Mcp-Session-Id``): the bearer
 token, checked on every request before this runs, is what identifies the caller.
 
 Cancellation: a ``notifications/cancelled`` cancels the in-flight ``tools/call`` with that request id *of
@@ -25,13 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, TypeGuard
+from typing import Any
 
 from mcp import types
 from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
+from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 from starlette.types import Message, Receive, Scope, Send
 
+from agentpg.mcp import envelope
 from agentpg.mcp.server import ToolCalls
 from agentpg.tokens import Principal
 
@@ -61,21 +66,22 @@ class FastPath:
             return replay
         try:
             message = json.loads(body)
-        except ValueError:
-            return replay
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-            return replay
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+            await _refuse(send, envelope.Problem(None, types.PARSE_ERROR, envelope.NOT_JSON))
+            return None
+        problem = envelope.problem(message)
+        if problem is not None:
+            await _refuse(send, problem)
+            return None
         method = message.get("method")
-        params = message.get("params", {})
-        if not isinstance(params, dict):
-            return replay
+        params = message.get("params") or {}
         if method == "notifications/cancelled" and "id" not in message:
             self._cancel(principal, params.get("requestId"))
             await _respond(send, 202, b"")
             return None
         request_id = message.get("id")
         if method not in _HOT_REQUESTS or not _is_request_id(request_id):
-            return replay
+            return await _handed_on(message, replay, send)
         if method == "ping":
             result: dict[str, Any] = {}
         elif method == "tools/list":
@@ -83,7 +89,8 @@ class FastPath:
         else:
             name, arguments = params.get("name"), params.get("arguments")
             if not isinstance(name, str) or not (arguments is None or isinstance(arguments, dict)):
-                return replay
+                await _refuse(send, envelope.Problem(request_id, types.INVALID_PARAMS, envelope.BAD_CALL))
+                return None
             outcome = await self._call(principal, request_id, name, arguments, HTTPConnection(scope))
             if outcome is None:
                 await _respond(send, 200, _encode({"jsonrpc": "2.0", "id": request_id, "error": {
@@ -117,8 +124,31 @@ class FastPath:
                 task.cancel()
 
 
-def _is_request_id(value: Any) -> TypeGuard[RequestId]:
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+_is_request_id = envelope.is_request_id
+
+
+async def _handed_on(message: dict[str, Any], replay: Receive, send: Send) -> Receive | None:
+    """``replay`` if the SDK's model takes the message as what :func:`envelope.problem` found it to be, else
+    refuse it here. Belt and braces (the hand checks are the stricter), so that no validation text of the
+    SDK's (pydantic's) ever reaches a client; only messages handed on pay for it, not the hot ones."""
+    try:
+        root = types.JSONRPCMessage.model_validate(message).root
+    except ValidationError:
+        root = None
+    if "method" not in message:
+        accepted = isinstance(root, types.JSONRPCResponse | types.JSONRPCError)
+    else:
+        accepted = isinstance(root, types.JSONRPCRequest if "id" in message else types.JSONRPCNotification)
+    if accepted:
+        return replay
+    await _refuse(send, envelope.Problem(message.get("id") if _is_request_id(message.get("id")) else None,
+                                         types.INVALID_REQUEST, envelope.NOT_A_MESSAGE))
+    return None
+
+
+async def _refuse(send: Send, problem: envelope.Problem) -> None:
+    """A malformed message: 400 (as the SDK answers what it cannot parse) with the JSON-RPC error."""
+    await _respond(send, 400, _encode(problem.response()))
 
 
 def _headers_acceptable(scope: Scope) -> bool:

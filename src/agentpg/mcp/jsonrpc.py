@@ -14,9 +14,10 @@ Served (the server side of the MCP base protocol, lifecycle and tools; one JSON 
   the rest wait), answered as it completes, so answers may come in any order (matched by id).
 - ``notifications/cancelled`` naming a call in flight cancels it (the statement is cancelled server-side)
   and, as the spec says, no response is sent for it. Other notifications and client responses are ignored.
-- Errors: -32700 unparseable line (id null), -32600 not a request object (batches included), -32601
-  unknown method, -32602 invalid params, -32603 internal error (generic text; details in the log under a
-  reference). A line longer than ``max_line`` is skipped with -32600 and reading goes on.
+- Errors: -32700 unparseable line (id null), -32600 not one well-formed message (batches, an id that is
+  not a string or an integer, ...: :mod:`agentpg.mcp.envelope`), -32601 unknown method, -32602 invalid
+  params, -32603 internal error (generic text; details in the log under a reference). A line longer than
+  ``max_line`` is skipped with -32600 and reading goes on.
 - EOF on stdin: calls in flight finish (at most ``drain_timeout_s``, then they are cancelled), their
   responses are written and flushed, then :func:`serve_pipes` returns.
 
@@ -39,7 +40,7 @@ from mcp import types
 from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
 
 from agentpg import __version__
-from agentpg.mcp import tools
+from agentpg.mcp import envelope, tools
 from agentpg.mcp.server import INSTRUCTIONS, ToolCalls
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class JsonRpcSession:
         try:
             message = json.loads(line)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            self._error(_NO_ID, types.PARSE_ERROR, "Parse error: not valid JSON")
+            self._error(_NO_ID, types.PARSE_ERROR, envelope.NOT_JSON)
             return
         try:
             self._handle_message(message)
@@ -131,31 +132,18 @@ class JsonRpcSession:
             self._internal_error(_valid_id(message.get("id")) if isinstance(message, dict) else None, exc)
 
     def _handle_message(self, message: Any) -> None:
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-            request_id = _valid_id(message.get("id")) if isinstance(message, dict) else None
-            self._error(request_id, types.INVALID_REQUEST,
-                        "Invalid Request: expected one JSON-RPC 2.0 object per line (no batches)")
+        problem = envelope.problem(message)
+        if problem is not None:
+            self._error(*problem)
             return
-        method = message.get("method")
-        params = message.get("params")
-        if params is None:  # absent or null: the SDK accepts both
-            params = {}
-        if "id" not in message:
-            if not isinstance(method, str):
-                self._error(_NO_ID, types.INVALID_REQUEST, "Invalid Request: a message needs a string method")
-            elif isinstance(params, dict):
-                self._notification(method, params)
-            return  # a notification is never answered
-        if method is None and ("result" in message or "error" in message):
+        if "method" not in message:
             return  # the client answering a server request: agentpg sends none
-        request_id = _valid_id(message["id"])
-        if request_id is None or not isinstance(method, str):
-            self._error(request_id, types.INVALID_REQUEST,
-                        "Invalid Request: a request needs a string or integer id and a string method")
-        elif not isinstance(params, dict):
-            self._error(request_id, types.INVALID_PARAMS, "Invalid params: params must be an object")
+        method: str = message["method"]
+        params: dict[str, Any] = message.get("params") or {}  # absent or null: the SDK accepts both
+        if "id" in message:
+            self._request(message["id"], method, params)
         else:
-            self._request(request_id, method, params)
+            self._notification(method, params)  # a notification is never answered
 
     def _request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
         if method == "initialize":
@@ -264,7 +252,7 @@ class JsonRpcSession:
 
 def _valid_id(value: Any) -> RequestId | None:
     """``value`` if it is a JSON-RPC request id MCP allows (a string or an integer, not a bool), else None."""
-    return value if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)) else None
+    return value if envelope.is_request_id(value) else None
 
 
 async def serve_pipes(calls: ToolCalls, *, drain_timeout_s: float, max_concurrent_calls: int,

@@ -14,6 +14,7 @@ password or internal role name.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 import uuid
@@ -112,6 +113,17 @@ class ToolCalls:
             table = tools.TableOutput.model_validate(
                 await service.agent_describe_table(queries, principal, args.database, args.table))
             return _model_result(table, tools.render_table(table))
+        if isinstance(args, tools.CheckpointArgs | tools.ListCheckpointsArgs):
+            made = (await service.agent_checkpoint(principal, args.database, args.name)
+                    if isinstance(args, tools.CheckpointArgs)
+                    else await service.agent_list_checkpoints(principal, args.database))
+            listed_cps = tools.CheckpointsOutput(checkpoints=[c.model_dump(mode="json") for c in made])
+            return _model_result(listed_cps, tools.render_checkpoints(listed_cps))
+        if isinstance(args, tools.RestoreArgs):
+            outcome = await service.agent_restore(queries, principal, args.checkpoint_id, args.at,
+                                                  args.before_audit_id, args.mode)
+            restored = tools.RestoreOutput.model_validate(outcome.model_dump(mode="json"))
+            return _model_result(restored, json.dumps(restored.model_dump(mode="json")))
         databases = tools.DatabasesOutput(databases=await service.agent_list_databases(principal))
         return _model_result(databases, tools.render_databases(databases))
 

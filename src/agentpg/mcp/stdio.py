@@ -1,6 +1,7 @@
 """MCP over stdio for one agent: ``agentpg mcp --token T`` (or ``AGENTPG_AGENT_TOKEN``).
 
-The process opens its own runtime (so it works whether or not ``agentpg serve`` runs), checks the token once
+The process opens its own runtime attached to the agentpg ``agentpg serve`` set up (it creates no home and
+starts no server: :func:`agentpg.runtime.attach_dsn` says what is missing), checks the token once
 before it speaks MCP (a wrong token fails the start with a one-line error), and again on every tool call
 (a success is remembered for 2 s), so revoking the token or deleting the workspace stops a running stdio
 server's calls within 2 s. stdout carries the protocol only; logs go to stderr.

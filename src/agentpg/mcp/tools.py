@@ -1,4 +1,4 @@
-"""The five agent tools as MCP sees them: argument and result shapes, annotations, and text renderings.
+"""The agent tools as MCP sees them: argument and result shapes, annotations, and text renderings.
 
 Arguments and results are Pydantic models, so each tool's ``inputSchema``/``outputSchema`` is their JSON
 schema and arguments are validated once, here. Databases are named logically — ``"global"`` and
@@ -8,6 +8,7 @@ schema and arguments are validated once, here. Databases are named logically —
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Literal, TypedDict
 
 from mcp import types
@@ -59,6 +60,39 @@ class ExecuteArgs(_Args):
                                  "DROP ...; use $1, $2 ... for values.")
     params: list[JsonParam] | None = Field(default=None, max_length=1000,
                                            description="Values for $1, $2 ... (sent separately).")
+
+
+class CheckpointArgs(_Args):
+    database: Literal["global", "agent", "both"] = Field(
+        description='"global", "agent", or "both" (one checkpoint of each, taken together: an agent run\'s).')
+    name: str | None = Field(default=None, min_length=1, max_length=128,
+                             description="A name to find it by later (default: the time).")
+
+
+class ListCheckpointsArgs(_Args):
+    database: Database = _DATABASE
+
+
+class RestoreArgs(_Args):
+    checkpoint_id: str | None = Field(default=None, max_length=64, description="A checkpoint of your agent "
+                                                                                "database (list_checkpoints).")
+    at: datetime | None = Field(default=None, description="A time in the retention window (ISO 8601, UTC).")
+    before_audit_id: int | None = Field(default=None, ge=1, description="Restore to just before this audited "
+                                                                       "statement ran (its audit id).")
+    mode: Literal["in_place", "new"] = Field(default="in_place", description='"in_place" (the current state is '
+                                             'checkpointed first, so this can be undone) or "new" (a copy the '
+                                             'user can inspect).')
+
+
+class CheckpointsOutput(BaseModel):
+    checkpoints: list[dict[str, Any]]
+
+
+class RestoreOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    mode: str
+    status: str
 
 
 class Column(BaseModel):
@@ -118,7 +152,8 @@ _READ = types.ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempote
 
 ARGS: dict[str, type[_Args]] = {
     "list_databases": ListDatabasesArgs, "list_tables": ListTablesArgs, "describe_table": DescribeTableArgs,
-    "query": QueryArgs, "execute": ExecuteArgs,
+    "query": QueryArgs, "execute": ExecuteArgs, "checkpoint": CheckpointArgs,
+    "list_checkpoints": ListCheckpointsArgs, "restore": RestoreArgs,
 }
 
 
@@ -157,6 +192,23 @@ def tool_list() -> list[types.Tool]:
                                "MERGE, CREATE/ALTER/DROP ...), in its own transaction, committed if it "
                                "succeeds. RETURNING rows come back like query results.",
                    inputSchema=_schema(ExecuteArgs),
+                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=True,
+                                                     idempotentHint=False, openWorldHint=False)),
+        types.Tool(name="checkpoint", title="Checkpoint a database",
+                   description="Mark the current state of a database (or of both) so it can be restored later: "
+                               "take one before risky changes. Instant and free, whatever the size.",
+                   inputSchema=_schema(CheckpointArgs), outputSchema=_schema(CheckpointsOutput),
+                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=False,
+                                                     idempotentHint=False, openWorldHint=False)),
+        types.Tool(name="list_checkpoints", title="List checkpoints",
+                   description="Checkpoints of a database, newest first, with who made them.",
+                   inputSchema=_schema(ListCheckpointsArgs), outputSchema=_schema(CheckpointsOutput),
+                   annotations=_READ),
+        types.Tool(name="restore", title="Restore your agent database",
+                   description="Bring YOUR agent database back to a checkpoint, a time, or just before an "
+                               "audited statement (the global database is restored by your user). In place, "
+                               "the current state is checkpointed first, so a restore can itself be undone.",
+                   inputSchema=_schema(RestoreArgs), outputSchema=_schema(RestoreOutput),
                    annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=True,
                                                      idempotentHint=False, openWorldHint=False)),
     ]
@@ -221,7 +273,14 @@ def render_table(out: TableOutput) -> str:
         lines.append(f"  {c['name']} {c['type']}{'' if c.get('nullable') else ' not null'}{default}")
     if extra.get("primary_key"):
         lines.append("primary key: " + ", ".join(extra["primary_key"]))
-    for key in ("foreign_keys", "constraints", "indexes"):
+    for key, label in (("foreign_keys", "foreign key"), ("constraints", "constraint"), ("indexes", "index")):
         for item in extra.get(key) or []:
-            lines.append(f"{key.rstrip('s').replace('_', ' ')} {item['name']}: {item['definition']}")
+            lines.append(f"{label} {item['name']}: {item['definition']}")
     return "\n".join(lines)
+
+
+def render_checkpoints(out: CheckpointsOutput) -> str:
+    if not out.checkpoints:
+        return "No checkpoints yet."
+    return "\n".join(f"{c['id']}  {c['created_at']}  {c['database']}  {c['name']}  (by {c['created_by']})"
+                     for c in out.checkpoints)

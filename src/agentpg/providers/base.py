@@ -12,11 +12,30 @@ import abc
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from agentpg.errors import AgentpgError
+from agentpg.errors import AgentpgError, ProviderError
 
 #: Every database and role agentpg creates starts with this, so ``reconcile`` can tell ours from others'.
 NAME_PREFIX = "apg_"
+
+#: The advisory lock (``pg_advisory_xact_lock``, taken *inside* a tenant database, so it is per database) that
+#: every transaction changing grants there holds first: ``set_agent_grants``, ``set_read_only``, an agent's
+#: ``DROP OWNED``. Concurrent GRANT/REVOKE on one object (schema ``public``, the database's CONNECT, a table, a
+#: role membership) otherwise fails with "tuple concurrently updated" instead of waiting its turn.
+GRANTS_LOCK_KEY = 0x61677470_6772616E
+
+
+def is_transient_grant_error(exc: BaseException) -> bool:
+    """A grant change lost a race that waiting and running it again resolves: a serialisation failure or
+    deadlock, Postgres' "tuple concurrently updated/deleted" (XX000) on a catalog row, or a relation that an
+    agent dropped while the grants were being rewritten."""
+    state = getattr(exc, "sqlstate", None)
+    if state in ("40001", "40P01", "42P01"):
+        return True
+    diag = getattr(exc, "diag", None)
+    message = str(getattr(diag, "message_primary", "") or "")
+    return state == "XX000" and "concurrently" in message
 
 
 def opaque_name() -> str:
@@ -103,6 +122,49 @@ class UsageSample:
 
 
 @dataclass(frozen=True)
+class RecoveryTarget:
+    """Where a restore stops; exactly one of the two is set.
+
+    ``lsn``: just before this WAL position (``recovery_target_lsn``, not inclusive): a checkpoint's position,
+    or one taken just before an audited statement ran. ``time``: before the first transaction that committed
+    after this instant (``recovery_target_time``, not inclusive).
+    """
+
+    lsn: str | None = None
+    time: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lsn is None) == (self.time is None):
+            raise ValueError("a recovery target is an LSN or a time, exactly one of them")
+
+
+@dataclass(frozen=True)
+class ArchiveStatus:
+    """What continuous archiving protects on one server (``Provider.archive_status``)."""
+
+    server: str | None
+    protected: bool
+    """Base backups and WAL are being kept: any point in [earliest, latest] can be restored."""
+    reason: str | None = None
+    """Why not, when not protected (e.g. the admin role may not replicate), in words an operator acts on."""
+    earliest: datetime | None = None
+    latest: datetime | None = None
+    """The newest instant whose WAL is safely in the backup directory (the recovery point)."""
+    base_backups: int = 0
+    bytes: int = 0
+    synchronous: bool = False
+    """Commits wait until their WAL is flushed in the backup directory (nothing acknowledged is lost)."""
+
+
+class NotRestorable(AgentpgError):
+    """The requested point is outside what the backups hold (before the oldest base backup, after the newest
+    archived WAL, or archiving is off for that server)."""
+
+    status = 409
+    code = "not_restorable"
+
+
+@dataclass(frozen=True)
 class Inventory:
     """The agentpg-made databases and roles a server holds (names starting with :data:`NAME_PREFIX`)."""
 
@@ -126,6 +188,8 @@ class Provider(abc.ABC):
     """
 
     name: str
+    extensions: tuple[str, ...] = ()
+    """The operator's extension allow-list (AGENTPG_TENANT_EXTENSIONS, checked): what new databases get."""
 
     @abc.abstractmethod
     def place(self) -> str | None:
@@ -173,6 +237,70 @@ class Provider(abc.ABC):
     def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
         """Revoke (or restore) every role's write rights on the database, at the grant level; reads stay."""
 
+    def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
+        """Re-install agentpg's tenant SQL (:mod:`.tenant_sql`) in an existing database, so one made by an
+        older agentpg gets today's rules (the shared-database lockdown included, where agents are granted in).
+
+        Idempotent. Returns the routines found in its schema ``public`` that a tenant defined in a shared
+        database (they predate the lockdown; an operator should look at them), as ``schema.name(args)``.
+        The default does nothing: a provider whose admin may not run the SQL keeps what creation installed.
+        """
+        return []
+
+    # -- undo: continuous archiving, restore points, point-in-time restore of one database -----------------
+
+    def archive_status(self) -> list[ArchiveStatus]:
+        """One entry per server this provider manages. The default: nothing is archived (say so)."""
+        return [ArchiveStatus(server=None, protected=False,
+                              reason=f"the {self.name} provider does not archive its databases")]
+
+    def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
+        """Write a named restore point in the WAL of ``plan``'s server (``pg_create_restore_point``) and return
+        its LSN and the server's time. Costs one small WAL record, whatever the database's size.
+
+        Raises NotRestorable when that server is not archived (a point nothing could restore to is a lie),
+        ProviderUnavailable when it cannot be reached.
+        """
+        raise NotRestorable(f"the {self.name} provider does not archive its databases: no checkpoint can be made")
+
+    def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
+        """Create database ``into.database`` on ``plan``'s server holding ``plan.database`` as it was at
+        ``target``: built from the backups in a side instance (the running server and its other databases are
+        not touched), then loaded as agentpg's admin. Its objects belong to ``plan.owner_role``; it has
+        agentpg's tenant SQL (:mod:`.tenant_sql`) and extensions; CONNECT is granted to ``plan.login_role``
+        only; rows of ``agentpg_internal.agent_grants`` whose role no longer exists are removed (the caller
+        re-applies every current agent's permissions). Materialized views come back unpopulated (their query
+        is an agent's, and would run as the admin).
+
+        Idempotent: a half-made ``into.database`` (an earlier attempt that crashed) is dropped and made again.
+        Raises NotRestorable when ``target`` is outside the backups, ProviderError when the restore fails.
+        """
+        raise NotRestorable(f"the {self.name} provider does not archive its databases")
+
+    def replace_database(self, plan: DatabasePlan, restored: DatabasePlan) -> None:
+        """Make ``restored.database`` (made by :meth:`restore_database`) take ``plan.database``'s place: new
+        connections are refused during the swap, sessions on both are terminated, ``plan.database`` is renamed
+        away and dropped, ``restored.database`` is renamed to ``plan.database``. The roles, URIs and passwords
+        of ``plan`` are unchanged.
+
+        Idempotent and resumable: after a crash at any step, calling it again finishes the swap; once
+        ``plan.database`` is the restored one, it does nothing. Raises ProviderError.
+        """
+        raise NotRestorable(f"the {self.name} provider does not archive its databases")
+
+    def install_extension(self, plan: DatabasePlan, name: str) -> None:
+        """Install extension ``name`` (already checked against the operator's list) in ``plan.database``, as
+        the provider's admin, so its objects belong to a trusted role. Idempotent.
+
+        Raises ProviderError when the server lacks it or the provider cannot install extensions.
+        """
+        raise ProviderError(f"this provider cannot install extension {name!r}")
+
+    def extension_status(self) -> dict[str, list[str]]:
+        """Of the operator's extension list: ``installed`` (what new databases get) and ``missing`` (what the
+        server lacks, skipped). Raises ProviderUnavailable when the server cannot be reached."""
+        return {"installed": [], "missing": []}
+
     @abc.abstractmethod
     def usage(self, plan: DatabasePlan) -> UsageSample:
         """The database's counters now (see :class:`UsageSample`)."""
@@ -191,16 +319,6 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def inventory(self) -> Inventory:
-    def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
-        """Re-install agentpg's tenant SQL (:mod:`.tenant_sql`) in an existing database, so one made by an
-        older agentpg gets today's rules (the shared-database lockdown included, where agents are granted in).
-
-        Idempotent. Returns the routines found in its schema ``public`` that a tenant defined in a shared
-        database (they predate the lockdown; an operator should look at them), as ``schema.name(args)``.
-        The default does nothing: a provider whose admin may not run the SQL keeps what creation installed.
-        """
-        return []
-
         """Every agentpg-made database and role on the provider's servers."""
 
     @abc.abstractmethod

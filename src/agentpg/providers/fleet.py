@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.providers.base import (
     NAME_PREFIX,
     AgentPermissions,
+    ArchiveStatus,
     DatabasePlan,
     Inventory,
     Provider,
     Provisioned,
+    RecoveryTarget,
     UsageSample,
 )
 from agentpg.providers.local import LocalProvider
@@ -39,14 +42,16 @@ class FleetProvider(Provider):
 
     name = "fleet"
 
-    def __init__(self, servers: Mapping[str, str], *, connection_limit: int = 20, connect_timeout_s: int = 5) -> None:
+    def __init__(self, servers: Mapping[str, str], *, connection_limit: int = 20, connect_timeout_s: int = 5,
+                 extensions: Sequence[str] = ()) -> None:
         if not servers:
             raise ProviderError("a fleet needs at least one server")
         self.members: dict[str, LocalProvider] = {
             name: LocalProvider(dsn, connection_limit=connection_limit, connect_timeout_s=connect_timeout_s,
-                                server_name=name)
+                                server_name=name, extensions=extensions)
             for name, dsn in servers.items()
         }
+        self.extensions = tuple(extensions)
         self.retry_after_s = 30.0
         self._down_until: dict[str, float] = {}
 
@@ -109,6 +114,34 @@ class FleetProvider(Provider):
 
     def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
         return self._member(plan).refresh_tenant_sql(plan)
+
+    def archive_status(self) -> list[ArchiveStatus]:
+        return [status for member in self.members.values() for status in member.archive_status()]
+
+    def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
+        return self._member(plan).mark_point(plan, label)
+
+    def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
+        if into.server not in (None, plan.server):
+            raise ProviderError(f"database {plan.database} can only be restored on its own server {plan.server!r}")
+        self._member(plan).restore_database(plan, target, into)
+
+    def replace_database(self, plan: DatabasePlan, restored: DatabasePlan) -> None:
+        self._member(plan).replace_database(plan, restored)
+
+    def install_extension(self, plan: DatabasePlan, name: str) -> None:
+        self._member(plan).install_extension(plan, name)
+
+    def extension_status(self) -> dict[str, list[str]]:
+        merged: dict[str, list[str]] = {"installed": [], "missing": []}
+        for member_name, member in self.members.items():
+            try:
+                status = member.extension_status()
+            except AgentpgError:
+                continue
+            merged["installed"] = sorted(set(merged["installed"]) | set(status["installed"]))
+            merged["missing"] += [f"{name} (server {member_name})" for name in status["missing"]]
+        return merged
 
     def usage(self, plan: DatabasePlan) -> UsageSample:
         return self._member(plan).usage(plan)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -15,15 +17,22 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
+from agentpg.access.guard import tenant_role_settings
+from agentpg.errors import AgentpgError, Busy, ProviderError, ProviderUnavailable
+from agentpg.providers import pitr
+from agentpg.providers.archive import Archiver
 from agentpg.providers.base import (
+    GRANTS_LOCK_KEY,
     NAME_PREFIX,
     AgentPermissions,
+    ArchiveStatus,
     DatabasePlan,
     Inventory,
     Provider,
     Provisioned,
+    RecoveryTarget,
     UsageSample,
+    is_transient_grant_error,
 )
 from agentpg.providers.tenant_sql import BOOTSTRAP
 from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
@@ -32,6 +41,11 @@ log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
+#: How many times a grant change that lost a race (see :func:`is_transient_grant_error`) is run again.
+GRANT_ATTEMPTS = 5
+#: How long a grant change waits for the database's grants lock (and any lock its statements need). Every
+#: role may call the advisory lock functions, so an agent could hold the lock; this bounds the wait.
+GRANT_LOCK_TIMEOUT = "30s"
 
 
 def scram_verifier(conn: Conn, role: str, password: str) -> str:
@@ -50,11 +64,16 @@ class LocalProvider(Provider):
     name = "local"
 
     def __init__(self, admin_dsn: str, *, connection_limit: int = 20, connect_timeout_s: int = 5,
-                 server_name: str = "local") -> None:
+                 server_name: str = "local", max_direct_connections: int = 8,
+                 extensions: Sequence[str] = ()) -> None:
         self._admin_dsn = admin_dsn
+        self.extensions = tuple(extensions)
+        self._available: frozenset[str] | None = None  # of those, what the server has (asked once)
         self._connection_limit = connection_limit
         self._connect_timeout_s = connect_timeout_s
         self.server_name = server_name
+        self.archiver: Archiver | None = None
+        """Continuous archiving of this server (undo); None: not archived."""
         params = conninfo_to_dict(admin_dsn)
         self._host = str(params.get("host") or "127.0.0.1")
         self._port = int(params.get("port") or 5432)
@@ -64,6 +83,12 @@ class LocalProvider(Provider):
         # (bootstrap, grants) is rare and opens its own connection.
         self._pool: ConnectionPool[Conn] | None = None
         self._pool_lock = threading.Lock()
+        # agentpg's own connection budget on this server: the pool above plus at most this many direct
+        # connections at once (more concurrent operations wait their turn). Together with the catalog's pool
+        # it fits in the slots the embedded server reserves for superusers, so tenants that hold every
+        # ordinary slot cannot lock agentpg out (see embedded.RESERVED_CONNECTIONS).
+        self._direct = threading.BoundedSemaphore(max_direct_connections)
+        self._direct_wait_s = max(30.0, 6.0 * connect_timeout_s)
 
     # -- connections ---------------------------------------------------------------------------------
 
@@ -119,18 +144,46 @@ class LocalProvider(Provider):
                                      "application_name": f"agentpg {tag}" if tag else "agentpg provider"}
         if dbname is not None:
             kwargs["dbname"] = dbname
+        if not self._direct.acquire(timeout=self._direct_wait_s):
+            raise ProviderUnavailable(f"the PostgreSQL server {self.server_name!r} is busy with other changes "
+                                      "of agentpg's; retry shortly")
         try:
-            conn = psycopg.connect(self._admin_dsn, **kwargs)  # type: ignore[arg-type]
-        except psycopg.OperationalError:
-            raise ProviderUnavailable(
-                f"the PostgreSQL server {self.server_name!r} ({self._host}:{self._port}) cannot be reached"
-            ) from None
-        try:
-            if self._server_version is None:
-                self._server_version = conn.info.server_version
-            yield conn
+            try:
+                conn = psycopg.connect(self._admin_dsn, **kwargs)  # type: ignore[arg-type]
+            except psycopg.OperationalError:
+                raise ProviderUnavailable(
+                    f"the PostgreSQL server {self.server_name!r} ({self._host}:{self._port}) cannot be reached"
+                ) from None
+            try:
+                if self._server_version is None:
+                    self._server_version = conn.info.server_version
+                yield conn
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            self._direct.release()
+
+    def _changing_grants(self, database: str, what: str, change: Callable[[Conn], object], *,
+                         tag: str | None = None) -> None:
+        """Run ``change`` in one transaction of ``database`` that first takes the database's grants lock
+        (:data:`GRANTS_LOCK_KEY`), so concurrent grant changes there wait for each other instead of failing;
+        one that still loses a race (e.g. to a table an agent drops meanwhile) is run again."""
+        for attempt in range(1, GRANT_ATTEMPTS + 1):
+            try:
+                with self._admin(database, tag=tag) as conn, conn.transaction():
+                    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(GRANT_LOCK_TIMEOUT)))
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (GRANTS_LOCK_KEY,))
+                    change(conn)
+                return
+            except psycopg.errors.LockNotAvailable:
+                raise Busy(f"{what} in {database} waited {GRANT_LOCK_TIMEOUT} for other changes of its grants; "
+                           "retry shortly") from None
+            except psycopg.Error as exc:
+                if attempt < GRANT_ATTEMPTS and is_transient_grant_error(exc):
+                    log.info("%s in %s lost a race (%s); running it again", what, database, exc.sqlstate)
+                    time.sleep(0.02 * attempt)
+                    continue
+                raise ProviderError(f"{what} in {database} failed: {exc.diag.message_primary}") from None
 
     def uri(self, database: str, role: str, password: str) -> str:
         user, secret, db = (quote(v, safe="") for v in (role, password, database))
@@ -153,6 +206,10 @@ class LocalProvider(Provider):
             conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
         except psycopg.errors.UniqueViolation:  # a concurrent creator won the race on pg_authid
             conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
+        if login:  # issue 18: limits on every tenant login role (temp_file_limit is superuser-only: unraisable)
+            conn.execute(sql.SQL("; ").join(
+                sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(name), sql.Literal(value))
+                for name, value in tenant_role_settings()))
 
     @staticmethod
     def _fence(conn: Conn, tag: str) -> None:
@@ -194,6 +251,7 @@ class LocalProvider(Provider):
                 conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, sql.Identifier(plan.login_role)))
             with self._admin(plan.database, tag=plan.database) as conn, conn.transaction():
                 conn.execute(BOOTSTRAP)
+                self._install_extensions(conn, self.extensions)
                 conn.execute(
                     "INSERT INTO agentpg_internal.config VALUES ('owner_role', %s), ('login_role', %s) "
                     "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (plan.owner_role, plan.login_role))
@@ -245,16 +303,13 @@ class LocalProvider(Provider):
 
     def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions) -> None:
         tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
-        try:
-            with self._admin(plan.database, tag=role) as conn, conn.transaction():
-                conn.execute(
-                    "SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
-                    (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
-                     permissions.can_drop_tables, tables),
-                )
-        except psycopg.Error as exc:
-            raise ProviderError(
-                f"setting agent permissions in {plan.database} failed: {exc.diag.message_primary}") from None
+
+        def grant(conn: Conn) -> None:
+            conn.execute("SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
+                         (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
+                          permissions.can_drop_tables, tables))
+
+        self._changing_grants(plan.database, "setting agent permissions", grant, tag=role)
 
     def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         try:
@@ -263,11 +318,14 @@ class LocalProvider(Provider):
                 role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
                 db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
             if role_exists and db_exists:
-                with self._admin(plan.database) as conn:
+                def forget(conn: Conn) -> None:
                     conn.execute("SELECT agentpg_internal.forget_agent(%s)", (role,))
                     # Terminate the role's sessions so DROP ROLE is not blocked by them.
                     conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+                    # DROP OWNED revokes the role's grants: the same catalog rows other agents' grants change.
                     conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+
+                self._changing_grants(plan.database, "dropping an agent role", forget)
             if role_exists:
                 with self._admin() as conn:
                     self._drop_role(conn, role)
@@ -276,29 +334,62 @@ class LocalProvider(Provider):
                 f"dropping an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
 
     def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
-        try:
-            with self._admin(plan.database) as conn, conn.transaction():
-                # Privileges are checked per statement, so open sessions lose write rights at once too.
-                conn.execute("SELECT agentpg_internal.set_read_only(%s)", (read_only,))
-        except psycopg.Error as exc:
-            raise ProviderError(
-                f"changing write access of {plan.database} failed: {exc.diag.message_primary}") from None
+        # Privileges are checked per statement, so open sessions lose write rights at once too.
+        self._changing_grants(plan.database, "changing write access",
+                              lambda conn: conn.execute("SELECT agentpg_internal.set_read_only(%s)", (read_only,)))
 
     def refresh_tenant_sql(self, plan: DatabasePlan) -> list[str]:
-        try:
-            with self._admin(plan.database, tag=plan.database) as conn, conn.transaction():
-                conn.execute(BOOTSTRAP)
-                shared = conn.execute("SELECT EXISTS (SELECT 1 FROM agentpg_internal.agent_grants)").fetchone()
-                if not (shared and shared[0]):
-                    return []
+        found: list[str] = []
+
+        def refresh(conn: Conn) -> None:
+            found.clear()  # a retried attempt starts over
+            conn.execute(BOOTSTRAP)
+            self._install_extensions(conn, self.extensions)
+            shared = conn.execute("SELECT EXISTS (SELECT 1 FROM agentpg_internal.agent_grants)").fetchone()
+            if shared and shared[0]:
                 conn.execute("SELECT agentpg_internal.lock_down_shared()")
-                rows = conn.execute(
+                found.extend(str(row[0]) for row in conn.execute(
                     "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
-                    "WHERE p.pronamespace = 'public'::regnamespace AND NOT r.rolsuper ORDER BY 1").fetchall()
+                    "WHERE p.pronamespace = 'public'::regnamespace AND NOT r.rolsuper ORDER BY 1"))
+
+        self._changing_grants(plan.database, "refreshing agentpg's SQL", refresh, tag=plan.database)
+        return found
+
+    def _available_extensions(self, conn: Conn) -> frozenset[str]:
+        if self._available is None:
+            rows = conn.execute("SELECT name FROM pg_available_extensions WHERE name = ANY(%s)",
+                                (list(self.extensions),)).fetchall()
+            self._available = frozenset(str(row[0]) for row in rows)
+        return self._available
+
+    def _install_extensions(self, conn: Conn, names: Sequence[str]) -> None:
+        """``CREATE EXTENSION IF NOT EXISTS`` each available one, in schema public, owned by the admin."""
+        available = self._available_extensions(conn)
+        for name in names:
+            if name in available:
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} SCHEMA public").format(sql.Identifier(name)))
+
+    def install_extension(self, plan: DatabasePlan, name: str) -> None:
+        try:
+            with self._admin(plan.database, tag=plan.database) as conn:
+                available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = %s", (name,)).fetchone()
+                if available is None:
+                    raise ProviderError(f"extension {name!r} is not installed on this PostgreSQL server")
+                with conn.transaction():
+                    conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} SCHEMA public").format(
+                        sql.Identifier(name)))
         except psycopg.Error as exc:
-            raise ProviderError(f"refreshing agentpg's SQL in {plan.database} failed: "
+            raise ProviderError(f"installing extension {name!r} in {plan.database} failed: "
                                 f"{exc.diag.message_primary}") from None
-        return [str(row[0]) for row in rows]
+
+    def extension_status(self) -> dict[str, list[str]]:
+        try:
+            with self._admin() as conn:
+                available = self._available_extensions(conn)
+        except psycopg.OperationalError as exc:
+            raise ProviderUnavailable(f"server {self.server_name!r} cannot be reached") from exc
+        return {"installed": [n for n in self.extensions if n in available],
+                "missing": [n for n in self.extensions if n not in available]}
 
     def usage(self, plan: DatabasePlan) -> UsageSample:
         sample = self._read_usage([plan.database]).get(plan.database)
@@ -383,6 +474,20 @@ class LocalProvider(Provider):
             for name in ("postgres", "template1"):
                 conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC")
                              .format(sql.Identifier(name)))
+
+    # -- undo (providers/archive.py, providers/pitr.py) -------------------------------------------------
+
+    def archive_status(self) -> list[ArchiveStatus]:
+        return [pitr.archive_status(self)]
+
+    def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
+        return pitr.mark_point(self, plan, label)
+
+    def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
+        pitr.restore_database(self, plan, target, into)
+
+    def replace_database(self, plan: DatabasePlan, restored: DatabasePlan) -> None:
+        pitr.replace_database(self, plan, restored)
 
     def check(self) -> None:
         with self._admin() as conn:

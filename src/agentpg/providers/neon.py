@@ -38,6 +38,7 @@ from psycopg import sql
 
 from agentpg.errors import ProviderError, ProviderUnavailable
 from agentpg.providers.base import (
+    GRANTS_LOCK_KEY,
     NAME_PREFIX,
     AgentPermissions,
     DatabasePlan,
@@ -412,6 +413,8 @@ class NeonProvider(Provider):
     @staticmethod
     def _set_grants(conn: Conn, role: str, permissions: AgentPermissions) -> None:
         tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
+        # Concurrent grant changes in one database wait for each other (see GRANTS_LOCK_KEY).
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GRANTS_LOCK_KEY,))
         conn.execute("SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
                      (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
                       permissions.can_drop_tables, tables))
@@ -428,13 +431,16 @@ class NeonProvider(Provider):
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 return
             self._act_for(conn, role)
-            conn.execute("SELECT agentpg_internal.forget_agent(%s)", (role,))
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (GRANTS_LOCK_KEY,))
+                conn.execute("SELECT agentpg_internal.forget_agent(%s)", (role,))
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
     def set_read_only(self, plan: DatabasePlan, read_only: bool) -> None:
         with self._sql(plan, f"changing write access of {plan.database}") as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (GRANTS_LOCK_KEY,))
             conn.execute("SELECT agentpg_internal.set_read_only(%s)", (read_only,))
             if read_only:
                 # set_read_only() revokes the owner role from all its members, the admin included; without

@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS agentpg_internal.config (
     value text NOT NULL
 );
 
+-- Transactions in which adopt_new_objects is changing objects itself: the DDL it runs fires the event
+-- trigger again, and those nested runs must not refuse the half-adopted state. No tenant role can write here.
+CREATE UNLOGGED TABLE IF NOT EXISTS agentpg_internal.adopting (xid xid8 PRIMARY KEY);
+
 CREATE TABLE IF NOT EXISTS agentpg_internal.agent_grants (
     role_name name PRIMARY KEY,
     can_read boolean NOT NULL,
@@ -188,23 +192,32 @@ BEGIN
     IF owner_oid IS NULL THEN
         RETURN;
     END IF;
+    -- The lock every grant change in this database holds (providers/base.py GRANTS_LOCK_KEY): a table created
+    -- while an agent's permissions change gets the new permissions, not the old ones.
+    PERFORM pg_advisory_xact_lock(7018706570400915822);
+    IF EXISTS (SELECT 1 FROM agentpg_internal.adopting WHERE xid = pg_current_xact_id()) THEN
+        RETURN;  -- fired by our own ALTERs below
+    END IF;
+    INSERT INTO agentpg_internal.adopting VALUES (pg_current_xact_id());
     FOR obj IN
         SELECT * FROM pg_event_trigger_ddl_commands()
-        WHERE schema_name = 'public' AND command_tag IN (
+        -- An extension's objects stay its installer's (agentpg's admin): they are trusted code, which the
+        -- owner role (and so an agent allowed to drop) must not be able to replace.
+        WHERE schema_name = 'public' AND NOT in_extension AND command_tag IN (
             'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE VIEW', 'CREATE MATERIALIZED VIEW',
             'CREATE SEQUENCE', 'CREATE FOREIGN TABLE', 'CREATE FUNCTION', 'CREATE PROCEDURE',
             'CREATE TYPE', 'CREATE DOMAIN')
     LOOP
         IF obj.classid = 'pg_class'::regclass THEN
-            -- A sequence owned by a column moves with its table; changing it alone is an error.
-            CONTINUE WHEN EXISTS (
+            -- A sequence owned by a column moves with its table; changing it alone is an error. (Only a
+            -- sequence: a partition depends on its parent the same way, and must be adopted too.)
+            CONTINUE WHEN (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'S' AND EXISTS (
                 SELECT 1 FROM pg_depend d
                 WHERE d.classid = 'pg_class'::regclass AND d.objid = obj.objid
                   AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'));
             CONTINUE WHEN (SELECT relkind FROM pg_class WHERE oid = obj.objid) NOT IN ('r','p','v','m','f','S');
             -- A view owned by the owner role would otherwise read its tables with the owner's rights: any
-            -- agent could read or write a table it may not touch through a view it created. (Before the
-            -- owner changes: each ALTER here fires this trigger again, and its check below.)
+            -- agent could read or write a table it may not touch through a view it created.
             IF (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'v'
                AND current_setting('server_version_num')::int >= 150000 THEN
                 EXECUTE format('ALTER VIEW %s SET (security_invoker = true)', obj.objid::regclass);
@@ -240,6 +253,29 @@ BEGIN
             END IF;
         END IF;
     END LOOP;
+    DELETE FROM agentpg_internal.adopting WHERE xid = pg_current_xact_id();
+    -- Everything in public belongs to the owner role: a co-owner (an agent allowed to drop) could otherwise
+    -- take a table for itself (ALTER ... OWNER TO CURRENT_USER), hand it out, and drop it with its role.
+    IF session_user IN (SELECT role_name FROM agentpg_internal.agent_grants)
+       OR session_user IN (SELECT value FROM agentpg_internal.config WHERE key IN ('owner_role', 'login_role'))
+    THEN
+        IF (SELECT nspowner FROM pg_namespace WHERE nspname = 'public') <> owner_oid
+           OR EXISTS (SELECT 1 FROM pg_class c
+                      WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r','p','v','m','f','S')
+                        AND c.relowner <> owner_oid
+                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                          AND d.objid = c.oid AND d.deptype = 'e'))
+           OR EXISTS (SELECT 1 FROM pg_type t
+                      WHERE t.typnamespace = 'public'::regnamespace AND t.typowner <> owner_oid
+                        AND t.typtype IN ('c', 'd', 'e', 'r', 'm') AND t.typrelid = 0
+                        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
+                                          AND d.objid = t.oid AND d.deptype = 'e'))
+        THEN
+            RAISE EXCEPTION 'objects here belong to the database''s owner role; their ownership cannot change'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Object ownership is managed by agentpg.';
+        END IF;
+    END IF;
     -- ALTER VIEW ... SET (security_invoker = false) or RESET, as a statement or from a function's EXECUTE:
     -- the view would read its tables with the owner role's rights. Every view in public stays an invoker's.
     IF current_setting('server_version_num')::int >= 150000 AND EXISTS (
@@ -273,6 +309,9 @@ BEGIN
                                 WHERE key IN ('owner_role', 'login_role'))) THEN
         RETURN;  -- agentpg's own admin
     END IF;
+    IF EXISTS (SELECT 1 FROM agentpg_internal.adopting WHERE xid = pg_current_xact_id()) THEN
+        RETURN;  -- adopt_new_objects granting a new table to the agents
+    END IF;
     IF tg_tag IN ('CREATE FUNCTION', 'CREATE PROCEDURE', 'ALTER FUNCTION', 'ALTER PROCEDURE', 'ALTER ROUTINE',
                   'CREATE TRIGGER', 'ALTER TRIGGER', 'CREATE RULE', 'CREATE OPERATOR', 'ALTER OPERATOR',
                   'CREATE OPERATOR CLASS', 'CREATE OPERATOR FAMILY', 'ALTER OPERATOR FAMILY',
@@ -284,6 +323,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Code defined here would run with the rights of other agents or of the owner; '
                          'use plain SQL, or put functions in your agent database.';
+    END IF;
+    -- Who may read and write what is each agent's permissions (agentpg_internal.set_agent_grants); a
+    -- co-owner's GRANT would outlive them (to PUBLIC, or to an agent whose permissions say no).
+    IF tg_tag IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
+        RAISE EXCEPTION '% is not allowed in the shared global database', tg_tag
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Privileges here follow each agent''s permissions, which the user sets through agentpg.';
     END IF;
 END
 $fn$;
@@ -354,7 +400,12 @@ BEGIN
           AND (p.proname ~ '^pg_stat_get_(activity|backend_|db_|progress_info|subscription|replication_slot)'
                OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids',
                                 'pg_isolation_test_session_is_blocked', 'pg_prepared_xact',
-                                'pg_get_replication_slots', 'pg_tablespace_databases'))
+                                'pg_get_replication_slots', 'pg_tablespace_databases',
+                                -- name any object by its oid, a database's ACL (who may connect) included
+                                'pg_identify_object', 'pg_identify_object_as_address', 'pg_describe_object',
+                                'pg_get_acl')
+               -- by oid, its "permission denied for database <name>" names another tenant's database
+               OR p.oid = 'pg_catalog.pg_database_size(oid)'::regprocedure)
     LOOP
         EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', target);
     END LOOP;

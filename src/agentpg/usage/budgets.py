@@ -128,6 +128,28 @@ def _sample_all(deps: LifecycleDeps, prices: PriceTable, now: datetime, period: 
                 report.databases += 1
 
 
+def sample_first(deps: LifecycleDeps, prices: PriceTable, records: Sequence[Record],
+                 now: datetime | None = None) -> int:
+    """Take the first usage sample of the databases of ``records`` never sampled yet (a new user's or
+    workspace's), so their usage reads right from the start instead of after the first periodic sync.
+    Returns how many were sampled; a database the provider cannot read now is left to the sync."""
+    now = now or datetime.now(UTC)
+    planned = [(rec, plan) for rec in records if rec.last_consumption_sync is None and rec.status == "ready"
+               and (plan := _plan(rec)) is not None]
+    if not planned:
+        return 0
+    samples = deps.provider.usage_many([plan for _, plan in planned])
+    sampled = 0
+    with deps.sessions.begin() as s:
+        locked = _lock_records(s, [rec for rec, _ in planned])
+        for rec, plan in planned:
+            sample, fresh = samples.get(plan.database), locked.get((type(rec), rec.id))
+            if isinstance(sample, UsageSample) and fresh is not None and fresh.last_consumption_sync is None:
+                _add_cost(fresh, sample, prices, now, period_start_of(now))  # else the sync got there first
+                sampled += 1
+    return sampled
+
+
 def _lock_records(s: Session, records: Sequence[Record]) -> dict[tuple[type, str], Record]:
     """The catalog rows of ``records``, locked for this transaction (in id order, one query per table)."""
     locked: dict[tuple[type, str], Record] = {}
@@ -191,17 +213,27 @@ def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budge
 
 def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePlan], read_only: bool,
                       report: SyncReport | None = None) -> bool:
-    """Make every database of the user read-only (or writable again); record it once all succeeded."""
-    try:
-        for plan in plans:
-            deps.provider.set_read_only(plan, read_only)
-    except AgentpgError as exc:
-        log.warning("budget enforcement for user %s is incomplete, the next sync retries: %s", user_id, exc.message)
-        if report is not None:
-            report.failed.append(f"enforcement for user {user_id}: {exc.message}")
-        return False
+    """Make every database of the user read-only (or writable again); record it once all succeeded.
+
+    Serialised per user by the budget row's lock, held while the databases change, and decided by that row
+    as it is then: a budget change committed meanwhile (``PUT …/budget`` ten times at once, or the sync
+    racing one) may have made ``read_only`` stale, and the last change must win, not the last to finish.
+    """
     with deps.sessions.begin() as s:
-        budget = s.get(UserBudget, user_id)
+        budget = s.get(UserBudget, user_id, with_for_update=True, populate_existing=True)
+        if budget is not None:
+            read_only = budget.exceeded
+            if budget.enforced == read_only:
+                return True
+        try:
+            for plan in plans:
+                deps.provider.set_read_only(plan, read_only)
+        except AgentpgError as exc:
+            log.warning("budget enforcement for user %s is incomplete, the next sync retries: %s", user_id,
+                        exc.message)
+            if report is not None:
+                report.failed.append(f"enforcement for user {user_id}: {exc.message}")
+            return False
         if budget is not None:
             budget.enforced = read_only
     if report is not None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, WorkspaceAgentDatabase
-from agentpg.errors import InvalidInput, NotFound
+from agentpg.errors import AgentpgError, InvalidInput, NotFound
+from agentpg.lifecycle import workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.schemas import DatabaseUsage, UsageReport
-from agentpg.usage.budgets import _plan, apply_enforcement, budget_status, period_start_of
-from agentpg.usage.pricing import MICRO
+from agentpg.usage.budgets import _plan, apply_enforcement, budget_status, period_start_of, sample_first
+from agentpg.usage.pricing import MICRO, PriceTable
+
+log = logging.getLogger(__name__)
 
 _MAX_BUDGET_CENTS = 10**12
 
@@ -21,15 +26,19 @@ def _usage_of(rec: UserGlobalDatabase | WorkspaceAgentDatabase, period: datetime
     current = rec.period_start is not None and rec.period_start >= period
     snapshot = rec.usage_snapshot or {}
     storage = snapshot.get("storage_bytes")
-    return DatabaseUsage(database="agent" if workspace_id else "global", workspace_id=workspace_id,
+    return DatabaseUsage(database="agent" if workspace_id else "global",
+                         workspace_id=workspace_ids.public_id(workspace_id) if workspace_id else None,
                          name=rec.database_name, cost_cents=round(rec.period_cost_microcents / MICRO) if current else 0,
                          storage_bytes=int(storage) if storage is not None else None,
                          last_sync=rec.last_consumption_sync)
 
 
 def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80,
-                 default_budget_cents: int | None = None) -> UsageReport:
-    """The user's usage as of the last sync. The total is the sum of the parts, by construction."""
+                 default_budget_cents: int | None = None, prices: PriceTable | None = None) -> UsageReport:
+    """The user's usage as of the last sync. The total is the sum of the parts, by construction.
+
+    With ``prices``, a database never sampled yet (just registered) is sampled now, so a new user's storage
+    and cost read right away rather than after the first periodic sync."""
     period = period_start_of(datetime.now(UTC))
     with deps.sessions() as s:
         user = s.get(User, user_id)
@@ -39,6 +48,15 @@ def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80
         agents = list(s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)
                                 .order_by(WorkspaceAgentDatabase.workspace_id)))
         budget = s.get(UserBudget, user_id)
+    if prices is not None:
+        try:
+            sampled = sample_first(deps, prices, [*([glob] if glob is not None else []), *agents])
+        except AgentpgError as exc:  # the periodic sync will get there; the report still answers
+            log.warning("first usage sample of user %s failed: %s", user_id, exc.message)
+            sampled = 0
+        if sampled:
+            return usage_report(deps, user_id, warning_percent=warning_percent,
+                                default_budget_cents=default_budget_cents)
     parts = [_usage_of(a, period, a.workspace_id) for a in agents]
     global_part = _usage_of(glob, period, None) if glob is not None else None
     total = sum(p.cost_cents for p in parts) + (global_part.cost_cents if global_part else 0)
@@ -60,11 +78,11 @@ def set_budget(deps: LifecycleDeps, user_id: str, budget_cents: int | None) -> N
         user = s.get(User, user_id)
         if user is None or user.status != "active":
             raise NotFound(f"user {user_id!r} does not exist")
-        budget = s.get(UserBudget, user_id, with_for_update=True)
-        if budget is None:
-            budget = UserBudget(user_id=user_id, period_start=period, total_cost_cents=0, exceeded=False,
-                                enforced=False)
-            s.add(budget)
+        # Insert-if-missing then lock: two first budgets set at once would otherwise both INSERT (a 500).
+        s.execute(pg_insert(UserBudget).values(user_id=user_id, budget_cents=budget_cents, period_start=period,
+                                               total_cost_cents=0, exceeded=False, enforced=False)
+                  .on_conflict_do_nothing(index_elements=[UserBudget.user_id]))
+        budget = s.get_one(UserBudget, user_id, with_for_update=True, populate_existing=True)
         budget.budget_cents = budget_cents
         budget.exceeded = budget_cents is not None and budget.total_cost_cents >= budget_cents
         want, have = budget.exceeded, budget.enforced
@@ -81,7 +99,17 @@ def write_block_reason(deps: LifecycleDeps, user_id: str) -> str | None:
     with deps.sessions() as s:
         budget = s.get(UserBudget, user_id)
     if budget is not None and (budget.exceeded or budget.enforced):
-        return (f"budget exceeded: this user's databases cost {budget.total_cost_cents} cents this period, "
-                f"over the budget of {budget.budget_cents} cents, so they are read-only until the budget is "
-                "raised or the next period starts; reads still work")
+        return (f"budget exceeded: {_over_budget(budget.total_cost_cents, budget.budget_cents)}; this user's "
+                "databases are read-only until the budget is raised or the next period starts; reads still work")
     return None
+
+
+def _over_budget(cost_cents: int, budget_cents: int | None) -> str:
+    """Why a user is over budget, in words that fit the figures (a budget of 0 allows no cost at all)."""
+    if budget_cents == 0:
+        return "this user's budget is 0 cents, which allows no usage at all"
+    if budget_cents is None:
+        return f"this user's databases cost {cost_cents} cents this period and were over its former budget"
+    relation = "reaching" if cost_cents == budget_cents else "over"
+    return (f"this user's databases cost {cost_cents} cents this period, {relation} its budget of "
+            f"{budget_cents} cents")

@@ -22,7 +22,6 @@ from agentpg.access import browse
 from agentpg.access.audit import AuditPage
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.api import routes_agents, routes_data, routes_usage, routes_users
-from agentpg.api.auth import own_user
 from agentpg.api.context import AppContext
 from agentpg.api.models import QueryRequest, SortKey
 from agentpg.errors import AgentpgError, NotFound
@@ -79,11 +78,7 @@ def get_user(ctx: AppContext, principal: Principal, user_id: str) -> UserInfo:
 
 def get_workspace(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str) -> WorkspaceInfo:
     """The workspace, if it is this user's and the caller may see it (else "not found", as the API says)."""
-    own_user(principal, user_id)
-    ws = routes_users.get_workspace(workspace_id, principal, ctx)
-    if ws.user_id != user_id:
-        raise NotFound(f"workspace {workspace_id!r} does not exist")
-    return ws
+    return routes_users.get_user_workspace(user_id, workspace_id, principal, ctx)  # ids are per user
 
 
 def platform_uri(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str | None) -> str:
@@ -91,8 +86,8 @@ def platform_uri(ctx: AppContext, principal: Principal, user_id: str, workspace_
     if workspace_id is None:
         get_user(ctx, principal, user_id)
         return ctx.service.platform_uri(user_id)
-    ws = get_workspace(ctx, principal, user_id, workspace_id)
-    return ctx.service.platform_uri(ws.user_id, ws.id)
+    get_workspace(ctx, principal, user_id, workspace_id)
+    return ctx.service.browse_uri(user_id, None, workspace_id)
 
 
 # -- databases panel --------------------------------------------------------------------------------------
@@ -148,8 +143,7 @@ async def tables(ctx: AppContext, principal: Principal, user_id: str,
     if workspace_id is None:
         listed = await routes_data.global_tables(user_id, principal, ctx)
     else:
-        await run_in_threadpool(get_workspace, ctx, principal, user_id, workspace_id)
-        listed = await routes_data.agent_tables(workspace_id, principal, ctx)
+        listed = await routes_data.user_agent_tables(user_id, workspace_id, principal, ctx)
     constraints: dict[str, list[Constraint]] = {}
     if listed.tables:
         uri = await run_in_threadpool(platform_uri, ctx, principal, user_id, workspace_id)
@@ -170,8 +164,7 @@ async def rows(ctx: AppContext, principal: Principal, user_id: str, workspace_id
     if workspace_id is None:
         response = await routes_data.global_query(user_id, body, principal, ctx)
     else:
-        await run_in_threadpool(get_workspace, ctx, principal, user_id, workspace_id)
-        response = await routes_data.agent_query(workspace_id, body, principal, ctx)
+        response = await routes_data.user_agent_query(user_id, workspace_id, body, principal, ctx)
     payload: dict[str, Any] = json.loads(bytes(response.body))
     return browse.RowsPage.model_validate(payload)
 
@@ -185,7 +178,7 @@ def agent_permissions(ctx: AppContext, principal: Principal, user_id: str,
     out: list[tuple[WorkspaceInfo, GlobalDbPermissions | None, str | None]] = []
     for ws in page.items:
         try:
-            perms = routes_agents.get_global_database_permissions(ws.id, principal, ctx)
+            perms = routes_agents.get_user_workspace_permissions(user_id, ws.id, principal, ctx)
             out.append((ws, perms, None))
         except NotFound:
             out.append((ws, None, f"this agent is {ws.status}; its permissions can be set once it is active"))
@@ -194,8 +187,7 @@ def agent_permissions(ctx: AppContext, principal: Principal, user_id: str,
 
 def set_permissions(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str,
                     permissions: GlobalDbPermissions) -> GlobalDbPermissions:
-    get_workspace(ctx, principal, user_id, workspace_id)
-    return routes_agents.put_global_database_permissions(workspace_id, permissions, principal, ctx)
+    return routes_agents.put_user_workspace_permissions(user_id, workspace_id, permissions, principal, ctx)
 
 
 def audit(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str | None,

@@ -91,6 +91,8 @@ def cell(value: Any, type_name: str = "", *, bytes_encoding: str = "base64") -> 
         return _fold(text, "bytes", bytes_encoding)
     if is_numeric_type(type_name):
         return Cell("number", text)
+    if _base(type_name) in ("vector", "halfvec"):  # pgvector: '[0.1,0.2,…]', often hundreds of numbers
+        return _fold(text, "text", f"vector, {text.count(',') + 1:,} dimensions")
     return _fold(text, "text")
 
 
