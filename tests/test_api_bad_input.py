@@ -139,3 +139,9 @@ def test_malformed_bodies_sizes_and_nul_bytes(api_client: Any, victims: tuple[st
     assert_problem(wrong, 405, "not allowed")
     assert "GET" in wrong.headers["allow"]
     _unchanged(api_client, user, uri, admin_h, before)
+
+
+def test_a_repeated_query_parameter_is_refused(api_client: Any, admin_token: str) -> None:
+    """``?cursor=a&cursor=b`` is not silently read as ``b``: the caller hears that it sent it twice."""
+    answer = api_client.get("/api/users?limit=5&cursor=a&cursor=b", headers={"Authorization": f"Bearer {admin_token}"})
+    assert answer.status_code == 422 and "'cursor' is given more than once" in answer.json()["detail"]

@@ -16,17 +16,24 @@ from starlette.concurrency import run_in_threadpool
 
 from agentpg import __version__
 from agentpg.access.browse import ReadLimits
+from agentpg.access.governor import Governor, GovernorConfig
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_undo, routes_usage, routes_users
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
-from agentpg.api.metrics import ApiMetrics
-from agentpg.api.middleware import BodyLimitMiddleware, GuardMiddleware, MetricsMiddleware
+from agentpg.api.metrics import ApiMetrics, GovernorCollector
+from agentpg.api.middleware import (
+    BodyLimitMiddleware,
+    GuardMiddleware,
+    MetricsMiddleware,
+    SingleQueryValuesMiddleware,
+)
 from agentpg.api.ratelimit import LimitMiddleware
 from agentpg.gateway.http import GatewayHttp
 from agentpg.mcp.http import McpHttp
 from agentpg.runtime import open_runtime
 from agentpg.settings import Settings
+from agentpg.usage.storage import StorageCollector
 from agentpg.web import router as explorer_router
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -57,7 +64,11 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         runtime = await run_in_threadpool(cm.__enter__)
         # A long-running process keeps the warm pool full and syncs usage; open_runtime stops both.
         runtime.start_background_jobs()
-        pools = TenantPools(PoolLimits.from_settings(settings))
+        metrics.registry.register(StorageCollector(runtime.service.deps, settings.user_storage_limit_mb))
+        # Issue 18: one connection budget per tenant server, shared by the REST and MCP sides' pools.
+        governor = Governor(GovernorConfig.from_settings(settings))
+        metrics.registry.register(GovernorCollector(governor))
+        pools = TenantPools(PoolLimits.from_settings(settings), governor=governor)
         app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits)
         try:
             async with mcp.run(runtime.service, pools), gateway.run(runtime.service):
@@ -73,6 +84,7 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     # Rate, concurrency and failed-auth limits (docs/limits.md) just inside the body limit.
     app.add_middleware(LimitMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(SingleQueryValuesMiddleware)
     app.add_middleware(GuardMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(routes_users.router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -123,6 +124,26 @@ def _database_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, SqlOperationalError):
         return is_connection_lost(exc.orig) if exc.orig is not None else True
     return isinstance(exc, PsycopgOperationalError) and is_connection_lost(exc)
+
+
+class SingleQueryValuesMiddleware:
+    """Every REST query parameter takes one value: a repeated one (``?cursor=a&cursor=b``) is refused (422)
+    rather than silently read as its last value, so the request means what the caller thinks it means."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/api/") and scope.get("query_string"):
+            seen: set[str] = set()
+            for key, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+                if key in seen:
+                    await problem(422, "invalid_input",
+                                  f"query parameter {key!r} is given more than once; give it once")(scope, receive,
+                                                                                                       send)
+                    return
+                seen.add(key)
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
