@@ -190,12 +190,14 @@ def make_provider(settings: Settings, admin: str) -> Provider:
 
         if settings.neon_api_key is None:
             raise StartupError("AGENTPG_PROVIDER=neon needs AGENTPG_NEON_API_KEY")
-        return NeonProvider(settings.neon_api_key.get_secret_value(), base_url=settings.neon_api_url,
+        neon = NeonProvider(settings.neon_api_key.get_secret_value(), base_url=settings.neon_api_url,
                             region_id=settings.neon_region_id, pg_version=settings.neon_pg_version,
                             org_id=settings.neon_org_id, connection_limit=settings.tenant_connection_limit,
                             connect_timeout_s=max(settings.connect_timeout_s, 15),
                             operation_timeout_s=settings.neon_operation_timeout_s,
                             requests_per_minute=settings.neon_requests_per_minute)
+        neon.extensions = extensions  # not installed there: status and start-up say so
+        return neon
     if settings.fleet or settings.provider == "fleet":
         dsns = [d.get_secret_value() for d in settings.fleet]
         return FleetProvider({server_name_of(d): d for d in dsns}, connection_limit=settings.tenant_connection_limit,

@@ -298,8 +298,10 @@ class Provider(abc.ABC):
 
     def extension_status(self) -> dict[str, list[str]]:
         """Of the operator's extension list: ``installed`` (what new databases get) and ``missing`` (what the
-        server lacks, skipped). Raises ProviderUnavailable when the server cannot be reached."""
-        return {"installed": [], "missing": []}
+        server lacks, skipped). Raises ProviderUnavailable when the server cannot be reached. The default, for
+        a provider that does not install extensions (Neon): every listed one is missing, and said so."""
+        return {"installed": [], "missing": [f"{name} (the {self.name} provider does not install extensions)"
+                                             for name in self.extensions]}
 
     @abc.abstractmethod
     def usage(self, plan: DatabasePlan) -> UsageSample:
