@@ -180,7 +180,7 @@ class AgentCalls:
             if target.permissions is not None:
                 precheck(c, target.permissions)
             if tool == "execute" and c.kind in (StatementKind.WRITE, StatementKind.DDL):
-                # The grants already say no while over budget; this says why.
+                # The grants already say no while over budget or the storage limit; this says why.
                 cached_block = self._write_blocks.get(target.user_id)
                 if cached_block is not None:
                     blocked = cached_block[0]
@@ -189,9 +189,10 @@ class AgentCalls:
                     blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
                     self._write_blocks.put(target.user_id, (blocked,), gen)
                 if blocked is not None:
-                    raise PermissionRefused(blocked, reason="budget_exceeded")
+                    raise PermissionRefused(blocked, reason="storage_limit" if blocked.startswith("storage")
+                                            else "budget_exceeded")
             result = await queries.run(target.uri, statement, params, read_only=tool == "query",
-                                       max_rows=max_rows)
+                                       max_rows=max_rows, user=target.user_id)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
             return result
 

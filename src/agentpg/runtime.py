@@ -38,6 +38,7 @@ from agentpg.settings import Settings
 from agentpg.tokens import TokenStore
 from agentpg.usage.budgets import UsagePolicy, UsageSyncer
 from agentpg.usage.pricing import PriceTable
+from agentpg.usage.storage import StorageGuard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Runtime:
     """Paces autovacuum on the embedded server as databases accumulate; only ``serve`` starts it."""
     archive_job: ArchiveJob | None = None
     """Continuous archiving of the servers (undo: providers/archive.py); only ``serve`` starts it."""
+    storage_guard: StorageGuard | None = None
+    """Checks every user's storage against AGENTPG_USER_STORAGE_LIMIT_MB every few seconds; only ``serve``."""
 
     def start_background_jobs(self) -> None:
         try:
@@ -80,6 +83,8 @@ class Runtime:
             self.autovacuum_pacer.start()
         if self.archive_job is not None:
             self.archive_job.start()
+        if self.storage_guard is not None:
+            self.storage_guard.start()
 
 
 def uses_embedded(settings: Settings) -> bool:
@@ -278,6 +283,7 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     engine = make_engine(_as_url(catalog_dsn(settings, admin)), connect_timeout_s=settings.connect_timeout_s)
     refiller: Refiller | None = None
     syncer: UsageSyncer | None = None
+    storage_guard: StorageGuard | None = None
     archive_job: ArchiveJob | None = None
     pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
@@ -305,9 +311,14 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         service = Service(deps, TokenStore(deps.sessions, admin_secret),
                           embedded=embedded is not None, postgres_status=status, usage_policy=policy)
         syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
+        storage_every = settings.user_storage_check_interval_s
+        if settings.provider == "neon" and storage_every:  # each database's size is one API call there
+            storage_every = max(storage_every, settings.usage_sync_interval_s)
+        storage_guard = StorageGuard(deps, settings.user_storage_limit_mb, storage_every,
+                                     policy.default_budget_cents)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,
-                      archive_job=archive_job)
+                      archive_job=archive_job, storage_guard=storage_guard)
     except ProviderUnavailable:
         raise
     finally:
@@ -317,6 +328,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             pacer.stop()
         if syncer is not None:
             syncer.stop()
+        if storage_guard is not None:
+            storage_guard.stop()
         if refiller is not None:
             refiller.stop()
         provider.close()

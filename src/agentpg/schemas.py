@@ -90,6 +90,10 @@ class UsageReport(Public):
     percent_of_budget: float | None
     status: Literal["ok", "warning", "exceeded"]
     read_only: bool
-    """True while writes are revoked because the budget is exceeded."""
+    """True while writes are revoked: the budget is exceeded or the user is over its storage limit."""
+    read_only_reason: str | None = None
+    """Why writes are refused (both reasons when both apply), as MCP ``execute`` says it; null when writable."""
+    storage_limit_exceeded: bool = False
+    """Over ``AGENTPG_USER_STORAGE_LIMIT_MB`` at the last storage check (seconds ago, not at the last sync)."""
     global_database: DatabaseUsage | None
     agent_databases: list[DatabaseUsage]

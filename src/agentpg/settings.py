@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     default_budget_cents: int | None = Field(default=None, ge=0)
     """The budget a user starts with; unset means none (never made read-only)."""
     budget_warning_percent: int = Field(default=80, ge=1, le=100)
+    user_storage_limit_mb: int = Field(default=10_240, ge=0, le=1_073_741_824)
+    """Most MB one user's databases (global + every agent database) may hold; over it they turn read-only,
+    as over budget, until back under it. 0: no limit. Checked every ``user_storage_check_interval_s``."""
+    user_storage_check_interval_s: float = Field(default=5.0, ge=0, le=3600)
+    """How often ``serve`` measures every user's storage against the limit (one query per server); 0 disables
+    the check. With the Neon provider it is at least ``usage_sync_interval_s`` (each size is an API call)."""
 
     # -- Neon: one project per database, as the original design ----------------------------------------
 
@@ -208,3 +214,11 @@ class Settings(BaseSettings):
     run at once on one database."""
     tenant_pool_acquire_timeout_s: float = Field(default=10.0, gt=0, le=600)
     """How long a call waits for one of those connections before it fails with "retry shortly"."""
+    governor_budget: int | None = Field(default=None, ge=1, le=100_000)
+    """Connections this process may hold on each tenant Postgres server, shared by all tenant pools (the
+    connection governor, docs/limits.md); unset: ``max_connections`` minus the reserved slots, divided by
+    ``serve_instances``."""
+    governor_wait_s: float = Field(default=5.0, gt=0, le=600)
+    """How long a call waits for a connection of a busy server before it fails with ``server_busy`` (429)."""
+    serve_instances: int = Field(default=1, ge=1, le=1000)
+    """How many serve (or mcp) processes share the tenant servers: each takes this fraction of the budget."""

@@ -6,6 +6,10 @@ Every connection is reset with ``DISCARD ALL`` before it goes back, so whatever 
 session (a setting, a temp table, an advisory lock, a prepared statement) cannot leak into the next call.
 
 Pools are keyed by a hash of the URI, never the URI itself, and no URI is ever logged.
+
+With a :class:`~agentpg.access.governor.Governor` (``serve`` and ``agentpg mcp`` make one), every call also
+holds one of its server's call slots, handed out fairly between users, and a pool opens a connection only
+within the grants the governor gave it: the connections all pools hold on one server stay within its budget.
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ import asyncio
 import functools
 import hashlib
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
+from agentpg.access.governor import GovernedPool, Governor, ServerGate
 from agentpg.errors import AgentpgError, ProviderUnavailable
 from agentpg.settings import Settings
 
@@ -89,12 +95,26 @@ def _pool_key(uri: str, session: SessionSettings) -> str:
     return f"{hashlib.sha256(uri.encode()).hexdigest()}:{settings}"
 
 
-class TenantPools:
-    """The LRU of pools. Create one per process in a lifespan; ``close()`` it on the way out."""
+@dataclass(eq=False)
+class _Entry:
+    """One pool, the user it serves (for the governor's fair share) and its server's gate."""
 
-    def __init__(self, limits: PoolLimits | None = None) -> None:
+    pool: GovernedPool
+    user: str
+    gate: ServerGate | None
+    active: int = 0
+    """Calls holding a call slot for this pool."""
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class TenantPools:
+    """The LRU of pools. Create one per process in a lifespan; ``close()`` it on the way out. ``governor``
+    (shared by every TenantPools of the process) keeps the connections to each server within its budget."""
+
+    def __init__(self, limits: PoolLimits | None = None, *, governor: Governor | None = None) -> None:
         self.limits = limits or PoolLimits()
-        self._pools: OrderedDict[str, AsyncConnectionPool[AsyncConnection[object]]] = OrderedDict()
+        self.governor = governor
+        self._pools: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = asyncio.Lock()
         self._already_reset: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
 
@@ -116,19 +136,22 @@ class TenantPools:
         """The pool's key: a hash of the URI (never the URI itself), then one of the settings."""
         return _pool_key(uri, session)
 
-    async def _pool(self, uri: str, session: SessionSettings) -> AsyncConnectionPool[AsyncConnection[object]]:
+    async def _pool(self, uri: str, session: SessionSettings, user: str | None = None) -> _Entry:
         key = self._key(uri, session)
-        pool = self._pools.get(key)
-        if pool is not None:  # the common case, without the lock: nothing awaits between lookup and move
+        entry = self._pools.get(key)
+        if entry is not None:  # the common case, without the lock: nothing awaits between lookup and move
             self._pools.move_to_end(key)
-            return pool
+            return entry
+        gate = await self.governor.gate(uri) if self.governor is not None else None
         async with self._lock:
-            pool = self._pools.get(key)
-            if pool is not None:  # made while this call waited for the lock
+            entry = self._pools.get(key)
+            if entry is not None:  # made while this call waited for the lock
                 self._pools.move_to_end(key)
-                return pool
-            pool = AsyncConnectionPool(
-                uri, min_size=0, max_size=self.limits.max_size, max_idle=self.limits.max_idle_s,
+                return entry
+            # Governed, a pool starts allowed no connection: each is granted as its calls need it.
+            pool = GovernedPool(
+                uri, min_size=0, max_size=self.limits.max_size, start_empty=gate is not None,
+                max_idle=self.limits.max_idle_s,
                 timeout=self.limits.acquire_timeout_s, reset=self._reset, configure=_configure, open=False,
                 # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
                 # every call opens its own transaction explicitly with conn.transaction().
@@ -137,22 +160,55 @@ class TenantPools:
                 name=f"tenant-{key[:8]}", reconnect_timeout=30,
             )
             await pool.open(wait=False)
-            self._pools[key] = pool
+            entry = _Entry(pool, user or f"db:{key[:16]}", gate)
+            if gate is not None:
+                gate.register(entry)
+            self._pools[key] = entry
             evicted = []
             while len(self._pools) > self.limits.max_pools:
                 evicted.append(self._pools.popitem(last=False)[1])
         for old in evicted:
-            await old.close()
-        return pool
+            await self._close_entry(old)
+        return entry
+
+    @staticmethod
+    async def _close_entry(entry: _Entry) -> None:
+        """Close the pool, then give its grants back (its connections are closed by then)."""
+        try:
+            await entry.pool.close()
+        finally:
+            if entry.gate is not None:
+                entry.gate.unregister(entry)
 
     @asynccontextmanager
-    async def connection(self, uri: str, session: SessionSettings = ()) -> AsyncIterator[AsyncConnection[object]]:
+    async def connection(self, uri: str, session: SessionSettings = (), *,
+                         user: str | None = None) -> AsyncIterator[AsyncConnection[object]]:
         """A connection to ``uri`` for one call, from the pool of connections that start with ``session``
-        settings (one pool per URI and settings). Raises ``PoolExhausted`` or ``ProviderUnavailable``.
+        settings (one pool per URI and settings). ``user`` is whose call it is (the governor's fair share is
+        per user; by default each database counts as its own user). Raises ``ServerBusy`` (governed: the
+        server's budget stayed spent for the governor's wait), ``PoolExhausted`` or ``ProviderUnavailable``.
 
         Leave it idle (no transaction open) when the block ends; the pool resets it (``DISCARD ALL``) in the
         background before anyone else gets it."""
-        pool = await self._pool(uri, session)
+        entry = await self._pool(uri, session, user)
+        gate = entry.gate
+        if gate is None or self.governor is None:
+            async with self._checkout(entry.pool) as conn:
+                yield conn
+            return
+        async with self.governor.call(gate, entry.user, entry) as deadline:
+            entry.active += 1
+            entry.last_used = time.monotonic()
+            try:
+                await gate.ensure_connection(entry, self.limits.max_size, deadline)
+                async with self._checkout(entry.pool) as conn:
+                    yield conn
+            finally:
+                entry.active -= 1
+
+    @staticmethod
+    @asynccontextmanager
+    async def _checkout(pool: GovernedPool) -> AsyncIterator[AsyncConnection[object]]:
         errors_before = pool.get_stats().get("connections_errors", 0)
         try:
             async with pool.connection() as conn:
@@ -168,10 +224,10 @@ class TenantPools:
     async def discard_broken(self, uri: str, session: SessionSettings = ()) -> None:
         """A connection of ``uri``'s pool turned out dead (the server restarted, or killed it): check every idle
         connection of that pool now and drop the dead ones, so the next checkout gets a live one."""
-        pool = self._pools.get(self._key(uri, session))
-        if pool is not None:
+        entry = self._pools.get(self._key(uri, session))
+        if entry is not None:
             try:
-                await pool.check()
+                await entry.pool.check()
             except Exception as exc:  # a check that fails only means the next checkout connects afresh
                 log.warning("checking a tenant pool failed: %s", type(exc).__name__)
 
@@ -180,14 +236,14 @@ class TenantPools:
         prefix = self._key(uri).partition(":")[0] + ":"
         async with self._lock:
             doomed = [self._pools.pop(key) for key in [k for k in self._pools if k.startswith(prefix)]]
-        for pool in doomed:  # every settings variant of this URI
-            await pool.close()
+        for entry in doomed:  # every settings variant of this URI
+            await self._close_entry(entry)
 
     async def close(self) -> None:
         async with self._lock:
-            pools = list(self._pools.values())
+            entries = list(self._pools.values())
             self._pools.clear()
-        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
+        await asyncio.gather(*(self._close_entry(e) for e in entries), return_exceptions=True)
 
     def __len__(self) -> int:
         return len(self._pools)

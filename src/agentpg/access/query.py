@@ -257,13 +257,14 @@ class TenantQueries:
 
     async def run(self, uri: str, statement: str, params: Sequence[JsonValue] | None = None, *,
                   read_only: bool, max_rows: int | None = None,
-                  cancel_after_s: float | None = None) -> StatementResult:
+                  cancel_after_s: float | None = None, user: str | None = None) -> StatementResult:
         """Run one statement on ``uri`` within the limits; see the module docstring for the guarantees.
 
         ``max_rows`` may lower (never raise) the configured maximum. How the statement is fetched depends on
         its shape (see :func:`statement_shape`); a wrong guess (unparseable text) only costs the row count or
-        the early stop. ``cancel_after_s`` overrides when the outside cancel fires (tests).
-        Raises :class:`StatementFailed`, ``PoolExhausted`` or ``ProviderUnavailable``.
+        the early stop. ``cancel_after_s`` overrides when the outside cancel fires (tests). ``user`` is whose
+        call it is, for the connection governor's fair share (default: the database counts as its own user).
+        Raises :class:`StatementFailed`, ``ServerBusy``, ``PoolExhausted`` or ``ProviderUnavailable``.
         """
         limit = self.limits.max_rows if max_rows is None else max(0, min(max_rows, self.limits.max_rows))
         returns_rows, is_dml = statement_shape(statement)
@@ -285,7 +286,7 @@ class TenantQueries:
             try:
                 # Last resort if even the termination fails: the call ends (its connection closed) regardless.
                 async with asyncio.timeout(cancel_after + self.limits.terminate_grace_s + 15), \
-                        self.pools.connection(uri, self._session) as conn:
+                        self.pools.connection(uri, self._session, user=user) as conn:
                     # A timer, not a task per call: the give-up task exists only if the statement overruns.
                     watch = _Watch(conn, uri, self._terminate, self.limits.terminate_grace_s)
                     watchdog = asyncio.get_running_loop().call_later(cancel_after, watch.give_up)

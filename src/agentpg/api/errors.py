@@ -110,6 +110,8 @@ async def _agentpg_error(request: Request, exc: Exception) -> ProblemResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="agentpg"'} if isinstance(exc, Unauthenticated) else None
     if exc.status == 503:  # a server or the catalog cannot be reached, or agentpg is busy: retryable
         headers = {"Retry-After": RETRY_AFTER_S}
+    elif exc.status == 429:  # back-pressure (a busy database or server): retryable
+        headers = {"Retry-After": str(getattr(exc, "retry_after_s", RETRY_AFTER_S))}
     if exc.status >= 500:
         log.warning("%s %s answered %d (%s)", request.method, request.url.path, exc.status, exc.code)
     return problem(exc.status, exc.code, exc.message, headers=headers)
@@ -169,8 +171,8 @@ _DESCRIPTIONS = {
     409: "Conflicts with the resource's existence or state.",
     413: "The request body is larger than the limit.",
     422: "The request is invalid; `errors` names each field.",
-    429: "Too many requests for this token (rate limit; see Retry-After) or concurrent reads of this database; "
-         "retry shortly.",
+    429: "Too many requests for this token (rate limit; see Retry-After), concurrent reads of this database, or "
+         "the database server's connection budget is in use (`server_busy`); retry after Retry-After.",
     500: "Unexpected failure (details are only in the server log).",
     502: "The database server refused an operation.",
     503: "A database server or the catalog cannot be reached, or agentpg is busy with other changes; retry "

@@ -246,7 +246,14 @@ class UserBudget(Base):
     total_cost_cents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     exceeded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     enforced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
-    """Whether the databases are read-only right now (lags ``exceeded`` only until the next sync finishes)."""
+    """Whether the databases are read-only right now: wanted while ``exceeded`` or ``storage_exceeded``, and
+    lagging them only until the job that changed them has changed the grants."""
+    storage_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    """The user's storage (all its databases) at the last storage check that recorded it: kept current only
+    while it is near or over the limit (usage/storage.py), so the check writes nothing for the others."""
+    storage_limit_mb: Mapped[int | None] = mapped_column(Integer)
+    """The limit ``storage_exceeded`` was decided against (for the message)."""
+    storage_exceeded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default="false")
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from mcp.server.stdio import stdio_server
 from starlette.concurrency import run_in_threadpool
 
+from agentpg.access.governor import Governor, GovernorConfig
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import TenantQueries
 from agentpg.errors import PermissionDenied
@@ -49,7 +50,8 @@ async def serve_stdio(runtime: Runtime, token: str) -> None:
         return principal
 
     await identify(None)
-    pools = TenantPools(PoolLimits.from_settings(runtime.settings))
+    pools = TenantPools(PoolLimits.from_settings(runtime.settings),
+                        governor=Governor(GovernorConfig.from_settings(runtime.settings)))
     limits = limits_from(runtime.settings)
     queries = TenantQueries(pools, limits)
     try:

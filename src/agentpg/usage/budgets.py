@@ -204,11 +204,16 @@ def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budge
                 budget.period_start = period
                 budget.total_cost_cents = total_cents
                 budget.exceeded = budget.budget_cents is not None and total_cents >= budget.budget_cents
-                if budget.exceeded != budget.enforced:
-                    changes.append((budget.user_id, budget.exceeded))
+                if wants_read_only(budget) != budget.enforced:
+                    changes.append((budget.user_id, wants_read_only(budget)))
         report.users += len(chunk)
         for user_id, read_only in changes:
             apply_enforcement(deps, user_id, plans[user_id], read_only, report)
+
+
+def wants_read_only(budget: UserBudget) -> bool:
+    """A user's databases are read-only while either block applies: over budget, or over the storage limit."""
+    return budget.exceeded or budget.storage_exceeded
 
 
 def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePlan], read_only: bool,
@@ -218,11 +223,12 @@ def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePla
     Serialised per user by the budget row's lock, held while the databases change, and decided by that row
     as it is then: a budget change committed meanwhile (``PUT …/budget`` ten times at once, or the sync
     racing one) may have made ``read_only`` stale, and the last change must win, not the last to finish.
+    The row decides on both blocks (:func:`wants_read_only`): lifting one never lifts the other.
     """
     with deps.sessions.begin() as s:
         budget = s.get(UserBudget, user_id, with_for_update=True, populate_existing=True)
         if budget is not None:
-            read_only = budget.exceeded
+            read_only = wants_read_only(budget)
             if budget.enforced == read_only:
                 return True
         try:
@@ -238,7 +244,8 @@ def apply_enforcement(deps: LifecycleDeps, user_id: str, plans: list[DatabasePla
             budget.enforced = read_only
     if report is not None:
         (report.made_read_only if read_only else report.writes_restored).append(user_id)
-    log.info("user %s databases are now %s", user_id, "read-only (over budget)" if read_only else "writable")
+    log.info("user %s databases are now %s", user_id, "read-only (over budget or storage limit)" if read_only
+             else "writable")
     return True
 
 

@@ -13,7 +13,14 @@ from agentpg.errors import AgentpgError, InvalidInput, NotFound
 from agentpg.lifecycle import workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.schemas import DatabaseUsage, UsageReport
-from agentpg.usage.budgets import _plan, apply_enforcement, budget_status, period_start_of, sample_first
+from agentpg.usage.budgets import (
+    _plan,
+    apply_enforcement,
+    budget_status,
+    period_start_of,
+    sample_first,
+    wants_read_only,
+)
 from agentpg.usage.pricing import MICRO, PriceTable
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,9 @@ def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80
         user_id=user_id, period_start=period, budget_cents=budget_cents, total_cost_cents=total,
         percent_of_budget=round(100 * total / budget_cents, 2) if budget_cents else None,
         status=budget_status(total, budget_cents, warning_percent),
-        read_only=bool(budget and budget.enforced), global_database=global_part, agent_databases=parts)
+        read_only=bool(budget and budget.enforced), read_only_reason=block_reason(budget),
+        storage_limit_exceeded=bool(budget and budget.storage_exceeded), global_database=global_part,
+        agent_databases=parts)
 
 
 def set_budget(deps: LifecycleDeps, user_id: str, budget_cents: int | None) -> None:
@@ -85,7 +94,7 @@ def set_budget(deps: LifecycleDeps, user_id: str, budget_cents: int | None) -> N
         budget = s.get_one(UserBudget, user_id, with_for_update=True, populate_existing=True)
         budget.budget_cents = budget_cents
         budget.exceeded = budget_cents is not None and budget.total_cost_cents >= budget_cents
-        want, have = budget.exceeded, budget.enforced
+        want, have = wants_read_only(budget), budget.enforced
         plans = [p for p in (_plan(r) for r in [
             *s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)),
             *s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id))])
@@ -98,10 +107,30 @@ def write_block_reason(deps: LifecycleDeps, user_id: str) -> str | None:
     """Why the user's agents may not write now (a clear message for MCP ``execute``), or ``None``."""
     with deps.sessions() as s:
         budget = s.get(UserBudget, user_id)
-    if budget is not None and (budget.exceeded or budget.enforced):
-        return (f"budget exceeded: {_over_budget(budget.total_cost_cents, budget.budget_cents)}; this user's "
-                "databases are read-only until the budget is raised or the next period starts; reads still work")
-    return None
+    return block_reason(budget)
+
+
+def block_reason(budget: UserBudget | None) -> str | None:
+    """The message of :func:`write_block_reason` for ``budget``'s row: both reasons when both blocks apply."""
+    if budget is None:
+        return None
+    reasons = []
+    if budget.storage_exceeded:
+        reasons.append(storage_message(budget.storage_limit_mb, budget.storage_bytes))
+    if budget.exceeded:
+        reasons.append(f"budget exceeded: {_over_budget(budget.total_cost_cents, budget.budget_cents)}; this "
+                       "user's databases are read-only until the budget is raised or the next period starts")
+    if not reasons and budget.enforced:  # a block was just lifted; the grants follow within the same job
+        reasons.append("this user's databases are read-only until agentpg restores writes (a budget or storage "
+                       "block was just lifted); retry in a few seconds")
+    return "; and ".join(reasons) + "; reads still work" if reasons else None
+
+
+def storage_message(limit_mb: int | None, used_bytes: int) -> str:
+    """Why writes are refused over the storage limit, and what brings them back."""
+    return (f"storage limit of {limit_mb or 0} MB reached: {used_bytes / 2**20:.1f} MB used; this user's databases are "
+            "read-only until its storage is back under the limit: delete data (a workspace's agent database "
+            "goes with the workspace) or ask the operator to delete data or raise AGENTPG_USER_STORAGE_LIMIT_MB")
 
 
 def _over_budget(cost_cents: int, budget_cents: int | None) -> str:

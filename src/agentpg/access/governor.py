@@ -1,0 +1,421 @@
+"""A connection governor per Postgres server (issue 18): one budget of server connections shared by every
+tenant pool of this process, handed out fairly between users.
+
+Without it each (database, role) pool may open ``max_size`` connections and up to 1,000 pools exist, so a few
+hundred busy agents exhaust ``max_connections`` and the next connect fails. With it, per server (``host:port``):
+
+* **Calls** (a checkout of a tenant connection) hold one of ``budget`` call slots while they run. A call that
+  finds none free waits in a queue served **round-robin between users**, a user under its fair share
+  (``budget // users with calls running or waiting``) before one over it: one user's burst cannot hold more
+  than its share while others wait. After ``wait_s`` the call fails with :class:`ServerBusy` (HTTP 429 with
+  ``Retry-After``, an MCP tool error): the server is busy, retry; never a connect failure.
+* **Connections.** A pool may open a connection only within its *grants*: its ``max_size`` is the number of
+  connections the governor granted it (:class:`GovernedPool`), and the grants of all pools of a server never
+  exceed the budget, so the connections agentpg holds open on the server never do either. A pool whose calls
+  need more connections than it holds gets a free grant, or takes one from another pool: an unused grant
+  first (connections closed by idleness), else an idle connection of the least recently used pool is closed.
+
+The budget of a server is ``AGENTPG_GOVERNOR_BUDGET`` if set, else derived from the server itself:
+``(max_connections - superuser_reserved_connections - reserved_connections) // AGENTPG_SERVE_INSTANCES``
+(the reserved slots are agentpg's own: its catalog, provider and admin connections log in as superuser).
+Nothing here is module state: a :class:`Governor` is made by the edge that makes the pools and passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+from agentpg.errors import AgentpgError
+
+log = logging.getLogger(__name__)
+
+#: How many of the busiest users' figures the metrics show (by rank, never by id).
+TOP_USERS = 5
+
+
+class ServerBusy(AgentpgError):
+    """The Postgres server's connection budget is spent and the call waited its turn in vain: retryable."""
+
+    status = 429
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    budget: int | None = None
+    """Connections per server for this process; None: derived from the server (see the module docstring)."""
+    instances: int = 1
+    """serve processes sharing each server: a derived budget is divided between them."""
+    wait_s: float = 5.0
+    """How long a call may wait for a call slot or a connection before :class:`ServerBusy`."""
+    fallback_budget: int = 20
+    """The budget of a server whose settings cannot be read (asked again after ``probe_retry_s``)."""
+    probe_retry_s: float = 30.0
+    connect_timeout_s: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> GovernorConfig:
+        """``AGENTPG_GOVERNOR_BUDGET``, ``AGENTPG_GOVERNOR_WAIT_S``, ``AGENTPG_SERVE_INSTANCES``."""
+        return cls(budget=settings.governor_budget, instances=settings.serve_instances,
+                   wait_s=settings.governor_wait_s, connect_timeout_s=settings.connect_timeout_s)
+
+
+class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
+    """A tenant pool whose ``max_size`` is the governor's grant: it can never open more connections than that.
+    The two methods below change the size under the pool's own lock, the one its growth is decided under
+    (psycopg_pool has no public way to close one idle connection)."""
+
+    def __init__(self, *args: Any, start_empty: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if start_empty:  # allowed no connection until granted one (psycopg_pool refuses max_size=0 here)
+            self._max_size = 0
+
+    async def grant_one(self) -> bool:
+        """One more connection allowed (False if the pool is closed); grow now if callers already wait."""
+        async with self._lock:
+            if self._closed:
+                return False
+            self._max_size += 1
+            if self._waiting:
+                self._maybe_grow_pool()
+        return True
+
+    async def give_back_one(self) -> bool | None:
+        """One connection fewer allowed: None if an allowed connection was not open (nothing closed), True if
+        an idle connection was closed to make room, False if neither (every connection busy or on its way back)."""
+        closing: AsyncConnection[object] | None = None
+        async with self._lock:
+            if self._closed or self._max_size <= 0:
+                return False
+            if self._nconns < self._max_size and not self._waiting:
+                self._max_size -= 1
+                return None
+            if not self._pool:
+                return False
+            closing = self._pool.popleft()  # the longest idle
+            self._nconns -= 1
+            self._max_size -= 1
+            self._nconns_min = min(self._nconns_min, len(self._pool))
+        with contextlib.suppress(Exception):
+            await self._close_connection(closing)
+        return True
+
+    def open_connections(self) -> int:
+        """Connections open or being opened."""
+        return self._nconns
+
+
+class Holder(Protocol):
+    """What the governor needs of a pool's entry."""
+
+    user: str
+    active: int
+    last_used: float
+    pool: GovernedPool
+
+
+@dataclass
+class ServerStats:
+    waits: int = 0
+    """Calls that had to queue for a call slot."""
+    refusals: int = 0
+    """Calls answered :class:`ServerBusy`."""
+    terminations: int = 0
+    """Idle connections of other pools closed to make room."""
+    reclaimed: int = 0
+    """Unused grants moved to another pool."""
+    peak_open: int = 0
+    """Most connections seen open at once (sampled when a grant is given)."""
+
+
+@dataclass
+class ServerGate:
+    """One server's budget: call slots with a fair queue, and connection grants."""
+
+    name: str
+    budget: int
+    wait_s: float
+    flight: dict[str, int] = field(default_factory=dict)
+    calls: int = 0
+    granted: int = 0
+    holders: dict[int, Holder] = field(default_factory=dict)
+    stats: ServerStats = field(default_factory=ServerStats)
+    _waiters: OrderedDict[str, deque[_Waiter]] = field(default_factory=OrderedDict)
+    _grant_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # -- call slots --------------------------------------------------------------------------------------
+    def queue_length(self) -> int:
+        return sum(len(q) for q in self._waiters.values())
+
+    def share(self) -> int:
+        users = {u for u, n in self.flight.items() if n > 0} | set(self._waiters)
+        return max(1, self.budget // max(1, len(users)))
+
+    async def enter(self, user: str, deadline: float, holder: Holder | None = None) -> None:
+        """Take a call slot for ``user``, waiting (fairly) until ``deadline`` (monotonic); else ServerBusy.
+        ``holder`` is the pool the call will use (a waiter whose pool has a connection to spare goes first
+        among its user's waiters)."""
+        if self.calls < self.budget and not self._waiters:
+            self._admit(user)
+            return
+        self.stats.waits += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(fut, holder)
+        self._waiters.setdefault(user, deque()).append(waiter)
+        self._dispatch()
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await asyncio.shield(fut)
+        except BaseException as exc:
+            queue = self._waiters.get(user)
+            if queue is not None and waiter in queue:
+                queue.remove(waiter)
+                if not queue:
+                    del self._waiters[user]
+            if fut.done() and not fut.cancelled():
+                self.leave(user)  # granted just as the wait ended: hand it on
+            else:
+                fut.cancel()
+            if isinstance(exc, TimeoutError):
+                raise self.busy() from None
+            raise
+
+    def _admit(self, user: str) -> None:
+        self.flight[user] = self.flight.get(user, 0) + 1
+        self.calls += 1
+
+    def leave(self, user: str) -> None:
+        left = self.flight.get(user, 0) - 1
+        if left > 0:
+            self.flight[user] = left
+        else:
+            self.flight.pop(user, None)
+        self.calls -= 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.calls < self.budget and self._waiters:
+            share = self.share()
+            user = next((u for u in self._waiters if self.flight.get(u, 0) < share), next(iter(self._waiters)))
+            queue = self._waiters[user]
+            waiter = _pick(queue)
+            fut = waiter.fut
+            if queue:
+                self._waiters.move_to_end(user)  # round-robin: this user's next waiter goes behind the others
+            else:
+                del self._waiters[user]
+            if fut.done():
+                continue
+            fut.set_result(None)
+            self._admit(user)
+
+    def busy(self) -> ServerBusy:
+        self.stats.refusals += 1
+        return ServerBusy(f"the database server is busy: all {self.budget} connections agentpg may use on it are "
+                          f"in use and this call waited {self.wait_s:g} s for one; retry in a second or two "
+                          "(nothing of this call ran)", retry_after_s=1)
+
+    # -- connection grants -------------------------------------------------------------------------------
+    def open_connections(self) -> int:
+        return sum(h.pool.open_connections() for h in self.holders.values())
+
+    async def ensure_connection(self, holder: Holder, cap: int, deadline: float) -> None:
+        """``holder`` has a call that may need a connection it is not yet allowed to open: grant one (taking it
+        from another pool if the budget is spent), or, if it already holds some, let the call queue on them."""
+        pause = 0.002
+        while holder.pool.max_size < min(holder.active, cap):
+            async with self._grant_lock:
+                if holder.pool.max_size >= min(holder.active, cap):
+                    return
+                # A pool without a connection may close another pool's idle one; one that has some grows only
+                # into free or unused grants (closing connections to grow would only churn them).
+                if self.granted < self.budget or await self._reclaim(holder, close_idle=holder.pool.max_size == 0):
+                    if not await holder.pool.grant_one():
+                        return  # its pool was closed (evicted): the call fails on it as without a governor
+                    self.granted += 1
+                    self.stats.peak_open = max(self.stats.peak_open, self.open_connections())
+                    continue
+            if holder.pool.max_size > 0:
+                return  # its own connections come back within a call's time: wait on them in its pool
+            if time.monotonic() >= deadline:
+                raise self.busy()
+            await asyncio.sleep(pause)  # connections on their way back to another pool: look again
+            pause = min(0.02, pause * 2)
+
+    async def _reclaim(self, needy: Holder, *, close_idle: bool) -> bool:
+        """Free one grant held by another pool beyond what its calls use: an unused one, else (``close_idle``)
+        close an idle connection (least recently used pool first)."""
+        others = sorted((h for h in self.holders.values() if h is not needy and h.pool.max_size > h.active),
+                        key=lambda h: h.last_used)
+        for closing in (False, True) if close_idle else (False,):
+            for other in others:
+                pool = other.pool
+                if not closing and pool.open_connections() >= pool.max_size:
+                    continue
+                outcome = await pool.give_back_one()
+                if outcome is None:
+                    self.stats.reclaimed += 1
+                elif outcome:
+                    self.stats.terminations += 1
+                else:
+                    continue
+                self.granted -= 1
+                return True
+        return False
+
+    def register(self, holder: Holder) -> None:
+        self.holders[id(holder)] = holder
+
+    def unregister(self, holder: Holder) -> None:
+        """``holder``'s pool is closed (its size no longer changes): its grants return to the budget."""
+        if self.holders.pop(id(holder), None) is not None:
+            self.granted -= holder.pool.max_size
+
+    def snapshot(self) -> ServerSnapshot:
+        top = sorted(self.flight.values(), reverse=True)[:TOP_USERS]
+        return ServerSnapshot(server=self.name, budget=self.budget, open=self.open_connections(),
+                              granted=self.granted, calls=self.calls, queue=self.queue_length(),
+                              users=len(self.flight), top_user_calls=top, stats=ServerStats(**vars(self.stats)))
+
+
+@dataclass(eq=False)
+class _Waiter:
+    fut: asyncio.Future[None]
+    holder: Holder | None
+
+
+#: How far into a user's queue the dispatcher looks for a call whose pool has a connection to spare.
+_AFFINITY_SCAN = 32
+
+
+def _pick(queue: deque[_Waiter]) -> _Waiter:
+    """Take the user's first waiter whose pool may use a connection without opening one beyond its grants
+    (an idle one, or an unused grant) among the first few; else the first. Serving those first makes a call
+    that would have closed another pool's connection and opened its own rarer: fewer connects under load."""
+    for i, waiter in enumerate(queue):
+        if i >= _AFFINITY_SCAN:
+            break
+        holder = waiter.holder
+        if holder is not None and not waiter.fut.done() and holder.pool.max_size > holder.active:
+            del queue[i]
+            return waiter
+    return queue.popleft()
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    server: str
+    budget: int
+    open: int
+    granted: int
+    calls: int
+    queue: int
+    users: int
+    top_user_calls: list[int]
+    stats: ServerStats
+
+
+def _loop_time(deadline: float) -> float:
+    """A ``time.monotonic()`` deadline on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())
+
+
+def server_key(uri: str) -> str:
+    """``host:port`` of ``uri``: the governor's key (never the URI, which holds a password)."""
+    params = conninfo_to_dict(uri)
+    host = str(params.get("host") or "127.0.0.1").split(",")[0]
+    port = str(params.get("port") or 5432).split(",")[0]
+    return f"{host}:{port}"
+
+
+BudgetProbe = Callable[[str], Awaitable[int]]
+"""Connections tenants may hold on the server ``uri`` reaches (before dividing between instances)."""
+
+
+async def probe_budget(uri: str, connect_timeout_s: int = 5) -> int:
+    """``max_connections`` minus the slots reserved for superusers and ``pg_use_reserved_connections``, read
+    from the server (as agentpg's admin when this process knows it, so the probe uses a reserved slot)."""
+    from agentpg.access.guard import admin_dsn_for
+
+    dsn = admin_dsn_for(uri) or uri
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=connect_timeout_s) as conn:
+        cur = await conn.execute("SELECT current_setting('max_connections')::int, "
+                                 "current_setting('superuser_reserved_connections')::int, "
+                                 "coalesce(current_setting('reserved_connections', true)::int, 0)")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]) - int(row[1]) - int(row[2])
+
+
+class Governor:
+    """The gates of every server this process's tenant pools reach."""
+
+    def __init__(self, config: GovernorConfig | None = None, *, probe: BudgetProbe | None = None) -> None:
+        self.config = config or GovernorConfig()
+        self._probe = probe or (lambda uri: probe_budget(uri, self.config.connect_timeout_s))
+        self._gates: dict[str, ServerGate] = {}
+        self._retry_probe: dict[str, float] = {}
+        self._probing: dict[str, asyncio.Task[int]] = {}
+
+    async def gate(self, uri: str) -> ServerGate:
+        name = server_key(uri)
+        gate = self._gates.get(name)
+        retry_at = self._retry_probe.get(name)
+        if gate is not None and (retry_at is None or time.monotonic() < retry_at):
+            return gate  # known (or its probe failed and is not due again yet)
+        budget = await self._budget(name, uri)
+        if gate is None:
+            gate = self._gates.setdefault(name, ServerGate(name, budget, self.config.wait_s))
+        else:
+            gate.budget = budget
+        return gate
+
+    async def _budget(self, name: str, uri: str) -> int:
+        if self.config.budget is not None:
+            return max(1, self.config.budget)
+        task = self._probing.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._probe(uri))
+            self._probing[name] = task
+        try:
+            server = await asyncio.shield(task)
+        except Exception as exc:
+            log.warning("could not read the connection settings of a tenant server (%s); its budget is %d "
+                        "connections until asked again", type(exc).__name__, self.config.fallback_budget)
+            self._retry_probe[name] = time.monotonic() + self.config.probe_retry_s
+            return self.config.fallback_budget
+        finally:
+            self._probing.pop(name, None)
+        self._retry_probe.pop(name, None)
+        return max(1, server // max(1, self.config.instances))
+
+    @contextlib.asynccontextmanager
+    async def call(self, gate: ServerGate, user: str, holder: Holder | None = None) -> AsyncIterator[float]:
+        """Hold a call slot of ``gate`` for ``user`` (using ``holder``'s pool); yields the call's deadline for
+        a connection."""
+        deadline = time.monotonic() + self.config.wait_s
+        await gate.enter(user, deadline, holder)
+        try:
+            yield deadline
+        finally:
+            gate.leave(user)
+
+    def snapshot(self) -> list[ServerSnapshot]:
+        return [gate.snapshot() for gate in self._gates.values()]

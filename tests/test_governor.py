@@ -1,0 +1,323 @@
+"""The connection governor (issue 18): one connection budget per Postgres server, shared fairly by users.
+
+A small embedded server of its own (``max_connections = 100``, of which 33 are reserved for superusers) holds a
+few hundred agents' databases; floods of concurrent calls through :class:`TenantQueries` must never fail to
+connect: every call succeeds, or waits a bounded time and gets the retryable ``server_busy`` (429).
+``AGENTPG_TEST_NO_GOVERNOR=1`` runs the same floods without the governor (they fail: connect failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from agentpg.access.governor import Governor, GovernorConfig, ServerBusy, ServerGate
+from agentpg.access.pools import PoolLimits, TenantPools
+from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.embedded import EmbeddedPostgres
+
+MAX_CONNECTIONS = 100
+DATABASES = 300
+PASSWORD = "gov-test-pw"
+NO_GOVERNOR = os.environ.get("AGENTPG_TEST_NO_GOVERNOR") == "1"
+
+
+@dataclass
+class Server:
+    admin: str
+    uris: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """A separate embedded server with few connection slots and ``DATABASES`` tenant databases, each with its
+    own login role (an agent's database) and a table ``t``."""
+    home = Path(tempfile.mkdtemp(prefix="agentpg-gov-", dir="/tmp"))
+    home.chmod(0o711)
+    embedded = EmbeddedPostgres(home, fsync=False, extra_conf={"max_connections": str(MAX_CONNECTIONS)})
+    info = embedded.ensure_running()
+    try:
+        admin = info.dsn("postgres")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE gov_tpl")
+            with psycopg.connect(info.dsn("gov_tpl"), autocommit=True) as tpl:
+                tpl.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
+                tpl.execute("GRANT ALL ON t TO PUBLIC")
+            started = time.monotonic()
+            for i in range(DATABASES):
+                conn.execute(f"CREATE ROLE gov_r{i} LOGIN PASSWORD '{PASSWORD}'")
+                # FILE_COPY: a copy of the template's files (a few ms here), not its blocks through the WAL.
+                conn.execute(f"CREATE DATABASE gov_d{i} TEMPLATE gov_tpl OWNER gov_r{i} STRATEGY FILE_COPY")
+            print(f"\n{DATABASES} databases made in {time.monotonic() - started:.1f} s")
+        served = Server(admin=admin)
+        for i in range(DATABASES):
+            served.uris.append(make_conninfo(info.dsn(f"gov_d{i}"), user=f"gov_r{i}", password=PASSWORD))
+        yield served
+    finally:
+        embedded.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _governor(budget: int | None, wait_s: float) -> Governor | None:
+    return None if NO_GOVERNOR else Governor(GovernorConfig(budget=budget, wait_s=wait_s))
+
+
+def _tenant_backends(admin: str) -> int:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'gov\\_r%'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@dataclass
+class Outcomes:
+    latencies: list[float] = field(default_factory=list)
+    busy: int = 0
+    other: Counter[str] = field(default_factory=Counter)
+    acknowledged: list[tuple[int, str]] = field(default_factory=list)
+
+
+async def _call(queries: TenantQueries, uri: str, statement: str, params: list[Any] | None, user: str,
+                out: Outcomes, *, read_only: bool = False, ack: tuple[int, str] | None = None) -> None:
+    started = time.perf_counter()
+    try:
+        await queries.run(uri, statement, params, read_only=read_only, user=user)
+    except ServerBusy as exc:
+        assert exc.status == 429 and "busy" in exc.message and "retry" in exc.message
+        out.busy += 1
+        return
+    except Exception as exc:
+        out.other[f"{type(exc).__name__}: {getattr(exc, 'message', str(exc))[:120]}"] += 1
+        return
+    out.latencies.append(time.perf_counter() - started)
+    if ack is not None:
+        out.acknowledged.append(ack)
+
+
+class Sampler:
+    """Samples the governor's open and granted connections (every 5 ms) and the server's tenant backends."""
+
+    def __init__(self, pools: TenantPools, admin: str) -> None:
+        self.pools, self.admin = pools, admin
+        self.max_open = self.max_granted = self.max_backends = 0
+        self.budget = 0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        last_backends = 0.0
+        while not self._stop.is_set():
+            governor = self.pools.governor
+            for snap in governor.snapshot() if governor is not None else []:
+                self.budget = snap.budget
+                self.max_open = max(self.max_open, snap.open)
+                self.max_granted = max(self.max_granted, snap.granted)
+            if time.monotonic() - last_backends > 0.1:
+                last_backends = time.monotonic()
+                self.max_backends = max(self.max_backends, await asyncio.to_thread(_tenant_backends, self.admin))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+# -- the fair queue, without a server ---------------------------------------------------------------------
+
+
+def test_fair_queue_serves_a_quiet_user_before_a_noisy_one() -> None:
+    async def scenario() -> None:
+        gate = ServerGate("h:1", budget=2, wait_s=1.0)
+        deadline = time.monotonic() + 1.0
+        await gate.enter("noisy", deadline)
+        await gate.enter("noisy", deadline)
+        order: list[str] = []
+
+        async def wait(user: str) -> None:
+            await gate.enter(user, time.monotonic() + 1.0)
+            order.append(user)
+
+        noisy = [asyncio.create_task(wait("noisy")) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        quiet = asyncio.create_task(wait("quiet"))
+        await asyncio.sleep(0.01)
+        assert gate.queue_length() == 6 and gate.stats.waits == 6
+        gate.leave("noisy")  # the first freed slot goes to the quiet user, though it queued last
+        await asyncio.sleep(0.01)
+        assert order == ["quiet"], order
+        await quiet
+        # Budget spent, nothing freed: the rest give up after the wait with the retryable error.
+        results = await asyncio.gather(*noisy, return_exceptions=True)
+        assert all(isinstance(r, ServerBusy) for r in results), results
+        assert gate.stats.refusals == 5 and gate.queue_length() == 0 and gate.calls == 2
+
+    asyncio.run(scenario())
+
+
+# -- a noisy user and a quiet one on a real server ----------------------------------------------------------
+
+
+def test_a_quiet_user_is_served_while_a_noisy_one_floods(server: Server) -> None:
+    """The noisy user floods 60 of its databases (up to 5 connections each: 300 wanted, 67 slots exist); the
+    quiet user's calls, one after another on its own database, all succeed within a bounded time."""
+
+    async def scenario() -> tuple[Outcomes, Outcomes, Sampler]:
+        pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=_governor(None, 5.0))
+        queries = TenantQueries(pools, QueryLimits())
+        sampler = Sampler(pools, server.admin)
+        sampling = asyncio.create_task(sampler.run())
+        noisy, quiet = Outcomes(), Outcomes()
+        stop = time.monotonic() + 6.0
+
+        async def flood(uri: str) -> None:
+            while time.monotonic() < stop:
+                await _call(queries, uri, "SELECT pg_sleep(0.05)", None, "noisy", noisy, read_only=True)
+
+        async def polite() -> None:
+            await asyncio.sleep(0.5)  # the flood is under way
+            for i in range(40):
+                await _call(queries, server.uris[-1], "INSERT INTO t VALUES ($1, $2)", [f"quiet-{i}", i], "quiet",
+                            quiet, ack=(len(server.uris) - 1, f"quiet-{i}"))
+                await asyncio.sleep(0.05)
+
+        try:
+            await asyncio.gather(*(flood(uri) for uri in server.uris[:60] for _ in range(5)), polite())
+        finally:
+            sampler.stop()
+            await sampling
+            await queries.close()
+        return noisy, quiet, sampler
+
+    noisy, quiet, sampler = asyncio.run(scenario())
+    print(f"\nnoisy: {len(noisy.latencies)} ok, {noisy.busy} busy, other {dict(noisy.other)}; quiet: "
+          f"{len(quiet.latencies)} ok p50 {_pct(quiet.latencies, 0.5):.0f} ms max "
+          f"{max(quiet.latencies, default=0) * 1000:.0f} ms; budget {sampler.budget}, max open {sampler.max_open}, "
+          f"max tenant backends {sampler.max_backends}")
+    assert not noisy.other and not quiet.other, (noisy.other, quiet.other)
+    assert len(quiet.latencies) == 40 and quiet.busy == 0
+    # The quiet user waits at most for a noisy call to end (and a connection to be made), not for the flood.
+    assert max(quiet.latencies) < 2.0, max(quiet.latencies)
+    assert sampler.budget == MAX_CONNECTIONS - 33  # derived: max_connections - superuser_reserved_connections
+    assert 0 < sampler.max_open <= sampler.budget and sampler.max_granted <= sampler.budget
+    assert sampler.max_backends <= sampler.budget
+    _assert_present(server, quiet.acknowledged)
+
+
+def _assert_present(server: Server, acknowledged: list[tuple[int, str]]) -> None:
+    by_db: dict[int, set[str]] = {}
+    for db, key in acknowledged:
+        by_db.setdefault(db, set()).add(key)
+    for db, keys in by_db.items():
+        with psycopg.connect(make_conninfo(server.admin, dbname=f"gov_d{db}"), autocommit=True) as conn:
+            present = {r[0] for r in conn.execute("SELECT k FROM t WHERE k = ANY(%s)", [list(keys)])}
+        assert present == keys, (db, sorted(keys - present)[:5])
+
+
+# -- scale: many sessions over many agents' databases --------------------------------------------------------
+
+
+def test_many_sessions_over_many_databases_never_fail_to_connect(server: Server) -> None:
+    """1,000 concurrent sessions (each a burst of three calls: a write, a read, a write) over 300 agents'
+    databases of 30 users, on a server with max_connections = 100: no connect failure, only successes or
+    explicit busy answers, every acknowledged write present, never more connections than the budget."""
+    sessions = 1000
+
+    async def scenario() -> tuple[Outcomes, Sampler, float, int]:
+        pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=_governor(None, 5.0))
+        queries = TenantQueries(pools, QueryLimits())
+        sampler = Sampler(pools, server.admin)
+        sampling = asyncio.create_task(sampler.run())
+        out = Outcomes()
+
+        async def session(n: int) -> None:
+            db = n % DATABASES
+            uri, user = server.uris[db], f"user-{db % 30}"
+            for step in range(2):
+                key = f"s{n}-{step}"
+                await _call(queries, uri, "INSERT INTO t VALUES ($1, $2)", [key, n], user, out, ack=(db, key))
+                if step == 0:
+                    await _call(queries, uri, "SELECT count(*) FROM t", None, user, out, read_only=True)
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(session(n) for n in range(sessions)))
+        finally:
+            elapsed = time.perf_counter() - started
+            sampler.stop()
+            await sampling
+            await queries.close()
+        return out, sampler, elapsed, sessions * 3
+
+    out, sampler, elapsed, calls = asyncio.run(scenario())
+    lat = out.latencies
+    print(f"\n{calls} calls of {sessions} sessions over {DATABASES} databases in {elapsed:.1f} s "
+          f"({calls / elapsed:.0f} calls/s): {len(lat)} ok (p50 {_pct(lat, 0.5):.0f} ms, p99 {_pct(lat, 0.99):.0f} ms, "
+          f"mean {statistics.fmean(lat) * 1000 if lat else 0:.0f} ms), {out.busy} busy, other {dict(out.other)}; "
+          f"budget {sampler.budget}, max open {sampler.max_open}, max granted {sampler.max_granted}, "
+          f"max tenant backends {sampler.max_backends}")
+    assert not out.other, out.other  # no connect failure, no other error: only successes or server_busy
+    assert len(lat) + out.busy == calls
+    assert len(lat) >= calls // 2, "most calls should get through within the wait"
+    assert 0 < sampler.max_open <= sampler.budget and sampler.max_granted <= sampler.budget
+    assert sampler.max_backends <= sampler.budget
+    _assert_present(server, out.acknowledged)
+
+
+def test_server_busy_is_a_429_with_retry_after_on_rest() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from agentpg.api.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise ServerGate("h:1", budget=3, wait_s=5.0).busy()
+
+    answer = TestClient(app).get("/busy")
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
+    body = answer.json()
+    assert body["code"] == "server_busy" and "retry" in body["detail"] and "3 connections" in body["detail"]
+
+
+def test_governor_metrics_have_bounded_labels() -> None:
+    from agentpg.api.metrics import ApiMetrics, GovernorCollector
+
+    async def scenario() -> Governor:
+        governor = Governor(GovernorConfig(budget=4, wait_s=0.05))
+        gate = await governor.gate("postgresql://u:p@10.0.0.1:5433/d")
+        for i in range(12):
+            await gate.enter(f"user-{i}", time.monotonic() + 1) if i < 4 else None
+        with pytest.raises(ServerBusy):
+            await gate.enter("late", time.monotonic() + 0.01)
+        return governor
+
+    governor = asyncio.run(scenario())
+    metrics = ApiMetrics.create()
+    metrics.registry.register(GovernorCollector(governor))
+    text = metrics.exposition()[0].decode()
+    assert 'agentpg_governor_budget{server="10.0.0.1:5433"} 4.0' in text
+    assert 'agentpg_governor_calls_in_use{server="10.0.0.1:5433"} 4.0' in text
+    assert 'agentpg_governor_refusals_total{server="10.0.0.1:5433"} 1.0' in text
+    samples = [line for line in text.splitlines() if line.startswith("agentpg_governor")]
+    assert not [line for line in samples if '"user-' in line or '"late"' in line]  # no user id is ever a label
+    assert text.count("agentpg_governor_user_calls_in_use{") == 4
