@@ -208,11 +208,13 @@ class SideInstance:
                                    str(int(_START_TIMEOUT_S)), "-s"], timeout=_START_TIMEOUT_S + 30)
         deadline = time.monotonic() + _START_TIMEOUT_S
         dsn = make_conninfo(self.archiver.admin_dsn, host="127.0.0.1", port=str(self.port), dbname="postgres")
+        promoted = False
         while started.returncode == 0:
             with contextlib.suppress(psycopg.OperationalError), psycopg.connect(
                     dsn, autocommit=True, connect_timeout=5) as conn:
                 row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
                 if row is not None and not row[0]:
+                    promoted = True
                     break
             if _postmaster_pid(self.data) is None or time.monotonic() > deadline:
                 break
@@ -223,7 +225,9 @@ class SideInstance:
                                 f"{target.lsn or target.time} cannot be restored yet")
         if "before consistent recovery point" in text:
             raise NotRestorable(f"{target.lsn or target.time} is before the oldest restorable point")
-        if "recovery stopping" not in text or "database system is ready to accept connections" not in text:
+        # Promoted (out of recovery) and stopped at the target. (Not "ready to accept connections": the log
+        # may not say so yet when pg_is_in_recovery() already answers false.)
+        if not promoted or "recovery stopping" not in text:
             # The side instance's log is for the operator (agentpg's log), not for an API answer.
             log.warning("a restore's recovery did not reach its target; the side instance's log ends:\n%s",
                         self.log_tail())

@@ -34,6 +34,8 @@ from agentpg.usage.budgets import _plan, _ready_records, apply_enforcement, peri
 log = logging.getLogger(__name__)
 
 _STORAGE_LOCK_KEY = 0x61677470_73746f72  # not the usage sync's: the two never wait for each other
+RELEASE_FRACTION = 0.95
+"""A user over the limit gets writes back once under this fraction of it."""
 WARN_FRACTION = 0.8
 """Users at or over this fraction of the limit have their storage recorded (and exported in /metrics)."""
 METRICS_TOP = 100
@@ -99,7 +101,7 @@ def _check(deps: LifecycleDeps, limit_mb: int, default_budget_cents: int | None,
             continue  # unread this time (or no ready database yet): nothing is known to change
         total = total or 0
         before_bytes, before_over, before_limit = stored.get(user_id, (0, False, None))
-        over = limit_mb > 0 and total >= limit
+        over = _over(limit_mb, limit, total, before_over)
         near = limit_mb > 0 and (total >= warn or before_bytes >= warn)
         if over != before_over or (near and (total != before_bytes or before_limit != limit_mb)):
             due[user_id] = total
@@ -118,7 +120,7 @@ def _check(deps: LifecycleDeps, limit_mb: int, default_budget_cents: int | None,
             total = due[budget.user_id]
             budget.storage_bytes = total
             budget.storage_limit_mb = limit_mb or None
-            budget.storage_exceeded = limit_mb > 0 and total >= limit
+            budget.storage_exceeded = _over(limit_mb, limit, total, budget.storage_exceeded)
             if wants_read_only(budget) != budget.enforced:
                 changes.append((budget.user_id, wants_read_only(budget)))
     cache.invalidate_all()  # this process's cached block reasons follow at once
@@ -129,6 +131,14 @@ def _check(deps: LifecycleDeps, limit_mb: int, default_budget_cents: int | None,
                 log.warning("user %s is over its storage limit of %d MB (%.1f MB): its databases are now "
                             "read-only", user_id, limit_mb, due[user_id] / 2**20)
     cache.invalidate_all()
+
+
+def _over(limit_mb: int, limit: float, total: int, was_over: bool) -> bool:
+    """Over the limit; once over, until under 95 % of it: a database's size moves a little on its own (free
+    space maps, a checkpoint), and writes must not flap on and off at the boundary."""
+    if limit_mb <= 0:
+        return False
+    return total >= limit or (was_over and total >= limit * RELEASE_FRACTION)
 
 
 class StorageGuard(PeriodicJob):
