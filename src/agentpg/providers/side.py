@@ -113,7 +113,14 @@ class SideInstance:
         pg_wal = self.data / "pg_wal"
         pg_wal.mkdir(exist_ok=True)
         for seg in wal:
-            shutil.copyfile(seg.path, pg_wal / seg.name)
+            try:
+                shutil.copyfile(seg.path, pg_wal / seg.name)
+            except FileNotFoundError:
+                # pg_receivewal renames a .partial segment once it is complete, between our listing of the
+                # directory and the copy: the completed segment is the same one, only longer.
+                if not seg.partial:
+                    raise
+                shutil.copyfile(seg.path.with_name(seg.name), pg_wal / seg.name)
         for history in self.archiver.wal_dir.glob("*.history"):
             shutil.copyfile(history, pg_wal / history.name)
         for name in ("postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal"):
