@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +59,21 @@ def live_server(settings: Settings) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def http_session(base_url: str, token: str) -> AsyncIterator[ClientSession]:
-    """An initialised SDK client session over streamable HTTP, authenticated with ``token``."""
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client, \
-            streamable_http_client(f"{base_url}/mcp", http_client=client) as (read, write, _), \
+async def http_session(base_url: str, token: str, path: str = "/mcp",
+                       timeout: float = 30) -> AsyncIterator[ClientSession]:
+    """An initialised SDK client session over streamable HTTP, authenticated with ``token``; ``path`` is
+    ``/mcp`` (agentpg's own tools) or ``/mcp/servers/<name>`` (a gateway server)."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client, \
+            streamable_http_client(f"{base_url}{path}", http_client=client) as (read, write, _), \
             ClientSession(read, write) as session:
         await session.initialize()
         yield session
+
+
+def gateway_session(base_url: str, token: str, name: str,
+                    timeout: float = 90) -> AbstractAsyncContextManager[ClientSession]:
+    """:func:`http_session` on the gateway's server ``name`` (``/mcp/servers/<name>``)."""
+    return http_session(base_url, token, f"/mcp/servers/{name}", timeout)
 
 
 def text(result: types.CallToolResult) -> str:

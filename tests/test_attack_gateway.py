@@ -30,8 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,8 @@ from urllib.parse import urlsplit
 import httpx
 import leakscan
 import pytest
-from mcp import ClientSession, types
-from mcp.client.streamable_http import streamable_http_client
-from mcp_support import INIT, MCP_HEADERS, Tenants, live_server
+from mcp import ClientSession
+from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
 from sqlalchemy import delete
 from test_gateway import ensure_bwrap, server_postgres_js  # noqa: F401  (the npm server fixture)
 
@@ -158,26 +156,13 @@ def stored_names(url: str, token: str, user: str) -> set[str]:
     return {item["name"] for item in listed.json()["items"]}
 
 
-@asynccontextmanager
-async def session(url: str, token: str, name: str) -> AsyncIterator[ClientSession]:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=90) as client, \
-            streamable_http_client(f"{url}/mcp/servers/{name}", http_client=client) as (read, write, _), \
-            ClientSession(read, write) as s:
-        await s.initialize()
-        yield s
-
-
-def text_of(result: types.CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
-
-
 async def sh(s: ClientSession, cmd: str, timeout_ms: int = 30000) -> str:
-    return text_of(await s.call_tool("sh", {"cmd": cmd, "timeout": timeout_ms}))
+    return text(await s.call_tool("sh", {"cmd": cmd, "timeout": timeout_ms}))
 
 
 async def read(s: ClientSession, path: str) -> bytes | None:
     """The file's bytes as the sandboxed server could read them, or None when it could not."""
-    out = text_of(await s.call_tool("read", {"path": path}))
+    out = text(await s.call_tool("read", {"path": path}))
     if out.startswith("OK "):
         return base64.b64decode(out[3:])
     assert out.startswith("ERR"), out
@@ -323,7 +308,7 @@ async def test_malicious_entry_cannot_read_agentpg_or_the_host(attack: Attack, a
     assert project_file.exists()
     serve = os.getpid()
     serve_environ = Path(f"/proc/{serve}/environ").read_bytes()
-    async with session(attack.url, tenants.token_a, "evil") as s:
+    async with gateway_session(attack.url, tenants.token_a, "evil") as s:
         for path in [*secrets, data_dir / "PG_VERSION", data_dir / "global" / "pg_control", data_dir / "pg_hba.conf"]:
             got = await read(s, str(path))
             assert got is None or got != path.read_bytes(), f"the sandboxed server read {path}"
@@ -359,8 +344,8 @@ async def test_malicious_entry_cannot_read_agentpg_or_the_host(attack: Attack, a
     # Another user's child runs as another uid, and cannot reach the first one.
     assert put(attack.url, tenants.user2_token, tenants.user2, "evil", {"server": "evil"}).status_code in (200, 201)
     role_a = urlsplit(runtime.service.agent_uri(tenants.ws_a, "global")).username or "?"
-    async with session(attack.url, tenants.token_c, "evil") as other, session(attack.url, tenants.token_a,
-                                                                              "evil") as mine:
+    async with gateway_session(attack.url, tenants.token_c, "evil") as other, \
+            gateway_session(attack.url, tenants.token_a, "evil") as mine:
         uid_c = int((await sh(other, "id -u")).split()[-1])
         uid_a = int((await sh(mine, "id -u")).split()[-1])
         assert uid_c != uid_a and uid_c != 0
@@ -377,7 +362,7 @@ async def test_malicious_entry_hits_its_limits(attack: Attack, tenants: Tenants)
     assert put(attack.url, tenants.user1_token, tenants.user1, "evil", {"server": "evil"}).status_code in (200, 201)
     assert put(attack.url, tenants.user1_token, tenants.user1, "evil-cpu",
                {"server": "evil-cpu"}).status_code in (200, 201)
-    async with session(attack.url, tenants.token_a, "evil") as s:
+    async with gateway_session(attack.url, tenants.token_a, "evil") as s:
         uid = int((await sh(s, "id -u")).split()[-1])
         # A huge file ends at the file-size limit (SIGXFSZ).
         big = await sh(s, "head -c 50000000 /dev/zero > $HOME/big; stat -c %s $HOME/big")
@@ -403,7 +388,7 @@ async def test_malicious_entry_hits_its_limits(attack: Attack, tenants: Tenants)
         time.sleep(0.2)
     assert Sandbox.processes_of(uid) == [], "processes of a stopped child survived"
     # A busy loop is killed at the CPU limit (3 s) and the next call gets a fresh server.
-    async with session(attack.url, tenants.token_a, "evil-cpu") as s:
+    async with gateway_session(attack.url, tenants.token_a, "evil-cpu") as s:
         started = time.monotonic()
         spun = await sh(s, "while :; do :; done", timeout_ms=60000)
         assert time.monotonic() - started < 30, spun
@@ -416,11 +401,11 @@ async def test_the_designs_flow_still_runs_sandboxed(attack: Attack, tenants: Te
     """The npm server with ${GLOBAL_DB_URL} works inside the sandbox, as its own uid."""
     assert put(attack.url, tenants.user1_token, tenants.user1, "pg", {"server": "postgres"}).status_code in (200, 201)
     started = time.monotonic()
-    async with session(attack.url, tenants.token_a, "pg") as s:
+    async with gateway_session(attack.url, tenants.token_a, "pg") as s:
         result = await s.call_tool("query", {"sql": "SELECT current_user = session_user AS ok, 41 + 1 AS answer"})
         elapsed = time.monotonic() - started
-        assert not result.isError, text_of(result)
-        assert json.loads(text_of(result)) == [{"ok": True, "answer": 42}]
+        assert not result.isError, text(result)
+        assert json.loads(text(result)) == [{"ok": True, "answer": 42}]
         uids = uids_running(server_postgres_js)
         assert uids and 0 not in uids
         if os.geteuid() == 0:

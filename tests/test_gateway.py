@@ -20,8 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -31,8 +30,7 @@ import leakscan
 import pytest
 from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp_support import INIT, MCP_HEADERS, Tenants, live_server
+from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
 
 from agentpg.runtime import Runtime
 from agentpg.settings import Settings
@@ -178,19 +176,6 @@ def pg_config(_entry: str = "") -> dict[str, Any]:
     return {"server": "postgres", "params": {}}
 
 
-@asynccontextmanager
-async def gateway_session(base_url: str, token: str, name: str) -> AsyncIterator[ClientSession]:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client, \
-            streamable_http_client(f"{base_url}/mcp/servers/{name}", http_client=client) as (read, write, _), \
-            ClientSession(read, write) as session:
-        await session.initialize()
-        yield session
-
-
-def text_of(result: types.CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
-
-
 def children_pids(marker: str = "server-postgres") -> list[int]:
     """Live processes this test process spawned (the in-process gateway's children) whose command line
     holds ``marker`` (a workspace's role name: server-postgres takes the URI as an argument)."""
@@ -268,7 +253,7 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         assert "execute" in {t.name for t in (await s.list_tools()).tools}
         made = await s.call_tool("execute", {"database": "global",
                                              "sql": "CREATE TABLE gw_items (id int PRIMARY KEY, label text)"})
-        assert not made.isError, text_of(made)
+        assert not made.isError, text(made)
         await s.call_tool("execute", {"database": "global",
                                       "sql": "INSERT INTO gw_items VALUES (1, 'one'), (2, 'two')"})
     assert not children_pids(), "the built-in default must not spawn a process"
@@ -281,7 +266,7 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         assert [t.name for t in tools.tools] == ["query"]
         result = await s.call_tool("query", {"sql": "SELECT id, label FROM gw_items ORDER BY id"})
         secrets.check("tools/call query", dump(result))
-        assert not result.isError and json.loads(text_of(result)) == [{"id": 1, "label": "one"},
+        assert not result.isError and json.loads(text(result)) == [{"id": 1, "label": "one"},
                                                                     {"id": 2, "label": "two"}]
         resources = await s.list_resources()
         secrets.check("resources/list", dump(resources))
@@ -295,7 +280,7 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         # Errors from the child are relayed, scrubbed.
         failed = await s.call_tool("query", {"sql": "SELECT * FROM no_such_table"})
         secrets.check("tools/call error", dump(failed))
-        assert failed.isError and "does not exist" in text_of(failed)
+        assert failed.isError and "does not exist" in text(failed)
         written = await s.call_tool("query", {"sql": "INSERT INTO gw_items VALUES (3, 'x')"})
         secrets.check("tools/call read-only", dump(written))
         assert written.isError
@@ -319,7 +304,7 @@ async def test_agent_permissions_hold_through_the_gateway(runtime: Runtime, base
         async with gateway_session(base_url, tenants.token_b, "pg-perm") as s:
             await s.call_tool("query", {"sql": "SELECT 1"})
             denied = await s.call_tool("query", {"sql": "SELECT * FROM gw_items"})
-            assert denied.isError and "permission denied" in text_of(denied), text_of(denied)
+            assert denied.isError and "permission denied" in text(denied), text(denied)
     finally:
         runtime.service.set_agent_permissions(tenants.ws_b, runtime.service.get_agent_permissions(tenants.ws_b)
                                               .model_copy(update={"can_read": True, "can_write": True}))
@@ -333,7 +318,7 @@ async def test_two_users_same_name_reach_their_own_databases(runtime: Runtime, b
     async with gateway_session(base_url, tenants.token_c, "postgres-global") as s:
         result = await s.call_tool("query", {"sql": "SELECT * FROM gw_items"})
         secrets.check("user2 query", dump(result))
-        assert result.isError and "does not exist" in text_of(result)
+        assert result.isError and "does not exist" in text(result)
         assert [str(r.uri) for r in (await s.list_resources()).resources] == []
     # user 1's own-name config is not reachable by user 2's agent: 404, like a missing one.
     assert put_config(base_url, tenants.user1_token, tenants.user1, "only-u1",
@@ -372,7 +357,7 @@ async def test_crash_restart_and_idle_stop(runtime: Runtime, base_url: str, tena
         assert await wait_for(lambda: pid not in children_pids(role))
         again = await s.call_tool("query", {"sql": "SELECT 2 AS two"})
         secrets.check("after crash", dump(again))
-        assert not again.isError, text_of(again)
+        assert not again.isError, text(again)
         [pid2] = children_pids(role)
         assert pid2 != pid
         # Dies mid-call: a clear tool error, the gateway stays up, the next call works.
@@ -381,7 +366,7 @@ async def test_crash_restart_and_idle_stop(runtime: Runtime, base_url: str, tena
         os.kill(pid2, signal.SIGKILL)
         crashed = await asyncio.wait_for(call, 20)
         secrets.check("crash mid-call", dump(crashed))
-        assert crashed.isError and "stopped during the call" in text_of(crashed), text_of(crashed)
+        assert crashed.isError and "stopped during the call" in text(crashed), text(crashed)
         assert not (await s.call_tool("query", {"sql": "SELECT 3"})).isError
         # Idle: stopped after gateway_idle_timeout_s (3 s) without calls; the next call starts it again.
         assert children_pids(role)
@@ -402,7 +387,7 @@ async def test_concurrency_bound_is_a_clear_error(runtime: Runtime, settings: Se
             await asyncio.sleep(1.0)
             busy = await b.call_tool("query", {"sql": "SELECT 1"})
             leakscan.record("busy", dump(busy))
-            assert busy.isError and "maximum of 1" in text_of(busy), text_of(busy)
+            assert busy.isError and "maximum of 1" in text(busy), text(busy)
             assert not (await slow).isError
             # Once a's child is idle, b's call may replace it.
             assert not (await b.call_tool("query", {"sql": "SELECT 1"})).isError
@@ -429,7 +414,7 @@ async def test_stdio_gateway(runtime: Runtime, agentpg_home: Path, base_url: str
             secrets.check("stdio tools/list", dump(tools))
             result = await s.call_tool("query", {"sql": "SELECT label FROM gw_items WHERE id = 2"})
             secrets.check("stdio query", dump(result))
-            assert json.loads(text_of(result)) == [{"label": "two"}]
+            assert json.loads(text(result)) == [{"label": "two"}]
             resources = await s.list_resources()
             secrets.check("stdio resources/list", dump(resources))
             assert "agentpg://global/gw_items/schema" in [str(r.uri) for r in resources.resources]
@@ -456,11 +441,11 @@ async def test_stderr_and_start_failure_are_scrubbed(runtime: Runtime, base_url:
     async with gateway_session(base_url, tenants.token_a, "noisy") as s:
         failed = await s.call_tool("anything", {})
         secrets.check("failed start", dump(failed))
-        message = text_of(failed)
+        message = text(failed)
         assert failed.isError and "did not start" in message and "[redacted]" in message, message
         assert "agentpg://global" in message  # the URI, rewritten
         again = await s.call_tool("anything", {})  # the gateway stays up and says the same
-        assert again.isError and "did not start" in text_of(again)
+        assert again.isError and "did not start" in text(again)
     stderr_logged = [line for line in log_lines if "noisy" in line and "stderr" in line]
     assert stderr_logged, "the child's stderr was not logged"
     for line in log_lines:
@@ -492,7 +477,7 @@ async def test_secret_param_reaches_the_child_and_is_scrubbed(runtime: Runtime, 
     role = role_of(runtime, tenants.ws_a)
     async with gateway_session(base_url, tenants.token_a, "pg-token") as s:
         echoed = await s.call_tool("query", {"sql": f"SELECT '{token}' AS t"})
-        assert not echoed.isError and token not in dump(echoed) and "[redacted]" in text_of(echoed)
+        assert not echoed.isError and token not in dump(echoed) and "[redacted]" in text(echoed)
         [pid] = [p for p in children_pids(role) if token.encode() in Path(f"/proc/{p}/environ").read_bytes()]
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert f"API_TOKEN={token}".encode() in environ and b"LABEL=abc" in environ

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -119,3 +121,19 @@ def migrate(engine: Engine) -> None:
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def singleton_lock(engine: Engine, key: int) -> Iterator[bool]:
+    """Hold the catalog's session advisory lock ``key`` for the block, if no other process holds it; yields
+    whether it was obtained. For background jobs that one ``serve`` instance at a time must run (the usage
+    sync, the storage check): the others skip that round. A process that dies lets go with its connection."""
+    with engine.connect() as conn:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()

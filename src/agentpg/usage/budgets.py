@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from agentpg.catalog.engine import singleton_lock
 from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, WorkspaceAgentDatabase
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
@@ -83,17 +84,12 @@ def sync_usage(deps: LifecycleDeps, prices: PriceTable, *, default_budget_cents:
     report = SyncReport()
     now = now or datetime.now(UTC)
     period = period_start_of(now)
-    with deps.engine.connect() as lock_conn:
-        if not lock_conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _SYNC_LOCK_KEY}).scalar():
+    with singleton_lock(deps.engine, _SYNC_LOCK_KEY) as mine:
+        if not mine:
             report.skipped = True
             return report
-        lock_conn.commit()
-        try:
-            _sample_all(deps, prices, now, period, report)
-            _enforce(deps, now, period, default_budget_cents, report)
-        finally:
-            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SYNC_LOCK_KEY})
-            lock_conn.commit()
+        _sample_all(deps, prices, now, period, report)
+        _enforce(deps, now, period, default_budget_cents, report)
     return report
 
 

@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from agentpg.access import cache
+from agentpg.catalog.engine import singleton_lock
 from agentpg.catalog.models import User, UserBudget
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.periodic import PeriodicJob
@@ -55,16 +56,11 @@ class StorageReport:
 def check_storage(deps: LifecycleDeps, limit_mb: int, *, default_budget_cents: int | None = None) -> StorageReport:
     """Measure every user's storage now and block (or unblock) writes against ``limit_mb`` (0: no limit)."""
     report = StorageReport()
-    with deps.engine.connect() as lock_conn:
-        if not lock_conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _STORAGE_LOCK_KEY}).scalar():
+    with singleton_lock(deps.engine, _STORAGE_LOCK_KEY) as mine:
+        if not mine:
             report.skipped = True
             return report
-        lock_conn.commit()
-        try:
-            _check(deps, limit_mb, default_budget_cents, report)
-        finally:
-            lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _STORAGE_LOCK_KEY})
-            lock_conn.commit()
+        _check(deps, limit_mb, default_budget_cents, report)
     return report
 
 
