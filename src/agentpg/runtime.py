@@ -20,7 +20,7 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine
 
-from agentpg.access import guard
+from agentpg.access.guard import Reaper
 from agentpg.catalog.engine import ensure_database, make_engine, migrate, session_factory
 from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
@@ -32,6 +32,7 @@ from agentpg.providers.archiving import ArchiveJob, attach_archivers
 from agentpg.providers.base import Provider
 from agentpg.providers.extensions import ExtensionNotAllowed, check_allowed
 from agentpg.providers.fleet import FleetProvider, server_name_of
+from agentpg.providers.limits import TenantLimits
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
@@ -135,7 +136,8 @@ def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
         return settings.postgres_url.get_secret_value(), None
     if settings.fleet:  # the catalog lives on the fleet's first server unless AGENTPG_CATALOG_URL says otherwise
         return settings.fleet[0].get_secret_value(), None
-    embedded = EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync)
+    embedded = EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync,
+                                extra_conf={"max_connections": str(settings.embedded_max_connections)})
     try:
         info = embedded.ensure_running()
     except EmbeddedPostgresError as exc:
@@ -206,9 +208,11 @@ def make_provider(settings: Settings, admin: str) -> Provider:
     if settings.fleet or settings.provider == "fleet":
         dsns = [d.get_secret_value() for d in settings.fleet]
         return FleetProvider({server_name_of(d): d for d in dsns}, connection_limit=settings.tenant_connection_limit,
-                             connect_timeout_s=settings.connect_timeout_s, extensions=extensions)
+                             connect_timeout_s=settings.connect_timeout_s, extensions=extensions,
+                             tenant_limits=TenantLimits.from_settings(settings))
     return LocalProvider(admin, connection_limit=settings.tenant_connection_limit,
-                         connect_timeout_s=settings.connect_timeout_s, extensions=extensions)
+                         connect_timeout_s=settings.connect_timeout_s, extensions=extensions,
+                         tenant_limits=TenantLimits.from_settings(settings))
 
 
 def keyring(settings: Settings) -> KeyRing:
@@ -255,7 +259,8 @@ def attach_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
                            f"agentpg set up by `agentpg serve` and creates no home of its own; {hint}")
     if not uses_embedded(settings):
         return admin_dsn(settings)
-    embedded = EmbeddedPostgres(home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync)
+    embedded = EmbeddedPostgres(home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync,
+                                extra_conf={"max_connections": str(settings.embedded_max_connections)})
     try:
         info = embedded.running_info()
     except EmbeddedPostgresError as exc:
@@ -287,11 +292,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     archive_job: ArchiveJob | None = None
     pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
-    # Issue 18: the limits tenant roles get, and the superuser that terminates backends agentpg gave up on.
-    guard.configure_from_settings(settings)
-    if settings.provider != "neon":
-        for dsn in (admin, *(d.get_secret_value() for d in settings.fleet)):
-            guard.register_admin_dsn(dsn)
+    # Issue 18: the superuser that terminates backends agentpg gave up on (none on Neon: there, the role itself).
+    reaper = Reaper(() if settings.provider == "neon" else (admin, *(d.get_secret_value() for d in settings.fleet)))
     try:
         if migrate_catalog:
             migrate(engine)
@@ -309,7 +311,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         policy = usage_policy(settings)
         admin_secret = _existing_admin_token(settings) if attach_only else admin_token(settings)
         service = Service(deps, TokenStore(deps.sessions, admin_secret),
-                          embedded=embedded is not None, postgres_status=status, usage_policy=policy)
+                          embedded=embedded is not None, postgres_status=status, usage_policy=policy,
+                          reaper=reaper)
         syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
         storage_every = settings.user_storage_check_interval_s
         if settings.provider == "neon" and storage_every:  # each database's size is one API call there

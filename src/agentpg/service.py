@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from agentpg import __version__, envvars
 from agentpg.access import audit as audit_log
 from agentpg.access import cache
+from agentpg.access.guard import Reaper
 from agentpg.access.permissions import (
     AgentTarget,
 )
@@ -48,8 +49,11 @@ class Service(AgentCalls):
     """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only."""
 
     def __init__(self, deps: LifecycleDeps, tokens: TokenStore, *, embedded: bool,
-                 postgres_status: dict[str, object] | None = None, usage_policy: UsagePolicy | None = None):
+                 postgres_status: dict[str, object] | None = None, usage_policy: UsagePolicy | None = None,
+                 reaper: Reaper | None = None):
         self.deps = deps
+        self.reaper = reaper or Reaper()
+        """Terminates tenant backends the edges gave up on (as agentpg's admin on the servers it manages)."""
         self.usage_policy = usage_policy or UsagePolicy()
         self.tokens = tokens
         self._embedded = embedded

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     postgres_os_user: str = "nobody"
     """The unprivileged OS user the embedded server runs as when agentpg runs as root."""
     embedded_fsync: bool = True
+    embedded_max_connections: int = Field(default=400, ge=20, le=10_000)
+    """``max_connections`` of the embedded server (a third of it, at most 40, is kept for superusers)."""
     embedded_autovacuum_pace_s: float = Field(default=2.0, ge=0, le=3600)
     """On the embedded server, ``serve`` keeps autovacuum's worker starts at most one per this many seconds
     (``autovacuum_naptime`` = databases x this, between 60 s and 2 h); 0 leaves PostgreSQL's default."""
@@ -218,6 +220,9 @@ class Settings(BaseSettings):
     """Connections this process may hold on each tenant Postgres server, shared by all tenant pools (the
     connection governor, docs/limits.md); unset: ``max_connections`` minus the reserved slots, divided by
     ``serve_instances``."""
+    governor_enabled: bool = True
+    """Off: tenant pools open connections without the governor's budget (only behind a pooler that has its own,
+    or to measure what the governor buys: bench/fair_sharing.py). Calls may then fail to connect."""
     governor_wait_s: float = Field(default=5.0, gt=0, le=600)
     """How long a call waits for a connection of a busy server before it fails with ``server_busy`` (429)."""
     serve_instances: int = Field(default=1, ge=1, le=1000)

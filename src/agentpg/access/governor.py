@@ -76,6 +76,36 @@ class GovernorConfig:
                    wait_s=settings.governor_wait_s, connect_timeout_s=settings.connect_timeout_s)
 
 
+#: How long a governed connect keeps retrying while the server says its slots are taken (see below).
+SLOT_RETRY_S = 3.0
+
+
+def _slots_taken(exc: psycopg.OperationalError) -> bool:
+    """The server refused the connection for want of a slot (53300), not for any other reason."""
+    text = str(exc)
+    return exc.sqlstate == "53300" or "remaining connection slots are reserved" in text or "too many clients" in text
+
+
+class SlotPatientConnection(AsyncConnection[object]):
+    """The connection class of governed pools. The governor never grants more connections than the budget,
+    but a backend lives on for a moment after its connection is closed or terminated (it exits on its own
+    time), so a connection made right after another pool gave one up may find the slot still taken. That is
+    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up."""
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> SlotPatientConnection:
+        deadline = time.monotonic() + SLOT_RETRY_S
+        pause = 0.01
+        while True:
+            try:
+                return await super().connect(conninfo, **kwargs)
+            except psycopg.OperationalError as exc:
+                if not _slots_taken(exc) or time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(0.2, pause * 2)
+
+
 class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
     """A tenant pool whose ``max_size`` is the governor's grant: it can never open more connections than that.
     The two methods below change the size under the pool's own lock, the one its growth is decided under
@@ -349,12 +379,10 @@ BudgetProbe = Callable[[str], Awaitable[int]]
 """Connections tenants may hold on the server ``uri`` reaches (before dividing between instances)."""
 
 
-async def probe_budget(uri: str, connect_timeout_s: int = 5) -> int:
+async def probe_budget(uri: str, connect_timeout_s: int = 5, admin_dsn: str | None = None) -> int:
     """``max_connections`` minus the slots reserved for superusers and ``pg_use_reserved_connections``, read
-    from the server (as agentpg's admin when this process knows it, so the probe uses a reserved slot)."""
-    from agentpg.access.guard import admin_dsn_for
-
-    dsn = admin_dsn_for(uri) or uri
+    from the server (as agentpg's admin when ``admin_dsn`` is given, so the probe uses a reserved slot)."""
+    dsn = admin_dsn or uri
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=connect_timeout_s) as conn:
         cur = await conn.execute("SELECT current_setting('max_connections')::int, "
                                  "current_setting('superuser_reserved_connections')::int, "
@@ -367,9 +395,12 @@ async def probe_budget(uri: str, connect_timeout_s: int = 5) -> int:
 class Governor:
     """The gates of every server this process's tenant pools reach."""
 
-    def __init__(self, config: GovernorConfig | None = None, *, probe: BudgetProbe | None = None) -> None:
+    def __init__(self, config: GovernorConfig | None = None, *, probe: BudgetProbe | None = None,
+                 admin_dsn_for: Callable[[str], str | None] = lambda uri: None) -> None:
+        """``admin_dsn_for`` names agentpg's admin on a tenant's server (the runtime's reaper knows them): the
+        budget is read as that admin when known."""
         self.config = config or GovernorConfig()
-        self._probe = probe or (lambda uri: probe_budget(uri, self.config.connect_timeout_s))
+        self._probe = probe or (lambda uri: probe_budget(uri, self.config.connect_timeout_s, admin_dsn_for(uri)))
         self._gates: dict[str, ServerGate] = {}
         self._retry_probe: dict[str, float] = {}
         self._probing: dict[str, asyncio.Task[int]] = {}

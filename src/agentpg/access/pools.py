@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
-from agentpg.access.governor import GovernedPool, Governor, ServerGate
+from agentpg.access.governor import GovernedPool, Governor, ServerGate, SlotPatientConnection
 from agentpg.errors import AgentpgError, ProviderUnavailable
 from agentpg.settings import Settings
 
@@ -158,6 +158,7 @@ class TenantPools:
                 kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",
                         "autocommit": True, **({"options": startup_options(uri, session)} if session else {})},
                 name=f"tenant-{key[:8]}", reconnect_timeout=30,
+                connection_class=SlotPatientConnection if gate is not None else AsyncConnection,
             )
             await pool.open(wait=False)
             entry = _Entry(pool, user or f"db:{key[:16]}", gate)

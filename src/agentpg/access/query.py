@@ -60,10 +60,12 @@ from psycopg import AsyncConnection, AsyncRawCursor, pq
 from psycopg.adapt import AdaptersMap
 from psycopg.types.string import TextLoader
 
-from agentpg.access.guard import session_limits, terminate_backend
+from agentpg.access.guard import Reaper
 from agentpg.access.pipeline import Field, ResultTooLarge, read_and_reset, stream_in_transaction
 from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
 from agentpg.errors import AgentpgError, ProviderUnavailable
+from agentpg.providers.limits import Setting, TenantLimits
+from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,16 @@ class QueryLimits:
     statement_timeout_s: float = 30.0
     cancel_grace_s: float = 2.0
     terminate_grace_s: float = 2.0
+    tenant_settings: tuple[Setting, ...] = TenantLimits().session_settings()
+    """The per-role limits agentpg's connections start with (:meth:`TenantLimits.session_settings`)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QueryLimits:
+        """The agent-call limits (``AGENTPG_MCP_MAX_ROWS``, ``…_MAX_RESULT_BYTES``, ``…_STATEMENT_TIMEOUT_S``)
+        and the tenant limits (``AGENTPG_TENANT_*``) configured in ``settings``."""
+        return cls(max_rows=settings.mcp_max_rows, max_result_bytes=settings.mcp_max_result_bytes,
+                   statement_timeout_s=settings.mcp_statement_timeout_s,
+                   tenant_settings=TenantLimits.from_settings(settings).session_settings())
 
     @property
     def row_bound_bytes(self) -> int:
@@ -248,9 +260,13 @@ class TenantQueries:
     """Runs agent statements on tenant databases through a :class:`TenantPools`. One per process edge."""
 
     def __init__(self, pools: TenantPools, limits: QueryLimits, *, terminate: Terminate | None = None) -> None:
+        """``terminate`` ends a backend agentpg gave up on (the runtime's :class:`Reaper`, which knows the admin
+        of the servers agentpg manages); by default, as the tenant's own role."""
         self.pools = pools
         self.limits = limits
-        self._terminate = terminate or terminate_backend
+        self._terminate = terminate or Reaper().terminate
+        self._background: set[asyncio.Task[Any]] = set()
+        """Give-up and termination tasks of this edge's calls, held until done."""
         self._session = session_settings(limits)
         self._adapters = AdaptersMap(psycopg.adapters)
         self._adapters.register_loader("interval", TextLoader)  # Python's timedelta would turn months into days
@@ -288,7 +304,7 @@ class TenantQueries:
                 async with asyncio.timeout(cancel_after + self.limits.terminate_grace_s + 15), \
                         self.pools.connection(uri, self._session, user=user) as conn:
                     # A timer, not a task per call: the give-up task exists only if the statement overruns.
-                    watch = _Watch(conn, uri, self._terminate, self.limits.terminate_grace_s)
+                    watch = _Watch(conn, uri, self._terminate, self.limits.terminate_grace_s, self._background)
                     watchdog = asyncio.get_running_loop().call_later(cancel_after, watch.give_up)
                     try:
                         if read_only:
@@ -429,22 +445,15 @@ class _Progress:
     statement_sent: bool = False
 
 
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-"""Give-up and termination tasks, held until done (the event loop keeps only weak references to tasks)."""
-
-
-def _hold(task: asyncio.Task[Any]) -> None:
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
 class _Watch:
     """One call's statement, watched: at the deadline (:meth:`give_up`, a timer) it is cancelled from outside;
     if it still runs ``grace_s`` later, its backend is terminated by pid (:data:`Terminate`). :meth:`settle`
     makes sure, before a failed call frees its connection, that no backend is left running for it."""
 
-    def __init__(self, conn: AsyncConnection[Any], uri: str, terminate: Terminate, grace_s: float) -> None:
+    def __init__(self, conn: AsyncConnection[Any], uri: str, terminate: Terminate, grace_s: float,
+                 background: set[asyncio.Task[Any]]) -> None:
         self._conn = conn
+        self._background = background
         self._uri = uri
         self._pid = conn.info.backend_pid
         self._terminate_backend = terminate
@@ -457,7 +466,7 @@ class _Watch:
     def give_up(self) -> None:
         self.gave_up = True
         self._task = asyncio.ensure_future(self._cancel_then_terminate())
-        _hold(self._task)
+        self._hold(self._task)
 
     async def _cancel_then_terminate(self) -> None:
         started = time.monotonic()
@@ -473,8 +482,13 @@ class _Watch:
         """Terminate the backend (once), in a task of its own: a cancelled caller does not stop it."""
         if self._terminating is None:
             self._terminating = asyncio.ensure_future(self._terminate_backend(self._uri, self._pid))
-            _hold(self._terminating)
+            self._hold(self._terminating)
         return self._terminating
+
+    def _hold(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` referenced until done (the event loop keeps only weak references to tasks)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _healthy(self) -> bool:
         """The connection is open, idle, outside any transaction or pipeline: its statement is over."""
@@ -510,7 +524,8 @@ def session_settings(limits: QueryLimits) -> SessionSettings:
     ``READ WRITE``, and the statement timeout. Startup defaults, so the pool's ``DISCARD ALL`` restores them
     after any call, whatever the call ``SET``."""
     timeout_ms = max(1, int(limits.statement_timeout_s * 1000))
-    return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"), *session_limits())
+    return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"),
+            *limits.tenant_settings)
 
 
 def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:

@@ -66,8 +66,10 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         runtime.start_background_jobs()
         metrics.registry.register(StorageCollector(runtime.service.deps, settings.user_storage_limit_mb))
         # Issue 18: one connection budget per tenant server, shared by the REST and MCP sides' pools.
-        governor = Governor(GovernorConfig.from_settings(settings))
-        metrics.registry.register(GovernorCollector(governor))
+        governor = Governor(GovernorConfig.from_settings(settings),
+                            admin_dsn_for=runtime.service.reaper.admin_dsn_for) if settings.governor_enabled else None
+        if governor is not None:
+            metrics.registry.register(GovernorCollector(governor))
         pools = TenantPools(PoolLimits.from_settings(settings), governor=governor)
         app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits)
         try:

@@ -58,7 +58,7 @@ class GatewayHttp:
     @asynccontextmanager
     async def run(self, service: Service) -> AsyncIterator[Gateway]:
         queries = TenantQueries(TenantPools(PoolLimits(connect_timeout_s=self._settings.connect_timeout_s)),
-                                limits_from(self._settings))
+                                limits_from(self._settings), terminate=service.reaper.terminate)
         gateway = Gateway(service, self._settings, queries)
         manager = StreamableHTTPSessionManager(app=build_gateway_server(gateway, identify_http),
                                                security_settings=security_settings(self._settings),

@@ -35,7 +35,7 @@ async def serve_gateway_stdio(runtime: Runtime, token: str, name: str) -> None:
         return await principal(), name
 
     queries = TenantQueries(TenantPools(PoolLimits(connect_timeout_s=runtime.settings.connect_timeout_s)),
-                            limits_from(runtime.settings))
+                            limits_from(runtime.settings), terminate=service.reaper.terminate)
     gateway = Gateway(service, runtime.settings, queries)
     try:
         await gateway.target(await principal(), name)

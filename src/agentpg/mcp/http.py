@@ -102,7 +102,8 @@ class McpHttp:
         """Serve MCP for the duration of the block. ``pools`` may be shared with the REST side (it is then
         not closed here); without it, a private set is made and closed on exit."""
         own = pools is None
-        queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings))
+        queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings),
+                                terminate=service.reaper.terminate)
         # JSON responses (not an SSE stream per POST): the tools send no mid-call notifications, and plain
         # JSON is a few ms quicker per call and friendlier to proxies. Clients may still open the GET stream.
         manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),

@@ -55,8 +55,7 @@ statement per call, committed on success). Pass values as params with $1, $2 ...
 
 def limits_from(settings: Settings) -> QueryLimits:
     """The agent-call limits configured in ``settings`` (both transports use them)."""
-    return QueryLimits(max_rows=settings.mcp_max_rows, max_result_bytes=settings.mcp_max_result_bytes,
-                       statement_timeout_s=settings.mcp_statement_timeout_s)
+    return QueryLimits.from_settings(settings)
 
 
 class ToolCalls:

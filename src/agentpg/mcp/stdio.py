@@ -51,9 +51,11 @@ async def serve_stdio(runtime: Runtime, token: str) -> None:
 
     await identify(None)
     pools = TenantPools(PoolLimits.from_settings(runtime.settings),
-                        governor=Governor(GovernorConfig.from_settings(runtime.settings)))
+                        governor=Governor(GovernorConfig.from_settings(runtime.settings),
+                                          admin_dsn_for=service.reaper.admin_dsn_for)
+                        if runtime.settings.governor_enabled else None)
     limits = limits_from(runtime.settings)
-    queries = TenantQueries(pools, limits)
+    queries = TenantQueries(pools, limits, terminate=service.reaper.terminate)
     try:
         if _is_pipe(sys.stdin.fileno()) and _is_pipe(sys.stdout.fileno()):
             await serve_pipes(ToolCalls(service, queries, identify),

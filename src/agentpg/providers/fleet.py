@@ -26,6 +26,7 @@ from agentpg.providers.base import (
     RecoveryTarget,
     UsageSample,
 )
+from agentpg.providers.limits import TenantLimits
 from agentpg.providers.local import LocalProvider
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,12 @@ class FleetProvider(Provider):
     name = "fleet"
 
     def __init__(self, servers: Mapping[str, str], *, connection_limit: int = 20, connect_timeout_s: int = 5,
-                 extensions: Sequence[str] = ()) -> None:
+                 extensions: Sequence[str] = (), tenant_limits: TenantLimits | None = None) -> None:
         if not servers:
             raise ProviderError("a fleet needs at least one server")
         self.members: dict[str, LocalProvider] = {
             name: LocalProvider(dsn, connection_limit=connection_limit, connect_timeout_s=connect_timeout_s,
-                                server_name=name, extensions=extensions)
+                                server_name=name, extensions=extensions, tenant_limits=tenant_limits)
             for name, dsn in servers.items()
         }
         self.extensions = tuple(extensions)

@@ -17,7 +17,6 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from agentpg.access.guard import tenant_role_settings
 from agentpg.errors import AgentpgError, Busy, ProviderError, ProviderUnavailable
 from agentpg.providers import pitr
 from agentpg.providers.archive import Archiver
@@ -34,6 +33,7 @@ from agentpg.providers.base import (
     UsageSample,
     is_transient_grant_error,
 )
+from agentpg.providers.limits import TenantLimits
 from agentpg.providers.tenant_sql import BOOTSTRAP
 from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
 
@@ -65,8 +65,10 @@ class LocalProvider(Provider):
 
     def __init__(self, admin_dsn: str, *, connection_limit: int = 20, connect_timeout_s: int = 5,
                  server_name: str = "local", max_direct_connections: int = 8,
-                 extensions: Sequence[str] = ()) -> None:
+                 extensions: Sequence[str] = (), tenant_limits: TenantLimits | None = None) -> None:
         self._admin_dsn = admin_dsn
+        self.tenant_limits = tenant_limits or TenantLimits()
+        """What every tenant login role made from now on gets (issue 18); roles made earlier keep theirs."""
         self.extensions = tuple(extensions)
         self._available: frozenset[str] | None = None  # of those, what the server has (asked once)
         self._connection_limit = connection_limit
@@ -209,7 +211,7 @@ class LocalProvider(Provider):
         if login:  # issue 18: limits on every tenant login role (temp_file_limit is superuser-only: unraisable)
             conn.execute(sql.SQL("; ").join(
                 sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(name), sql.Literal(value))
-                for name, value in tenant_role_settings()))
+                for name, value in self.tenant_limits.role_settings()))
 
     @staticmethod
     def _fence(conn: Conn, tag: str) -> None:
