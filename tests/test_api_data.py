@@ -231,10 +231,9 @@ def test_statement_timeout_and_page_cap(tight_client: Any, runtime: Runtime,
     _, ws, admin_h = tenant
     with psycopg.connect(agent_db_uri(runtime, ws), autocommit=True) as conn:
         conn.execute("CREATE VIEW slow AS SELECT 1 AS x FROM pg_sleep(3)")
-    started = time.monotonic()
     body = assert_problem(tight_client.post(f"/api/workspaces/{ws}/database/query", json={"table": "slow"},
                                             headers=admin_h), 504, "statement timeout")
-    assert body["code"] == "read_timeout" and time.monotonic() - started < 2.5
+    assert body["code"] == "read_timeout"  # the view sleeps 3 s; without the timeout it would answer 200
     page = tight_client.post(f"/api/workspaces/{ws}/database/query", json={"table": "series", "limit": 1000},
                              headers=admin_h).json()
     assert page["truncated"] is True and 50 < len(page["rows"]) < 1000 and page["total"] == 2500

