@@ -19,6 +19,8 @@ returns really connect. What one server cannot imitate, and how it is bridged:
   compute seconds are ``pg_stat_database.active_time``, active seconds the project's age; written and
   transfer bytes have no per-database source in Postgres and are set by tests (:meth:`NeonStandIn.set_usage`).
 * A quota exceeded "suspends the compute": the database stops accepting connections until it is raised.
+* Branches, point-in-time branches and Neon's branch restore are ``neon_branches.py``: each branch a database
+  of its own, its history the backing server's archived WAL (when the stand-in is given an ``Archiver``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ import psycopg
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from neon_branches import Branch, History, branch_json, install
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+
+from agentpg.providers.archive import Archiver
 
 _WORDS = ("shiny", "winter", "bold", "floral", "spring", "quiet", "misty", "dawn", "cloud", "wind", "boat", "king")
 _QUOTA_KEYS = ("active_time_seconds", "compute_time_seconds", "written_data_bytes", "data_transfer_bytes",
@@ -102,6 +107,8 @@ class Project:
     quota: dict[str, int] = field(default_factory=dict)
     usage: dict[str, int] = field(default_factory=dict)
     suspended: bool = False
+    branches: dict[str, Branch] = field(default_factory=dict)
+    history_retention_seconds: int = 86400
 
     def busy(self) -> bool:
         return any(op.status() != "finished" for op in self.operations)
@@ -110,7 +117,8 @@ class Project:
 class NeonStandIn:
     """The stand-in's state and its FastAPI app. ``faults``/``requests`` are for tests to steer and inspect."""
 
-    def __init__(self, admin_dsn: str, api_key: str, *, operation_delay_s: float = 0.2) -> None:
+    def __init__(self, admin_dsn: str, api_key: str, *, operation_delay_s: float = 0.2,
+                 archiver: Archiver | None = None) -> None:
         self.admin_dsn, self.api_key = admin_dsn, api_key
         self.operation_delay_s = operation_delay_s
         params = conninfo_to_dict(admin_dsn)
@@ -121,6 +129,7 @@ class NeonStandIn:
         self.passwords: list[str] = []
         """Every project owner password handed out: secrets agentpg's outputs must never contain."""
         self._lock = threading.RLock()
+        self.history = History(admin_dsn, archiver)
         self.app = self._build()
 
     # -- test knobs ------------------------------------------------------------------------------------
@@ -164,6 +173,8 @@ class NeonStandIn:
                                                                       sql.Identifier(project.role)))
 
     def _destroy(self, project: Project) -> None:
+        for branch in project.branches.values():
+            self.history.drop(branch.physical)
         with self._admin() as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(project.database)))
             made = [r[0] for r in conn.execute(
@@ -219,7 +230,7 @@ class NeonStandIn:
         self._enforce_quota(p, counters)
         start = _now().replace(day=1, hour=0, minute=0, second=0)
         end = (start + timedelta(days=32)).replace(day=1)
-        return {**self._list_item(p), "history_retention_seconds": 86400,
+        return {**self._list_item(p), "history_retention_seconds": p.history_retention_seconds,
                 "consumption_period_start": _ts(start), "consumption_period_end": _ts(end),
                 **{k: v for k, v in counters.items() if k != "logical_size"}}
 
@@ -229,11 +240,7 @@ class NeonStandIn:
                 "updated_at": _ts(_now()), "total_duration_ms": int(self.operation_delay_s * 1000)}
 
     def _branch(self, p: Project) -> dict[str, Any]:
-        return {"id": p.branch_id, "project_id": p.id, "name": "main", "current_state": "ready",
-                "state_changed_at": _ts(p.created), "creation_source": "console", "created_at": _ts(p.created),
-                "updated_at": _ts(p.created), "default": True, "primary": True, "protected": False,
-                "cpu_used_sec": 0, "active_time_seconds": 0, "compute_time_seconds": 0, "written_data_bytes": 0,
-                "data_transfer_bytes": 0}
+        return branch_json(p, p.branches[p.branch_id])
 
     def _endpoint(self, p: Project) -> dict[str, Any]:
         return {"host": self.host, "id": p.endpoint_id, "project_id": p.id, "branch_id": p.branch_id,
@@ -282,7 +289,14 @@ class NeonStandIn:
                                      "(SELECT FROM pg_roles WHERE rolname = %s)", (database, role)).fetchone()
             if taken and taken[0]:
                 return error(409, "stand-in: that database or role name is taken in the shared test cluster")
+            retention = spec.get("history_retention_seconds", 86400)
+            if not isinstance(retention, int) or not 0 <= retention <= 2592000:
+                return error(400, "history_retention_seconds must be between 0 and 2592000")
+            project.history_retention_seconds = retention
             self._provision(project)
+            project.branches[project.branch_id] = Branch(project.branch_id, "main", database,
+                                                         self.history.oid(database), project.created,
+                                                         endpoint_id=project.endpoint_id, default=True)
             ready = time.monotonic() + self.operation_delay_s
             project.operations = [Operation(str(uuid.uuid4()), action, project.created, ready)
                                   for action in ("create_timeline", "start_compute")]
@@ -372,10 +386,7 @@ class NeonStandIn:
             return error(404, "operation not found") if op is None or project is None \
                 else {"operation": self._operation(project, op)}
 
-        @app.get(prefix + "/projects/{project_id}/branches", response_model=None)
-        def list_branches(project_id: str) -> Any:
-            project = self._get(project_id)
-            return error(404, "project not found") if project is None else {"branches": [self._branch(project)]}
+        install(app, self, prefix)
 
         @app.get(prefix + "/projects/{project_id}/connection_uri", response_model=None)
         def connection_uri(project_id: str, database_name: str, role_name: str, branch_id: str | None = None,
@@ -385,7 +396,11 @@ class NeonStandIn:
                 return error(404, "project not found")
             if database_name != project.database or role_name != project.role:
                 return error(404, "no stored password for that role and database")  # SQL-made roles have none
-            return {"uri": self._uri(project)}
+            branch = project.branches.get(branch_id or project.branch_id)
+            if branch is None or branch.endpoint_id is None:
+                return error(404 if branch is None else 400, "no such branch" if branch is None
+                             else "the branch has no endpoint")
+            return {"uri": self._uri(project).rsplit("/", 1)[0] + "/" + quote(branch.physical, safe="")}
 
         return app
 

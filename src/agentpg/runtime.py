@@ -181,6 +181,7 @@ def usage_policy(settings: Settings) -> UsagePolicy:
                         compute_cents_per_hour=settings.price_compute_cents_per_hour,
                         written_cents_per_gb=settings.price_written_cents_per_gb,
                         transfer_cents_per_gb=settings.price_transfer_cents_per_gb,
+                        backup_cents_per_gb_month=settings.price_backup_cents_per_gb_month,
                         bytes_per_written_row=settings.price_bytes_per_written_row)
     return UsagePolicy(prices=prices, default_budget_cents=settings.default_budget_cents,
                        warning_percent=settings.budget_warning_percent)

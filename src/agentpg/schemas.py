@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Public(BaseModel):
@@ -16,7 +16,8 @@ class DatabaseInfo(Public):
     """A tenant database as its owner may see it: never a URI, password or role name."""
 
     name: str
-    status: Literal["provisioning", "ready", "deleting", "failed"]
+    status: Literal["provisioning", "ready", "restoring", "deleting", "failed"]
+    """``restoring`` while a restore of it runs (agents keep working on the current state meanwhile)."""
     ownership_type: Literal["platform", "user"]
     provider: str
     created_at: datetime
@@ -76,8 +77,20 @@ class DatabaseUsage(Public):
     workspace_id: str | None
     name: str
     cost_cents: int
+    """Storage, compute, writes and transfer; its share of the backups is ``backup_cost_cents``, apart."""
     storage_bytes: int | None
     last_sync: datetime | None
+    backup_bytes: int | None = None
+    """Its share of its server's backups (base backups + WAL) at the last sync: the server's backup bytes
+    split across the server's tenant databases in proportion to their size (docs/undo.md)."""
+    backup_cost_cents: int = 0
+
+
+class BackupUsage(Public):
+    """Backup storage, its own line of the report: the user's databases' shares of their servers' backups."""
+
+    bytes: int = 0
+    cost_cents: int = 0
 
 
 class UsageReport(Public):
@@ -97,3 +110,6 @@ class UsageReport(Public):
     """Over ``AGENTPG_USER_STORAGE_LIMIT_MB`` at the last storage check (seconds ago, not at the last sync)."""
     global_database: DatabaseUsage | None
     agent_databases: list[DatabaseUsage]
+    backups: BackupUsage = Field(default_factory=BackupUsage)
+    """The sum of the databases' ``backup_bytes`` and ``backup_cost_cents``. ``total_cost_cents`` is the
+    databases' ``cost_cents`` plus this line's."""

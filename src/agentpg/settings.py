@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     backup_synchronous: bool = False
     """Commits wait until their WAL is flushed in the backup directory (nothing acknowledged is lost, one more
     fsync per commit); off: at most what pg_receivewal had not flushed yet is lost with the server's disk."""
+    restore_wait_s: float = Field(default=20.0, ge=0, le=3600)
+    """How long a REST restore answers within: one done by then answers 200 (201 with a copy), a longer one
+    202 with its operation to follow (``GET /api/operations/{id}``) while it goes on in the background."""
 
     def backup_root(self) -> Path:
         return self.backup_dir if self.backup_dir is not None else self.home / "backup"
@@ -138,6 +141,8 @@ class Settings(BaseSettings):
     price_compute_cents_per_hour: float = Field(default=16.0, ge=0)
     price_written_cents_per_gb: float = Field(default=9.6, ge=0)
     price_transfer_cents_per_gb: float = Field(default=9.0, ge=0)
+    price_backup_cents_per_gb_month: float = Field(default=20.0, ge=0)
+    """Backup storage (base backups + WAL of a server, split across its databases by size; docs/undo.md)."""
     price_bytes_per_written_row: int = Field(default=200, ge=1)
     """Estimated bytes per row written, where the server counts rows rather than bytes."""
     usage_sync_interval_s: float = Field(default=300.0, ge=0)

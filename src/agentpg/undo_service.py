@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from agentpg.access import cache
-from agentpg.catalog.models import Checkpoint, RestoredCopy
+from agentpg.catalog.models import Checkpoint, Operation, RestoredCopy
 from agentpg.errors import NotFound
 from agentpg.lifecycle import undo, workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
@@ -55,6 +55,22 @@ class RestoreResult(BaseModel):
     undo_checkpoint_id: str | None = None
     """In place: the checkpoint of the state just before the restore (restore to it to undo the restore)."""
     restored_copy: RestoredCopyInfo | None = None
+
+
+class OperationInfo(BaseModel):
+    """A change agentpg runs as a saga (a restore, a registration…), as its caller follows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: str
+    state: Literal["pending", "done", "undone", "failed"]
+    """``pending``: running; ``done``; ``undone``: it failed and was rolled back, the database is as it was
+    (``error`` says why); ``failed``: it stopped and nothing runs it any more (the process died, or rolling
+    back failed too): ``agentpg reconcile`` settles it (``error``, when known, says why)."""
+    error: str | None = None
+    result: RestoreResult | None = None
+    """A done restore's answer, as the 200/201 would have carried it."""
 
 
 class ArchiveInfo(BaseModel):
@@ -117,26 +133,53 @@ class UndoService:
         return [_checkpoint_info(row) for row in undo.list_checkpoints(self._deps, self._where(user_id, workspace_id))]
 
     def restore(self, user_id: str, workspace_id: str | None, spec: undo.TargetSpec,
-                mode: undo.RestoreMode = "in_place") -> RestoreResult:
-        return self._restore(self._where(user_id, workspace_id), spec, mode)
+                mode: undo.RestoreMode = "in_place", on_begin: Callable[[str], None] | None = None) -> RestoreResult:
+        """Run a restore to its end. ``on_begin(operation_id)`` is called once it has passed its checks and
+        its operation exists (:meth:`operation` follows it from then on), so an edge running this in a
+        background worker can answer early. Raises as :func:`agentpg.lifecycle.undo.restore`."""
+        return self._restore(self._where(user_id, workspace_id), spec, mode, on_begin)
 
-    def _restore(self, where: undo.Where, spec: undo.TargetSpec, mode: undo.RestoreMode) -> RestoreResult:
-        user_id = where.user_id
-        before = {row.id for row in undo.list_checkpoints(self._deps, where)} if mode == "in_place" else set()
+    def _restore(self, where: undo.Where, spec: undo.TargetSpec, mode: undo.RestoreMode,
+                 on_begin: Callable[[str], None] | None = None) -> RestoreResult:
+        begun: list[str] = []
+
+        def started(op_id: str) -> None:
+            begun.append(op_id)
+            if on_begin is not None:
+                on_begin(op_id)
         try:
-            copy = undo.restore(self._deps, where, spec, mode, read_only=self._read_only(user_id))
+            undo.restore(self._deps, where, spec, mode, read_only=self._read_only(where.user_id), on_begin=started)
         finally:
             cache.invalidate_all()  # cached targets and URIs may name the replaced database's sessions
-        if copy is not None:
-            info = _copy_info(copy)
-            return RestoreResult(mode="new", status="restored", restored_to=info.restored_to, restored_copy=info)
-        created = [row for row in undo.list_checkpoints(self._deps, where)
-                   if row.id not in before and row.created_by == "agentpg"]
-        restored_to = {k: v for k, v in spec.__dict__.items() if v is not None}
-        return RestoreResult(mode="in_place", status="restored",
-                             restored_to={k: v.isoformat() if isinstance(v, datetime) else v
-                                          for k, v in restored_to.items()},
-                             undo_checkpoint_id=created[0].id if created else None)
+        op, _ = undo.operation_state(self._deps, begun[0], where.user_id)
+        return self._result_of(op)
+
+    def _result_of(self, op: Operation) -> RestoreResult:
+        """A finished restore's answer, from its operation: the target, and the undo checkpoint or the copy."""
+        plan = op.plan
+        restored_to = {k: v for k, v in dict(plan.get("described") or {}).items() if k not in ("lsn", "time")}
+        if plan.get("mode") == "new":
+            copy = undo.get_copy(self._deps, op.user_id, str(plan.get("copy_id") or ""))
+            info = _copy_info(copy) if copy is not None else None
+            return RestoreResult(mode="new", status="restored", restored_to=info.restored_to if info else restored_to,
+                                 restored_copy=info)
+        return RestoreResult(mode="in_place", status="restored", restored_to=restored_to,
+                             undo_checkpoint_id=plan.get("pre_checkpoint"))
+
+    def operation(self, operation_id: str, user_id: str | None) -> OperationInfo:
+        """Where an operation stands (``GET /api/operations/{id}``): of ``user_id`` (None: the admin, anyone's).
+        A done restore carries its answer in ``result``. NotFound for an unknown id or another user's."""
+        try:
+            uuid.UUID(operation_id)
+        except ValueError:
+            raise NotFound(f"operation {operation_id!r} does not exist") from None
+        op, state = undo.operation_state(self._deps, operation_id, user_id)
+        result = self._result_of(op) if state == "done" and op.kind == "restore" else None
+        error = None
+        if state != "done" and (op.error or op.plan.get("public_error")):
+            # Only the public form: Operation.error may name internal databases or SQL (operators read it).
+            error = str(op.plan.get("public_error") or "it failed; the server's log has the details")
+        return OperationInfo(id=op.id, kind=op.kind, state=state, error=error, result=result)
 
     # -- for an agent (its principal's catalog ids, already authenticated) ---------------------------------
 

@@ -19,6 +19,7 @@ from agentpg.access.browse import ReadLimits
 from agentpg.access.governor import Governor, GovernorConfig
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_undo, routes_usage, routes_users
+from agentpg.api.background import Background
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
 from agentpg.api.metrics import ApiMetrics, GovernorCollector
@@ -71,12 +72,15 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         if governor is not None:
             metrics.registry.register(GovernorCollector(governor))
         pools = TenantPools(PoolLimits.from_settings(settings), governor=governor)
-        app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits)
+        background = Background()
+        app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits,
+                                       background=background)
         try:
             async with mcp.run(runtime.service, pools), gateway.run(runtime.service):
                 yield
         finally:
             app.state.agentpg = None
+            await background.drain()  # a restore answered 202 finishes before the pools and runtime close
             await pools.close()
             await run_in_threadpool(cm.__exit__, None, None, None)
 

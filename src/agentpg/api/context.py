@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from agentpg.access.browse import ReadLimits
 from agentpg.access.pools import TenantPools
+from agentpg.api.background import Background
 from agentpg.api.metrics import ApiMetrics
 from agentpg.errors import AgentpgError
 from agentpg.runtime import Runtime
@@ -26,6 +27,8 @@ class AppContext:
     pools: TenantPools
     metrics: ApiMetrics
     read_limits: ReadLimits
+    background: Background = field(default_factory=Background)
+    """Restores answered 202 go on here (drained in the lifespan before the runtime closes)."""
 
     @property
     def service(self) -> Service:

@@ -3,15 +3,23 @@ restored copies, and what the backups protect.
 
 The same routes exist for ``/api/users/{user_id}/global-database/…``, ``/api/workspaces/{workspace_id}/database/…``
 and ``/api/users/{user_id}/workspaces/{workspace_id}/database/…``. Admin token or the user's own token
-(another user's is 404); agent tokens reach these through MCP's own tools. A restore runs to its end
-before answering (200, or 201 with the copy for ``mode: "new"``); meanwhile the database's ``status`` is
-``restoring`` and another restore of it is 409.
+(another user's is 404); agent tokens reach these through MCP's own tools.
+
+A restore runs in a background task of the app (:class:`~agentpg.api.background.Background`). Done within
+``AGENTPG_RESTORE_WAIT_S`` (20 s), it answers 200 (201 with the copy for ``mode: "new"``); a longer one answers
+202 ``{operation_id, status: "restoring"}`` with ``Location: /api/operations/{operation_id}``, and goes on:
+``GET /api/operations/{id}`` says ``pending`` until it is ``done`` (with the 200/201's body as ``result``),
+``undone`` or ``failed``. Either way, while it runs the database's ``status`` is ``restoring`` and another
+restore of it is 409; checks that fail fast (a bad target, another restore running) are answered as errors,
+never 202.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
@@ -23,15 +31,18 @@ from agentpg.api.auth import Auth, own_user, require_admin, user_scope
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
 from agentpg.api.models import Body, QueryRequest, Text
+from agentpg.errors import AgentpgError
 from agentpg.lifecycle.undo import TargetSpec
 from agentpg.tokens import Principal
-from agentpg.undo_service import ArchiveInfo, CheckpointInfo, RestoredCopyInfo, RestoreResult
+from agentpg.undo_service import ArchiveInfo, CheckpointInfo, OperationInfo, RestoredCopyInfo, RestoreResult
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["undo"])
 
 UserId = Annotated[str, Path(description="The platform's id for the user.", max_length=128)]
 WorkspaceId = Annotated[str, Path(description="The platform's id for the workspace.", max_length=128)]
 CopyId = Annotated[str, Path(description="A restored copy's id.", max_length=64)]
+OperationId = Annotated[str, Path(description="An operation's id (a restore's 202 gives it).", max_length=64)]
 _ERRORS = problems(404, 409, 422, 503)
 
 
@@ -58,6 +69,22 @@ class RestoreRequest(Body):
 
     def spec(self) -> TargetSpec:
         return TargetSpec(checkpoint_id=self.checkpoint_id, at=self.at, before_audit_id=self.before_audit_id)
+
+
+class RestoreStarted(Body):
+    """A restore still running after ``AGENTPG_RESTORE_WAIT_S``: follow ``GET /api/operations/{operation_id}``
+    (the ``Location`` header) until its ``state`` is no longer ``pending``."""
+
+    operation_id: str
+    status: Literal["restoring"] = "restoring"
+
+
+_RESTORE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, 201: {"model": RestoreResult, "description": "Restored as a copy (``mode: new``)."},
+    202: {"model": RestoreStarted, "description": "Still restoring after ``AGENTPG_RESTORE_WAIT_S``: follow "
+                                                  "the ``Location`` (``GET /api/operations/{id}``).",
+          "headers": {"Location": {"description": "``/api/operations/{operation_id}``",
+                                   "schema": {"type": "string"}}}}}
 
 
 class CheckpointList(Body):
@@ -101,14 +128,47 @@ async def _list(ctx: Ctx, principal: Principal, user_id: str | None, workspace_i
 
 async def _restore(ctx: Ctx, principal: Principal, user_id: str | None, workspace_id: str | None,
                    body: RestoreRequest) -> JSONResponse:
-    def work() -> RestoreResult:
-        owner = _owner(ctx, principal, user_id, workspace_id)
-        return ctx.service.undo.restore(owner, workspace_id, body.spec(), body.mode)
-    result = await run_in_threadpool(work)
-    if result.mode == "in_place":  # pooled sessions were on the database that was replaced
-        owner = await run_in_threadpool(_owner, ctx, principal, user_id, workspace_id)
-        for uri in await run_in_threadpool(ctx.service.restored_database_uris, owner, workspace_id):
-            await ctx.pools.forget(uri)
+    """Run the restore as a task of the app's :class:`~agentpg.api.background.Background` and answer with
+    its result if it ends within ``AGENTPG_RESTORE_WAIT_S``, else 202 with its operation to follow. Errors
+    found before it begins (bad target, another restore running) are answered as before, never 202."""
+    loop = asyncio.get_running_loop()
+    begun: asyncio.Future[str] = loop.create_future()
+
+    def started(op_id: str) -> None:  # from the worker thread
+        def settle() -> None:
+            if not begun.done():
+                begun.set_result(op_id)
+        loop.call_soon_threadsafe(settle)
+
+    owner = await run_in_threadpool(_owner, ctx, principal, user_id, workspace_id)
+
+    async def run() -> RestoreResult:
+        try:
+            result = await run_in_threadpool(ctx.service.undo.restore, owner, workspace_id, body.spec(), body.mode,
+                                             started)
+        except AgentpgError as exc:
+            if begun.done() and not begun.cancelled():  # its operation row says so too; an operator should see it
+                log.warning("restore %s of user %s failed: %s", begun.result(), owner, exc.message)
+            raise
+        if result.mode == "in_place":  # pooled sessions were on the database that was replaced
+            for uri in await run_in_threadpool(ctx.service.restored_database_uris, owner, workspace_id):
+                await ctx.pools.forget(uri)
+        return result
+
+    task = ctx.background.spawn(run(), name="restore")
+    # Cancelled with the request (client gone), these waits leave the task running: the background owns it.
+    first: set[asyncio.Future[Any]] = {task, begun}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not begun.done():
+        begun.cancel()
+        result = await task  # it failed its checks: the error's own 4xx
+    else:
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), timeout=ctx.runtime.settings.restore_wait_s)
+        except TimeoutError:
+            op_id = begun.result()
+            return JSONResponse(RestoreStarted(operation_id=op_id).model_dump(mode="json"), status_code=202,
+                                headers={"Location": f"/api/operations/{op_id}"})
     return JSONResponse(result.model_dump(mode="json"), status_code=201 if result.mode == "new" else 200)
 
 
@@ -127,7 +187,7 @@ async def list_global_checkpoints(ctx: Ctx, principal: Auth, user_id: UserId) ->
     return await _list(ctx, principal, user_id, None)
 
 
-@router.post("/users/{user_id}/global-database/restore", responses={**_ERRORS, 201: {"model": RestoreResult}},
+@router.post("/users/{user_id}/global-database/restore", responses=_RESTORE_ANSWERS,
              response_model=RestoreResult)
 async def restore_global(ctx: Ctx, principal: Auth, user_id: UserId, body: RestoreRequest) -> JSONResponse:
     """Restore the global database to a checkpoint, a time, or just before an audited statement."""
@@ -148,7 +208,7 @@ async def list_agent_checkpoints(ctx: Ctx, principal: Auth, workspace_id: Worksp
     return await _list(ctx, principal, None, workspace_id)
 
 
-@router.post("/workspaces/{workspace_id}/database/restore", responses={**_ERRORS, 201: {"model": RestoreResult}},
+@router.post("/workspaces/{workspace_id}/database/restore", responses=_RESTORE_ANSWERS,
              response_model=RestoreResult)
 async def restore_agent(ctx: Ctx, principal: Auth, workspace_id: WorkspaceId, body: RestoreRequest) -> JSONResponse:
     return await _restore(ctx, principal, None, workspace_id, body)
@@ -168,7 +228,7 @@ async def list_user_agent_checkpoints(ctx: Ctx, principal: Auth, user_id: UserId
 
 
 @router.post("/users/{user_id}/workspaces/{workspace_id}/database/restore",
-             responses={**_ERRORS, 201: {"model": RestoreResult}}, response_model=RestoreResult)
+             responses=_RESTORE_ANSWERS, response_model=RestoreResult)
 async def restore_user_agent(ctx: Ctx, principal: Auth, user_id: UserId, workspace_id: WorkspaceId,
                              body: RestoreRequest) -> JSONResponse:
     return await _restore(ctx, principal, user_id, workspace_id, body)
@@ -208,6 +268,18 @@ async def copy_rows(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId,
         page = await browse.read_rows(conn, body.table, limits=ctx.read_limits, limit=body.limit,
                                       offset=body.offset, columns=body.columns, order_by=order)
     return JSONResponse(page.model_dump())
+
+
+# -- operations (a restore answered 202) --------------------------------------------------------------------------
+
+
+@router.get("/operations/{operation_id}", responses=problems(404))
+async def operation(ctx: Ctx, principal: Auth, operation_id: OperationId) -> OperationInfo:
+    """Where an operation stands: ``pending`` (running), ``done`` (a restore's answer in ``result``),
+    ``undone`` (failed and rolled back: the database is as it was; ``error`` says why) or ``failed`` (nothing
+    runs it any more; ``agentpg reconcile`` settles it). Admin token, or the token of the user it belongs to
+    (another user's is 404)."""
+    return await run_in_threadpool(ctx.service.undo.operation, operation_id, user_scope(principal))
 
 
 # -- the backups ------------------------------------------------------------------------------------------------

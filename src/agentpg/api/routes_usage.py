@@ -28,7 +28,8 @@ class BudgetBody(BaseModel):
 
 @router.get("/users/{user_id}/usage", responses=problems(404))
 def usage(user_id: UserId, principal: Auth, ctx: Ctx) -> UsageReport:
-    """This period's cost of the global database and of each agent database, their total, and the budget.
+    """This period's cost of the global database, of each agent database and of backup storage (``backups``:
+    the databases' shares of their servers' base backups and WAL), their total, and the budget.
 
     Figures are as of the last usage sync (``last_sync`` on each database); the total is the sum of the parts.
     """

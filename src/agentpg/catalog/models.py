@@ -84,7 +84,7 @@ class DatabaseRecord(Timestamps):
     owner_role: Mapped[str | None] = mapped_column(String(63))
     login_role: Mapped[str | None] = mapped_column(String(63))
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="provisioning")
-    """provisioning | ready | deleting | failed"""
+    """provisioning | ready | restoring | deleting | failed"""
     current_period_cost_cents: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     last_consumption_sync: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     period_cost_microcents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
@@ -92,6 +92,10 @@ class DatabaseRecord(Timestamps):
     period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     usage_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """The provider's counters at ``last_consumption_sync``; the next sync prices the difference."""
+    backup_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    """This database's share of its server's backup directory at the last sync (:mod:`agentpg.usage.backups`)."""
+    period_backup_microcents: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    """The part of ``period_cost_microcents`` that is backup storage."""
 
 
 class UserGlobalDatabase(DatabaseRecord, Base):

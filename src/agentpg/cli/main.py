@@ -406,14 +406,16 @@ def usage_sync(as_json: JsonOpt = False) -> None:
 
 @usage_app.command("show")
 def usage_show(user_id: str, as_json: JsonOpt = False) -> None:
-    """A user's cost this period: global database, each agent database, total, budget."""
+    """A user's cost this period: global database, each agent database, backup storage, total, budget."""
     info = _run(lambda rt: rt.service.usage(user_id))
     _emit(info, as_json, lambda: "\n".join(
         [f"user {info.user_id}: {info.total_cost_cents} cents this period"
          + (f" of {info.budget_cents} ({info.percent_of_budget}%)" if info.budget_cents is not None else "")
          + f", {info.status}" + (", read-only" if info.read_only else "")]
         + ([f"  global  {info.global_database.cost_cents} cents"] if info.global_database else [])
-        + [f"  agent {a.workspace_id}  {a.cost_cents} cents" for a in info.agent_databases]))
+        + [f"  agent {a.workspace_id}  {a.cost_cents} cents" for a in info.agent_databases]
+        + [f"  backups  {info.backups.cost_cents} cents ({info.backups.bytes / 2**20:.1f} MB: this user's share of "
+           "its servers' base backups and WAL)"]))
 
 
 @usage_app.command("budget")

@@ -19,13 +19,14 @@ A crash before step 5 is undone by ``reconcile`` (the copy is dropped); a crash 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from agentpg.catalog.models import (
@@ -38,7 +39,7 @@ from agentpg.catalog.models import (
     Workspace,
     WorkspaceAgentDatabase,
 )
-from agentpg.errors import Conflict, InvalidInput, NotFound
+from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.users import plan_of
 from agentpg.lifecycle.workspaces import permissions_of
@@ -159,9 +160,11 @@ def _target(s: Session, where: Where, plan: DatabasePlan, spec: TargetSpec) -> t
 
 
 def restore(deps: LifecycleDeps, where: Where, spec: TargetSpec, mode: RestoreMode, *,
-            read_only: bool) -> RestoredCopy | None:
+            read_only: bool, on_begin: Callable[[str], None] | None = None) -> RestoredCopy | None:
     """Restore the database (see the module docstring). Returns the copy for ``new``, None in place.
-    ``read_only``: the user is over budget now, so the restored database must be too.
+    ``read_only``: the user is over budget now, so the restored database must be too. ``on_begin`` gets the
+    operation's id once its intent row exists and this process holds its lease (from then on
+    :func:`operation_state` follows it), before the long part; the checks that fail fast have passed.
 
     Raises NotFound, InvalidInput, Conflict (another restore of it runs, or it is not ready), NotRestorable
     (outside the backups), ProviderError. On a failure the database is as it was.
@@ -178,6 +181,8 @@ def restore(deps: LifecycleDeps, where: Where, spec: TargetSpec, mode: RestoreMo
         if not lease.acquired:  # only reconcile could hold it this early
             raise Conflict("this restore is being settled by another process")
         try:
+            if on_begin is not None:
+                on_begin(op_id)
             if mode == "in_place":
                 checkpoint = create_checkpoint(deps, where, f"before restore {op_id[:8]}", "agentpg")
                 _update_plan(deps, op_id, pre_checkpoint=checkpoint.id)
@@ -192,6 +197,9 @@ def restore(deps: LifecycleDeps, where: Where, spec: TargetSpec, mode: RestoreMo
                                         database_name=into.database, provider_server=plan.server,
                                         target=described)
                     s.add(copy)
+                    s.flush()
+                    op = s.get_one(Operation, op_id)
+                    op.plan = {**op.plan, "copy_id": copy.id}  # what the operation's answer names
                     _finish(s, op_id, where)
                     s.flush()
                     s.expunge(copy)
@@ -203,8 +211,24 @@ def restore(deps: LifecycleDeps, where: Where, spec: TargetSpec, mode: RestoreMo
                 _finish(s, op_id, where)
             return None
         except BaseException as exc:
-            undo_restore(deps, op_id, reason=exc)
+            if not isinstance(exc, AgentpgError):  # the caller may only ever see its type (public_error)
+                log.warning("restore %s failed unexpectedly; rolling it back", op_id, exc_info=exc)
+            try:
+                undo_restore(deps, op_id, reason=exc)
+            except AgentpgError as settling:
+                _note_unsettled(deps, op_id, exc, settling)
             raise
+
+
+def _note_unsettled(deps: LifecycleDeps, op_id: str, cause: BaseException, settling: AgentpgError) -> None:
+    """A failed restore that could not be rolled back either stays pending for ``reconcile``; say why on it."""
+    log.warning("restore %s failed and could not be rolled back (%s); reconcile settles it", op_id,
+                settling.message, exc_info=cause)
+    why = f"; rolling it back failed too ({settling.message}): `agentpg reconcile` settles it"
+    with contextlib.suppress(Exception), deps.sessions.begin() as s:  # the catalog may be what failed
+        op = s.get_one(Operation, op_id)
+        op.error = f"{type(cause).__name__}: {cause}{why}"[:1000]
+        op.plan = {**op.plan, "public_error": (public_error(cause) + why)[:1000]}
 
 
 def _begin(deps: LifecycleDeps, where: Where, plan: DatabasePlan, into: DatabasePlan, target: RecoveryTarget,
@@ -282,6 +306,19 @@ def undo_restore(deps: LifecycleDeps, op_id: str, reason: BaseException | str) -
     error = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
     with deps.sessions.begin() as s:
         _finish(s, op_id, where, state="undone", error=error[:1000])
+        op = s.get_one(Operation, op_id)
+        op.plan = {**op.plan, "public_error": public_error(reason, plan_json.get("public_error"))}
+
+
+def public_error(reason: BaseException | str, known: str | None = None) -> str:
+    """Why a restore failed, as its caller may read it (``GET /api/operations/{id}``): an agentpg error's own
+    message; anything unexpected only by its type (its text may name internal databases or SQL; the full one
+    is in ``Operation.error`` and the server's log)."""
+    if isinstance(reason, AgentpgError):
+        return reason.message[:1000]
+    if isinstance(reason, str):
+        return known or "abandoned: the process running it stopped"
+    return f"an unexpected error ({type(reason).__name__}); the server's log has the details"
 
 
 def drop_copy(deps: LifecycleDeps, user_id: str, copy_id: str) -> None:
@@ -296,6 +333,16 @@ def drop_copy(deps: LifecycleDeps, user_id: str, copy_id: str) -> None:
         row = s.get(RestoredCopy, copy_id)
         if row is not None:
             s.delete(row)
+
+
+def get_copy(deps: LifecycleDeps, user_id: str, copy_id: str) -> RestoredCopy | None:
+    """This user's restored copy ``copy_id``, or None (dropped since, or not its own)."""
+    with deps.sessions() as s:
+        copy = s.get(RestoredCopy, copy_id) if copy_id else None
+        if copy is None or copy.user_id != user_id:
+            return None
+        s.expunge(copy)
+    return copy
 
 
 def list_copies(deps: LifecycleDeps, user_id: str) -> list[RestoredCopy]:
@@ -320,4 +367,28 @@ def copy_uri(deps: LifecycleDeps, user_id: str, copy_id: str) -> str:
         table = "user_global_database" if copy.workspace_id is None else "workspace_agent_database"
         uri = deps.open(record.connection_uri_sealed, table, record.id, "connection_uri")
         name = copy.database_name
-    return urlunsplit(urlsplit(uri)._replace(path="/" + quote(name, safe="")))
+    return deps.provider.restored_copy_uri(uri, name)
+
+
+OperationState = Literal["pending", "done", "undone", "failed"]
+
+
+def operation_state(deps: LifecycleDeps, op_id: str, user_id: str | None) -> tuple[Operation, OperationState]:
+    """The operation ``op_id`` (of ``user_id``; None: anyone's) and where it stands: ``pending`` (a process
+    holds its lease: it is running), ``done``, ``undone`` (rolled back; ``error`` says why), or ``failed``:
+    pending with nobody working on it (the process died, or rolling back failed too) until ``agentpg
+    reconcile`` settles it. NotFound for an unknown id or another user's."""
+    with deps.sessions() as s:
+        op = s.get(Operation, op_id)
+        if op is None or (user_id is not None and op.user_id != user_id):
+            raise NotFound(f"operation {op_id!r} does not exist")
+        s.expunge(op)
+        if op.state != "pending":
+            return op, "done" if op.state == "done" else "undone"
+        # The lease is a session advisory lock on hashtextextended(id, 0) (LifecycleDeps.operation_lease);
+        # pg_locks shows a bigint key as its high (classid) and low (objid) halves.
+        held = s.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(:id, 0))"), {"id": op_id}).scalar()
+    return op, "pending" if held else "failed"

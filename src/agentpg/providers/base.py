@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from agentpg.errors import AgentpgError, ProviderError
 
@@ -287,6 +288,13 @@ class Provider(abc.ABC):
         ``plan.database`` is the restored one, it does nothing. Raises ProviderError.
         """
         raise NotRestorable(f"the {self.name} provider does not archive its databases")
+
+    def restored_copy_uri(self, uri: str, database: str) -> str:
+        """``uri`` (a login URI of a restored copy's source database: its role and password) made to reach the
+        copy ``database`` (made by :meth:`restore_database`). A secret. The default: another database on the
+        same server; a provider whose copies live elsewhere (Neon: a branch with its own endpoint) overrides it.
+        Raises ProviderError when the copy cannot be found."""
+        return urlunsplit(urlsplit(uri)._replace(path="/" + quote(database, safe="")))
 
     def install_extension(self, plan: DatabasePlan, name: str) -> None:
         """Install extension ``name`` (already checked against the operator's list) in ``plan.database``, as

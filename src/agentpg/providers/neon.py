@@ -16,6 +16,7 @@ How the provider contract maps onto Neon (docs/neon.md has the long version):
 * The admin is not a superuser, so it is made a member of every role it must act for: INHERIT (and SET for
   the owner role) lets it re-own, grant and drop what tenants create, exactly what PG16+ checks.
 * Roles live and die with their project: ``inventory`` reports projects, never roles.
+* Undo is Neon's own history and branches (checkpoints are LSNs, restores are branches): ``neon_undo.py``.
 
 Secrets: Neon answers with the admin's URI and password; they stay in this object's memory (a cache per
 database) and are never logged. Errors name databases and projects only.
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -41,10 +43,12 @@ from agentpg.providers.base import (
     GRANTS_LOCK_KEY,
     NAME_PREFIX,
     AgentPermissions,
+    ArchiveStatus,
     DatabasePlan,
     Inventory,
     Provider,
     Provisioned,
+    RecoveryTarget,
     UsageSample,
 )
 from agentpg.providers.neon_api import (
@@ -56,6 +60,7 @@ from agentpg.providers.neon_api import (
     RateLimiter,
     RetryPolicy,
 )
+from agentpg.providers.neon_undo import NeonUndo
 from agentpg.providers.tenant_sql import BOOTSTRAP
 from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
 
@@ -127,7 +132,8 @@ class NeonProvider(Provider):
                  connect_timeout_s: int = 15, operation_timeout_s: float = 300.0,
                  requests_per_minute: int = PUBLISHED_REQUESTS_PER_MINUTE, burst: int = DEFAULT_BURST,
                  retry: RetryPolicy | None = None, page_size: int = 400,
-                 transport: httpx.BaseTransport | None = None, read_only_compute_grace_s: int = 3600) -> None:
+                 transport: httpx.BaseTransport | None = None, read_only_compute_grace_s: int = 3600,
+                 history_retention_s: int | None = None) -> None:
         self.api = NeonApi(api_key, base_url, retry=retry, transport=transport,
                            limiter=RateLimiter(max(2, requests_per_minute),
                                                max(1, min(burst, requests_per_minute - 1))))
@@ -139,6 +145,9 @@ class NeonProvider(Provider):
         self._projects: dict[str, _Project] = {}
         self._lock = threading.Lock()
         self.read_only_compute_grace_s = read_only_compute_grace_s
+        self.history_retention_s = history_retention_s
+        """Neon's ``history_retention_seconds`` for new projects (how far back undo reaches); None: the plan's."""
+        self.undo = NeonUndo(self)
 
     def close(self) -> None:
         self.api.close()
@@ -178,6 +187,8 @@ class NeonProvider(Provider):
         (``branch``) are asked for once each, when first needed. ``None`` only if ``missing_ok``."""
         with self._lock:
             ref = self._projects.get(plan.database)
+        if ref is None:
+            ref = self.undo.known(plan.database)  # a restored branch is a database too (neon_undo)
         if ref is None:
             projects = self._find_all(plan.database)
             if not projects:
@@ -264,6 +275,8 @@ class NeonProvider(Provider):
                 "name": plan.database, "region_id": self.region_id, "pg_version": self.pg_version,
                 "store_passwords": True,
                 "branch": {"name": "main", "database_name": plan.database, "role_name": admin_role_of(plan)}}
+            if self.history_retention_s is not None:
+                request["history_retention_seconds"] = self.history_retention_s
             if self.org_id:
                 request["org_id"] = self.org_id
             try:
@@ -393,14 +406,18 @@ class NeonProvider(Provider):
 
     def drop_database(self, plan: DatabasePlan) -> None:
         """Delete every project named ``plan.database`` (its roles go with it). Neon keeps a deleted project
-        recoverable for 7 days."""
-        self._drop_projects(plan.database)
+        recoverable for 7 days. A restored copy is a branch of its source's project: that branch is deleted."""
+        if not self._drop_projects(plan.database):
+            self.undo.drop_copy(plan.database)
 
-    def _drop_projects(self, database: str) -> None:
+    def _drop_projects(self, database: str) -> bool:
+        """Delete the projects named ``database``; False if there was none."""
         self._forget(database)
-        for project in self._find_all(database):
+        projects = self._find_all(database)
+        for project in projects:
             self.api.request("DELETE", f"/projects/{project['id']}", ok_missing=True,
                              what=f"deleting the Neon project of database {database}")
+        return bool(projects)
 
     def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions) -> str:
         ref = self._must(plan)
@@ -464,6 +481,23 @@ class NeonProvider(Provider):
         if not isinstance(project, dict):
             raise ProviderError(f"{what}: the Neon API answered without the project")
         return ref, project
+
+    # -- undo: Neon's history and branches (neon_undo.py) ---------------------------------------------
+
+    def archive_status(self) -> list[ArchiveStatus]:
+        return self.undo.archive_status()
+
+    def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
+        return self.undo.mark_point(plan)  # Neon has no named restore points: the catalog keeps the label
+
+    def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
+        self.undo.restore_database(plan, target, into)
+
+    def replace_database(self, plan: DatabasePlan, restored: DatabasePlan) -> None:
+        self.undo.replace_database(plan, restored)
+
+    def restored_copy_uri(self, uri: str, database: str) -> str:
+        return self.undo.copy_uri(uri, database)
 
     def usage(self, plan: DatabasePlan) -> UsageSample:
         """Neon's consumption counters of the project (they restart at each billing period)."""

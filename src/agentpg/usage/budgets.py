@@ -25,7 +25,8 @@ from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.periodic import PeriodicJob
 from agentpg.providers.base import DatabasePlan, UsageSample
-from agentpg.usage.pricing import MICRO, PriceTable, cost_microcents
+from agentpg.usage.backups import Sized, attribute, server_backup_bytes
+from agentpg.usage.pricing import MICRO, PriceTable, backup_cost_microcents, cost_microcents
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,17 @@ def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
 
 def _sample_all(deps: LifecycleDeps, prices: PriceTable, now: datetime, period: datetime,
                 report: SyncReport) -> None:
+    """Every database is read first, then priced: a database's backup share needs the sizes of all the
+    databases of its server (:mod:`.backups`); one unread keeps its last known size in that sum."""
     planned = [(rec, plan) for rec in _ready_records(deps) if (plan := _plan(rec)) is not None]
+    samples: dict[str, UsageSample | AgentpgError] = {}
     for chunk in _chunks(planned):
-        samples = deps.provider.usage_many([plan for _, plan in chunk])
+        samples.update(deps.provider.usage_many([plan for _, plan in chunk]))
+    backup = server_backup_bytes(deps.provider) if planned else {}
+    shares = attribute(backup, [Sized(plan.database, plan.server, _size(samples.get(plan.database), rec))
+                                for rec, plan in planned]) if backup else {}
+    unread = backup is None  # the shares stay as the last sync measured them
+    for chunk in _chunks(planned):
         with deps.sessions.begin() as s:
             locked = _lock_records(s, [rec for rec, _ in chunk])
             for rec, plan in chunk:
@@ -120,8 +129,15 @@ def _sample_all(deps: LifecycleDeps, prices: PriceTable, now: datetime, period: 
                 fresh = locked.get((type(rec), rec.id))
                 if fresh is None:  # deleted since the list was read
                     continue
-                _add_cost(fresh, sample, prices, now, period)
+                share = None if unread else shares.get(plan.database, 0)
+                _add_cost(fresh, sample, prices, now, period, backup_bytes=share)
                 report.databases += 1
+
+
+def _size(sample: UsageSample | AgentpgError | None, rec: Record) -> int:
+    if isinstance(sample, UsageSample):
+        return sample.storage_bytes
+    return int((rec.usage_snapshot or {}).get("storage_bytes") or 0)
 
 
 def sample_first(deps: LifecycleDeps, prices: PriceTable, records: Sequence[Record],
@@ -160,15 +176,25 @@ def _lock_records(s: Session, records: Sequence[Record]) -> dict[tuple[type, str
     return locked
 
 
-def _add_cost(rec: Record, sample: UsageSample, prices: PriceTable, now: datetime, period: datetime) -> None:
+def _add_cost(rec: Record, sample: UsageSample, prices: PriceTable, now: datetime, period: datetime, *,
+              backup_bytes: int | None = None) -> None:
     """Price what ``rec`` used since its last sample into its period cost, and keep ``sample`` as the next
-    starting point (a new period starts the cost from zero)."""
+    starting point (a new period starts the cost from zero). ``backup_bytes``: the database's share of its
+    server's backups now (None: not measured, the last share stays); it is priced like storage, a size over
+    the elapsed time, into ``period_cost_microcents`` and, separately, ``period_backup_microcents``."""
     if rec.period_start is None or rec.period_start < period:
         rec.period_start = period
         rec.period_cost_microcents = 0
+        rec.period_backup_microcents = 0
     before = UsageSample.from_json(rec.usage_snapshot) if rec.usage_snapshot else None
     since = max(rec.last_consumption_sync or rec.created_at, period)
-    rec.period_cost_microcents += cost_microcents(prices, before, sample, (now - since).total_seconds())
+    elapsed_s = (now - since).total_seconds()
+    rec.period_cost_microcents += cost_microcents(prices, before, sample, elapsed_s)
+    if backup_bytes is not None:
+        backup_cost = backup_cost_microcents(prices, backup_bytes, elapsed_s)
+        rec.backup_bytes = backup_bytes
+        rec.period_backup_microcents += backup_cost
+        rec.period_cost_microcents += backup_cost
     rec.current_period_cost_cents = round(rec.period_cost_microcents / MICRO)
     rec.usage_snapshot = sample.to_json()
     rec.last_consumption_sync = now

@@ -23,6 +23,8 @@ class PriceTable:
     """Per compute-hour where the provider counts compute time (Neon), else per hour with any activity."""
     written_cents_per_gb: float = 9.6
     transfer_cents_per_gb: float = 9.0
+    backup_cents_per_gb_month: float = 20.0
+    """Backup storage: a database's share of its server's base backups and WAL (:mod:`.backups`)."""
     bytes_per_written_row: int = 200
     """Where a provider counts rows written but not bytes (a plain Postgres server), the estimate per row."""
 
@@ -59,4 +61,11 @@ def cost_microcents(prices: PriceTable, before: UsageSample | None, now: UsageSa
     cents += written / _GB * prices.written_cents_per_gb
     cents += _delta(now.transfer_bytes, before.transfer_bytes if before else None) / _GB \
         * prices.transfer_cents_per_gb
+    return round(cents * MICRO)
+
+
+def backup_cost_microcents(prices: PriceTable, backup_bytes: int, elapsed_s: float) -> int:
+    """The cost of keeping ``backup_bytes`` of backups for ``elapsed_s`` seconds (a size, like storage)."""
+    cents = max(backup_bytes, 0) / _GB * prices.backup_cents_per_gb_month * max(elapsed_s, 0.0) \
+        / (_HOURS_PER_MONTH * 3600)
     return round(cents * MICRO)

@@ -12,7 +12,7 @@ from agentpg.catalog.models import User, UserBudget, UserGlobalDatabase, Workspa
 from agentpg.errors import AgentpgError, InvalidInput, NotFound
 from agentpg.lifecycle import workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps
-from agentpg.schemas import DatabaseUsage, UsageReport
+from agentpg.schemas import BackupUsage, DatabaseUsage, UsageReport
 from agentpg.usage.budgets import (
     _plan,
     apply_enforcement,
@@ -33,16 +33,20 @@ def _usage_of(rec: UserGlobalDatabase | WorkspaceAgentDatabase, period: datetime
     current = rec.period_start is not None and rec.period_start >= period
     snapshot = rec.usage_snapshot or {}
     storage = snapshot.get("storage_bytes")
+    backup = rec.period_backup_microcents if current else 0
     return DatabaseUsage(database="agent" if workspace_id else "global",
                          workspace_id=workspace_ids.public_id(workspace_id) if workspace_id else None,
-                         name=rec.database_name, cost_cents=round(rec.period_cost_microcents / MICRO) if current else 0,
+                         name=rec.database_name,
+                         cost_cents=round((rec.period_cost_microcents - backup) / MICRO) if current else 0,
                          storage_bytes=int(storage) if storage is not None else None,
-                         last_sync=rec.last_consumption_sync)
+                         last_sync=rec.last_consumption_sync, backup_bytes=rec.backup_bytes,
+                         backup_cost_cents=round(backup / MICRO))
 
 
 def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80,
                  default_budget_cents: int | None = None, prices: PriceTable | None = None) -> UsageReport:
-    """The user's usage as of the last sync. The total is the sum of the parts, by construction.
+    """The user's usage as of the last sync. The total is the sum of the parts (each database's own cost,
+    and the backup storage line: their shares of their servers' backups), by construction.
 
     With ``prices``, a database never sampled yet (just registered) is sampled now, so a new user's storage
     and cost read right away rather than after the first periodic sync."""
@@ -66,7 +70,10 @@ def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80
                                 default_budget_cents=default_budget_cents)
     parts = [_usage_of(a, period, a.workspace_id) for a in agents]
     global_part = _usage_of(glob, period, None) if glob is not None else None
-    total = sum(p.cost_cents for p in parts) + (global_part.cost_cents if global_part else 0)
+    every = [*parts, *([global_part] if global_part else [])]
+    backups = BackupUsage(bytes=sum(p.backup_bytes or 0 for p in every),
+                          cost_cents=sum(p.backup_cost_cents for p in every))
+    total = sum(p.cost_cents for p in every) + backups.cost_cents
     budget_cents = budget.budget_cents if budget is not None else default_budget_cents
     return UsageReport(
         user_id=user_id, period_start=period, budget_cents=budget_cents, total_cost_cents=total,
@@ -74,7 +81,7 @@ def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80
         status=budget_status(total, budget_cents, warning_percent),
         read_only=bool(budget and budget.enforced), read_only_reason=block_reason(budget),
         storage_limit_exceeded=bool(budget and budget.storage_exceeded), global_database=global_part,
-        agent_databases=parts)
+        agent_databases=parts, backups=backups)
 
 
 def set_budget(deps: LifecycleDeps, user_id: str, budget_cents: int | None) -> None:
