@@ -305,7 +305,7 @@ class AgentCalls:
         validate_id(user_id, "user id")
         if workspace_id is not None:
             validate_id(workspace_id, "workspace id")
-        if cursor is not None and not cursor.isdigit():
+        if cursor is not None and (not cursor.isdigit() or int(cursor) > 2**63 - 1):  # ids are bigint
             raise InvalidInput("cursor must be the next_cursor of a previous page")
         with self.deps.sessions() as s:
             user = s.get(User, user_id)

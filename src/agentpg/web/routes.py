@@ -1,7 +1,8 @@
 """The explorer's pages: sign-in, user picker (admin), databases, agents' permissions, audit log, usage.
 
 Served by ``agentpg serve`` at ``/`` and under ``/explorer``; left out of the OpenAPI document (HTML, not API).
-The database pages (tables, rows, export, SQL box) are in :mod:`agentpg.web.routes_db`.
+The database pages (tables, rows, export, SQL box) are in :mod:`agentpg.web.routes_db`, the History page (restores)
+in :mod:`agentpg.web.history`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from agentpg.api import routes_users
 from agentpg.api.context import app_context
 from agentpg.api.models import ID_PATTERN
 from agentpg.errors import AgentpgError, NotFound
-from agentpg.web import data, routes_db
+from agentpg.web import data, history, routes_db
 from agentpg.web.render import PREFIX, render, user_url, with_query
 from agentpg.web.routing import Explorer, PageRoute, Session, error_response, validation_message, wants_json
 from agentpg.web.security import (
@@ -37,6 +38,7 @@ from agentpg.web.security import (
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 router.include_router(routes_db.router)
+router.include_router(history.router)
 
 Cursor = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=128)]
 _STATIC: Final = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
