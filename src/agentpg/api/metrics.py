@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agentpg.access.governor import Governor
+from agentpg.access.guard import Reaper
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 UNMATCHED = "<unmatched>"
@@ -68,6 +69,21 @@ class ApiMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ReaperCollector(Collector):
+    """Backends agentpg terminated after giving up on their statement (issue 18), read at scrape time."""
+
+    def __init__(self, reaper: Reaper) -> None:
+        self._reaper = reaper
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("agentpg_backends_terminated", "Tenant backends agentpg ended with "
+                                     "pg_terminate_backend after giving up on their statement, by outcome.",
+                                     labels=["outcome"])
+        family.add_metric(["gone"], self._reaper.terminated)
+        family.add_metric(["failed"], self._reaper.failed)
+        yield family
 
 
 class GovernorCollector(Collector):
