@@ -119,6 +119,10 @@ class GovernorCollector(Collector):
                                             "waiting.", labels=["server"]),
             "terminations": CounterMetricFamily("agentpg_governor_idle_closed", "Idle connections of other pools "
                                                 "closed to make room.", labels=["server"]),
+            "slot_refusals": CounterMetricFamily("agentpg_governor_slot_refusals", "Connects the server refused "
+                                                 "for want of a slot although the budget allowed them (other "
+                                                 "clients hold slots; the budget is lowered for a while).",
+                                                 labels=["server"]),
         }
         for snap in snaps:
             for name, value in (("budget", snap.budget), ("open", snap.open), ("granted", snap.granted),
@@ -129,5 +133,6 @@ class GovernorCollector(Collector):
             counters["waits"].add_metric([snap.server], snap.stats.waits)
             counters["refusals"].add_metric([snap.server], snap.stats.refusals)
             counters["terminations"].add_metric([snap.server], snap.stats.terminations)
+            counters["slot_refusals"].add_metric([snap.server], snap.stats.slot_refusals)
         yield from gauges.values()
         yield from counters.values()
