@@ -84,8 +84,8 @@ class FastPath:
             return await _handed_on(message, replay, send)
         if method == "ping":
             result: dict[str, Any] = {}
-        elif method == "tools/list":
-            result = self._tools_result
+        elif method == "tools/list":  # the workspace's choice of tools (issue 20)
+            result = await self._calls.tools_result(HTTPConnection(scope))
         else:
             name, arguments = params.get("name"), params.get("arguments")
             if not isinstance(name, str) or not (arguments is None or isinstance(arguments, dict)):

@@ -40,7 +40,7 @@ from mcp import types
 from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
 
 from agentpg import __version__
-from agentpg.mcp import envelope, tools
+from agentpg.mcp import envelope
 from agentpg.mcp.server import INSTRUCTIONS, ToolCalls
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,6 @@ class JsonRpcSession:
             protocolVersion=types.LATEST_PROTOCOL_VERSION,
             capabilities=types.ServerCapabilities(tools=types.ToolsCapability(listChanged=False)),
             serverInfo=types.Implementation(name="agentpg", version=__version__), instructions=INSTRUCTIONS))
-        self._tools_result = _dump(types.ListToolsResult(tools=tools.tool_list()))
         # Built once: json.dumps(..., separators=...) builds an encoder per message.
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -158,15 +157,15 @@ class JsonRpcSession:
             self._result(request_id, {})
         elif not self._initialized:
             self._error(request_id, types.INVALID_REQUEST, "the session is not initialized: send initialize first")
-        elif method == "tools/list":
-            self._result(request_id, self._tools_result)
+        elif method in ("tools/list", "tools/call") and request_id in self._in_flight:
+            self._error(request_id, types.INVALID_REQUEST, "Invalid Request: a call with this id is running")
+        elif method == "tools/list":  # the workspace's choice of tools (issue 20): it may be looked up
+            self._start_call(request_id, None, None)
         elif method == "tools/call":
             name, arguments = params.get("name"), params.get("arguments")
             if not isinstance(name, str) or not (arguments is None or isinstance(arguments, dict)):
                 self._error(request_id, types.INVALID_PARAMS,
                             "Invalid params: tools/call needs a string name and an object of arguments")
-            elif request_id in self._in_flight:
-                self._error(request_id, types.INVALID_REQUEST, "Invalid Request: a call with this id is running")
             else:
                 self._start_call(request_id, name, arguments)
         else:
@@ -179,7 +178,7 @@ class JsonRpcSession:
             if task is not None:
                 task.cancel()
 
-    def _start_call(self, request_id: RequestId, name: str, arguments: dict[str, Any] | None) -> None:
+    def _start_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None) -> None:
         task = asyncio.create_task(self._run_call(request_id, name, arguments))
         self._in_flight[request_id] = task
         task.add_done_callback(lambda done: self._forget(request_id, done))
@@ -188,11 +187,15 @@ class JsonRpcSession:
         if self._in_flight.get(request_id) is task:
             del self._in_flight[request_id]
 
-    async def _run_call(self, request_id: RequestId, name: str, arguments: dict[str, Any] | None) -> None:
-        """Answer one tools/call. A cancellation ends it without an answer (the client asked for that)."""
+    async def _run_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None) -> None:
+        """Answer one tools/call (``name`` None: a tools/list). A cancellation ends it without an answer (the
+        client asked for that)."""
         try:
-            async with self._slots:
-                result = await self._calls.call(name, arguments)
+            if name is None:
+                result = await self._calls.tools_result()
+            else:
+                async with self._slots:
+                    result = await self._calls.call(name, arguments)
         except Exception as exc:  # ToolCalls.call maps failures itself: this is a bug, still answered
             self._internal_error(request_id, exc)
         else:
