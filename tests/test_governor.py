@@ -436,11 +436,11 @@ def test_slots_taken_by_other_clients_mean_busy_not_unreachable(server: Server) 
     hogs = [psycopg.connect(server.uris[299]) for _ in range(50)]  # 100 - 33 reserved - 50: 17 slots left
 
     async def scenario() -> tuple[Outcomes, ServerGate]:
-        governor = Governor(GovernorConfig(wait_s=5.0))
+        governor = Governor(GovernorConfig(wait_s=2.0))
         pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=governor)
         queries = TenantQueries(pools, QueryLimits())
         out = Outcomes()
-        stop = time.monotonic() + 4.0
+        stop = time.monotonic() + 2.5
 
         async def flood(uri: str) -> None:
             while time.monotonic() < stop:
