@@ -186,6 +186,28 @@ def test_fair_queue_serves_a_quiet_user_before_a_noisy_one() -> None:
     asyncio.run(scenario())
 
 
+def test_a_user_at_its_cap_waits_while_another_user_runs() -> None:
+    """Connections to spare do not let one user run more than ``user_cap`` statements at once while another
+    user has calls: the CPU is shared by users, not by who asked first. Alone, a user may use the budget."""
+
+    async def scenario() -> None:
+        gate = ServerGate("h:1", budget=10, wait_s=0.3, user_cap=2)
+        far = time.monotonic() + 5
+        for _ in range(3):  # alone: over the cap is fine
+            await gate.enter("noisy", far)
+        await gate.enter("quiet", far)
+        with pytest.raises(ServerBusy):  # another user runs: noisy's 4th waits, then is refused
+            await gate.enter("noisy", time.monotonic() + 0.3)
+        late = asyncio.create_task(gate.enter("noisy", time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        assert not late.done() and gate.calls == 4
+        gate.leave("quiet")  # nobody else runs now: noisy may go on
+        await asyncio.wait_for(late, 1)
+        assert gate.flight == {"noisy": 4}
+
+    asyncio.run(scenario())
+
+
 # -- a noisy user and a quiet one on a real server ----------------------------------------------------------
 
 
