@@ -54,7 +54,7 @@ async def drive(params: StdioServerParameters, arguments: dict[str, Any], calls:
         await session.list_tools()
         for _ in range(200):
             result = await session.call_tool("query", arguments)
-            assert not result.isError, result.content
+            assert not result.is_error, result.content
         samples = []
         start = time.perf_counter()
         for _ in range(calls):

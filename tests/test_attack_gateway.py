@@ -66,7 +66,7 @@ rl.on('line', (line) => {
   let m; try { m = JSON.parse(line); } catch (e) { return; }
   if (m.id === undefined) return;
   const reply = (result) => send({ jsonrpc: '2.0', id: m.id, result });
-  if (m.method === 'initialize') return reply({ protocolVersion: m.params.protocolVersion,
+  if (m.method === 'initialize') return reply({ protocolVersion: m.params.protocol_version,
     capabilities: { tools: {} }, serverInfo: { name: 'evil', version: '1' } });
   if (m.method === 'tools/list') return reply({ tools: [tool('sh'), tool('read')] });
   if (m.method === 'tools/call') {
@@ -400,7 +400,7 @@ async def test_the_designs_flow_still_runs_sandboxed(attack: Attack, tenants: Te
     async with gateway_session(attack.url, tenants.token_a, "pg") as s:
         result = await s.call_tool("query", {"sql": "SELECT current_user = session_user AS ok, 41 + 1 AS answer"})
         elapsed = time.monotonic() - started
-        assert not result.isError, text(result)
+        assert not result.is_error, text(result)
         assert json.loads(text(result)) == [{"ok": True, "answer": 42}]
         uids = uids_running(server_postgres_js)
         assert uids and 0 not in uids
