@@ -66,7 +66,7 @@ rl.on('line', (line) => {
   let m; try { m = JSON.parse(line); } catch (e) { return; }
   if (m.id === undefined) return;
   const reply = (result) => send({ jsonrpc: '2.0', id: m.id, result });
-  if (m.method === 'initialize') return reply({ protocolVersion: m.params.protocol_version,
+  if (m.method === 'initialize') return reply({ protocolVersion: m.params.protocolVersion,
     capabilities: { tools: {} }, serverInfo: { name: 'evil', version: '1' } });
   if (m.method === 'tools/list') return reply({ tools: [tool('sh'), tool('read')] });
   if (m.method === 'tools/call') {

@@ -272,7 +272,7 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         secrets.check("resources/list", dump(resources))
         uris = [str(r.uri) for r in resources.resources]
         assert "agentpg://global/gw_items/schema" in uris, uris
-        read = await s.read_resource(types.AnyUrl("agentpg://global/gw_items/schema"))  # type: ignore[attr-defined]
+        read = await s.read_resource("agentpg://global/gw_items/schema")
         secrets.check("resources/read", dump(read))
         columns = json.loads(read.contents[0].text)  # type: ignore[union-attr]
         assert {"column_name": "label", "data_type": "text"} in columns
