@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import httpx2
 import psycopg
 from mcp import ClientSession

@@ -1,8 +1,9 @@
 """MCP over newline-delimited JSON-RPC 2.0 on stdin/stdout (``agentpg mcp``): one small hand-written loop.
 
-**Why it exists.** The stdio goal is ≥ 1.5× the throughput of the npm ``server-postgres`` for a 1-row SELECT.
+**Why it exists.** The stdio goal is at least 1.5 times the throughput of the npm ``server-postgres`` for a
+1-row SELECT.
 The SDK's ``Server.run`` (worker-thread line reads, a dispatcher, pydantic validation and re-dump of every
-message) costs about 0.75–1.0 ms of CPU per trivial call on this VM; this loop about 0.09 ms
+message) costs about 0.75-1.0 ms of CPU per trivial call on this VM; this loop about 0.09 ms
 (docs/mcp.md and bench/ have the end-to-end figures). It runs the same :class:`~agentpg.mcp.server.ToolCalls`
 as the SDK server, and uses only public ``mcp.types`` constants and models (versions, ``_meta`` keys, error
 codes, result models dumped once at start); nothing of the SDK's runner.
@@ -45,8 +46,8 @@ import uuid
 from typing import Any
 
 from mcp import types
-from pydantic import BaseModel
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
 
 from agentpg import __version__
 from agentpg.mcp import envelope, tools
