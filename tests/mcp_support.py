@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ import httpx2
 import uvicorn
 from mcp import Client, ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
+from starlette.types import ASGIApp
 
 from agentpg.api.app import create_app
 from agentpg.runtime import Runtime, admin_token
@@ -52,10 +53,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    """``create_app(settings)`` served by uvicorn in a thread of this process; yields its base URL."""
+def live_server(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None) -> Iterator[str]:
+    """``create_app(settings)`` (wrapped by ``wrap``, e.g. a test proxy's header rewrite) served by uvicorn in
+    a thread of this process; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+    app: ASGIApp = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap is not None else app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
