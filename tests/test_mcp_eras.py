@@ -239,3 +239,33 @@ async def test_two_serve_instances_behind_one_address(settings: Settings, tenant
                     counted = await ok(client.session, "query", database="agent", sql=f"SELECT count(*) FROM {table}")
                     assert counted["rows"] == [[6]]
             assert min(served) >= 4, served  # both instances answered a share of the requests
+
+
+def test_stdio_from_a_file_uses_the_sdk_server_in_the_2026_era(agentpg_home: Path, tenants: Tenants,
+                                                                tmp_path: Path, mode: str = MODERN) -> None:
+    """stdin a file (not a pipe): the SDK's ``Server.run`` answers, and its first request decides the era (the
+    2025 era there is the SDK's own, unchanged; ``mode`` selects it when run by hand). (At
+    the file's end the SDK server closes the connection and answers a call still running "Connection closed":
+    this fallback is for a terminal, where the end of input means the person is done.)"""
+    call = {"name": "query", "arguments": {"database": "agent", "sql": "SELECT 5 AS five"}}
+    if mode == MODERN:
+        messages = [{"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": _envelope({})},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": _envelope(call)}]
+    else:
+        messages = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_")}
+    env.update(AGENTPG_HOME=str(agentpg_home), AGENTPG_AGENT_TOKEN=tenants.token_c)
+    with requests.open("rb") as stdin, (tmp_path / "answers.jsonl").open("wb") as stdout:
+        done = subprocess.run([AGENTPG, "mcp"], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env,
+                              timeout=120, check=False)
+    answers = {a["id"]: a for a in map(json.loads, (tmp_path / "answers.jsonl").read_text().splitlines())}
+    assert done.returncode == 0 and set(answers) == {1, 2}, (done.stderr[-2000:], answers)
+    first = answers[1]["result"]
+    assert first["supportedVersions"] == [MODERN] if mode == MODERN else first["protocolVersion"] == "2025-06-18"
+    assert ("resultType" in first) == (mode == MODERN)
+    assert "result" in answers[2] or answers[2]["error"]["message"] == "Connection closed", answers[2]
