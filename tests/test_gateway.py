@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import leakscan
 import pytest
-from mcp import ClientSession, StdioServerParameters, types
+from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
 

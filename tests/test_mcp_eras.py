@@ -252,8 +252,8 @@ def test_stdio_from_a_file_uses_the_sdk_server_in_the_2026_era(agentpg_home: Pat
         messages = [{"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": _envelope({})},
                     {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": _envelope(call)}]
     else:
-        messages = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+        hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+        messages = [{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello},
                     {"jsonrpc": "2.0", "method": "notifications/initialized"},
                     {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}]
     requests = tmp_path / "requests.jsonl"
