@@ -33,8 +33,7 @@ INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
 
 def mcp_answer(response: httpx.Response) -> dict[str, Any]:
     """The JSON-RPC message a streamable-HTTP POST was answered with: the JSON body, or the one ``message``
-    event of an SSE answer (/mcp answers a handshake-era request as an event stream, so that a client
-    that disconnects cancels its call)."""
+    event of an SSE answer (the spec allows either; agentpg's /mcp sends JSON, a gateway child may not)."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
         assert len(data) == 1, response.text

@@ -115,7 +115,7 @@ async def test_2026_wire_rules_over_http(base_url: str, tenants: Tenants) -> Non
                 "_meta": {types.PROTOCOL_VERSION_META_KEY: "2099-01-01", types.CLIENT_CAPABILITIES_META_KEY: {}}}})
         assert future.status_code == 400 and future.json()["error"]["code"] == types.UNSUPPORTED_PROTOCOL_VERSION
         assert future.json()["error"]["data"]["supported"] == [MODERN]
-        # The 2025 era on the same path needs no initialize first (stateless), and is answered as an event.
+        # The 2025 era on the same path needs no initialize first (stateless).
         legacy = await client.post(f"{url}/mcp", json={"jsonrpc": "2.0", "id": 4, "method": "tools/list"},
                                    headers={**MCP_HEADERS, "Authorization": f"Bearer {token}",
                                             "MCP-Protocol-Version": LATEST_HANDSHAKE_VERSION})

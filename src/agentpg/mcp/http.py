@@ -12,16 +12,15 @@ Each request to ``/mcp``, in order:
    elsewhere (the CLI, another instance) within 2 s.
 3. **One well-formed JSON-RPC message** per POST (:mod:`agentpg.mcp.envelope`): a batch, an id that is not a
    string or an integer, ... get 400 with the JSON-RPC error in plain words (the SDK would take an object id
-   for a notification and answer 202, or quote its validation library). The body is then replayed.
+   for a notification and answer 202, or quote its validation library).
 4. The SDK's ``StreamableHTTPSessionManager``, **stateless**, serves both protocol eras on this one path:
    a request with ``MCP-Protocol-Version: 2026-07-28`` (and the per-request ``_meta`` envelope) is one
    self-contained exchange (``server/discover``, ``tools/list``, ``tools/call``; ``initialize`` and ``ping``
    are -32601 there); no header or a 2025-era version is the handshake era, where ``initialize`` works but
    is not required first (a stateless connection starts ready). No ``Mcp-Session-Id`` is issued: the bearer
-   token identifies the caller on every request, so any ``serve`` instance answers any request. SSE
-   answers are enabled (``json_response=False``) so that a client that disconnects cancels its running
-   call (and the statement in Postgres); a 2026 call that finishes within the SDK's window is still
-   answered as plain JSON.
+   token identifies the caller on every request, so any ``serve`` instance answers any request. Answers
+   are plain JSON in both eras; a client that disconnects before its answer cancels the call (and the
+   statement in Postgres): :func:`answer_unless_gone`.
 
 Nothing is built at import time: :class:`McpHttp` is created by the app factory and started in its lifespan.
 """
@@ -34,6 +33,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 from mcp import types
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -110,10 +110,10 @@ class McpHttp:
         own = pools is None
         queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings),
                                 terminate=service.reaper.terminate)
-        # SSE allowed (json_response=False): a disconnect then cancels the running call; see the docstring.
+        # JSON answers in both eras; a disconnect still cancels the call (answer_unless_gone).
         manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),
                                                security_settings=security_settings(self._settings),
-                                               json_response=False, stateless=True,
+                                               json_response=True, stateless=True,
                                                max_request_body_size=MAX_BODY)
         try:
             async with manager.run():
@@ -139,30 +139,31 @@ class McpHttp:
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
                                                       subject=principal.token_id, scopes=["agent"]))
         scope[_PRINCIPAL_KEY] = principal
-        if scope["method"] == "POST":
-            checked = await well_formed(scope, receive, send)
-            if checked is None:
-                return
-            receive = checked
-        await manager.handle_request(scope, receive, send)
+        if scope["method"] != "POST":
+            await manager.handle_request(scope, receive, send)
+            return
+        body = await well_formed(scope, receive, send)
+        if body is not None:
+            await answer_unless_gone(manager, body, scope, receive, send)
 
 
-async def well_formed(scope: Scope, receive: Receive, send: Send) -> Receive | None:
-    """Read a POST's body; if it is one well-formed JSON-RPC message (or cannot be judged: too big, the
-    client gone), a ``receive`` that replays it; else answer 400 with the JSON-RPC error and return None."""
+async def well_formed(scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    """A POST's body if it is one well-formed JSON-RPC message; else None, having answered 400 with the
+    JSON-RPC error (413 past :data:`MAX_BODY`; nothing if the client went away mid-body)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return _replaying(b"".join(chunks), receive, more=False, last=message)
+            return None
         chunk = message.get("body", b"")
         chunks.append(chunk)
         size += len(chunk)
+        if size > MAX_BODY:  # the app's own body limit is lower: this only guards a bare mount
+            await _json(413, {"error": "content_too_large"})(scope, receive, send)
+            return None
         if not message.get("more_body", False):
             break
-        if size > MAX_BODY:  # the SDK answers 413 for it
-            return _replaying(b"".join(chunks), receive, more=True)
     body = b"".join(chunks)
     try:
         parsed = json.loads(body)
@@ -172,21 +173,52 @@ async def well_formed(scope: Scope, receive: Receive, send: Send) -> Receive | N
         problem = envelope.problem(parsed)
         if problem is None and parsed.get("method") == "tools/call":
             problem = envelope.call_problem(parsed)
-    if problem is not None:
-        await _json(400, problem.response())(scope, receive, send)
-        return None
-    return _replaying(body, receive, more=False)
+    if problem is None:
+        return body
+    await _json(400, problem.response())(scope, receive, send)
+    return None
 
 
-def _replaying(body: bytes, receive: Receive, *, more: bool, last: Message | None = None) -> Receive:
-    """A ``receive`` that hands out ``body`` again (then ``last``, if the client went away), then ``receive``."""
-    pending: list[Message] = [] if last is None else [last]
-    pending.append({"type": "http.request", "body": body, "more_body": more})
+async def answer_unless_gone(manager: StreamableHTTPSessionManager, body: bytes, scope: Scope, receive: Receive,
+                             send: Send) -> None:
+    """The SDK's answer to the POST whose ``body`` was read; if the client disconnects before the answer is
+    sent, the handling is cancelled (the tool call and its statement with it), in either era.
+
+    Why here, not the SDK's SSE mode (which cancels on a disconnect too): the SDK's client refuses an SSE
+    event over 1 MiB by default, and a result may be larger (up to the 1 MB row cap, as structured content
+    and as text); in JSON mode the SDK watches for no disconnect. With the body read, ``receive`` returns
+    only when the client goes away (or the response is complete)."""
+    answered = False
+    gone = anyio.Event()
+
+    async def tracked(message: Message) -> None:
+        nonlocal answered
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered = True
+        await send(message)
+
+    replayed = False
 
     async def replay() -> Message:
-        return pending.pop() if pending else await receive()
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
 
-    return replay
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not answered:
+                group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        await manager.handle_request(scope, replay, tracked)
+        group.cancel_scope.cancel()
 
 
 async def admit_agent(scope: Scope, receive: Receive, send: Send, security: TransportSecurityMiddleware,
