@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from agentpg.access.governor import Governor, GovernorConfig, ServerBusy, ServerGate
+from agentpg.access.governor import OWN_CONNECTIONS, Governor, GovernorConfig, ServerBusy, ServerGate
 from agentpg.access.guard import Reaper
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, TenantQueries
@@ -229,7 +229,8 @@ def test_a_quiet_user_is_served_while_a_noisy_one_floods(server: Server) -> None
     assert len(quiet.latencies) == 40 and quiet.busy == 0
     # The quiet user waits at most for a noisy call to end (and a connection to be made), not for the flood:
     # measured, not asserted (bench/fair_sharing.py compares its p99 with and without the noise).
-    assert sampler.budget == MAX_CONNECTIONS - 33  # derived: max_connections - superuser_reserved_connections
+    # Derived: max_connections - superuser_reserved_connections - the slots agentpg's own connections need.
+    assert sampler.budget == MAX_CONNECTIONS - 33 - OWN_CONNECTIONS
     assert 0 < sampler.max_open <= sampler.budget and sampler.max_granted <= sampler.budget
     assert sampler.max_backends <= sampler.budget
     _assert_present(server, quiet.acknowledged)
@@ -426,3 +427,38 @@ def test_the_reaper_ends_only_the_callers_own_backend(server: Server) -> None:
         assert await reaper.terminate(mine, 2_000_000_000) is True  # no such backend: nothing runs
 
     asyncio.run(scenario())
+
+
+def test_slots_taken_by_other_clients_mean_busy_not_unreachable(server: Server) -> None:
+    """Clients agentpg does not govern (psql, the gateway's children) hold most ordinary slots, so the server
+    refuses connects the budget allows: calls then succeed or get server_busy (429), never "cannot be
+    reached", and the gate holds no more than it has until the refusals are old."""
+    hogs = [psycopg.connect(server.uris[299]) for _ in range(50)]  # 100 - 33 reserved - 50: 17 slots left
+
+    async def scenario() -> tuple[Outcomes, ServerGate]:
+        governor = Governor(GovernorConfig(wait_s=5.0))
+        pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=governor)
+        queries = TenantQueries(pools, QueryLimits())
+        out = Outcomes()
+        stop = time.monotonic() + 4.0
+
+        async def flood(uri: str) -> None:
+            while time.monotonic() < stop:
+                await _call(queries, uri, "SELECT pg_sleep(0.05)", None, uri[-12:], out, read_only=True)
+
+        try:
+            await asyncio.gather(*(flood(uri) for uri in server.uris[150:190]))
+        finally:
+            await queries.close()
+        return out, await governor.gate(server.uris[150])
+
+    try:
+        out, gate = asyncio.run(scenario())
+    finally:
+        for hog in hogs:
+            hog.close()
+    print(f"\n{len(out.latencies)} ok, {out.busy} busy, other {dict(out.other)}; slot refusals "
+          f"{gate.stats.slot_refusals}, budget {gate.budget} of {gate.full_budget}")
+    assert not out.other, out.other  # no "cannot be reached"
+    assert out.latencies and gate.stats.slot_refusals >= 1
+    assert gate.budget < gate.full_budget == MAX_CONNECTIONS - 33 - OWN_CONNECTIONS

@@ -38,9 +38,9 @@ async def test_tools_are_listed_with_truthful_annotations(base_url: str, tenants
         tools = {t.name: t for t in (await s.list_tools()).tools}
         out = await ok(s, "query", database="agent", sql="SELECT 1 AS one")
     assert {"columns", "rows", "row_count", "truncated", "duration_ms"} <= set(out)
-    assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "execute", "checkpoint",
-                          "list_checkpoints", "restore"}
-    for name in ("list_databases", "list_tables", "describe_table", "query", "list_checkpoints"):
+    assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "explain", "execute",
+                          "checkpoint", "list_checkpoints", "restore"}
+    for name in ("list_databases", "list_tables", "describe_table", "query", "explain", "list_checkpoints"):
         assert tools[name].annotations is not None and tools[name].annotations.read_only_hint is True
     execute = tools["execute"].annotations
     assert execute is not None and execute.read_only_hint is False and execute.destructive_hint is True

@@ -42,8 +42,8 @@ async def test_stdio_agent_shares_the_global_database(runtime: Runtime, agentpg_
                                                       tenants: Tenants) -> None:
     async with stdio_session(agentpg_home, tenants.token_a) as a:
         assert {t.name for t in (await a.list_tools()).tools} == {
-            "list_databases", "list_tables", "describe_table", "query", "execute", "checkpoint", "list_checkpoints",
-            "restore"}
+            "list_databases", "list_tables", "describe_table", "query", "explain", "execute", "checkpoint",
+            "list_checkpoints", "restore"}
         await ok(a, "execute", database="global", sql="CREATE TABLE notes (id int, body text)")
         await ok(a, "execute", database="global", sql="INSERT INTO notes VALUES ($1, $2)", params=[1, "from stdio"])
         await ok(a, "execute", database="agent", sql="CREATE TABLE private_notes (id int)")

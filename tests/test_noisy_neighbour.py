@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import psycopg
 import pytest
 from helpers import workspace_global_uri
@@ -128,6 +129,12 @@ async def test_a_statement_that_swallows_cancels_is_terminated(base_url: str, te
             assert (await ok(s, "query", database="agent", sql="SELECT 1"))["rows"] == [[1]]
     # No backend of this agent is left running anything (the pool's idle connections may remain).
     assert [b for b in backends(admin, uri) if b[1] != "idle"] == []
+    # The operator sees the terminations in /metrics.
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{base_url}/metrics")).text
+    counter = 'agentpg_backends_terminated_total{outcome="gone"}'
+    gone = next(line for line in metrics.splitlines() if line.startswith(counter))
+    assert float(gone.split()[-1]) >= 2, gone
 
 
 async def test_a_cancelled_call_leaves_no_backend(runtime: Runtime, tenants: Tenants, admin: Conn) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 
 from agentpg.access import audit as audit_log
-from agentpg.access import cache, introspect
+from agentpg.access import cache, explain, introspect
 from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
 from agentpg.access.classify import Classification, StatementKind, check_shared, classify, normalize_for_audit
 from agentpg.access.permissions import (
@@ -31,7 +31,7 @@ from agentpg.access.permissions import (
     from_row,
     precheck,
 )
-from agentpg.access.query import StatementResult, TenantQueries
+from agentpg.access.query import StatementFailed, StatementResult, TenantQueries
 from agentpg.catalog.models import (
     AgentGlobalDbPermissions,
     User,
@@ -47,6 +47,7 @@ from agentpg.providers.extensions import NEVER_ALLOWED
 from agentpg.schemas import WorkspaceInfo
 from agentpg.settings import Settings
 from agentpg.tokens import Principal
+from agentpg.tool_choice import ToolChoice
 from agentpg.undo_service import CheckpointInfo, RestoreResult, UndoService
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class AgentCalls:
     _targets: cache.TtlCache[tuple[str, str], AgentTarget]
     _write_blocks: cache.TtlCache[str, tuple[str | None]]
     undo: UndoService
+    tool_choice: ToolChoice
 
     def get_workspace(self, workspace_id: str, *, user_id: str | None = None) -> WorkspaceInfo:
         raise NotImplementedError  # Service's
@@ -127,6 +129,7 @@ class AgentCalls:
         ws, perms_row, agent_db = found if found is not None else (None, None, None)
         if ws is None or ws.status != "active":
             raise NotFound(f"workspace {workspace_id!r} does not exist")
+        self.tool_choice.remember(workspace_id, ws.mcp_tools, gen)  # the same row: no lookup of its own
         perms: GlobalDbPermissions | None = None
         if database == "global" and ws.global_uri_sealed is not None:
             uri = self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
@@ -259,6 +262,42 @@ class AgentCalls:
                 await queries.pools.forget(target.uri)
             return result
 
+    async def agent_explain(self, queries: TenantQueries, principal: Principal, database: str, statement: str,
+                            params: list[Any] | None = None, *, analyze: bool = False) -> dict[str, Any]:
+        """One ``explain`` call: the plan of ``statement`` as this agent would run it, never executing a write.
+
+        Classified and pre-checked as ``query``/``execute`` would (an agent may explain only what it could
+        run), then run as ``EXPLAIN (FORMAT JSON)`` through the query path: READ ONLY, the query limits, the
+        agent's own role, so Postgres checks table and function privileges as for the statement itself.
+        ``analyze`` (reads only) executes the read in that same read-only transaction. Returns
+        :func:`agentpg.access.explain.summarize`'s dict plus ``database``, ``command`` and ``duration_ms``.
+        Raises like :meth:`agent_sql`; audited as tool ``explain``.
+        """
+        async with self._audited(principal, "explain", database, _normalize(statement)) as draft:
+            target = await self._agent_target(principal, database)
+            draft.user_id = target.user_id
+            c = _classify(statement)
+            draft.fingerprint = c.fingerprint
+            explain.check_explainable(c, analyze=analyze)
+            if database == "global":
+                check_shared(c)
+            if target.permissions is not None:
+                precheck(c, target.permissions)
+            text, offset = explain.explain_text(statement, analyze=analyze)
+            try:
+                result = await queries.run(target.uri, text, params, read_only=True, max_rows=1,
+                                           user=target.user_id)
+            except StatementFailed as exc:
+                raise StatementFailed(explain.shift_positions(exc.message, offset), outcome=exc.outcome,
+                                      condition=exc.condition) from None
+            if not result.rows or not result.rows[0]:
+                raise StatementFailed("Postgres returned no plan for this statement", outcome="error",
+                                      condition="no_plan")
+            summary = explain.summarize(result.rows[0][0], analyze=analyze)
+            draft.rows = 1
+            return {"database": database, "command": c.command, "analyzed": analyze,
+                    "duration_ms": result.duration_ms, **summary}
+
     async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
                                 schema: str = "public") -> dict[str, Any]:
         """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
@@ -300,8 +339,9 @@ class AgentCalls:
                 await self.audit_writer.submit(entry)
 
     def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
-                   cursor: str | None = None) -> AuditPage:
-        """A user's audit entries, newest first (``NotFound`` for an unknown user)."""
+                   cursor: str | None = None, where: audit_log.AuditFilter | None = None) -> AuditPage:
+        """A user's audit entries, newest first, those matching ``where`` when given (``NotFound`` for an
+        unknown user)."""
         validate_id(user_id, "user id")
         if workspace_id is not None:
             validate_id(workspace_id, "workspace id")
@@ -312,7 +352,8 @@ class AgentCalls:
             if user is None or user.status == "provisioning":
                 raise NotFound(f"user {user_id!r} does not exist")
         self.audit_writer.flush()  # entries of calls that already returned are readable
-        return audit_log.page(self.deps.sessions, user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
+        return audit_log.page(self.deps.sessions, user_id, workspace_id=workspace_id, limit=limit, cursor=cursor,
+                              where=where)
 
     def get_agent_permissions(self, workspace_id: str, *, user_id: str | None = None) -> GlobalDbPermissions:
         """A workspace's permissions on its user's global database (scoped to ``user_id`` when given)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from dataclasses import replace
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -14,6 +16,7 @@ from agentpg.access import cache
 from agentpg.access.guard import Reaper
 from agentpg.access.permissions import (
     AgentTarget,
+    PermissionRefused,
 )
 from agentpg.agent_calls import AgentCalls
 from agentpg.catalog.models import (
@@ -29,8 +32,10 @@ from agentpg.lifecycle import reconcile as reconcile_mod
 from agentpg.lifecycle import undo, users, workspace_ids, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.schemas import DatabaseInfo, StatusInfo, UsageReport, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
-from agentpg.tokens import IssuedToken, Principal, TokenStore
+from agentpg.tokens import IssuedToken, Principal, TokenInfo, TokenStore
+from agentpg.tool_choice import AGENT_TOOLS, McpTools, ToolChoice
 from agentpg.undo_service import UndoService
+from agentpg.usage import history as usage_history_mod
 from agentpg.usage import report as usage_report_mod
 from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
 
@@ -64,6 +69,8 @@ class Service(AgentCalls):
         self._write_blocks: cache.TtlCache[str, tuple[str | None]] = cache.TtlCache()
         self._browse_uris: cache.TtlCache[tuple[str | None, str | None, str | None], str] = cache.TtlCache()
         self.audit_writer = audit_log.AuditWriter(deps.sessions)
+        self.tool_choice = ToolChoice(deps)
+        """Which MCP tools each workspace's agent is offered (issue 20)."""
         self.undo = UndoService(deps, resolve=self._workspace_catalog_id,
                                 read_only=lambda user_id: self.write_block_reason(user_id) is not None)
 
@@ -304,6 +311,17 @@ class Service(AgentCalls):
             raise NotFound(f"token {token_id!r} does not exist") from None
         self.tokens.revoke(token_id, user_id=user_id)
 
+    def list_tokens(self, user_id: str, workspace_id: str | None = None) -> list[TokenInfo]:
+        """The user's live tokens, or one workspace's agent tokens: ids, kinds, names and dates, never a
+        secret. ``NotFound`` for an unknown user, or a workspace that is not this user's."""
+        self.get_user(user_id)
+        catalog_id = None
+        if workspace_id is not None:
+            with self.deps.sessions() as s:
+                catalog_id = self._find_workspace(s, workspace_id, user_id).id
+        return [replace(t, workspace_id=workspace_ids.public_id(t.workspace_id) if t.workspace_id else None)
+                for t in self.tokens.list_live(user_id, workspace_id=catalog_id)]
+
     def list_env(self, user_id: str) -> envvars.EnvVarList:
         return envvars.list_env(self.deps, user_id)
 
@@ -353,6 +371,16 @@ class Service(AgentCalls):
                                              default_budget_cents=self.usage_policy.default_budget_cents,
                                              prices=self.usage_policy.prices)
 
+    def usage_history(self, user_id: str, days: int = 90) -> list[usage_history_mod.DayUsage]:
+        """The user's usage per day (cost added, period total, storage) over the last ``days`` days, oldest
+        first, as the usage syncs recorded it. ``NotFound`` for an unknown user, ``InvalidInput`` for a
+        ``days`` outside 1..366."""
+        self.get_user(user_id)
+        try:
+            return usage_history_mod.history(self.deps.sessions, user_id, days)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+
     def set_budget(self, user_id: str, budget_cents: int | None) -> UsageReport:
         validate_id(user_id, "user id")
         try:
@@ -364,6 +392,38 @@ class Service(AgentCalls):
     def write_block_reason(self, user_id: str) -> str | None:
         """Why this user's agents may not write right now (budget exceeded), or ``None``."""
         return usage_report_mod.write_block_reason(self.deps, user_id)
+
+    # -- MCP tool choice per workspace (issue 20; docs/mcp.md) ----------------------------------------------
+
+    def get_mcp_tools(self, workspace_id: str, *, user_id: str | None = None) -> McpTools:
+        return self.tool_choice.get(workspace_id, user_id=user_id)
+
+    def set_mcp_tools(self, workspace_id: str, tools: list[str] | None, *,
+                      user_id: str | None = None) -> McpTools:
+        """Store which tools the workspace's agent is offered (None: all). ``InvalidInput`` names unknown
+        tools and the valid list; ``NotFound`` for an unknown (or another user's) workspace."""
+        return self.tool_choice.set(workspace_id, tools, user_id=user_id)
+
+    async def agent_tools(self, principal: Principal) -> frozenset[str] | None:
+        """The tools this agent may use (None: all), cached (2 s). ``PermissionDenied`` for a non-agent."""
+        if principal.kind != "agent" or principal.workspace_id is None:
+            raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
+        hit = self.tool_choice.enabled_cached(principal.workspace_id)
+        if hit is not None:
+            return hit[0]
+        return await asyncio.to_thread(self.tool_choice.enabled, principal.workspace_id)
+
+    async def check_agent_tool(self, principal: Principal, name: str) -> None:
+        """Raise ``PermissionRefused`` (reason ``tool_disabled``, audited) if the agent's user turned tool
+        ``name`` off."""
+        enabled = await self.agent_tools(principal)
+        if enabled is not None and name not in enabled:
+            offered = [t for t in AGENT_TOOLS if t in enabled]
+            async with self._audited(principal, name):  # recorded like every call: refused, tool_disabled
+                raise PermissionRefused(
+                    f"The tool {name!r} is not enabled for this agent; its user chose the tools it is offered "
+                    f"({', '.join(offered) or 'none'}) and can change that (PUT /api/workspaces/{{id}}/mcp-tools).",
+                    reason="tool_disabled")
 
     # -- MCP gateway: user MCP server configs, resolved for an agent (issue 5; docs/gateway.md) -----------
     # Configs hold ${NAME} placeholders as written (sealed whole); they are resolved only in gateway_target,

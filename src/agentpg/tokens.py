@@ -51,6 +51,19 @@ class IssuedToken:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """A live token as a listing shows it: never its secret (only a hash is stored). ``workspace_id`` is the
+    catalog's id of an agent token's workspace."""
+
+    id: str
+    kind: TokenKind
+    name: str | None
+    workspace_id: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+
 def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -120,6 +133,16 @@ class TokenStore:
                                   workspace_id=row.workspace_id)
         self._cache.put(digest, principal, gen)
         return principal
+
+    def list_live(self, user_id: str, *, workspace_id: str | None = None, limit: int = 200) -> list[TokenInfo]:
+        """The user's unrevoked tokens (or only those of one workspace, by catalog id), oldest first."""
+        with self._sessions() as s:
+            query = select(Token).where(Token.user_id == user_id, Token.revoked_at.is_(None))
+            if workspace_id is not None:
+                query = query.where(Token.workspace_id == workspace_id)
+            rows = list(s.scalars(query.order_by(Token.created_at, Token.id).limit(limit)))
+        return [TokenInfo(id=r.id, kind=r.kind, name=r.name, workspace_id=r.workspace_id,  # type: ignore[arg-type]
+                          created_at=r.created_at, last_used_at=r.last_used_at) for r in rows]
 
     def revoke(self, token_id: str, *, user_id: str | None = None) -> None:
         """Revoke a token; ``user_id`` scopes it (another user's token is "not found")."""

@@ -247,10 +247,35 @@ class AuditWriter:
                           type(exc).__name__)
 
 
+@dataclass(frozen=True)
+class AuditFilter:
+    """Narrows a page of the log (the explorer's query history): every field given must match. ``text`` is
+    a case-insensitive substring of the normalised statement (matched literally: ``%`` and ``_`` are not
+    wildcards); ``since``/``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive)."""
+
+    tool: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+
+
 def page(sessions: sessionmaker[Session], user_id: str, *, workspace_id: str | None = None, limit: int = 100,
-         cursor: str | None = None) -> AuditPage:
-    """A user's entries, newest first, optionally of one workspace. ``cursor`` is an opaque id."""
+         cursor: str | None = None, where: AuditFilter | None = None) -> AuditPage:
+    """A user's entries, newest first, optionally of one workspace and matching ``where``. ``cursor`` is an
+    opaque id."""
     query = select(AuditEntry).where(AuditEntry.user_id == user_id)
+    if where is not None:
+        if where.tool:
+            query = query.where(AuditEntry.tool == where.tool)
+        if where.outcome:
+            query = query.where(AuditEntry.outcome == where.outcome)
+        if where.since is not None:
+            query = query.where(AuditEntry.created_at >= where.since)
+        if where.until is not None:
+            query = query.where(AuditEntry.created_at < where.until)
+        if where.text:
+            query = query.where(AuditEntry.statement.icontains(where.text, autoescape=True))
     if workspace_id is not None:  # the platform's id: entries of this user's workspace(s) by that id
         query = query.where(or_(AuditEntry.workspace_id == workspace_id, AuditEntry.workspace_id.startswith(
             workspace_id + workspace_ids.SEPARATOR, autoescape=True)))

@@ -71,6 +71,9 @@ class ReadLimits:
     """An export's transaction stays open while the client reads; a stalled client is cut off after this."""
     count_max_bytes: int = 32 * 1024 * 1024
     """Tables (heap) up to this size get an exact ``count(*)`` with each page; larger ones get ``null``."""
+    count_timeout_ms: int = 500
+    """The explorer's grid counts a larger table (or a view) within this time, else shows the planner's
+    estimate; 0 skips that count. Also bounds its "referenced by" counts (:mod:`agentpg.access.grid`)."""
     max_page_bytes: int = 16 * 1024 * 1024
     """A page stops early (``truncated``) once its values add up to about this many bytes."""
     export_batch_rows: int = 500

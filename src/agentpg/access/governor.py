@@ -17,7 +17,13 @@ hundred busy agents exhaust ``max_connections`` and the next connect fails. With
 
 The budget of a server is ``AGENTPG_GOVERNOR_BUDGET`` if set, else derived from the server itself:
 ``(max_connections - superuser_reserved_connections - reserved_connections) // AGENTPG_SERVE_INSTANCES``
-(the reserved slots are agentpg's own: its catalog, provider and admin connections log in as superuser).
+minus :data:`OWN_CONNECTIONS`. The reserved slots are *not* where agentpg's own (superuser) connections go:
+Postgres gives a superuser any free slot and only refuses others once no more than the reserved ones are
+free, so the catalog's, the provider's, the archiver's and the reaper's connections take ordinary slots, and
+the tenants' share must leave room for them (bench/fair_sharing.py found connect refusals without this).
+Should the server still refuse a governed connect for want of a slot (other clients: psql, the gateway's
+children), the gate lowers its budget to what it holds for a while and the call waits, then gets
+:class:`ServerBusy`, never "cannot be reached".
 Nothing here is module state: a :class:`Governor` is made by the edge that makes the pools and passed in.
 """
 
@@ -56,6 +62,17 @@ class ServerBusy(AgentpgError):
         self.retry_after_s = retry_after_s
 
 
+#: How long a governed connect keeps retrying while the server says its slots are taken (see below).
+SLOT_RETRY_S = 3.0
+
+#: Superuser connections one agentpg process may hold on a server: the catalog's pool (5 + 10 overflow), the
+#: provider's maintenance pool (4) and direct connections (8), the archiver (2) and the reaper (3).
+OWN_CONNECTIONS = 32
+
+#: How long a gate keeps a budget it lowered after the server refused a connection for want of a slot.
+LOWERED_FOR_S = 30.0
+
+
 @dataclass(frozen=True)
 class GovernorConfig:
     budget: int | None = None
@@ -64,6 +81,8 @@ class GovernorConfig:
     """serve processes sharing each server: a derived budget is divided between them."""
     wait_s: float = 5.0
     """How long a call may wait for a call slot or a connection before :class:`ServerBusy`."""
+    own_connections: int = OWN_CONNECTIONS
+    """Slots a derived budget leaves to this process's own superuser connections (see the module docstring)."""
     fallback_budget: int = 20
     """The budget of a server whose settings cannot be read (asked again after ``probe_retry_s``)."""
     probe_retry_s: float = 30.0
@@ -76,8 +95,6 @@ class GovernorConfig:
                    wait_s=settings.governor_wait_s, connect_timeout_s=settings.connect_timeout_s)
 
 
-#: How long a governed connect keeps retrying while the server says its slots are taken (see below).
-SLOT_RETRY_S = 3.0
 
 
 def _slots_taken(exc: psycopg.OperationalError) -> bool:
@@ -90,7 +107,10 @@ class SlotPatientConnection(AsyncConnection[object]):
     """The connection class of governed pools. The governor never grants more connections than the budget,
     but a backend lives on for a moment after its connection is closed or terminated (it exits on its own
     time), so a connection made right after another pool gave one up may find the slot still taken. That is
-    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up."""
+    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up. Each gate has its own
+    subclass (:meth:`ServerGate.connection_class`) that tells the gate when the slots stayed taken."""
+
+    gate: ServerGate | None = None
 
     @classmethod
     async def connect(cls, conninfo: str = "", **kwargs: Any) -> SlotPatientConnection:
@@ -100,7 +120,11 @@ class SlotPatientConnection(AsyncConnection[object]):
             try:
                 return await super().connect(conninfo, **kwargs)
             except psycopg.OperationalError as exc:
-                if not _slots_taken(exc) or time.monotonic() + pause > deadline:
+                if not _slots_taken(exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    if cls.gate is not None:
+                        cls.gate.slots_refused()
                     raise
             await asyncio.sleep(pause)
             pause = min(0.2, pause * 2)
@@ -172,6 +196,8 @@ class ServerStats:
     """Unused grants moved to another pool."""
     peak_open: int = 0
     """Most connections seen open at once (sampled when a grant is given)."""
+    slot_refusals: int = 0
+    """Connects the server refused for want of a slot although the budget allowed them."""
 
 
 @dataclass
@@ -188,6 +214,42 @@ class ServerGate:
     stats: ServerStats = field(default_factory=ServerStats)
     _waiters: OrderedDict[str, deque[_Waiter]] = field(default_factory=OrderedDict)
     _grant_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    full_budget: int = 0
+    """The budget as configured or derived; ``budget`` is lower for a while after a slot refusal."""
+    lowered_until: float = 0.0
+    _connection_class: type[SlotPatientConnection] | None = None
+
+    def __post_init__(self) -> None:
+        self.full_budget = self.full_budget or self.budget
+
+    def connection_class(self) -> type[SlotPatientConnection]:
+        """The connection class of this server's governed pools (it reports slot refusals here)."""
+        if self._connection_class is None:
+            self._connection_class = type("GovernedConnection", (SlotPatientConnection,), {"gate": self})
+        return self._connection_class
+
+    def slots_refused(self) -> None:
+        """The server refused a connection for want of a slot although the budget allowed it (other clients
+        hold slots): hold no more than what is open now, for :data:`LOWERED_FOR_S`; calls meanwhile wait their
+        turn and get :class:`ServerBusy` rather than a connect failure."""
+        self.stats.slot_refusals += 1
+        # Open connections include the connects still under way, this failing one too: one fewer each time,
+        # so concurrent refusals bring the budget down to what the server really lets agentpg hold.
+        lowered = max(1, min(self.budget, self.open_connections()) - 1)
+        if lowered < self.budget:
+            log.warning("server %s refused a connection for want of a slot: holding %d connections (not %d) for "
+                        "%.0f s", self.name, lowered, self.budget, LOWERED_FOR_S)
+        self.budget = lowered
+        self.lowered_until = time.monotonic() + LOWERED_FOR_S
+
+    def recently_refused(self) -> bool:
+        return time.monotonic() < self.lowered_until
+
+    def set_budget(self, budget: int) -> None:
+        """A new configured or derived budget (kept lowered while a recent slot refusal says so)."""
+        self.full_budget = budget
+        if not self.recently_refused():
+            self.budget = budget
 
     # -- call slots --------------------------------------------------------------------------------------
     def queue_length(self) -> int:
@@ -409,13 +471,16 @@ class Governor:
         name = server_key(uri)
         gate = self._gates.get(name)
         retry_at = self._retry_probe.get(name)
+        if gate is not None and gate.lowered_until and not gate.recently_refused():
+            gate.lowered_until = 0.0
+            gate.budget = gate.full_budget  # the refusal is old: back to the full budget
         if gate is not None and (retry_at is None or time.monotonic() < retry_at):
             return gate  # known (or its probe failed and is not due again yet)
         budget = await self._budget(name, uri)
         if gate is None:
             gate = self._gates.setdefault(name, ServerGate(name, budget, self.config.wait_s))
         else:
-            gate.budget = budget
+            gate.set_budget(budget)
         return gate
 
     async def _budget(self, name: str, uri: str) -> int:
@@ -435,7 +500,7 @@ class Governor:
         finally:
             self._probing.pop(name, None)
         self._retry_probe.pop(name, None)
-        return max(1, server // max(1, self.config.instances))
+        return max(1, server // max(1, self.config.instances) - self.config.own_connections)
 
     @contextlib.asynccontextmanager
     async def call(self, gate: ServerGate, user: str, holder: Holder | None = None) -> AsyncIterator[float]:

@@ -53,6 +53,10 @@ class Reaper:
     (secrets: kept in this object only, never logged)."""
 
     def __init__(self, admin_dsns: Iterable[str] = ()) -> None:
+        self.terminated = 0
+        """Backends ended (or found gone) after agentpg gave up on their statement (for /metrics)."""
+        self.failed = 0
+        """Terminations that failed (server unreachable, no right): their connection was closed anyway."""
         self._admin_dsns: dict[tuple[str, int], str] = {}
         for dsn in admin_dsns:
             server = _server_of(dsn)
@@ -74,6 +78,7 @@ class Reaper:
         try:  # a URI or a key=value DSN
             params = conninfo_to_dict(uri)
         except psycopg.ProgrammingError:
+            self.failed += 1
             return False
         role, database = str(params.get("user") or ""), str(params.get("dbname") or "")
         timeout_ms = max(1, int(wait_s * 1000))
@@ -103,9 +108,14 @@ class Reaper:
                         application_name="agentpg reaper") as conn:
                     row = await (await conn.execute(statement, args)).fetchone()
                 gone = bool(row and row[0])
+                if gone:
+                    self.terminated += 1
+                else:
+                    self.failed += 1
                 log.info("terminated a tenant backend agentpg gave up on (as %s, %.0f ms, gone: %s)", who,
                          (time.monotonic() - started) * 1000, gone)
                 return gone
             except (psycopg.Error, OSError) as exc:
                 log.warning("could not terminate a tenant backend as %s: %s", who, type(exc).__name__)
+        self.failed += 1
         return False

@@ -31,7 +31,7 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
-from agentpg.access.governor import GovernedPool, Governor, ServerGate, SlotPatientConnection
+from agentpg.access.governor import GovernedPool, Governor, ServerGate
 from agentpg.errors import AgentpgError, ProviderUnavailable
 from agentpg.settings import Settings
 
@@ -158,7 +158,7 @@ class TenantPools:
                 kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",
                         "autocommit": True, **({"options": startup_options(uri, session)} if session else {})},
                 name=f"tenant-{key[:8]}", reconnect_timeout=30,
-                connection_class=SlotPatientConnection if gate is not None else AsyncConnection,
+                connection_class=gate.connection_class() if gate is not None else AsyncConnection,
             )
             await pool.open(wait=False)
             entry = _Entry(pool, user or f"db:{key[:16]}", gate)
@@ -202,17 +202,25 @@ class TenantPools:
             entry.last_used = time.monotonic()
             try:
                 await gate.ensure_connection(entry, self.limits.max_size, deadline)
-                async with self._checkout(entry.pool) as conn:
-                    yield conn
+                # The wait for the pool's connection is the governor's wait too (at least a connect's time):
+                # a server that refuses connects for want of a slot is busy, not unreachable.
+                timeout = max(deadline - time.monotonic(), float(self.limits.connect_timeout_s))
+                try:
+                    async with self._checkout(entry.pool, timeout) as conn:
+                        yield conn
+                except ProviderUnavailable:
+                    if gate.recently_refused():
+                        raise gate.busy() from None
+                    raise
             finally:
                 entry.active -= 1
 
     @staticmethod
     @asynccontextmanager
-    async def _checkout(pool: GovernedPool) -> AsyncIterator[AsyncConnection[object]]:
+    async def _checkout(pool: GovernedPool, timeout: float | None = None) -> AsyncIterator[AsyncConnection[object]]:
         errors_before = pool.get_stats().get("connections_errors", 0)
         try:
-            async with pool.connection() as conn:
+            async with pool.connection(timeout=timeout) as conn:
                 yield conn
         except PoolTimeout:
             # psycopg_pool raises PoolTimeout both when all connections are busy and when none can be made:

@@ -22,7 +22,7 @@ from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_u
 from agentpg.api.background import Background
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
-from agentpg.api.metrics import ApiMetrics, GovernorCollector
+from agentpg.api.metrics import ApiMetrics, GovernorCollector, ReaperCollector
 from agentpg.api.middleware import (
     BodyLimitMiddleware,
     GuardMiddleware,
@@ -71,12 +71,13 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
                             admin_dsn_for=runtime.service.reaper.admin_dsn_for) if settings.governor_enabled else None
         if governor is not None:
             metrics.registry.register(GovernorCollector(governor))
+        metrics.registry.register(ReaperCollector(runtime.service.reaper))
         pools = TenantPools(PoolLimits.from_settings(settings), governor=governor)
         background = Background()
         app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits,
                                        background=background)
         try:
-            async with mcp.run(runtime.service, pools), gateway.run(runtime.service):
+            async with mcp.run(runtime.service, pools), gateway.run(runtime.service, pools):
                 yield
         finally:
             app.state.agentpg = None

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agentpg.access.governor import Governor
+from agentpg.access.guard import Reaper
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 UNMATCHED = "<unmatched>"
@@ -70,6 +71,21 @@ class ApiMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class ReaperCollector(Collector):
+    """Backends agentpg terminated after giving up on their statement (issue 18), read at scrape time."""
+
+    def __init__(self, reaper: Reaper) -> None:
+        self._reaper = reaper
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("agentpg_backends_terminated", "Tenant backends agentpg ended with "
+                                     "pg_terminate_backend after giving up on their statement, by outcome.",
+                                     labels=["outcome"])
+        family.add_metric(["gone"], self._reaper.terminated)
+        family.add_metric(["failed"], self._reaper.failed)
+        yield family
+
+
 class GovernorCollector(Collector):
     """The connection governor's figures, read at scrape time, labelled by server (``host:port``, as many as
     the fleet has). Per user only by *rank* (``rank`` 1-5: the calls of the five busiest users, no user id):
@@ -103,6 +119,10 @@ class GovernorCollector(Collector):
                                             "waiting.", labels=["server"]),
             "terminations": CounterMetricFamily("agentpg_governor_idle_closed", "Idle connections of other pools "
                                                 "closed to make room.", labels=["server"]),
+            "slot_refusals": CounterMetricFamily("agentpg_governor_slot_refusals", "Connects the server refused "
+                                                 "for want of a slot although the budget allowed them (other "
+                                                 "clients hold slots; the budget is lowered for a while).",
+                                                 labels=["server"]),
         }
         for snap in snaps:
             for name, value in (("budget", snap.budget), ("open", snap.open), ("granted", snap.granted),
@@ -113,5 +133,6 @@ class GovernorCollector(Collector):
             counters["waits"].add_metric([snap.server], snap.stats.waits)
             counters["refusals"].add_metric([snap.server], snap.stats.refusals)
             counters["terminations"].add_metric([snap.server], snap.stats.terminations)
+            counters["slot_refusals"].add_metric([snap.server], snap.stats.slot_refusals)
         yield from gauges.values()
         yield from counters.values()

@@ -16,6 +16,7 @@ from agentpg.api.auth import Auth, own_user, user_scope
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
 from agentpg.api.models import ID_PATTERN
+from agentpg.tool_choice import McpTools, McpToolsChoice
 
 router = APIRouter(prefix="/api")
 
@@ -65,6 +66,35 @@ def put_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, b
     """``PUT /api/workspaces/{id}/global-database-permissions`` for the user's workspace ``workspace_id``."""
     own_user(principal, user_id)
     return ctx.service.set_agent_permissions(workspace_id, body, user_id=user_id)
+
+
+@router.get("/workspaces/{workspace_id}/mcp-tools", tags=["agents"], responses=problems(409))
+def get_mcp_tools(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> McpTools:
+    """The MCP tools this workspace's agent is offered (all of them unless a choice was stored)."""
+    return ctx.service.get_mcp_tools(workspace_id, user_id=user_scope(principal))
+
+
+@router.put("/workspaces/{workspace_id}/mcp-tools", tags=["agents"], responses=problems(409))
+def put_mcp_tools(workspace_id: WorkspaceId, body: McpToolsChoice, principal: Auth, ctx: Ctx) -> McpTools:
+    """Choose the MCP tools this workspace's agent is offered: its ``tools/list`` shows only these and a
+    call of any other is a tool error, from its next request (within 2 s for other ``serve`` processes).
+    ``{"tools": null}`` offers every tool again. 422 names unknown tools and the valid ones."""
+    return ctx.service.set_mcp_tools(workspace_id, body.tools, user_id=user_scope(principal))
+
+
+@router.get("/users/{user_id}/workspaces/{workspace_id}/mcp-tools", tags=["agents"])
+def get_user_workspace_mcp_tools(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> McpTools:
+    """``GET /api/workspaces/{id}/mcp-tools`` for the user's workspace ``workspace_id``."""
+    own_user(principal, user_id)
+    return ctx.service.get_mcp_tools(workspace_id, user_id=user_id)
+
+
+@router.put("/users/{user_id}/workspaces/{workspace_id}/mcp-tools", tags=["agents"])
+def put_user_workspace_mcp_tools(user_id: UserId, workspace_id: WorkspaceId, body: McpToolsChoice,
+                                 principal: Auth, ctx: Ctx) -> McpTools:
+    """``PUT /api/workspaces/{id}/mcp-tools`` for the user's workspace ``workspace_id``."""
+    own_user(principal, user_id)
+    return ctx.service.set_mcp_tools(workspace_id, body.tools, user_id=user_id)
 
 
 @router.get("/users/{user_id}/audit", tags=["agents"])

@@ -8,13 +8,14 @@ are stored sealed (see :mod:`agentpg.crypto`); nothing here holds a secret in cl
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -67,6 +68,8 @@ class Workspace(Timestamps, Base):
     """This workspace's LOGIN role in its user's global database (opaque name)."""
     global_uri_sealed: Mapped[str | None] = mapped_column(Text)
     """Sealed URI of ``agent_role`` into the global database."""
+    mcp_tools: Mapped[list[str] | None] = mapped_column(JSON)
+    """The MCP tools its agent is offered; null: all of them (:mod:`agentpg.tool_choice`)."""
 
 
 class DatabaseRecord(Timestamps):
@@ -323,3 +326,19 @@ class RestoredCopy(Base):
     target: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     """What it was restored to: ``{"checkpoint_id"|"at"|"before_audit_id": …, "lsn"|"time": …}``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class UsageDay(Base):
+    """One user's usage as the day's last usage sync left it (UTC days): the budget period's cost so far and
+    the storage of all its databases. Every sync upserts today's row, so history grows by one row per user
+    and day whatever the sync interval; the explorer charts it. Deleted with its user."""
+
+    __tablename__ = "usage_daily"
+
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    cost_cents: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    """The period's cost so far (cumulative within the period; a new period starts again from zero)."""
+    storage_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -56,8 +56,11 @@ class GatewayHttp:
         app.router.routes.append(Route(PATH, endpoint=self, include_in_schema=False))
 
     @asynccontextmanager
-    async def run(self, service: Service) -> AsyncIterator[Gateway]:
-        queries = TenantQueries(TenantPools(PoolLimits(connect_timeout_s=self._settings.connect_timeout_s)),
+    async def run(self, service: Service, pools: TenantPools | None = None) -> AsyncIterator[Gateway]:
+        """Serve the gateway for the block. ``pools`` (the REST and MCP sides', under the connection governor)
+        carry agentpg's own tools served here; without them, a private ungoverned set (closed on exit)."""
+        own = pools is None
+        queries = TenantQueries(pools or TenantPools(PoolLimits(connect_timeout_s=self._settings.connect_timeout_s)),
                                 limits_from(self._settings), terminate=service.reaper.terminate)
         gateway = Gateway(service, self._settings, queries)
         manager = StreamableHTTPSessionManager(app=build_gateway_server(gateway, identify_http),
@@ -71,7 +74,8 @@ class GatewayHttp:
                 finally:
                     self._manager = self._gateway = None
         finally:
-            await queries.close()
+            if own:
+                await queries.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         manager, gateway = self._manager, self._gateway

@@ -54,7 +54,7 @@ from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import BaseModel
 
 from agentpg import __version__
-from agentpg.mcp import envelope, tools
+from agentpg.mcp import envelope
 from agentpg.mcp.server import INSTRUCTIONS, ToolCalls
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,11 @@ _CANCEL_GRACE_S = 5.0
 """How long cancelled calls get to finish cancelling (psycopg cancels the statement server-side)."""
 
 
-#: What a 2026-07-28 result carries that a 2025-era one does not (the legacy results leave them out).
-_MODERN_ONLY = ("resultType", "ttlMs", "cacheScope", "_meta")
 _COMPLETE = {"resultType": "complete"}
 
 
 def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
-
-
-def _legacy(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k not in _MODERN_ONLY}
 
 
 class JsonRpcSession:
@@ -105,13 +99,11 @@ class JsonRpcSession:
             protocol_version=LATEST_HANDSHAKE_VERSION, capabilities=capabilities, server_info=info,
             instructions=INSTRUCTIONS))
         stamp = {"_meta": {types.SERVER_INFO_META_KEY: _dump(info)}}
-        listed = _dump(types.ListToolsResult(tools=tools.tool_list(), ttl_ms=0, cache_scope="private"))
-        self._tools_result = _legacy(listed)
-        self._tools_result_modern = {**listed, **stamp}
         self._discover_result = {**_dump(types.DiscoverResult(
             supported_versions=list(MODERN_PROTOCOL_VERSIONS), capabilities=capabilities,
             instructions=INSTRUCTIONS, ttl_ms=0, cache_scope="private")), **stamp}
         self._modern_stamp = {**_COMPLETE, **stamp}
+        self._list_stamp = {"ttlMs": 0, "cacheScope": "private", **self._modern_stamp}  # tools/list is cacheable
         # Built once: json.dumps(..., separators=...) builds an encoder per message.
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -224,15 +216,15 @@ class JsonRpcSession:
             self._tools_request(request_id, method, params, modern=True)
 
     def _tools_request(self, request_id: RequestId, method: str, params: dict[str, Any], *, modern: bool) -> None:
-        if method == "tools/list":
-            self._result(request_id, self._tools_result_modern if modern else self._tools_result)
+        if method in ("tools/list", "tools/call") and request_id in self._in_flight:
+            self._error(request_id, types.INVALID_REQUEST, "Invalid Request: a call with this id is running")
+        elif method == "tools/list":  # the workspace's choice of tools (issue 20): it may be looked up
+            self._start_call(request_id, None, None, modern)
         elif method == "tools/call":
             name, arguments = params.get("name"), params.get("arguments")
             if not isinstance(name, str) or not (arguments is None or isinstance(arguments, dict)):
                 self._error(request_id, types.INVALID_PARAMS,
                             "Invalid params: tools/call needs a string name and an object of arguments")
-            elif request_id in self._in_flight:
-                self._error(request_id, types.INVALID_REQUEST, "Invalid Request: a call with this id is running")
             else:
                 self._start_call(request_id, name, arguments, modern)
         else:  # on 2026-07-28 this includes initialize and ping, which that version removed
@@ -245,7 +237,7 @@ class JsonRpcSession:
             if task is not None:
                 task.cancel()
 
-    def _start_call(self, request_id: RequestId, name: str, arguments: dict[str, Any] | None,
+    def _start_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None,
                     modern: bool) -> None:
         task = asyncio.create_task(self._run_call(request_id, name, arguments, modern))
         self._in_flight[request_id] = task
@@ -255,16 +247,21 @@ class JsonRpcSession:
         if self._in_flight.get(request_id) is task:
             del self._in_flight[request_id]
 
-    async def _run_call(self, request_id: RequestId, name: str, arguments: dict[str, Any] | None,
+    async def _run_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None,
                         modern: bool) -> None:
-        """Answer one tools/call. A cancellation ends it without an answer (the client asked for that)."""
+        """Answer one tools/call (``name`` None: a tools/list). A cancellation ends it without an answer (the
+        client asked for that)."""
         try:
-            async with self._slots:
-                result = await self._calls.call(name, arguments)
+            if name is None:
+                result = await self._calls.tools_result()
+            else:
+                async with self._slots:
+                    result = await self._calls.call(name, arguments)
         except Exception as exc:  # ToolCalls.call maps failures itself: this is a bug, still answered
             self._internal_error(request_id, exc)
         else:
-            self._result(request_id, {**result, **self._modern_stamp} if modern else result)
+            stamp = self._list_stamp if name is None else self._modern_stamp
+            self._result(request_id, {**result, **stamp} if modern else result)
         await self._drain()
 
     async def _finish_calls(self) -> None:

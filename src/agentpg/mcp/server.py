@@ -66,6 +66,26 @@ class ToolCalls:
         self.service = service
         self.queries = queries
         self.identify = identify
+        # tools/list in wire form, all tools and per choice of tools (issue 20: a workspace's choice)
+        self.tools = tools.tool_list()
+        self._all_tools: WireResult = {"tools": [t.model_dump(by_alias=True, exclude_none=True, mode="json")
+                                                 for t in self.tools]}
+
+    async def offered_tools(self, request: Any = None) -> list[types.Tool]:
+        """The tools the caller's workspace offers it (its user's choice; all by default)."""
+        return tools.enabled_tools(self.tools, await self.service.agent_tools(await self.identify(request)))
+
+    async def tools_result(self, request: Any = None) -> WireResult:
+        """A ``tools/list`` result in wire form: :meth:`offered_tools`. Never raises for an unknown caller
+        or an unreachable catalog: it then lists every tool (each call is still checked)."""
+        try:
+            enabled = await self.service.agent_tools(await self.identify(request))
+        except AgentpgError as exc:
+            log.info("tools/list without the workspace's choice of tools (%s)", exc.code)
+            return self._all_tools
+        if enabled is None:
+            return self._all_tools
+        return {"tools": [t for t in self._all_tools["tools"] if t["name"] in enabled]}
 
     async def call(self, name: str, arguments: Mapping[str, Any] | None, request: Any = None) -> WireResult:
         """The result of tool ``name`` in wire form. ``request`` is handed to ``identify``.
@@ -85,6 +105,7 @@ class ToolCalls:
             return tool_error(f"invalid arguments for {name}: {problems}")
         try:
             principal = await self.identify(request)
+            await self.service.check_agent_tool(principal, name)  # the workspace's choice of tools (issue 20)
             return await self._dispatch(principal, args)
         except (RejectedStatement, AgentpgError) as exc:
             return tool_error(exc.message)
@@ -104,6 +125,10 @@ class ToolCalls:
             result = await service.agent_sql(queries, principal, tool, args.database, args.sql, args.params,
                                              max_rows=max_rows)
             return statement_result(args.database, result)
+        if isinstance(args, tools.ExplainArgs):
+            explained = tools.ExplainOutput.model_validate(await service.agent_explain(
+                queries, principal, args.database, args.sql, args.params, analyze=args.analyze))
+            return _model_result(explained, tools.render_explain(explained))
         if isinstance(args, tools.ListTablesArgs):
             listed = tools.TablesOutput.model_validate(
                 await service.agent_list_tables(queries, principal, args.database, args.schema_name))
@@ -155,12 +180,12 @@ def build_server(service: Service, queries: TenantQueries, identify: Identify) -
     request over HTTP, None otherwise). It answers both protocol eras; the SDK stamps ``resultType`` and
     the 2026-07-28 ``_meta`` on every result."""
     calls = ToolCalls(service, queries, identify)
-    listed = types.ListToolsResult(tools=tools.tool_list())
-    schemas = {tool.name: tool.input_schema for tool in listed.tools}
+    schemas = {tool.name: tool.input_schema for tool in calls.tools}
 
-    async def list_tools(_ctx: ServerRequestContext[Any],
+    async def list_tools(ctx: ServerRequestContext[Any],
                          _params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return listed
+        # The workspace's choice of tools; never raises (tools_result lists every tool if it cannot tell).
+        return types.ListToolsResult.model_validate(await calls.tools_result(ctx.request))
 
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         wire = await calls.call(params.name, params.arguments, ctx.request)

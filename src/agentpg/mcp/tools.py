@@ -62,6 +62,17 @@ class ExecuteArgs(_Args):
                                            description="Values for $1, $2 ... (sent separately).")
 
 
+class ExplainArgs(_Args):
+    database: Database = _DATABASE
+    sql: str = Field(min_length=1, max_length=1_000_000,
+                     description="Exactly one statement to plan (SELECT, VALUES, TABLE, INSERT, UPDATE, DELETE, "
+                                 "MERGE), without EXPLAIN; use $1, $2 ... for values. A write is never executed.")
+    params: list[JsonParam] | None = Field(default=None, max_length=1000,
+                                           description="Values for $1, $2 ... (sent separately).")
+    analyze: bool = Field(default=False, description="Also run it (EXPLAIN ANALYZE) for actual times and rows: "
+                                                     "read-only statements only, with the query tool's limits.")
+
+
 class CheckpointArgs(_Args):
     database: Literal["global", "agent", "both"] = Field(
         description='"global", "agent", or "both" (one checkpoint of each, taken together: an agent run\'s).')
@@ -127,6 +138,26 @@ class StatementContent(TypedDict):
     rows_affected: int | None
 
 
+class ExplainOutput(BaseModel):
+    """The structured result of ``explain``."""
+
+    model_config = ConfigDict(extra="allow")  # actual_rows, execution_ms, planning_ms with analyze
+
+    database: Database
+    command: str
+    analyzed: bool
+    total_cost: float | None
+    startup_cost: float | None
+    estimated_rows: float | None
+    node_types: list[str]
+    uses_index: bool
+    indexes: list[str]
+    seq_scans: list[str]
+    plan: dict[str, Any]
+    plan_truncated: bool
+    duration_ms: float
+
+
 class DatabasesOutput(BaseModel):
     databases: list[dict[str, Any]]
 
@@ -152,7 +183,7 @@ _READ = types.ToolAnnotations(read_only_hint=True, destructive_hint=False, idemp
 
 ARGS: dict[str, type[_Args]] = {
     "list_databases": ListDatabasesArgs, "list_tables": ListTablesArgs, "describe_table": DescribeTableArgs,
-    "query": QueryArgs, "execute": ExecuteArgs, "checkpoint": CheckpointArgs,
+    "query": QueryArgs, "explain": ExplainArgs, "execute": ExecuteArgs, "checkpoint": CheckpointArgs,
     "list_checkpoints": ListCheckpointsArgs, "restore": RestoreArgs,
 }
 
@@ -187,6 +218,12 @@ def tool_list() -> list[types.Tool]:
                                "rows (at most max_rows; 'truncated' says if there were more). Writes, DDL, "
                                "several statements, transaction control and SET are refused.",
                    input_schema=_schema(QueryArgs), annotations=_READ),
+        types.Tool(name="explain", title="Explain a statement's plan",
+                   description="The plan and estimated cost of ONE statement (EXPLAIN, FORMAT JSON): total "
+                               "cost, estimated rows, node types, which indexes are used, and the plan. Writes "
+                               "are planned, never executed. analyze: true also runs a read-only statement "
+                               "for actual times. You may explain only what you could run.",
+                   input_schema=_schema(ExplainArgs), output_schema=_schema(ExplainOutput), annotations=_READ),
         types.Tool(name="execute", title="Run a write or DDL statement",
                    description="Run ONE SQL statement that may change data or schema (INSERT/UPDATE/DELETE/"
                                "MERGE, CREATE/ALTER/DROP ...), in its own transaction, committed if it "
@@ -212,6 +249,11 @@ def tool_list() -> list[types.Tool]:
                    annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=True,
                                                      idempotent_hint=False, open_world_hint=False)),
     ]
+
+
+def enabled_tools(all_tools: list[types.Tool], enabled: frozenset[str] | None) -> list[types.Tool]:
+    """The tools of ``all_tools`` a workspace's agent is offered (``enabled`` None: all of them)."""
+    return all_tools if enabled is None else [t for t in all_tools if t.name in enabled]
 
 
 # -- text renderings (the short form clients show a model that does not read structuredContent) ------------
@@ -276,6 +318,22 @@ def render_table(out: TableOutput) -> str:
     for key, label in (("foreign_keys", "foreign key"), ("constraints", "constraint"), ("indexes", "index")):
         for item in extra.get(key) or []:
             lines.append(f"{label} {item['name']}: {item['definition']}")
+    if "privileges" in extra:
+        lines.append("you may: " + (", ".join(extra["privileges"] or []) or "nothing (no privileges on it)"))
+    return "\n".join(lines)
+
+
+def render_explain(out: ExplainOutput) -> str:
+    extra = out.model_extra or {}
+    head = (f"{out.command} plan: total cost {out.total_cost}, ~{out.estimated_rows} rows"
+            + (f"; actual {extra.get('actual_rows')} rows in {extra.get('execution_ms')} ms" if out.analyzed
+               else " (estimates; nothing was executed)"))
+    lines = [head, "nodes: " + ", ".join(out.node_types)]
+    lines.append("indexes used: " + ", ".join(out.indexes) if out.uses_index else "no index used")
+    if out.seq_scans:
+        lines.append("sequential scans of: " + ", ".join(out.seq_scans))
+    lines.append("plan" + (" (deepest levels cut)" if out.plan_truncated else "") + ": "
+                 + json.dumps(out.plan, ensure_ascii=False, separators=(",", ":"), default=str))
     return "\n".join(lines)
 
 

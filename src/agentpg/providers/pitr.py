@@ -2,7 +2,7 @@
 
 :func:`restore_database` recovers the server's backups in a :class:`~.side.SideInstance` holding only that
 database (cost: that database's size plus the WAL it replays, not the server's size), dumps it with
-``pg_dump -Fc``, and loads it into a new database on the running server as agentpg's admin, then makes it a
+``pg_dump -Fc -Z0``, and loads it into a new database on the running server as agentpg's admin, then makes it a
 tenant database again (ownership, tenant SQL, grants). :func:`replace_database` swaps it in by renames that a
 rerun finishes from whatever state a crash left.
 """

@@ -242,10 +242,12 @@ class SideInstance:
                                 "nothing was changed, retry or restore to another point")
 
     def dump(self, database: str, into: Path) -> None:
-        """``pg_dump -Fc`` one database of the recovered instance."""
+        """``pg_dump -Fc -Z0`` one database of the recovered instance. Uncompressed: the file lives only until
+        it is loaded, and compression was the dump's main cost (one CPU: 5.8 s vs 2.2 s for a 337 MB table,
+        the file 4x larger)."""
         dsn = make_conninfo(self.archiver.conninfo(), port=str(self.port), dbname=database)
         try:
-            self.archiver.run_tool([str(self.archiver.bin_dir / "pg_dump"), "-Fc", "-d", dsn, "-f", str(into)],
+            self.archiver.run_tool([str(self.archiver.bin_dir / "pg_dump"), "-Fc", "-Z0", "-d", dsn, "-f", str(into)],
                                    timeout=_START_TIMEOUT_S, what="pg_dump of the restored database")
         except ProviderError as exc:
             if "does not exist" in exc.message:

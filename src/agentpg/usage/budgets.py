@@ -25,6 +25,7 @@ from agentpg.errors import AgentpgError
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.periodic import PeriodicJob
 from agentpg.providers.base import DatabasePlan, UsageSample
+from agentpg.usage import history as usage_history
 from agentpg.usage.backups import Sized, attribute, server_backup_bytes
 from agentpg.usage.pricing import MICRO, PriceTable, backup_cost_microcents, cost_microcents
 
@@ -203,10 +204,12 @@ def _add_cost(rec: Record, sample: UsageSample, prices: PriceTable, now: datetim
 def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budget_cents: int | None,
              report: SyncReport) -> None:
     totals: dict[str, int] = defaultdict(int)
+    storage: dict[str, int] = defaultdict(int)  # for the usage history (usage/history.py)
     plans: dict[str, list[DatabasePlan]] = defaultdict(list)
     for rec in _ready_records(deps):
         if rec.period_start is not None and rec.period_start >= period:
             totals[rec.user_id] += rec.period_cost_microcents
+        storage[rec.user_id] += _size(None, rec)
         plan = _plan(rec)
         if plan is not None:
             plans[rec.user_id].append(plan)
@@ -214,6 +217,7 @@ def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budge
         user_ids = list(s.scalars(select(User.id).where(User.status == "active").order_by(User.id)))
     for chunk in _chunks(user_ids):
         changes: list[tuple[str, bool]] = []
+        days: list[tuple[str, int, int]] = []
         with deps.sessions.begin() as s:
             # A budget row for every user first; ON CONFLICT: one set through the API meanwhile is kept.
             s.execute(pg_insert(UserBudget).values([
@@ -228,6 +232,8 @@ def _enforce(deps: LifecycleDeps, now: datetime, period: datetime, default_budge
                 budget.exceeded = budget.budget_cents is not None and total_cents >= budget.budget_cents
                 if wants_read_only(budget) != budget.enforced:
                     changes.append((budget.user_id, wants_read_only(budget)))
+                days.append((budget.user_id, total_cents, storage[budget.user_id]))
+            usage_history.record_day(s, now, period, days)
         report.users += len(chunk)
         for user_id, read_only in changes:
             apply_enforcement(deps, user_id, plans[user_id], read_only, report)

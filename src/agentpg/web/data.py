@@ -3,16 +3,16 @@
 The explorer is a second skin over the same routes, not a second implementation: each read here calls the
 function behind the matching REST route (``routes_users.get_user``, ``routes_data.global_tables``,
 ``routes_agents.list_audit``…) with the principal the session cookie authenticated, so the tenant rules are
-the API's, line for line (another user's user, workspace or table is "not found"). Only two reads have no
-REST route, and both go through the same scoping first: a live database size when the usage sync has not
-measured one yet, and the foreign-key/unique constraints of the tables panel. Both run in a READ ONLY
-transaction with a statement timeout (:func:`agentpg.access.browse.read_only`).
+the API's, line for line (another user's user, workspace or table is "not found"). The reads that have no
+REST route go through the same scoping first (:func:`platform_uri`): a live database size when the usage
+sync has not measured one yet, the foreign-key/unique constraints of the tables panel, and the table
+browser's filtered pages and counts (:mod:`agentpg.web.rows_view`). All run in a READ ONLY transaction with
+a statement timeout (:func:`agentpg.access.browse.read_only`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -23,7 +23,6 @@ from agentpg.access.audit import AuditPage
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.api import routes_agents, routes_data, routes_usage, routes_users
 from agentpg.api.context import AppContext
-from agentpg.api.models import QueryRequest, SortKey
 from agentpg.errors import AgentpgError, NotFound
 from agentpg.schemas import DatabaseInfo, UsageReport, UserInfo, WorkspaceInfo, WorkspacePage
 from agentpg.tokens import Principal
@@ -135,7 +134,7 @@ async def overview(ctx: AppContext, principal: Principal, user_id: str, cursor: 
     return Overview(user=user, usage=usage, workspaces=page, databases=rows)
 
 
-# -- tables, rows ----------------------------------------------------------------------------------------
+# -- tables ----------------------------------------------------------------------------------------------
 
 
 async def tables(ctx: AppContext, principal: Principal, user_id: str,
@@ -155,18 +154,6 @@ async def tables(ctx: AppContext, principal: Principal, user_id: str,
                     constraints.setdefault(table, []).append(
                         Constraint(name=name, kind="foreign key" if kind == "f" else "unique", definition=definition))
     return listed, constraints
-
-
-async def rows(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str | None, table: str, *,
-               limit: int, offset: int, sort: str | None, descending: bool) -> browse.RowsPage:
-    body = QueryRequest(table=table, limit=limit, offset=offset,
-                        order_by=[SortKey(column=sort, direction="desc" if descending else "asc")] if sort else None)
-    if workspace_id is None:
-        response = await routes_data.global_query(user_id, body, principal, ctx)
-    else:
-        response = await routes_data.user_agent_query(user_id, workspace_id, body, principal, ctx)
-    payload: dict[str, Any] = json.loads(bytes(response.body))
-    return browse.RowsPage.model_validate(payload)
 
 
 # -- agents, audit ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""The explorer's pages: sign-in, user picker (admin), databases, agents' permissions, audit log, usage.
+"""The explorer's pages: sign-in, user picker (admin), databases, agents' permissions.
 
 Served by ``agentpg serve`` at ``/`` and under ``/explorer``; left out of the OpenAPI document (HTML, not API).
 The database pages (tables, rows, export, SQL box) are in :mod:`agentpg.web.routes_db`, the History page (restores)
-in :mod:`agentpg.web.history`.
+in :mod:`agentpg.web.history`, the audit log, usage and schema picture in :mod:`agentpg.web.console`, and the
+management of users, workspaces and tokens in :mod:`agentpg.web.manage`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from agentpg.api import routes_users
 from agentpg.api.context import app_context
 from agentpg.api.models import ID_PATTERN
 from agentpg.errors import AgentpgError, NotFound
-from agentpg.web import data, history, routes_db
+from agentpg.web import console, data, history, manage, routes_db
 from agentpg.web.render import PREFIX, render, user_url, with_query
 from agentpg.web.routing import Explorer, PageRoute, Session, error_response, validation_message, wants_json
 from agentpg.web.security import (
@@ -39,10 +40,18 @@ from agentpg.web.security import (
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 router.include_router(routes_db.router)
 router.include_router(history.router)
+router.include_router(manage.router)  # issue 21: the console's pages
+router.include_router(console.router)
 
 Cursor = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=128)]
 _STATIC: Final = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                  "favicon.svg": "image/svg+xml"}
+                  "favicon.svg": "image/svg+xml",
+                  # The console's vendored libraries (issue 21; versions and licenses: docs/explorer.md).
+                  "console.js": "text/javascript; charset=utf-8",
+                  "chart.umd.min.js": "text/javascript; charset=utf-8",
+                  "cytoscape.min.js": "text/javascript; charset=utf-8",
+                  "chart.js.LICENSE.md": "text/plain; charset=utf-8",
+                  "cytoscape.LICENSE.txt": "text/plain; charset=utf-8"}
 _REASONS: Final = {"expired": "Your session ended (the token was revoked, or the session expired). Sign in again.",
                    "signin": "Sign in to continue.", "signedout": "Signed out."}
 
@@ -189,28 +198,3 @@ async def save_permissions(request: Request, user_id: str, workspace_id: str, s:
         return JSONResponse({"workspace_id": workspace_id, "permissions": saved.model_dump(),
                              "message": "Saved: the agent's role in the global database has these rights now."})
     return RedirectResponse(with_query(f"{user_url(user_id)}/agents", saved=workspace_id), status_code=303)
-
-
-@router.get(PREFIX + "/u/{user_id}/audit")
-def audit(request: Request, user_id: str, s: Session, cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$")]
-          = None, agent: Annotated[str | None, Query(max_length=128)] = None,
-          limit: Annotated[int, Query(ge=1, le=500)] = 100) -> Response:
-    """The audit log of what each agent ran through MCP, newest first, optionally for one agent."""
-    workspace_id = agent or None
-    if workspace_id is not None and not re.fullmatch(ID_PATTERN, workspace_id):
-        raise NotFound(f"workspace {workspace_id!r} does not exist")
-    if workspace_id is not None:
-        data.get_workspace(s.ctx, s.principal, user_id, workspace_id)
-    entries = data.audit(s.ctx, s.principal, user_id, workspace_id, cursor, limit)
-    agents_page = data.workspaces(s.ctx, s.principal, user_id, None, 500)
-    return render(request, "audit.html", title="Audit log", user_id=user_id, active="audit", entries=entries,
-                  agents=agents_page.items, agent=workspace_id, cursor=cursor, limit=limit)
-
-
-@router.get(PREFIX + "/u/{user_id}/usage")
-def usage(request: Request, user_id: str, s: Session) -> Response:
-    """This period's cost of each database, the total and the budget."""
-    report = data.usage(s.ctx, s.principal, user_id)
-    names = {ws.id: ws.name for ws in data.workspaces(s.ctx, s.principal, user_id, None, 500).items}
-    return render(request, "usage.html", title="Usage and budget", user_id=user_id, active="usage", report=report,
-                  names=names)

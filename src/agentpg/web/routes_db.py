@@ -14,11 +14,12 @@ from typing import Annotated, Any, Final, Literal
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from agentpg.access import grid
 from agentpg.api import routes_data
 from agentpg.api.models import MAX_OFFSET
 from agentpg.errors import AgentpgError, InvalidInput
 from agentpg.schemas import WorkspaceInfo
-from agentpg.web import data
+from agentpg.web import data, rows_view
 from agentpg.web.render import PREFIX, render
 from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath
 from agentpg.web.security import check_same_origin, field, read_form
@@ -26,7 +27,7 @@ from agentpg.web.sqlbox import MAX_SQL_CHARS, SqlResult, run_sql
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
-PAGE_SIZES: Final = (25, 50, 100, 250)
+PAGE_SIZES: Final = rows_view.PAGE_SIZES
 _GLOBAL = PREFIX + "/u/{user_id}/global"
 _AGENT = PREFIX + "/u/{user_id}/agents/{workspace_id}"
 
@@ -58,11 +59,12 @@ def _no_nul(name: str) -> str:
 
 @_both("")
 async def tables(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath) -> Response:
-    """Tables panel: every table and view with its columns, types, keys and estimated rows."""
+    """Tables panel: every table and view with its columns, types, keys and row count (exact when cheap)."""
     ws = await _where(s, user_id, workspace_id)
     listed, constraints = await data.tables(s.ctx, s.principal, user_id, workspace_id)
+    counts = await rows_view.table_counts(s.ctx, s.principal, user_id, workspace_id) if listed.tables else {}
     return render(request, "tables.html", title="Tables", user_id=user_id, workspace=ws, workspace_id=workspace_id,
-                  active="databases", tables=listed.tables, constraints=constraints, tab="tables")
+                  active="databases", tables=listed.tables, constraints=constraints, tab="tables", counts=counts)
 
 
 @_both("/table")
@@ -70,23 +72,23 @@ async def table_rows(request: Request, user_id: str, s: Session, workspace_id: W
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                      limit: Annotated[int, Query(ge=1, le=250)] = 100,
                      sort: Annotated[str | None, Query(max_length=255)] = None,
-                     direction: Annotated[Literal["asc", "desc"], Query(alias="dir")] = "asc") -> Response:
-    """The row grid: a page of ``limit`` rows from ``offset``, sorted by one column (default: primary key)."""
+                     direction: Annotated[Literal["asc", "desc"], Query(alias="dir")] = "asc",
+                     q: Annotated[str | None, Query(max_length=grid.MAX_SEARCH_CHARS)] = None,
+                     fc: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None,
+                     fo: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None,
+                     fv: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None) -> Response:
+    """The table browser: a page of ``limit`` rows from ``offset``, sorted by one column (default: primary
+    key), narrowed by filters (``fc``/``fo``/``fv`` triples, ANDed) and a search ``q`` (web/rows_view.py)."""
     ws = await _where(s, user_id, workspace_id)
     if limit not in PAGE_SIZES:
         raise InvalidInput(f"limit must be one of {', '.join(map(str, PAGE_SIZES))}")
-    page = await data.rows(s.ctx, s.principal, user_id, workspace_id, _no_nul(name), limit=limit, offset=offset,
-                           sort=_no_nul(sort) if sort else None, descending=direction == "desc")
-    last_offset = None
-    if page.total is not None and page.total > 0:
-        last_offset = (page.total - 1) // limit * limit
-    shown_to = offset + len(page.rows)
-    has_next = (page.total is not None and shown_to < page.total) or (page.total is None and
-                                                                      len(page.rows) == limit) or page.truncated
-    return render(request, "rows.html", title=page.table, user_id=user_id, workspace=ws, workspace_id=workspace_id,
-                  active="databases", page=page, sort=sort, direction=direction, limit=limit, offset=offset,
-                  shown_to=shown_to, has_next=has_next, last_offset=last_offset, page_sizes=PAGE_SIZES,
-                  tab="tables")
+    filters = rows_view.parse_filters(fc or [], fo or [], fv or [])
+    query = rows_view.GridQuery(_no_nul(name), limit=limit, offset=offset, sort=_no_nul(sort) if sort else None,
+                                direction=direction, filters=filters, search=q.strip() if q and q.strip() else None)
+    # The form always sends one empty "add a filter" row (and maybe an empty search): send the browser on to
+    # the tidy URL, so the address to share (and the history) holds only what applies.
+    untidy = any(not c for c in fc or []) or (q is not None and not q.strip())
+    return await rows_view.rows_page(request, s, user_id, ws, workspace_id, query, tidy=not untidy)
 
 
 @_both("/export")

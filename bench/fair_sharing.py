@@ -1,0 +1,632 @@
+"""Fair sharing (issue 18): the same load with the connection governor and without it, on max_connections = 100.
+
+    python bench/fair_sharing.py [--users 30 --workspaces 10 --sessions 1000 --clients 2 --victim-s 15
+                                  --interval-ms 20 --modes governor,off --out fair_sharing]
+
+Setup once (embedded server on the durable defaults, fsync on, ``max_connections = 100``; users x workspaces
+registered through the REST API with the admin token; a table ``t`` in every agent's database and the
+cancel-swallowing ``stubborn()`` in the attacker's), then the home is copied so that each mode runs on its
+own fresh server and ``agentpg serve`` (``AGENTPG_GOVERNOR_ENABLED`` true / false, statement timeout 2 s,
+temp_file_limit 16 MB). Per mode: **noisy neighbour** (a victim agent's steady small calls, alone, then while
+another user's agents run cancel-swallowing loops, huge values, temp-file spills and a connection flood;
+afterwards, the attacker's backends still running) and **scale** (``--sessions`` concurrent MCP sessions of a
+write, a read and a write over all agents; every acknowledged write looked up as the server's admin). MCP over
+HTTP with the official SDK client, as bench/mcp_query.py. Also: serve's VmRSS/VmHWM per phase, the server's
+client backends (sampled), connections it refused (its log), the governor's /metrics. bench/README.md
+("Fair sharing") describes the method and the figures. Writes ``bench/results/<--out>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import psycopg
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from psycopg import sql as pgsql
+from psycopg.conninfo import make_conninfo
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ServeProcess, percentiles, report, write_json
+
+from agentpg.embedded import EmbeddedPostgres
+
+STUBBORN = """CREATE FUNCTION stubborn() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM pg_sleep(0.05);
+    EXCEPTION WHEN query_canceled THEN
+      NULL;
+    END;
+  END LOOP;
+END $$"""
+#: (kind, database, statement, sessions per attacker agent): 16 in all, the per-token limit of calls in flight.
+ATTACKS = [("stubborn", "agent", "SELECT stubborn()", 2),
+           ("huge value", "global", "SELECT repeat('x', 200000000)", 2),
+           ("temp spill", "agent", "SELECT count(*) FROM (SELECT g FROM generate_series(1, 2000000) g "
+                                   "ORDER BY g DESC) s", 2),
+           ("flood", "agent", "SELECT pg_sleep(0.05)", 5),
+           ("flood", "global", "SELECT pg_sleep(0.05)", 5)]
+REFUSED = ("too many clients", "remaining connection slots are reserved")
+SAMPLES: dict[str, str] = {}
+"""The first tool error message of each kind this process saw (for the report: what the caller read)."""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- MCP client (the SDK's) and what an answer was ----------------------------------------------------------
+
+_SSL = ssl.create_default_context()  # one context for every client (loading the CA bundle per client is slow)
+
+
+def http_client(token: str) -> httpx2.AsyncClient:
+    """An agent's HTTP client for the SDK's MCP transport (which takes an httpx2 client)."""
+    return httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=90, verify=_SSL,
+                              limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None))
+
+
+@asynccontextmanager
+async def mcp_session(base_url: str, client: httpx2.AsyncClient) -> AsyncIterator[ClientSession]:
+    async with streamable_http_client(f"{base_url}/mcp", http_client=client, terminate_on_close=False) \
+            as (read, write), ClientSession(read, write, read_timeout_seconds=90) as session:
+        await session.initialize()
+        yield session
+
+
+def kind_of_text(message: str) -> str:
+    """The kind of a tool error, from the documented wording (docs/limits.md, docs/mcp.md)."""
+    for needle, kind in (("server is busy", "busy (server_busy)"), ("cannot be reached", "connect failure"),
+                         ("too many concurrent calls on this database", "busy (pool_exhausted)"),
+                         ("too many concurrent calls from this agent", "agent call limit"),
+                         ("rate limit", "rate limited"), ("temp_file_limit", "temp_file_limit"),
+                         ("too large", "result too large"), ("cancelled", "cancelled (time limit)"),
+                         ("busy", "busy (other)")):
+        if needle in message:
+            return kind
+    return "other: " + message[:100]
+
+
+def kind_of_exc(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return "client timeout"
+    if isinstance(exc, httpx.TransportError):
+        return f"HTTP transport: {type(exc).__name__}"
+    return f"{type(exc).__name__}: {str(exc)[:80]}"
+
+
+async def call(session: ClientSession, tool: str, database: str, sql: str,
+               params: list[Any] | None = None) -> tuple[str, float]:
+    args: dict[str, Any] = {"database": database, "sql": sql}
+    if params is not None:
+        args["params"] = params
+    started = time.perf_counter()
+    try:
+        result = await session.call_tool(tool, args)
+    except Exception as exc:  # the session itself failed (transport, HTTP status): it cannot be used further
+        return "client: " + kind_of_exc(exc), (time.perf_counter() - started) * 1000
+    ms = (time.perf_counter() - started) * 1000
+    if not result.is_error:
+        return "ok", ms
+    message = " ".join(getattr(c, "text", "") for c in result.content)
+    kind = kind_of_text(message)
+    SAMPLES.setdefault(kind, message[:240])
+    return kind, ms
+
+
+# -- serve's memory, the server's backends and log ------------------------------------------------------------
+
+
+def proc_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def memory(pid: int, reset: bool = True) -> dict[str, Any]:
+    """serve's VmRSS and VmHWM (MB); then the peak is reset to the current RSS for the next phase if allowed."""
+    out: dict[str, Any] = {"rss_mb": round(proc_kib(pid, "VmRSS") / 1024, 1),
+                           "peak_mb": round(proc_kib(pid, "VmHWM") / 1024, 1)}
+    if reset:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            out["peak_reset_after"] = True
+        except OSError:
+            out["peak_reset_after"] = False
+    return out
+
+
+def serve_pids(pid: int) -> list[int]:
+    """serve's process and any children it forked (uvicorn with one worker does not fork)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
+
+
+class BackendSampler(threading.Thread):
+    """Client backends on the server every 100 ms: the most of tenants' (non-superuser) and of superusers' at
+    once, and by ``application_name`` when the total was highest (the admin connections of serve and of this
+    benchmark use the same ``max_connections`` slots as the tenants: the superuser reserve only refuses
+    non-superusers once that few slots are left)."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.admin_dsn, self._stop_event = admin_dsn, threading.Event()
+        self.max_tenant = self.max_superuser = self.max_total = 0
+        self.at_max_total: dict[str, int] = {}
+
+    def run(self) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True, application_name="bench sampler") as conn:
+            while not self._stop_event.wait(0.1):
+                rows = conn.execute("SELECT coalesce(r.rolsuper, false), a.application_name, count(*) "
+                                    "FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.rolname = a.usename "
+                                    "WHERE a.backend_type = 'client backend' GROUP BY 1, 2").fetchall()
+                tenant = sum(int(n) for sup, _, n in rows if not sup)
+                superuser = sum(int(n) for sup, _, n in rows if sup)
+                self.max_tenant, self.max_superuser = max(self.max_tenant, tenant), max(self.max_superuser, superuser)
+                if tenant + superuser > self.max_total:
+                    self.max_total = tenant + superuser
+                    self.at_max_total = {f"{'superuser' if sup else 'tenant'}: {app or '-'}": int(n)
+                                         for sup, app, n in rows}
+
+    def stop(self) -> dict[str, Any]:
+        self._stop_event.set()
+        self.join(10)
+        return {"max_tenant_backends": self.max_tenant, "max_superuser_backends": self.max_superuser,
+                "max_total_backends": self.max_total, "at_max_total": self.at_max_total}
+
+
+class PgLog:
+    """Counts the embedded server's refused connections written to its log since the last look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
+
+    def refused_since(self) -> int:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            text = handle.read().decode(errors="replace")
+            self.offset = handle.tell()
+        return sum(text.count(needle) for needle in REFUSED)
+
+
+def running_backends(admin_dsn: str, databases: list[str]) -> dict[str, int]:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity "
+                           "WHERE datname = ANY(%s) AND backend_type = 'client backend' "
+                           "AND pid <> pg_backend_pid()", [databases]).fetchone()
+    assert row is not None
+    return {"running": int(row[0]), "all_incl_idle": int(row[1])}
+
+
+async def governor_metrics(base_url: str, admin: str) -> dict[str, float]:
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {admin}"}, timeout=30) as client:
+        text = (await client.get(f"{base_url}/metrics")).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("agentpg_governor") and "user_calls" not in line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name.split("{")[0]] = float(value)
+    return out
+
+
+# -- setup: users and workspaces through REST, tables through MCP -------------------------------------------
+
+
+async def register(base_url: str, admin: str, users: int, workspaces: int, at_once: int) -> tuple[
+        list[dict[str, Any]], list[str], dict[str, Any]]:
+    """Users ``fs-uNN`` with workspaces ``fs-uNN-wMM`` (admin token; ``at_once`` requests at a time). Returns the agents
+    (user index, workspace, token, database name), the users' global database names, and the timings."""
+    agents: list[dict[str, Any]] = []
+    global_dbs: list[str] = [""] * users
+    user_ms: list[float] = []
+    ws_ms: list[float] = []
+    gate = asyncio.Semaphore(at_once)
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {admin}"},
+                                 timeout=120) as client:
+
+        async def post(path: str, body: dict[str, Any], into: list[float]) -> dict[str, Any]:
+            async with gate:
+                started = time.perf_counter()
+                answer = await client.post(path, json=body)
+                into.append((time.perf_counter() - started) * 1000)
+            answer.raise_for_status()
+            return dict(answer.json())
+
+        async def one_user(u: int) -> None:
+            global_dbs[u] = (await post("/api/users", {"id": f"fs-u{u:02d}"}, user_ms))["global_database"]["name"]
+
+        async def one_workspace(u: int, w: int) -> None:
+            ws = f"fs-u{u:02d}-w{w:02d}"
+            made = await post(f"/api/users/fs-u{u:02d}/workspaces", {"id": ws}, ws_ms)
+            agents.append({"user": u, "ws": ws, "token": made["agent_token"]["token"], "db": made["database"]["name"]})
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_user(u) for u in range(users)))
+        await asyncio.gather(*(one_workspace(u, w) for w in range(workspaces) for u in range(users)))
+        wall = time.perf_counter() - started
+    agents.sort(key=lambda a: (a["user"], a["ws"]))
+    return agents, global_dbs, {"wall_s": round(wall, 1), "users": percentiles(user_ms),
+                                "workspaces": percentiles(ws_ms)}
+
+
+def make_tables(admin_dsn: str, agents: list[dict[str, Any]], attacker: int) -> None:
+    """``t`` (and the attacker's ``stubborn()``) in every agent's database, made by its owner role as the
+    server's admin (setting up through MCP ran into the governor's connect failures: README, Fair sharing)."""
+    for agent in agents:
+        with psycopg.connect(make_conninfo(admin_dsn, dbname=agent["db"]), autocommit=True) as conn:
+            row = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                               "WHERE datname = current_database()").fetchone()
+            assert row is not None
+            conn.execute(pgsql.SQL("SET ROLE {}").format(pgsql.Identifier(row[0])))
+            conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
+            conn.execute("GRANT ALL ON t TO PUBLIC")
+            if agent["user"] == attacker:
+                conn.execute(STUBBORN)
+
+
+# -- the victim and the attacker ------------------------------------------------------------------------------
+
+
+async def victim(base_url: str, token: str, seconds: float, interval_ms: float, tag: str,
+                 start_at: float | None = None) -> tuple[list[float], Counter[str], list[str]]:
+    """One call every ``interval_ms`` (not overlapping: a late call makes the next one start at once)."""
+    latencies: list[float] = []
+    failures: Counter[str] = Counter()
+    acked: list[str] = []
+    async with http_client(token) as client, mcp_session(base_url, client) as s:
+        await call(s, "query", "agent", "SELECT 1")  # the pool's connection and the SDK's tools/list
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        began = time.perf_counter()
+        i = 0
+        while time.perf_counter() - began < seconds:
+            due = began + i * interval_ms / 1000
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            key = f"{tag}-{i}"
+            if i % 2 == 0:
+                kind, ms = await call(s, "execute", "agent", "INSERT INTO t VALUES ($1, $2)", [key, i])
+            else:
+                kind, ms = await call(s, "query", "agent", "SELECT v FROM t WHERE k = $1", [f"{tag}-{i - 1}"])
+            if kind == "ok":
+                latencies.append(ms)
+                if i % 2 == 0:
+                    acked.append(key)
+            else:
+                failures[kind] += 1
+            i += 1
+    return latencies, failures, acked
+
+
+def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at: float, conn: Any) -> None:
+    outcomes: dict[str, Counter[str]] = {}
+    latencies: list[float] = []
+
+    async def attack(kind: str, database: str, sql: str, client: httpx2.AsyncClient) -> None:
+        counts = outcomes.setdefault(kind, Counter())
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        while time.time() < stop_at:
+            try:
+                async with mcp_session(base_url, client) as s:
+                    while time.time() < stop_at:
+                        got, ms = await call(s, "query", database, sql)
+                        counts[got] += 1
+                        latencies.append(ms)
+                        if got.startswith("client: "):
+                            break
+            except Exception as exc:  # a session that failed to open or broke: count it, open another
+                counts["session: " + kind_of_exc(exc)] += 1
+                await asyncio.sleep(0.1)
+
+    async def run() -> None:
+        clients = [http_client(t) for t in tokens]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(
+                attack(kind, db, sql, c) for c in clients
+                for kind, db, sql, n in ATTACKS for _ in range(n))), stop_at - time.time() + 60)
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    asyncio.run(run())
+    conn.send(({k: dict(v) for k, v in outcomes.items()}, len(latencies), SAMPLES))
+    conn.close()
+
+
+def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
+                    args: argparse.Namespace, mode: str) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    token = next(a["token"] for a in agents if a["user"] == 0)
+    log("  victim alone")
+    quiet, quiet_fail, acked_q = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms, f"q-{mode}"))
+    attackers = [a["token"] for a in agents if a["user"] == 1]
+    start_at = time.time() + 3  # the attacker's process is up
+    stop_at = start_at + 2 + args.victim_s
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_attacker_process, args=(base_url, attackers, start_at, stop_at, child))
+    proc.start()
+    log("  victim under attack")
+    loaded, loaded_fail, acked_l = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms,
+                                                      f"l-{mode}", start_at=start_at + 2))
+    outcomes, attacker_calls, samples = parent.recv()
+    proc.join()
+    returned = time.time()
+    at_once = running_backends(admin_dsn, dbs)
+    time.sleep(3)
+    later = running_backends(admin_dsn, dbs)
+    acked = acked_q + acked_l
+    victim_db = next(a["db"] for a in agents if a["user"] == 0)
+    with psycopg.connect(make_conninfo(admin_dsn, dbname=victim_db), autocommit=True) as conn:
+        present = {r[0] for r in conn.execute("SELECT k FROM t WHERE k = ANY(%s)", [acked])}
+    qp, lp = percentiles(quiet), percentiles(loaded)
+    doc = {"victim_quiet": qp, "victim_loaded": lp,
+           "p50_ratio": round(lp["p50"] / qp["p50"], 2), "p99_ratio": round(lp["p99"] / qp["p99"], 2),
+           "victim_failures_quiet": dict(quiet_fail), "victim_failures_loaded": dict(loaded_fail),
+           "victim_messages": {k: SAMPLES.get(k, "") for k in {*quiet_fail, *loaded_fail}},
+           "victim_writes_acked": len(acked), "victim_writes_missing": len(set(acked) - present),
+           "attacker_calls": attacker_calls, "attacker_outcomes": outcomes, "attacker_messages": samples,
+           "attacker_backends_after": {"at_once": at_once, "after_3_s": later},
+           "attacker_returned_s_after_stop": round(returned - stop_at, 1)}
+    return doc, {"quiet": quiet, "loaded": loaded}
+
+
+# -- scale --------------------------------------------------------------------------------------------------
+
+
+def _scale_process(base_url: str, work: list[tuple[int, int, str]], start_at: float, cap_s: float,
+                   conn: Any) -> None:
+    calls: list[tuple[str, float]] = []
+    acked: list[tuple[int, str]] = []
+    sessions: Counter[str] = Counter()
+    clients: dict[int, httpx2.AsyncClient] = {}
+
+    async def session(n: int, agent: int, client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        try:
+            async with mcp_session(base_url, client) as s:
+                for step, tool in enumerate(("execute", "query", "execute")):
+                    key = f"s{n}-{step}"
+                    if tool == "execute":
+                        got = await call(s, tool, "agent", "INSERT INTO t VALUES ($1, $2)", [key, n])
+                    else:
+                        got = await call(s, tool, "agent", "SELECT count(*) FROM t")
+                    calls.append(got)
+                    if got[0] == "ok" and tool == "execute":
+                        acked.append((agent, key))
+                    if got[0].startswith("client: "):
+                        sessions["broken"] += 1
+                        return
+            sessions["completed"] += 1
+        except Exception as exc:
+            sessions[kind_of_exc(exc)] += 1
+
+    async def run() -> float:
+        for _, agent, token in work:
+            if agent not in clients:
+                clients[agent] = http_client(token)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(session(n, a, clients[a]) for n, a, _ in work)), cap_s)
+        except TimeoutError:
+            sessions["unfinished at the cap"] += len(work) - sum(sessions.values())
+        finally:
+            ended = time.time()
+            for c in clients.values():
+                await c.aclose()
+        return ended
+
+    ended = asyncio.run(run())
+    conn.send((calls, acked, dict(sessions), ended, SAMPLES))
+    conn.close()
+
+
+def scale(base_url: str, agents: list[dict[str, Any]], admin_dsn: str, args: argparse.Namespace) -> tuple[
+        dict[str, Any], list[float]]:
+    work = [(n, n % len(agents), agents[n % len(agents)]["token"]) for n in range(args.sessions)]
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 4
+    procs, pipes = [], []
+    for i in range(args.clients):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_scale_process, args=(base_url, work[i::args.clients], start_at, args.scale_cap_s,
+                                                     child))
+        p.start()
+        procs.append(p)
+        pipes.append(parent)
+    calls: list[tuple[str, float]] = []
+    acked: list[tuple[int, str]] = []
+    sessions: Counter[str] = Counter()
+    samples: dict[str, str] = {}
+    ended = start_at
+    for parent, p in zip(pipes, procs, strict=True):
+        c, a, s, e, m = parent.recv()
+        for kind, message in m.items():
+            samples.setdefault(kind, message)
+        calls += c
+        acked += a
+        sessions.update(s)
+        ended = max(ended, e)
+        p.join()
+    wall = ended - start_at
+    by_agent: dict[int, list[str]] = {}
+    for agent, key in acked:
+        by_agent.setdefault(agent, []).append(key)
+    missing = 0
+    for agent, keys in by_agent.items():
+        with psycopg.connect(make_conninfo(admin_dsn, dbname=agents[agent]["db"]), autocommit=True) as conn:
+            present = {r[0] for r in conn.execute("SELECT k FROM t WHERE k = ANY(%s)", [keys])}
+        missing += len(set(keys) - present)
+    kinds = Counter(k for k, _ in calls)
+    ok = [ms for k, ms in calls if k == "ok"]
+    busy = [ms for k, ms in calls if k.startswith("busy")]
+    doc = {"sessions": args.sessions, "calls_planned": 3 * args.sessions, "calls_answered": len(calls),
+           "calls_ok": len(ok), "busy_answers": len(busy),
+           "failures_by_kind": {k: v for k, v in kinds.items() if k != "ok" and not k.startswith("busy")},
+           "busy_by_kind": {k: v for k, v in kinds.items() if k.startswith("busy")},
+           "sessions_by_outcome": dict(sessions), "wall_s": round(wall, 1),
+           "ok_calls_per_s": round(len(ok) / wall, 1) if wall > 0 else 0,
+           "ok_latency_ms": percentiles(ok) if len(ok) > 1 else {},
+           "busy_wait_ms": percentiles(busy) if len(busy) > 1 else {},
+           "writes_acked": len(acked), "writes_missing": missing, "messages": samples}
+    return doc, ok
+
+
+# -- setup once, then one fresh server per mode --------------------------------------------------------------
+
+#: serve's settings in every mode (besides AGENTPG_GOVERNOR_ENABLED); ServeProcess adds no rate limit, no warm pool.
+SERVE_ENV = {"AGENTPG_EMBEDDED_MAX_CONNECTIONS": "100", "AGENTPG_MCP_STATEMENT_TIMEOUT_S": "2",
+             "AGENTPG_TENANT_TEMP_FILE_LIMIT_MB": "16"}
+
+
+def embedded(home: Path) -> tuple[EmbeddedPostgres, str]:
+    """The home's embedded server (durable: fsync on), started; its admin DSN (a secret: never printed)."""
+    server = EmbeddedPostgres(home, fsync=True, extra_conf={"max_connections": "100"})
+    return server, server.ensure_running().dsn("postgres")
+
+
+def setup(home: Path, admin: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+    """Registration through serve's REST API and the tables through MCP, on a fresh server in ``home``."""
+    server_pg, admin_dsn = embedded(home)
+    try:
+        server = ServeProcess(home, {**SERVE_ENV, "AGENTPG_ADMIN_TOKEN": admin})
+        try:
+            server.wait_ready()
+            log(f"registering {args.users} x {args.workspaces}")
+            agents, global_dbs, doc = asyncio.run(
+                register(server.base_url, admin, args.users, args.workspaces, args.register_at_once))
+            log(f"registered in {doc['wall_s']} s; tables")
+            started = time.perf_counter()
+            make_tables(admin_dsn, agents, attacker=1)
+            doc["tables_s"] = round(time.perf_counter() - started, 1)
+        finally:
+            server.stop()
+    finally:
+        server_pg.stop()
+    return agents, global_dbs, doc
+
+
+def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], global_dbs: list[str],
+             args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    governed = mode == "governor"
+    env = {**SERVE_ENV, "AGENTPG_GOVERNOR_ENABLED": str(governed).lower(), "AGENTPG_ADMIN_TOKEN": admin}
+    doc: dict[str, Any] = {"settings": {k: v for k, v in env.items() if k != "AGENTPG_ADMIN_TOKEN"}}
+    rows: dict[str, dict[str, float]] = {}
+    server_pg, admin_dsn = embedded(home)
+    try:
+        pglog = PgLog(server_pg.log_file)
+        server = ServeProcess(home, env)
+        try:
+            server.wait_ready()
+            pid = server.process.pid
+            doc["serve_pids"] = serve_pids(pid)
+            doc["memory"] = {"after_start": memory(pid)}
+            pglog.refused_since()
+            attacker_dbs = [a["db"] for a in agents if a["user"] == 1] + [global_dbs[1]]
+            log(f"[{mode}] noisy neighbour")
+            sampler = BackendSampler(admin_dsn)
+            sampler.start()
+            doc["noisy"], _ = noisy_neighbour(server.base_url, agents, attacker_dbs, admin_dsn, args, mode)
+            doc["noisy"]["backends"] = sampler.stop()
+            doc["noisy"]["server_refused_connections"] = pglog.refused_since()
+            doc["memory"]["after_noisy"] = memory(pid)
+            rows[f"[{mode}] victim quiet"] = doc["noisy"]["victim_quiet"]
+            rows[f"[{mode}] victim under attack"] = doc["noisy"]["victim_loaded"]
+            log(f"[{mode}] scale: {args.sessions} sessions")
+            sampler = BackendSampler(admin_dsn)
+            sampler.start()
+            doc["scale"], _ = scale(server.base_url, agents, admin_dsn, args)
+            doc["scale"]["backends"] = sampler.stop()
+            doc["scale"]["server_refused_connections"] = pglog.refused_since()
+            doc["memory"]["after_scale"] = memory(pid, reset=False)
+            if doc["scale"]["ok_latency_ms"]:
+                rows[f"[{mode}] scale: ok calls"] = doc["scale"]["ok_latency_ms"]
+            if doc["scale"]["busy_wait_ms"]:
+                rows[f"[{mode}] scale: busy answers"] = doc["scale"]["busy_wait_ms"]
+            if governed:
+                doc["governor_metrics"] = asyncio.run(governor_metrics(server.base_url, admin))
+            doc["serve_exit_code"] = server.process.poll()
+        finally:
+            server.stop()
+    finally:
+        server_pg.stop()
+    return doc, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=30)
+    parser.add_argument("--workspaces", type=int, default=10)
+    parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=2, help="client processes for the scale phase")
+    parser.add_argument("--register-at-once", type=int, default=8, help="registration requests at a time")
+    parser.add_argument("--scale-cap-s", type=float, default=120.0)
+    parser.add_argument("--victim-s", type=float, default=15.0)
+    parser.add_argument("--interval-ms", type=float, default=20.0)
+    parser.add_argument("--modes", default="governor,off")
+    parser.add_argument("--out", default="fair_sharing")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    modes: dict[str, Any] = {}
+    results: dict[str, dict[str, float]] = {}
+    admin = "apg_a_" + secrets.token_urlsafe(32)
+    base = Path(tempfile.mkdtemp(prefix="agentpg-bench-fair-", dir="/tmp"))
+    base.chmod(0o711)
+    try:
+        homes = {mode: base / mode for mode in args.modes.split(",")}
+        first = next(iter(homes.values()))
+        first.mkdir()
+        first.chmod(0o711)
+        agents, global_dbs, registration = setup(first, admin, args)
+        copied = time.perf_counter()
+        for home in homes.values():  # the same registered state for every mode, each on its own server
+            if home != first:
+                subprocess.run(["cp", "-a", str(first), str(home)], check=True)
+        registration["copy_s"] = round(time.perf_counter() - copied, 1)
+        for mode, home in homes.items():
+            modes[mode], rows = run_mode(mode, home, admin, agents, global_dbs, args)
+            results.update(rows)
+    finally:  # ~5 GB of durable files: removed in the background (ext4 discards make it take minutes here)
+        subprocess.Popen(["rm", "-rf", str(base)], start_new_session=True)
+    extra: dict[str, Any] = {"setup": registration, "modes": modes, "loadavg_at_start": load_before,
+                             "wall_s": round(time.perf_counter() - started, 1), "args": vars(args)}
+    report("fair_sharing", results, extra)
+    print()
+    for mode, doc in modes.items():
+        s, n = doc["scale"], doc["noisy"]
+        print(f"[{mode}] scale: {s['calls_ok']} ok, {s['busy_answers']} busy, failures {s['failures_by_kind']}, "
+              f"sessions {s['sessions_by_outcome']}, {s['ok_calls_per_s']} ok calls/s in {s['wall_s']} s, "
+              f"writes missing {s['writes_missing']}/{s['writes_acked']}, backends {s['backends']}, "
+              f"refused by the server {s['server_refused_connections']}")
+        print(f"[{mode}] noisy: victim p50 {n['victim_quiet']['p50']} -> {n['victim_loaded']['p50']} ms "
+              f"(x{n['p50_ratio']}), p99 {n['victim_quiet']['p99']} -> {n['victim_loaded']['p99']} ms "
+              f"(x{n['p99_ratio']}), failures {n['victim_failures_loaded']}, attacker backends running after "
+              f"{n['attacker_backends_after']}")
+        print(f"[{mode}] serve memory: {doc['memory']}")
+    write_json(args.out, {"benchmark": "fair_sharing", "results": results, **extra})
+
+
+if __name__ == "__main__":
+    main()
