@@ -186,6 +186,28 @@ def test_fair_queue_serves_a_quiet_user_before_a_noisy_one() -> None:
     asyncio.run(scenario())
 
 
+def test_a_user_at_its_cap_waits_while_another_user_runs() -> None:
+    """Connections to spare do not let one user run more than ``user_cap`` statements at once while another
+    user has calls: the CPU is shared by users, not by who asked first. Alone, a user may use the budget."""
+
+    async def scenario() -> None:
+        gate = ServerGate("h:1", budget=10, wait_s=0.3, user_cap=2)
+        far = time.monotonic() + 5
+        for _ in range(3):  # alone: over the cap is fine
+            await gate.enter("noisy", far)
+        await gate.enter("quiet", far)
+        with pytest.raises(ServerBusy):  # another user runs: noisy's 4th waits, then is refused
+            await gate.enter("noisy", time.monotonic() + 0.3)
+        late = asyncio.create_task(gate.enter("noisy", time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        assert not late.done() and gate.calls == 4
+        gate.leave("quiet")  # nobody else runs now: noisy may go on
+        await asyncio.wait_for(late, 1)
+        assert gate.flight == {"noisy": 4}
+
+    asyncio.run(scenario())
+
+
 # -- a noisy user and a quiet one on a real server ----------------------------------------------------------
 
 
@@ -436,11 +458,11 @@ def test_slots_taken_by_other_clients_mean_busy_not_unreachable(server: Server) 
     hogs = [psycopg.connect(server.uris[299]) for _ in range(50)]  # 100 - 33 reserved - 50: 17 slots left
 
     async def scenario() -> tuple[Outcomes, ServerGate]:
-        governor = Governor(GovernorConfig(wait_s=5.0))
+        governor = Governor(GovernorConfig(wait_s=2.0))
         pools = TenantPools(PoolLimits(acquire_timeout_s=10), governor=governor)
         queries = TenantQueries(pools, QueryLimits())
         out = Outcomes()
-        stop = time.monotonic() + 4.0
+        stop = time.monotonic() + 2.5
 
         async def flood(uri: str) -> None:
             while time.monotonic() < stop:

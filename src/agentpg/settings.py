@@ -228,6 +228,9 @@ class Settings(BaseSettings):
     governor_enabled: bool = True
     """Off: tenant pools open connections without the governor's budget (only behind a pooler that has its own,
     or to measure what the governor buys: bench/fair_sharing.py). Calls may then fail to connect."""
+    governor_user_cap: int = Field(default=0, ge=-1, le=100_000)
+    """Most statements one user may run at once on a server while other users have calls there (a fair share
+    of CPU, which a connection budget does not give); 0: twice this machine's CPU cores; -1: no cap."""
     governor_wait_s: float = Field(default=5.0, gt=0, le=600)
     """How long a call waits for a connection of a busy server before it fails with ``server_busy`` (429)."""
     serve_instances: int = Field(default=1, ge=1, le=1000)

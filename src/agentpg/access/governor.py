@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,6 +82,8 @@ class GovernorConfig:
     """serve processes sharing each server: a derived budget is divided between them."""
     wait_s: float = 5.0
     """How long a call may wait for a call slot or a connection before :class:`ServerBusy`."""
+    user_cap: int | None = None
+    """:attr:`ServerGate.user_cap` of every server (None: no cap beyond the fair share)."""
     own_connections: int = OWN_CONNECTIONS
     """Slots a derived budget leaves to this process's own superuser connections (see the module docstring)."""
     fallback_budget: int = 20
@@ -91,8 +94,10 @@ class GovernorConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> GovernorConfig:
         """``AGENTPG_GOVERNOR_BUDGET``, ``AGENTPG_GOVERNOR_WAIT_S``, ``AGENTPG_SERVE_INSTANCES``."""
+        cap = settings.governor_user_cap
         return cls(budget=settings.governor_budget, instances=settings.serve_instances,
-                   wait_s=settings.governor_wait_s, connect_timeout_s=settings.connect_timeout_s)
+                   wait_s=settings.governor_wait_s, connect_timeout_s=settings.connect_timeout_s,
+                   user_cap=None if cap < 0 else cap or 2 * (os.cpu_count() or 1))
 
 
 
@@ -207,6 +212,10 @@ class ServerGate:
     name: str
     budget: int
     wait_s: float
+    user_cap: int | None = None
+    """Most calls one user may run at once while another user has calls running or waiting (None: only the
+    fair share applies). A connection budget shares out connections, not CPU: this is what keeps one user's
+    CPU-heavy statements from taking every core while others wait (see the module docstring)."""
     flight: dict[str, int] = field(default_factory=dict)
     calls: int = 0
     granted: int = 0
@@ -263,7 +272,7 @@ class ServerGate:
         """Take a call slot for ``user``, waiting (fairly) until ``deadline`` (monotonic); else ServerBusy.
         ``holder`` is the pool the call will use (a waiter whose pool has a connection to spare goes first
         among its user's waiters)."""
-        if self.calls < self.budget and not self._waiters:
+        if self.calls < self.budget and not self._waiters and self._may_run(user):
             self._admit(user)
             return
         self.stats.waits += 1
@@ -301,10 +310,20 @@ class ServerGate:
         self.calls -= 1
         self._dispatch()
 
+    def _may_run(self, user: str) -> bool:
+        """Under :attr:`user_cap`, or nobody else has calls running or waiting."""
+        if self.user_cap is None or self.flight.get(user, 0) < self.user_cap:
+            return True
+        return not any(n > 0 for u, n in self.flight.items() if u != user) and all(
+            u == user for u in self._waiters)
+
     def _dispatch(self) -> None:
         while self.calls < self.budget and self._waiters:
             share = self.share()
-            user = next((u for u in self._waiters if self.flight.get(u, 0) < share), next(iter(self._waiters)))
+            runnable = [u for u in self._waiters if self._may_run(u)]
+            if not runnable:
+                return  # every waiting user is at its cap while others run: a call's end dispatches again
+            user = next((u for u in runnable if self.flight.get(u, 0) < share), runnable[0])
             queue = self._waiters[user]
             waiter = _pick(queue)
             fut = waiter.fut
@@ -478,7 +497,8 @@ class Governor:
             return gate  # known (or its probe failed and is not due again yet)
         budget = await self._budget(name, uri)
         if gate is None:
-            gate = self._gates.setdefault(name, ServerGate(name, budget, self.config.wait_s))
+            gate = self._gates.setdefault(name, ServerGate(name, budget, self.config.wait_s,
+                                                           user_cap=self.config.user_cap))
         else:
             gate.set_budget(budget)
         return gate
