@@ -32,11 +32,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import psycopg
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -79,15 +79,16 @@ def log(msg: str) -> None:
 _SSL = ssl.create_default_context()  # one context for every client (loading the CA bundle per client is slow)
 
 
-def http_client(token: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=90, verify=_SSL,
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+def http_client(token: str) -> httpx2.AsyncClient:
+    """An agent's HTTP client for the SDK's MCP transport (which takes an httpx2 client)."""
+    return httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=90, verify=_SSL,
+                              limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None))
 
 
 @asynccontextmanager
-async def mcp_session(base_url: str, client: httpx.AsyncClient) -> AsyncIterator[ClientSession]:
+async def mcp_session(base_url: str, client: httpx2.AsyncClient) -> AsyncIterator[ClientSession]:
     async with streamable_http_client(f"{base_url}/mcp", http_client=client, terminate_on_close=False) \
-            as (read, write, _), ClientSession(read, write, read_timeout_seconds=timedelta(seconds=90)) as session:
+            as (read, write), ClientSession(read, write, read_timeout_seconds=90) as session:
         await session.initialize()
         yield session
 
@@ -128,7 +129,7 @@ async def call(session: ClientSession, tool: str, database: str, sql: str,
     except Exception as exc:  # the session itself failed (transport, HTTP status): it cannot be used further
         return "client: " + kind_of_exc(exc), (time.perf_counter() - started) * 1000
     ms = (time.perf_counter() - started) * 1000
-    if not result.isError:
+    if not result.is_error:
         return "ok", ms
     message = " ".join(getattr(c, "text", "") for c in result.content)
     kind = kind_of_text(message)
@@ -324,7 +325,7 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
     outcomes: dict[str, Counter[str]] = {}
     latencies: list[float] = []
 
-    async def attack(kind: str, database: str, sql: str, client: httpx.AsyncClient) -> None:
+    async def attack(kind: str, database: str, sql: str, client: httpx2.AsyncClient) -> None:
         counts = outcomes.setdefault(kind, Counter())
         await asyncio.sleep(max(0.0, start_at - time.time()))
         while time.time() < stop_at:
@@ -400,7 +401,7 @@ def _scale_process(base_url: str, work: list[tuple[int, int, str]], start_at: fl
     calls: list[tuple[str, float]] = []
     acked: list[tuple[int, str]] = []
     sessions: Counter[str] = Counter()
-    clients: dict[int, httpx.AsyncClient] = {}
+    clients: dict[int, httpx2.AsyncClient] = {}
 
     async def session(n: int, agent: int, client: httpx.AsyncClient) -> None:
         await asyncio.sleep(max(0.0, start_at - time.time()))

@@ -81,8 +81,8 @@ async def over_stdio(home: Path, token: str, vectors: list[str]) -> list[float]:
             started = time.perf_counter()
             result = await session.call_tool("query", {"database": "agent", "sql": SQL, "params": [vector]})
             samples.append((time.perf_counter() - started) * 1000)
-            assert not result.isError and result.structuredContent is not None, result.content
-            assert len(result.structuredContent["rows"]) == 10
+            assert not result.is_error and result.structured_content is not None, result.content
+            assert len(result.structured_content["rows"]) == 10
     return samples
 
 

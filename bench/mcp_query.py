@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import psycopg
 from mcp import ClientSession
 from mcp.client.stdio import stdio_client
@@ -35,13 +35,13 @@ async def timed_calls(session: ClientSession, sql: str, calls: int) -> list[floa
     args = {"database": "global", "sql": sql}
     for _ in range(min(100, calls)):
         result = await session.call_tool("query", args)
-        assert not result.isError, result.content
+        assert not result.is_error, result.content
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
         result = await session.call_tool("query", args)
         samples.append((time.perf_counter() - start) * 1000)
-    assert not result.isError and result.structuredContent is not None, result
+    assert not result.is_error and result.structured_content is not None, result
     return samples
 
 
@@ -53,8 +53,8 @@ async def over_stdio(home: Path, token: str, calls: int) -> dict[str, list[float
 
 
 async def over_http(base_url: str, token: str, calls: int) -> dict[str, list[float]]:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client, \
-            streamable_http_client(f"{base_url}/mcp", http_client=client) as (read, write, _), \
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client, \
+            streamable_http_client(f"{base_url}/mcp", http_client=client) as (read, write), \
             ClientSession(read, write) as session:
         await session.initialize()
         return {name: await timed_calls(session, sql, calls) for name, sql in STATEMENTS.items()}

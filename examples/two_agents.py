@@ -18,28 +18,27 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
-from mcp import ClientSession, types
+import httpx2
+from mcp import Client, types
 from mcp.client.streamable_http import streamable_http_client
 
 
 @asynccontextmanager
-async def agent(base_url: str, token: str) -> AsyncIterator[ClientSession]:
-    """An initialised MCP session over streamable HTTP as the agent holding ``token``."""
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as client, \
-            streamable_http_client(base_url.rstrip("/") + "/mcp", http_client=client) as (read, write, _), \
-            ClientSession(read, write) as session:
-        await session.initialize()
-        yield session
+async def agent(base_url: str, token: str) -> AsyncIterator[Client]:
+    """An MCP client over streamable HTTP as the agent holding ``token`` (the SDK 2.x ``Client``: it asks
+    ``server/discover`` and speaks protocol 2026-07-28 with agentpg)."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http, \
+            Client(streamable_http_client(base_url.rstrip("/") + "/mcp", http_client=http)) as client:
+        yield client
 
 
-async def call(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
+async def call(session: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     """Call a tool; its structured result, or exit with the tool's error."""
     result = await session.call_tool(tool, arguments)
     text = "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
-    if result.isError or result.structuredContent is None:
+    if result.is_error or result.structured_content is None:
         sys.exit(f"{tool} failed: {text}")
-    return result.structuredContent
+    return result.structured_content
 
 
 async def main(base_url: str) -> None:

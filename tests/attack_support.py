@@ -62,8 +62,8 @@ class Agent:
         message = ""
         for tool in ("execute", "query"):
             result = await self.session.call_tool(tool, {"database": self.database, "sql": statement})
-            if not result.isError:
-                content = result.structuredContent or {}
+            if not result.is_error:
+                content = result.structured_content or {}
                 return [list(r) for r in content.get("rows") or []]
             message = _text(result)
             if "query tool" not in message.lower() and "execute tool" not in message.lower():

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import uvicorn
-from mcp import ClientSession, types
+from mcp import Client, ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
+from starlette.types import ASGIApp
 
 from agentpg.api.app import create_app
 from agentpg.runtime import Runtime, admin_token
@@ -26,6 +29,16 @@ MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": 
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
 """A raw MCP initialize request, for tests that speak HTTP to /mcp without the SDK."""
+
+
+def mcp_answer(response: httpx.Response) -> dict[str, Any]:
+    """The JSON-RPC message a streamable-HTTP POST was answered with: the JSON body, or the one ``message``
+    event of an SSE answer (the spec allows either; agentpg's /mcp sends JSON, a gateway child may not)."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        assert len(data) == 1, response.text
+        return dict(json.loads(data[0]))
+    return dict(response.json())
 
 
 def uid(prefix: str) -> str:
@@ -39,10 +52,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    """``create_app(settings)`` served by uvicorn in a thread of this process; yields its base URL."""
+def live_server(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None) -> Iterator[str]:
+    """``create_app(settings)`` (wrapped by ``wrap``, e.g. a test proxy's header rewrite) served by uvicorn in
+    a thread of this process; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+    app: ASGIApp = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap is not None else app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
@@ -59,15 +74,20 @@ def live_server(settings: Settings) -> Iterator[str]:
 
 
 @asynccontextmanager
-async def http_session(base_url: str, token: str, path: str = "/mcp",
-                       timeout: float = 30) -> AsyncIterator[ClientSession]:
-    """An initialised SDK client session over streamable HTTP, authenticated with ``token``; ``path`` is
-    ``/mcp`` (agentpg's own tools) or ``/mcp/servers/<name>`` (a gateway server)."""
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client, \
-            streamable_http_client(f"{base_url}{path}", http_client=client) as (read, write, _), \
-            ClientSession(read, write) as session:
-        await session.initialize()
-        yield session
+async def http_session(base_url: str, token: str, path: str = "/mcp", timeout: float = 30,
+                       mode: str = "legacy") -> AsyncIterator[ClientSession]:
+    """A ready SDK 2.x client session over streamable HTTP, authenticated with ``token``; ``path`` is
+    ``/mcp`` (agentpg's own tools) or ``/mcp/servers/<name>`` (a gateway server). ``mode`` is the era:
+    "legacy" (the 2025 ``initialize`` handshake), "2026-07-28" (the per-request envelope) or "auto"."""
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client:
+        transport = streamable_http_client(f"{base_url}{path}", http_client=client)
+        if mode == "legacy":
+            async with transport as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+        else:
+            async with Client(transport, mode=mode) as modern:  # type: ignore[arg-type]
+                yield modern.session
 
 
 def gateway_session(base_url: str, token: str, name: str,
@@ -83,15 +103,15 @@ def text(result: types.CallToolResult) -> str:
 async def ok(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
     """Call a tool that must succeed; its structured result."""
     result = await session.call_tool(tool, arguments)
-    assert not result.isError, text(result)
-    assert result.structuredContent is not None
-    return result.structuredContent
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    return result.structured_content
 
 
 async def refused(session: ClientSession, tool: str, **arguments: Any) -> str:
     """Call a tool that must fail as a tool error; its message (checked to leak nothing internal)."""
     result = await session.call_tool(tool, arguments)
-    assert result.isError, f"expected a tool error, got: {text(result)}"
+    assert result.is_error, f"expected a tool error, got: {text(result)}"
     message = text(result)
     assert "Traceback" not in message and "postgresql://" not in message and "apg_" not in message, message
     return message

@@ -400,7 +400,7 @@ async def test_the_designs_flow_still_runs_sandboxed(attack: Attack, tenants: Te
     async with gateway_session(attack.url, tenants.token_a, "pg") as s:
         result = await s.call_tool("query", {"sql": "SELECT current_user = session_user AS ok, 41 + 1 AS answer"})
         elapsed = time.monotonic() - started
-        assert not result.isError, text(result)
+        assert not result.is_error, text(result)
         assert json.loads(text(result)) == [{"ok": True, "answer": 42}]
         uids = uids_running(server_postgres_js)
         assert uids and 0 not in uids

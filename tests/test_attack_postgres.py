@@ -630,7 +630,7 @@ async def test_other_tenants_are_invisible(world: World, via: str, database: str
                 assert await a.rows("SELECT relname FROM pg_class WHERE relname = 'secret'") == [["secret"]]
             if a.session is not None:
                 listed = await a.session.call_tool("list_tables", {"database": database})
-                assert not listed.isError
+                assert not listed.is_error
     with psycopg.connect(world.uri("c"), autocommit=True) as c, suppress(psycopg.Error):
         c.execute("ALTER ROLE CURRENT_USER RESET ALL")
     shown = sorted({name for name in world.forbidden | {chan} for text in seen if name in text})

@@ -153,7 +153,7 @@ def test_history_shows_the_drop_and_restores_before_it(world: World) -> None:
         assert "Tick the box" in checked(world, again, 422)
         still_dropped = world.mcp(lambda s: s.call_tool("query", {"database": "global",
                                                                    "sql": "SELECT count(*) FROM keep"}))
-        assert still_dropped.isError
+        assert still_dropped.is_error
 
         done = restore(web, world, before_audit=str(world.drop_id), mode="in_place", step="confirm", confirm="yes")
         assert done.status_code == 303, done.text

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import leakscan
 import pytest
 from api_support import free_port
@@ -139,8 +140,8 @@ async def _stdio(server: dict[str, Any]) -> AsyncIterator[ClientSession]:
 @asynccontextmanager
 async def _http(server: dict[str, Any]) -> AsyncIterator[ClientSession]:
     """An SDK session with the HTTP server of a pasted ``mcpServers`` entry, exactly as configured."""
-    async with httpx.AsyncClient(headers=server["headers"], timeout=60) as client, \
-            streamable_http_client(server["url"], http_client=client) as (read, write, _), \
+    async with httpx2.AsyncClient(headers=server["headers"], timeout=60) as client, \
+            streamable_http_client(server["url"], http_client=client) as (read, write), \
             ClientSession(read, write) as session:
         await session.initialize()
         yield session
@@ -259,7 +260,7 @@ async def test_mcp_config_forms_work_when_pasted(fresh: Fresh) -> None:
     assert server["env"]["AGENTPG_HOME"] == str(fresh.home)
     async with _stdio(server) as a:
         result = await a.call_tool("execute", {"database": "global", "sql": "CREATE TABLE pasted (id int)"})
-        assert not result.isError, _text(result)
+        assert not result.is_error, _text(result)
     async with _http(filled["http"]["mcpServers"]["agentpg"]) as a:
         assert {t.name for t in (await a.list_tools()).tools} >= {"query", "execute", "describe_table"}
     # GET …/mcp-config: the same with a placeholder; the token pasted in, each form works.
@@ -273,7 +274,7 @@ async def test_mcp_config_forms_work_when_pasted(fresh: Fresh) -> None:
     pasted = _fill(config, {"<AGENT_TOKEN>": token_b})
     async with _stdio(pasted["stdio"]["mcpServers"]["agentpg"]) as b:
         result = await b.call_tool("query", {"database": "global", "sql": "SELECT count(*) FROM pasted"})
-        assert not result.isError, _text(result)
+        assert not result.is_error, _text(result)
     async with _http(pasted["http"]["mcpServers"]["agentpg"]) as b:
         result = await b.call_tool("list_tables", {"database": "global"})
         assert "pasted" in _text(result)
@@ -293,10 +294,10 @@ async def test_readme_desktop_client_configs_work(fresh: Fresh) -> None:
                             "<AGENT_TOKEN>": token})
     async with _http(cursor["mcpServers"]["agentpg"]) as session:
         result = await session.call_tool("list_databases", {})
-        assert not result.isError, _text(result)
+        assert not result.is_error, _text(result)
     async with _stdio(claude["mcpServers"]["agentpg"]) as session:
         result = await session.call_tool("list_databases", {})
-        assert not result.isError, _text(result)
+        assert not result.is_error, _text(result)
 
 
 # -- 3. agentpg mcp attaches only, and says exactly what is wrong -----------------------------------------
@@ -380,7 +381,7 @@ async def test_describe_table_names_indexes(fresh: Fresh) -> None:
     server = created["mcp_config"]["http"]["mcpServers"]["agentpg"]
     async with _http(server) as session:
         sql = "CREATE TABLE customers (id int PRIMARY KEY, email text UNIQUE, name text)"
-        assert not (await session.call_tool("execute", {"database": "agent", "sql": sql})).isError
+        assert not (await session.call_tool("execute", {"database": "agent", "sql": sql})).is_error
         await session.call_tool("execute", {"database": "agent", "sql": "CREATE INDEX by_name ON customers (name)"})
         described = _text(await session.call_tool("describe_table", {"database": "agent", "table": "customers"}))
     assert "index by_name:" in described and "indexe" not in described, described
@@ -416,7 +417,7 @@ async def test_allowed_tables_that_do_not_exist_are_accepted_with_a_warning(fres
     # Matched by name: the agent may create one of them, and then it is no longer missing.
     async with _http(created["mcp_config"]["http"]["mcpServers"]["agentpg"]) as session:
         made = await session.call_tool("execute", {"database": "global", "sql": "CREATE TABLE orders (id int)"})
-        assert not made.isError, _text(made)
+        assert not made.is_error, _text(made)
     again = httpx.put(url, json={"can_create_tables": True, "allowed_tables": ["nope", "orders"]},
                       headers=fresh.headers(), timeout=30).json()
     assert again["missing_tables"] == ["nope"]
@@ -433,7 +434,7 @@ async def test_budget_zero_reads_plainly(fresh: Fresh) -> None:
     async with _http(created["mcp_config"]["http"]["mcpServers"]["agentpg"]) as session:
         result = await session.call_tool("execute", {"database": "agent", "sql": "CREATE TABLE t (id int)"})
     message = _text(result)
-    assert result.isError and "budget is 0 cents" in message and "cost 0 cents" not in message, message
+    assert result.is_error and "budget is 0 cents" in message and "cost 0 cents" not in message, message
     assert "reads still work" in message
 
 

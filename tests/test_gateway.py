@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import leakscan
 import pytest
-from mcp import ClientSession, StdioServerParameters, types
+from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
 
@@ -253,7 +253,7 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         assert "execute" in {t.name for t in (await s.list_tools()).tools}
         made = await s.call_tool("execute", {"database": "global",
                                              "sql": "CREATE TABLE gw_items (id int PRIMARY KEY, label text)"})
-        assert not made.isError, text(made)
+        assert not made.is_error, text(made)
         await s.call_tool("execute", {"database": "global",
                                       "sql": "INSERT INTO gw_items VALUES (1, 'one'), (2, 'two')"})
     assert not children_pids(), "the built-in default must not spawn a process"
@@ -266,13 +266,13 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         assert [t.name for t in tools.tools] == ["query"]
         result = await s.call_tool("query", {"sql": "SELECT id, label FROM gw_items ORDER BY id"})
         secrets.check("tools/call query", dump(result))
-        assert not result.isError and json.loads(text(result)) == [{"id": 1, "label": "one"},
+        assert not result.is_error and json.loads(text(result)) == [{"id": 1, "label": "one"},
                                                                     {"id": 2, "label": "two"}]
         resources = await s.list_resources()
         secrets.check("resources/list", dump(resources))
         uris = [str(r.uri) for r in resources.resources]
         assert "agentpg://global/gw_items/schema" in uris, uris
-        read = await s.read_resource(types.AnyUrl("agentpg://global/gw_items/schema"))  # type: ignore[attr-defined]
+        read = await s.read_resource("agentpg://global/gw_items/schema")
         secrets.check("resources/read", dump(read))
         columns = json.loads(read.contents[0].text)  # type: ignore[union-attr]
         assert {"column_name": "label", "data_type": "text"} in columns
@@ -280,10 +280,10 @@ async def test_builtin_default_then_server_postgres_over_http(runtime: Runtime, 
         # Errors from the child are relayed, scrubbed.
         failed = await s.call_tool("query", {"sql": "SELECT * FROM no_such_table"})
         secrets.check("tools/call error", dump(failed))
-        assert failed.isError and "does not exist" in text(failed)
+        assert failed.is_error and "does not exist" in text(failed)
         written = await s.call_tool("query", {"sql": "INSERT INTO gw_items VALUES (3, 'x')"})
         secrets.check("tools/call read-only", dump(written))
-        assert written.isError
+        assert written.is_error
         assert (await s.list_prompts()).prompts == []
         # One process per (workspace, server), reused across sessions.
         pids = children_pids(role_of(runtime, tenants.ws_a))
@@ -304,7 +304,7 @@ async def test_agent_permissions_hold_through_the_gateway(runtime: Runtime, base
         async with gateway_session(base_url, tenants.token_b, "pg-perm") as s:
             await s.call_tool("query", {"sql": "SELECT 1"})
             denied = await s.call_tool("query", {"sql": "SELECT * FROM gw_items"})
-            assert denied.isError and "permission denied" in text(denied), text(denied)
+            assert denied.is_error and "permission denied" in text(denied), text(denied)
     finally:
         runtime.service.set_agent_permissions(tenants.ws_b, runtime.service.get_agent_permissions(tenants.ws_b)
                                               .model_copy(update={"can_read": True, "can_write": True}))
@@ -318,7 +318,7 @@ async def test_two_users_same_name_reach_their_own_databases(runtime: Runtime, b
     async with gateway_session(base_url, tenants.token_c, "postgres-global") as s:
         result = await s.call_tool("query", {"sql": "SELECT * FROM gw_items"})
         secrets.check("user2 query", dump(result))
-        assert result.isError and "does not exist" in text(result)
+        assert result.is_error and "does not exist" in text(result)
         assert [str(r.uri) for r in (await s.list_resources()).resources] == []
     # user 1's own-name config is not reachable by user 2's agent: 404, like a missing one.
     assert put_config(base_url, tenants.user1_token, tenants.user1, "only-u1",
@@ -351,13 +351,13 @@ async def test_crash_restart_and_idle_stop(runtime: Runtime, base_url: str, tena
     assert put_config(base_url, tenants.user1_token, tenants.user1, "postgres-global",
                       pg_config(server_postgres_js)).status_code in (200, 201)
     async with gateway_session(base_url, tenants.token_a, "postgres-global") as s:
-        assert not (await s.call_tool("query", {"sql": "SELECT 1"})).isError
+        assert not (await s.call_tool("query", {"sql": "SELECT 1"})).is_error
         [pid] = children_pids(role)
         os.kill(pid, signal.SIGKILL)  # dies between calls
         assert await wait_for(lambda: pid not in children_pids(role))
         again = await s.call_tool("query", {"sql": "SELECT 2 AS two"})
         secrets.check("after crash", dump(again))
-        assert not again.isError, text(again)
+        assert not again.is_error, text(again)
         [pid2] = children_pids(role)
         assert pid2 != pid
         # Dies mid-call: a clear tool error, the gateway stays up, the next call works.
@@ -366,12 +366,12 @@ async def test_crash_restart_and_idle_stop(runtime: Runtime, base_url: str, tena
         os.kill(pid2, signal.SIGKILL)
         crashed = await asyncio.wait_for(call, 20)
         secrets.check("crash mid-call", dump(crashed))
-        assert crashed.isError and "stopped during the call" in text(crashed), text(crashed)
-        assert not (await s.call_tool("query", {"sql": "SELECT 3"})).isError
+        assert crashed.is_error and "stopped during the call" in text(crashed), text(crashed)
+        assert not (await s.call_tool("query", {"sql": "SELECT 3"})).is_error
         # Idle: stopped after gateway_idle_timeout_s (3 s) without calls; the next call starts it again.
         assert children_pids(role)
         assert await wait_for(lambda: not children_pids(role), timeout=10), "the idle child was not stopped"
-        assert not (await s.call_tool("query", {"sql": "SELECT 4"})).isError
+        assert not (await s.call_tool("query", {"sql": "SELECT 4"})).is_error
         assert len(children_pids(role)) == 1
 
 
@@ -387,10 +387,10 @@ async def test_concurrency_bound_is_a_clear_error(runtime: Runtime, settings: Se
             await asyncio.sleep(1.0)
             busy = await b.call_tool("query", {"sql": "SELECT 1"})
             leakscan.record("busy", dump(busy))
-            assert busy.isError and "maximum of 1" in text(busy), text(busy)
-            assert not (await slow).isError
+            assert busy.is_error and "maximum of 1" in text(busy), text(busy)
+            assert not (await slow).is_error
             # Once a's child is idle, b's call may replace it.
-            assert not (await b.call_tool("query", {"sql": "SELECT 1"})).isError
+            assert not (await b.call_tool("query", {"sql": "SELECT 1"})).is_error
 
 
 # -- stdio: agentpg mcp --server NAME ------------------------------------------------------------------------
@@ -420,7 +420,7 @@ async def test_stdio_gateway(runtime: Runtime, agentpg_home: Path, base_url: str
             assert "agentpg://global/gw_items/schema" in [str(r.uri) for r in resources.resources]
             failed = await s.call_tool("query", {"sql": "SELEC"})
             secrets.check("stdio error", dump(failed))
-            assert failed.isError
+            assert failed.is_error
     finally:
         errlog.close()
     secrets.check("stdio stderr", (tmp_path / "stderr.log").read_text())
@@ -442,10 +442,10 @@ async def test_stderr_and_start_failure_are_scrubbed(runtime: Runtime, base_url:
         failed = await s.call_tool("anything", {})
         secrets.check("failed start", dump(failed))
         message = text(failed)
-        assert failed.isError and "did not start" in message and "[redacted]" in message, message
+        assert failed.is_error and "did not start" in message and "[redacted]" in message, message
         assert "agentpg://global" in message  # the URI, rewritten
         again = await s.call_tool("anything", {})  # the gateway stays up and says the same
-        assert again.isError and "did not start" in text(again)
+        assert again.is_error and "did not start" in text(again)
     stderr_logged = [line for line in log_lines if "noisy" in line and "stderr" in line]
     assert stderr_logged, "the child's stderr was not logged"
     for line in log_lines:
@@ -459,7 +459,7 @@ async def test_child_environment_is_minimal(runtime: Runtime, base_url: str, ten
                       {"server": "postgres-env"}).status_code in (200, 201)
     role = role_of(runtime, tenants.ws_b)
     async with gateway_session(base_url, tenants.token_b, "pg-env") as s:
-        assert not (await s.call_tool("query", {"sql": "SELECT 1"})).isError
+        assert not (await s.call_tool("query", {"sql": "SELECT 1"})).is_error
         pids = [p for p in children_pids(role)
                 if b"EXTRA_SETTING" in Path(f"/proc/{p}/environ").read_bytes()]
         assert len(pids) == 1
@@ -477,7 +477,7 @@ async def test_secret_param_reaches_the_child_and_is_scrubbed(runtime: Runtime, 
     role = role_of(runtime, tenants.ws_a)
     async with gateway_session(base_url, tenants.token_a, "pg-token") as s:
         echoed = await s.call_tool("query", {"sql": f"SELECT '{token}' AS t"})
-        assert not echoed.isError and token not in dump(echoed) and "[redacted]" in text(echoed)
+        assert not echoed.is_error and token not in dump(echoed) and "[redacted]" in text(echoed)
         [pid] = [p for p in children_pids(role) if token.encode() in Path(f"/proc/{p}/environ").read_bytes()]
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert f"API_TOKEN={token}".encode() in environ and b"LABEL=abc" in environ

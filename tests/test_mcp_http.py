@@ -41,17 +41,17 @@ async def test_tools_are_listed_with_truthful_annotations(base_url: str, tenants
     assert set(tools) == {"list_databases", "list_tables", "describe_table", "query", "explain", "execute",
                           "checkpoint", "list_checkpoints", "restore"}
     for name in ("list_databases", "list_tables", "describe_table", "query", "explain", "list_checkpoints"):
-        assert tools[name].annotations is not None and tools[name].annotations.readOnlyHint is True
+        assert tools[name].annotations is not None and tools[name].annotations.read_only_hint is True
     execute = tools["execute"].annotations
-    assert execute is not None and execute.readOnlyHint is False and execute.destructiveHint is True
+    assert execute is not None and execute.read_only_hint is False and execute.destructive_hint is True
     restore, checkpoint = tools["restore"].annotations, tools["checkpoint"].annotations
-    assert restore is not None and restore.destructiveHint is True  # it replaces the current state
-    assert checkpoint is not None and checkpoint.readOnlyHint is False and checkpoint.destructiveHint is False
-    assert tools["query"].inputSchema["properties"]["database"]["enum"] == ["global", "agent"]
+    assert restore is not None and restore.destructive_hint is True  # it replaces the current state
+    assert checkpoint is not None and checkpoint.read_only_hint is False and checkpoint.destructive_hint is False
+    assert tools["query"].input_schema["properties"]["database"]["enum"] == ["global", "agent"]
     # query/execute return structured content of the documented shape but declare no outputSchema: the SDK
     # client re-validates a declared one with jsonschema on every call (6-10 ms). The other tools keep theirs.
-    assert tools["query"].outputSchema is None and tools["execute"].outputSchema is None
-    assert tools["list_tables"].outputSchema is not None
+    assert tools["query"].output_schema is None and tools["execute"].output_schema is None
+    assert tools["list_tables"].output_schema is not None
 
 
 async def test_two_agents_share_the_global_database(runtime: Runtime, base_url: str, tenants: Tenants) -> None:
@@ -136,8 +136,8 @@ async def test_generate_series_is_truncated_and_memory_stays_flat(base_url: str,
         before = rss_kib()
         result = await s.call_tool("query", {"database": "agent", "sql": "SELECT generate_series(1, 10000000)"})
         grown = rss_kib() - before
-        out = result.structuredContent
-        assert not result.isError and out is not None
+        out = result.structured_content
+        assert not result.is_error and out is not None
         assert out["row_count"] == 500 and out["truncated"] is True and out["rows"][-1] == [500]
         assert "TRUNCATED" in text(result)
         print(f"RSS growth for SELECT generate_series(1, 10000000): {grown} KiB")

@@ -24,6 +24,7 @@ import leakscan
 import psycopg
 import pytest
 from mcp import types
+from mcp.types.version import LATEST_HANDSHAKE_VERSION
 from mcp_support import Tenants
 
 from agentpg import __version__
@@ -134,11 +135,12 @@ async def test_lifecycle_errors_and_results(agentpg_home: Path, tenants: Tenants
                        "serverInfo": {"name": "agentpg", "version": __version__}, "instructions": INSTRUCTIONS}
         unknown = await client.request(3, "initialize", {"protocolVersion": "1999-01-01", "capabilities": {},
                                                          "clientInfo": {"name": "raw", "version": "1"}})
-        assert unknown["result"]["protocolVersion"] == types.LATEST_PROTOCOL_VERSION
+        assert unknown["result"]["protocolVersion"] == LATEST_HANDSHAKE_VERSION
 
         listed = (await client.request(4, "tools/list"))["result"]
-        assert listed == types.ListToolsResult(tools=tools.tool_list()).model_dump(
-            by_alias=True, exclude_none=True, mode="json")
+        # The 2025 wire form: no resultType/ttlMs/cacheScope (2026-07-28 fields).
+        assert listed == {"tools": [t.model_dump(by_alias=True, exclude_none=True, mode="json")
+                                    for t in tools.tool_list()]}
         assert error_code(await client.request(5, "resources/list")) == types.METHOD_NOT_FOUND
 
         await client.send(b'{"jsonrpc": "2.0", "id": 6, "method": \n')
@@ -176,8 +178,8 @@ async def test_lifecycle_errors_and_results(agentpg_home: Path, tenants: Tenants
         assert structured == tools.StatementOutput.model_validate(structured).model_dump(mode="json", by_alias=True)
         assert list(structured) == list(tools.StatementOutput.model_fields)
         assert structured["rows"] == [[1, None, "é"]] and structured["row_count"] == 1
-        assert types.CallToolResult.model_validate(result).model_dump(
-            by_alias=True, exclude_none=True, mode="json") == result
+        assert types.CallToolResult.model_validate(result).model_dump(  # the 2025 form has no resultType
+            by_alias=True, exclude_none=True, mode="json", exclude={"result_type"}) == result
         text = result["content"][0]["text"]
         assert text == f"1 row in {structured['duration_ms']:g} ms\ncolumns: n (int4), t (text), accent (text)\n" \
                        '[1,null,"é"]', text

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from mcp import types
-from mcp_support import INIT, MCP_HEADERS, Tenants, live_server
+from mcp_support import INIT, MCP_HEADERS, Tenants, live_server, mcp_answer
 from test_mcp_jsonrpc import agentpg_mcp, error_code
 
 from agentpg.settings import Settings
@@ -101,11 +101,11 @@ async def test_http_well_formed_messages_are_still_served(base_url: str, tenants
         url = f"{base_url}/mcp"
         for request_id in ("p", 0, -3, 2**53):
             pong = await client.post(url, json={**PING, "id": request_id})
-            assert pong.status_code == 200 and pong.json() == {"jsonrpc": "2.0", "id": request_id, "result": {}}
+            assert pong.status_code == 200 and mcp_answer(pong) == {"jsonrpc": "2.0", "id": request_id, "result": {}}
         null_params = await client.post(url, json={**PING, "id": 1, "params": None})
-        assert null_params.status_code == 200 and null_params.json()["result"] == {}
+        assert null_params.status_code == 200 and mcp_answer(null_params)["result"] == {}
         opened = await client.post(url, json=INIT)
-        assert opened.status_code == 200 and opened.json()["result"]["serverInfo"]["name"] == "agentpg"
+        assert opened.status_code == 200 and mcp_answer(opened)["result"]["serverInfo"]["name"] == "agentpg"
         for accepted in ({"jsonrpc": "2.0", "method": "notifications/initialized"},
                          {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 404}},
                          {"jsonrpc": "2.0", "id": 99, "result": {}},
@@ -113,7 +113,7 @@ async def test_http_well_formed_messages_are_still_served(base_url: str, tenants
             answer = await client.post(url, json=accepted)
             assert answer.status_code == 202 and answer.content == b"", (accepted, answer.text)
         unknown = await client.post(url, json={"jsonrpc": "2.0", "id": 6, "method": "nope/x"})
-        assert unknown.json()["id"] == 6 and unknown.json()["error"]["code"] in (
+        assert mcp_answer(unknown)["id"] == 6 and mcp_answer(unknown)["error"]["code"] in (
             types.METHOD_NOT_FOUND, types.INVALID_PARAMS), unknown.text
         assert not any(bad in unknown.text for bad in INTERNALS), unknown.text
         bad_call = await client.post(url, json={"jsonrpc": "2.0", "id": 5, "method": "tools/call",

@@ -83,8 +83,8 @@ async def _timed(call: Callable[[], Awaitable[object]], n: int) -> float:
 def _raw_call(session: ClientSession, sql: str) -> Callable[[], Awaitable[object]]:
     """A tools/call request without the SDK client's per-call jsonschema check of the result (which
     re-validates the output schema itself each time and costs more than the call)."""
-    request = types.ClientRequest(types.CallToolRequest(params=types.CallToolRequestParams(
-        name="query", arguments={"database": "agent", "sql": sql})))
+    request = types.CallToolRequest(params=types.CallToolRequestParams(
+        name="query", arguments={"database": "agent", "sql": sql}))
     return lambda: session.send_request(request, types.CallToolResult)
 
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from api_support import assert_problem, bearer
 from helpers import global_uri, workspace_global_uri
-from mcp.shared.memory import create_connected_server_and_client_session
+from mcp import Client
 from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused, text
 
 from agentpg.access.explain import bound_plan, summarize
@@ -177,7 +177,8 @@ async def sdk_server_follows_the_choice(runtime: Runtime, token: str) -> None:
 
     queries = TenantQueries(TenantPools(PoolLimits()), QueryLimits())
     try:
-        async with create_connected_server_and_client_session(build_server(runtime.service, queries, identify)) as s:
+        async with Client(build_server(runtime.service, queries, identify), mode="legacy") as client:
+            s = client.session  # in process, over memory streams
             assert {t.name for t in (await s.list_tools()).tools} == {"list_tables", "query"}
             assert "not enabled" in await refused(s, "execute", database="agent", sql="SELECT 1")
     finally:

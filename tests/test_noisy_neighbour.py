@@ -228,7 +228,7 @@ async def test_a_huge_value_is_result_too_large_and_serve_memory_stays_bounded(
         three = await asyncio.gather(*(s.call_tool("query", {"database": "agent",
                                                              "sql": f"SELECT repeat('y', 200000000 + {i})"})
                                        for i in range(3)))
-        assert all(r.isError and "too large" in text(r) for r in three)
+        assert all(r.is_error and "too large" in text(r) for r in three)
         peak, grown = peak_rss_kib() - before, rss_kib() - before
         print(f"3 concurrent SELECT repeat('x', 2e8): peak RSS +{peak} KiB, RSS after +{grown} KiB")
         # The bound: per call, about 2 x the read bound (4 MiB by default: libpq's buffer, then its result)

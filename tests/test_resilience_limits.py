@@ -50,7 +50,7 @@ async def test_a_hammering_agent_does_not_starve_another(settings: Settings, ten
                     nonlocal hammer_ok
                     while not stop.is_set():
                         result = await s.call_tool("query", {"database": "global", "sql": "SELECT pg_sleep(0.2)"})
-                        if result.isError:
+                        if result.is_error:
                             hammer_errors.append(text(result))
                         else:
                             hammer_ok += 1
@@ -106,7 +106,7 @@ async def test_rate_limits_answer_429_with_retry_after_and_in_band_on_mcp(settin
             # Inside an MCP session a rate-limited call is a tool error saying when to retry; the session lives on.
             async with http_session(base_url, tenants.token_c) as s:
                 results = [await s.call_tool("query", {"database": "agent", "sql": "SELECT 1"}) for _ in range(8)]
-                refused = [text(r) for r in results if r.isError]
+                refused = [text(r) for r in results if r.is_error]
                 assert refused, "no call was rate limited"
                 assert all("rate limit" in m and "retry in" in m for m in refused), refused
                 await asyncio.sleep(1.5)
@@ -131,4 +131,4 @@ async def test_mcp_bodies_over_the_limit_are_413(settings: Settings, tenants: Te
             # A huge SQL string inside the limit is refused as a tool error, not a crash.
             async with http_session(base_url, tenants.token_a) as s:
                 result = await s.call_tool("query", {"database": "agent", "sql": "SELECT '" + "x" * 900_000 + "'"})
-                assert not result.isError or "retry" not in text(result)
+                assert not result.is_error or "retry" not in text(result)

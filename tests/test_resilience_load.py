@@ -47,9 +47,9 @@ async def _call(s: ClientSession, tool: str, errors: list[str], **arguments: Any
     """Call until it succeeds; back-pressure errors are retried (and counted), anything else is recorded."""
     for _ in range(200):
         result = await asyncio.wait_for(s.call_tool(tool, arguments), 60)
-        if not result.isError:
-            assert result.structuredContent is not None
-            return result.structuredContent
+        if not result.is_error:
+            assert result.structured_content is not None
+            return result.structured_content
         message = text(result)
         errors.append(message)
         if not any(p in message for p in BACK_PRESSURE):

@@ -85,7 +85,7 @@ async def _writer(base_url: str, token: str, log: Log, stop: asyncio.Event) -> N
                     result = await asyncio.wait_for(
                         s.call_tool("execute", {"database": "global", "sql": "INSERT INTO restart_log (id) "
                                                 "VALUES ($1)", "params": [row_id]}), 30)
-                    if result.isError:
+                    if result.is_error:
                         log.failures.append((started, text(result)))
                         await asyncio.sleep(0.05)
                     else:

@@ -115,7 +115,7 @@ async def test_storage_limit_stops_a_fast_writer_within_seconds(runtime: Runtime
                 while time.monotonic() - start < 15:
                     result = await session.call_tool("execute", {"database": "global", "sql": ROW})
                     now = time.monotonic()
-                    if result.isError:
+                    if result.is_error:
                         message = "\n".join(c.text for c in result.content if hasattr(c, "text"))
                         break
                     size = user_storage(runtime, user)

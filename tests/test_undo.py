@@ -99,7 +99,7 @@ class Bystander:
             while not self._stop.is_set():
                 result = await s.call_tool("execute", {"database": "global", "sql": "INSERT INTO log VALUES ($1)",
                                                        "params": [self.written + 1]})
-                if result.isError:
+                if result.is_error:
                     self.errors.append(str(result.content))
                 else:
                     self.written += 1

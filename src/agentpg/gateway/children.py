@@ -25,7 +25,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import anyio
@@ -35,6 +34,7 @@ from mcp import ClientSession, types
 from mcp.server.lowlevel import Server
 from mcp.shared.memory import create_client_server_memory_streams
 from mcp.shared.message import SessionMessage
+from mcp.types.jsonrpc import jsonrpc_message_adapter
 
 from agentpg.errors import AgentpgError
 from agentpg.gateway.configs import GatewayTarget
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: A builtin server factory: the agentpg MCP server for one workspace.
-BuiltinFactory = Callable[[GatewayTarget], Server[Any, Any]]
+BuiltinFactory = Callable[[GatewayTarget], Server[Any]]
 
 
 class GatewayBusy(AgentpgError):
@@ -216,7 +216,7 @@ class Child:
                         if not line.strip():
                             continue
                         try:
-                            message = types.JSONRPCMessage.model_validate_json(line)
+                            message = jsonrpc_message_adapter.validate_json(line)
                         except Exception:
                             log.warning("gateway server %s wrote a non-JSON-RPC line on stdout", self.label)
                             continue
@@ -253,8 +253,7 @@ class Child:
                 tg.start_soon(stderr_reader)
                 try:
                     async with UpstreamSession(read_stream, write_stream,
-                                             read_timeout_seconds=timedelta(
-                                                 seconds=self._settings.gateway_call_timeout_s)) as session:
+                                             read_timeout_seconds=self._settings.gateway_call_timeout_s) as session:
                         try:
                             await self._initialize(session)
                         except Exception as exc:

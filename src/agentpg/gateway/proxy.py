@@ -19,10 +19,9 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from mcp import ClientSession, types
-from mcp.server.lowlevel import Server
-from mcp.server.lowlevel.helper_types import ReadResourceContents
-from mcp.shared.exceptions import McpError
-from pydantic import AnyUrl, BaseModel
+from mcp.server import Server, ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel
 
 from agentpg import __version__
 from agentpg.access.query import TenantQueries
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 #: Who is calling and which server they want, given the transport's request (None on stdio).
 Identify = Callable[[Any], Awaitable[tuple[Principal, str]]]
 M = TypeVar("M", bound=BaseModel)
+Paged = types.PaginatedRequestParams | None
 
 
 class Gateway:
@@ -52,7 +52,7 @@ class Gateway:
         self.catalog = CatalogSource(settings.gateway_catalog, settings.home)
         self.children = Children(settings, self._builtin_server)
 
-    def _builtin_server(self, target: GatewayTarget) -> Server[Any, Any]:
+    def _builtin_server(self, target: GatewayTarget) -> Server[Any]:
         principal = Principal(kind="agent", token_id=None, user_id=target.user_id,
                               workspace_id=target.workspace_id)
 
@@ -71,8 +71,8 @@ class Gateway:
             yield child
 
 
-def _fail(message: str) -> McpError:
-    return McpError(types.ErrorData(code=types.INTERNAL_ERROR, message=message))
+def _fail(message: str) -> MCPError:
+    return MCPError(types.INTERNAL_ERROR, message)
 
 
 def _scrubbed(child: Child, result: BaseModel, model: type[M]) -> M:
@@ -81,108 +81,108 @@ def _scrubbed(child: Child, result: BaseModel, model: type[M]) -> M:
 
 
 def _tool_error(message: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], isError=True)
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
 
 
-def build_gateway_server(gateway: Gateway, identify: Identify) -> Server[Any, Any]:
-    server: Server[Any, Any] = Server("agentpg-gateway", version=__version__)
+def build_gateway_server(gateway: Gateway, identify: Identify) -> Server[Any]:
+    """The SDK server an agent talks to (both protocol eras); each request is relayed to the child that
+    ``identify`` (given ``ctx.request``) names, and every answer scrubbed."""
 
     @asynccontextmanager
-    async def child_session() -> AsyncIterator[Child]:
+    async def child_session(ctx: ServerRequestContext[Any]) -> AsyncIterator[Child]:
         try:
-            principal, name = await identify(server.request_context.request)
+            principal, name = await identify(ctx.request)
             async with gateway.use(principal, name) as child:
                 if child.session is None:
                     raise _fail(f"MCP server {name} is not running; retry")
                 yield child
         except AgentpgError as exc:
             raise _fail(exc.message) from None
-        except McpError:
+        except MCPError:
             raise
         except Exception as exc:  # never relay an unknown exception's text: it may hold what we scrub
             reference = uuid.uuid4().hex[:12]
             log.warning("gateway request failed with %s (reference %s)", type(exc).__name__, reference)
             raise _fail(f"the gateway could not complete the request (reference {reference}); retry") from None
 
-    async def relay(call: Callable[[ClientSession], Awaitable[M]], model: type[M],
+    async def relay(ctx: ServerRequestContext[Any], call: Callable[[ClientSession], Awaitable[M]], model: type[M],
                     capability: str | None = None, empty: M | None = None) -> M:
-        async with child_session() as child:
+        async with child_session(ctx) as child:
             caps = child.capabilities
             if capability is not None and empty is not None and (caps is None or getattr(caps, capability) is None):
                 return empty
             try:
                 return _scrubbed(child, await child.request(call), model)
-            except McpError as exc:
+            except MCPError as exc:
                 raise _fail(child.scrubber.text(exc.error.message)) from None
             except Exception as exc:
                 raise _fail(_unexpected(child, exc)) from None
 
-    async def list_tools() -> list[types.Tool]:
-        return (await relay(lambda s: s.list_tools(), types.ListToolsResult, "tools",
-                            types.ListToolsResult(tools=[]))).tools
+    async def list_tools(ctx: ServerRequestContext[Any], _params: Paged) -> types.ListToolsResult:
+        return await relay(ctx, lambda s: s.list_tools(), types.ListToolsResult, "tools",
+                           types.ListToolsResult(tools=[]))
 
-    async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
+    async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        name, arguments = params.name, params.arguments
         try:
-            async with child_session() as child:
+            async with child_session(ctx) as child:
                 started = time.monotonic()
                 try:
                     result = await child.request(lambda s: s.call_tool(name, arguments))
-                except McpError as exc:
+                except MCPError as exc:
                     if child.stopping:
                         return _tool_error(_unexpected(child, exc))
                     return _tool_error(child.scrubber.text(exc.error.message))
                 except Exception as exc:
                     return _tool_error(_unexpected(child, exc))
                 log.info("gateway %s tools/call %r: %s in %d ms", child.label, name[:64],
-                         "error" if result.isError else "ok", (time.monotonic() - started) * 1000)
+                         "error" if result.is_error else "ok", (time.monotonic() - started) * 1000)
                 return _scrubbed(child, result, types.CallToolResult)
-        except McpError as exc:
+        except MCPError as exc:
             return _tool_error(exc.error.message)
 
-    async def list_resources() -> list[types.Resource]:
-        return (await relay(lambda s: s.list_resources(), types.ListResourcesResult, "resources",
-                            types.ListResourcesResult(resources=[]))).resources
+    async def list_resources(ctx: ServerRequestContext[Any], _params: Paged) -> types.ListResourcesResult:
+        return await relay(ctx, lambda s: s.list_resources(), types.ListResourcesResult, "resources",
+                           types.ListResourcesResult(resources=[]))
 
-    async def list_resource_templates() -> list[types.ResourceTemplate]:
-        return (await relay(lambda s: s.list_resource_templates(), types.ListResourceTemplatesResult, "resources",
-                            types.ListResourceTemplatesResult(resourceTemplates=[]))).resourceTemplates
+    async def list_resource_templates(ctx: ServerRequestContext[Any],
+                                      _params: Paged) -> types.ListResourceTemplatesResult:
+        return await relay(ctx, lambda s: s.list_resource_templates(), types.ListResourceTemplatesResult,
+                           "resources", types.ListResourceTemplatesResult(resource_templates=[]))
 
-    async def read_resource(uri: AnyUrl) -> list[ReadResourceContents]:
-        async with child_session() as child:
+    async def read_resource(ctx: ServerRequestContext[Any],
+                            params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+        async with child_session(ctx) as child:
             try:
-                original = AnyUrl(child.scrubber.unmap(str(uri)))
+                original = child.scrubber.unmap(str(params.uri))
                 result = await child.request(lambda s: s.read_resource(original))
-            except McpError as exc:
+            except MCPError as exc:
                 raise _fail(child.scrubber.text(exc.error.message)) from None
             except Exception as exc:
                 raise _fail(_unexpected(child, exc)) from None
-            out: list[ReadResourceContents] = []
+            out: list[types.TextResourceContents | types.BlobResourceContents] = []
             for item in result.contents:
                 if isinstance(item, types.TextResourceContents):
-                    out.append(ReadResourceContents(content=child.scrubber.text(item.text), mime_type=item.mimeType))
+                    out.append(types.TextResourceContents(uri=params.uri, text=child.scrubber.text(item.text),
+                                                          mime_type=item.mime_type))
                 else:
-                    raw = base64.b64decode(item.blob)
-                    text = raw.decode("utf-8", "replace")
+                    text = base64.b64decode(item.blob).decode("utf-8", "replace")
                     if child.scrubber.text(text) != text:  # a secret inside binary content: refuse, not mangle
                         raise _fail("the resource's content contains a secret and was withheld")
-                    out.append(ReadResourceContents(content=raw, mime_type=item.mimeType))
-            return out
+                    out.append(types.BlobResourceContents(uri=params.uri, blob=item.blob, mime_type=item.mime_type))
+            return types.ReadResourceResult(contents=out)
 
-    async def list_prompts() -> list[types.Prompt]:
-        return (await relay(lambda s: s.list_prompts(), types.ListPromptsResult, "prompts",
-                            types.ListPromptsResult(prompts=[]))).prompts
+    async def list_prompts(ctx: ServerRequestContext[Any], _params: Paged) -> types.ListPromptsResult:
+        return await relay(ctx, lambda s: s.list_prompts(), types.ListPromptsResult, "prompts",
+                           types.ListPromptsResult(prompts=[]))
 
-    async def get_prompt(name: str, arguments: dict[str, str] | None) -> types.GetPromptResult:
-        return await relay(lambda s: s.get_prompt(name, arguments), types.GetPromptResult)
+    async def get_prompt(ctx: ServerRequestContext[Any], params: types.GetPromptRequestParams) -> types.GetPromptResult:
+        name, arguments = params.name, params.arguments
+        return await relay(ctx, lambda s: s.get_prompt(name, arguments), types.GetPromptResult)
 
-    server.list_tools()(list_tools)  # type: ignore[no-untyped-call]
-    server.call_tool(validate_input=False)(call_tool)
-    server.list_resources()(list_resources)  # type: ignore[no-untyped-call]
-    server.list_resource_templates()(list_resource_templates)  # type: ignore[no-untyped-call]
-    server.read_resource()(read_resource)  # type: ignore[no-untyped-call]
-    server.list_prompts()(list_prompts)  # type: ignore[no-untyped-call]
-    server.get_prompt()(get_prompt)  # type: ignore[no-untyped-call]
-    return server
+    return Server("agentpg-gateway", version=__version__, on_list_tools=list_tools, on_call_tool=call_tool,
+                  on_list_resources=list_resources, on_list_resource_templates=list_resource_templates,
+                  on_read_resource=read_resource, on_list_prompts=list_prompts, on_get_prompt=get_prompt)
 
 
 def _unexpected(child: Child, exc: Exception) -> str:

@@ -1,6 +1,6 @@
 """The JSON-RPC 2.0 envelope of one MCP message, checked by hand, with errors in plain words.
 
-Both transports (:mod:`agentpg.mcp.http_fast` for ``/mcp``, :mod:`agentpg.mcp.jsonrpc` for stdio) run
+Both transports (:mod:`agentpg.mcp.http` for ``/mcp``, :mod:`agentpg.mcp.jsonrpc` for stdio) run
 :func:`problem` on every parsed message before anything else looks at it, so a malformed message gets the
 JSON-RPC error the spec asks for instead of being mistaken for a notification (the SDK's message union
 accepts ``{"id": {...}, "method": "ping"}`` as a notification and answers 202 with no body) or answered
@@ -88,6 +88,16 @@ def problem(message: Any) -> Problem | None:
         return Problem(known_id, types.INVALID_REQUEST, "Invalid Request: a response's error must be an object "
                                                         "with an integer code and a string message")
     return None
+
+
+def call_problem(message: dict[str, Any]) -> Problem | None:
+    """For a well-formed ``tools/call`` request: -32602 unless ``params`` has a string ``name`` and an object
+    (or no) ``arguments``, in plain words (the SDK would quote its validation library)."""
+    params = message.get("params") or {}
+    name, arguments = params.get("name"), params.get("arguments")
+    if isinstance(name, str) and (arguments is None or isinstance(arguments, dict)):
+        return None
+    return Problem(message.get("id") if is_request_id(message.get("id")) else None, types.INVALID_PARAMS, BAD_CALL)
 
 
 def _kind(value: Any) -> str:

@@ -10,13 +10,17 @@ Each request to ``/mcp``, in order:
    token → 403 (agents only). The token is checked on every request; a success is remembered for 2 s
    (:mod:`agentpg.access.cache`), so a revocation through this process takes effect at once, one made
    elsewhere (the CLI, another instance) within 2 s.
-3. The hot requests (``tools/call``, ``tools/list``, ``ping``, ``notifications/cancelled``) are answered by
-   :class:`~agentpg.mcp.http_fast.FastPath` with the same tool logic as the SDK server; everything else
-   (``initialize``, other notifications; a malformed message is refused by the fast path) by the SDK's
-   ``StreamableHTTPSessionManager``,
-   **stateless**: no ``Mcp-Session-Id`` is issued, the bearer token identifies the caller on every request
-   (the tools keep no per-session state and send no server-to-client messages, so a session would only
-   cost a server task per client). The principal is handed to the SDK as the request's authenticated user.
+3. **One well-formed JSON-RPC message** per POST (:mod:`agentpg.mcp.envelope`): a batch, an id that is not a
+   string or an integer, ... get 400 with the JSON-RPC error in plain words (the SDK would take an object id
+   for a notification and answer 202, or quote its validation library).
+4. The SDK's ``StreamableHTTPSessionManager``, **stateless**, serves both protocol eras on this one path:
+   a request with ``MCP-Protocol-Version: 2026-07-28`` (and the per-request ``_meta`` envelope) is one
+   self-contained exchange (``server/discover``, ``tools/list``, ``tools/call``; ``initialize`` and ``ping``
+   are -32601 there); no header or a 2025-era version is the handshake era, where ``initialize`` works but
+   is not required first (a stateless connection starts ready). No ``Mcp-Session-Id`` is issued: the bearer
+   token identifies the caller on every request, so any ``serve`` instance answers any request. Answers
+   are plain JSON in both eras; a client that disconnects before its answer cancels the call (and the
+   statement in Postgres): :func:`answer_unless_gone`.
 
 Nothing is built at import time: :class:`McpHttp` is created by the app factory and started in its lifespan.
 """
@@ -29,23 +33,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
+from mcp import types
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from agentpg.access.pools import TenantPools
 from agentpg.access.query import TenantQueries
 from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
-from agentpg.mcp import tools
-from agentpg.mcp.http_fast import FastPath
-from agentpg.mcp.server import ToolCalls, build_server, limits_from
+from agentpg.mcp import envelope
+from agentpg.mcp.server import build_server, limits_from
 from agentpg.service import Service
 from agentpg.settings import Settings
 from agentpg.tokens import Principal
@@ -53,6 +58,8 @@ from agentpg.tokens import Principal
 PATH = "/mcp"
 _PRINCIPAL_KEY = "agentpg.principal"
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+MAX_BODY = 4 * 2**20
+"""The largest POST body /mcp takes (the SDK answers 413 above it)."""
 
 
 def security_settings(settings: Settings) -> TransportSecuritySettings:
@@ -78,7 +85,7 @@ async def principal_of(request: Any) -> Principal:
     return principal
 
 
-def _json(status: int, body: dict[str, str], headers: dict[str, str] | None = None) -> Response:
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -89,7 +96,6 @@ class McpHttp:
         self._settings = settings
         self._security = TransportSecurityMiddleware(security_settings(settings))
         self._manager: StreamableHTTPSessionManager | None = None
-        self._fast: FastPath | None = None
         self._service: Service | None = None
 
     def mount(self, app: Starlette) -> None:
@@ -104,27 +110,26 @@ class McpHttp:
         own = pools is None
         queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings),
                                 terminate=service.reaper.terminate)
-        # JSON responses (not an SSE stream per POST): the tools send no mid-call notifications, and plain
-        # JSON is a few ms quicker per call and friendlier to proxies. Clients may still open the GET stream.
+        # JSON answers in both eras; a disconnect still cancels the call (answer_unless_gone).
         manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),
                                                security_settings=security_settings(self._settings),
-                                               json_response=True, stateless=True)
+                                               json_response=True, stateless=True,
+                                               max_request_body_size=MAX_BODY)
         try:
             async with manager.run():
                 self._manager, self._service = manager, service
-                self._fast = FastPath(ToolCalls(service, queries, principal_of), tools.tool_list())
                 try:
                     yield
                 finally:
-                    self._manager = self._service = self._fast = None
+                    self._manager = self._service = None
         finally:
             await run_in_threadpool(service.audit_writer.close)  # write-behind: nothing queued is lost
             if own:
                 await queries.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        manager, service, fast = self._manager, self._service, self._fast
-        if manager is None or service is None or fast is None:
+        manager, service = self._manager, self._service
+        if manager is None or service is None:
             await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
                 scope, receive, send)
             return
@@ -134,10 +139,86 @@ class McpHttp:
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
                                                       subject=principal.token_id, scopes=["agent"]))
         scope[_PRINCIPAL_KEY] = principal
-        handed_on = await fast.serve(scope, receive, send, principal)
-        if handed_on is not None:
-            await manager.handle_request(scope, handed_on, send)
+        if scope["method"] != "POST":
+            await manager.handle_request(scope, receive, send)
+            return
+        body = await well_formed(scope, receive, send)
+        if body is not None:
+            await answer_unless_gone(manager, body, scope, receive, send)
 
+
+async def well_formed(scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    """A POST's body if it is one well-formed JSON-RPC message; else None, having answered 400 with the
+    JSON-RPC error (413 past :data:`MAX_BODY`; nothing if the client went away mid-body)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY:  # the app's own body limit is lower: this only guards a bare mount
+            await _json(413, {"error": "content_too_large"})(scope, receive, send)
+            return None
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        problem: envelope.Problem | None = envelope.Problem(None, types.PARSE_ERROR, envelope.NOT_JSON)
+    else:
+        problem = envelope.problem(parsed)
+        if problem is None and parsed.get("method") == "tools/call":
+            problem = envelope.call_problem(parsed)
+    if problem is None:
+        return body
+    await _json(400, problem.response())(scope, receive, send)
+    return None
+
+
+async def answer_unless_gone(manager: StreamableHTTPSessionManager, body: bytes, scope: Scope, receive: Receive,
+                             send: Send) -> None:
+    """The SDK's answer to the POST whose ``body`` was read; if the client disconnects before the answer is
+    sent, the handling is cancelled (the tool call and its statement with it), in either era.
+
+    Why here, not the SDK's SSE mode (which cancels on a disconnect too): the SDK's client refuses an SSE
+    event over 1 MiB by default, and a result may be larger (up to the 1 MB row cap, as structured content
+    and as text); in JSON mode the SDK watches for no disconnect. With the body read, ``receive`` returns
+    only when the client goes away (or the response is complete)."""
+    answered = False
+    gone = anyio.Event()
+
+    async def tracked(message: Message) -> None:
+        nonlocal answered
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered = True
+        await send(message)
+
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not answered:
+                group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        await manager.handle_request(scope, replay, tracked)
+        group.cancel_scope.cancel()
 
 
 async def admit_agent(scope: Scope, receive: Receive, send: Send, security: TransportSecurityMiddleware,
@@ -146,7 +227,7 @@ async def admit_agent(scope: Scope, receive: Receive, send: Send, security: Tran
     """The door of every agent-facing HTTP endpoint (/mcp and the gateway's): Host/Origin check, then the
     agent token, then ``then`` (a further check, e.g. that a named server exists). Returns the principal, or
     sends the refusal (421/403/401/403/4xx) and returns ``None``."""
-    refusal = await security.validate_request(HTTPConnection(scope), is_post=False)
+    refusal = await security.validate_request(Request(scope), is_post=False)
     if refusal is not None:
         await refusal(scope, receive, send)
         return None

@@ -1,29 +1,42 @@
-"""MCP over newline-delimited JSON-RPC 2.0 on stdin/stdout (``agentpg mcp``), without the SDK's session layer.
+"""MCP over newline-delimited JSON-RPC 2.0 on stdin/stdout (``agentpg mcp``): one small hand-written loop.
 
-The SDK's ``Server.run`` validates every message into pydantic models, routes it through a ``ServerSession``,
-memory streams and a request context, and dumps every result back through models: on stdio that cost more
-than the database call. This loop speaks the same wire protocol with :mod:`json` and plain dicts, and runs
-the tools through the same :class:`~agentpg.mcp.server.ToolCalls` the SDK server (HTTP) uses.
+**Why it exists.** The stdio goal (issue 20) is at least 1.5 times the throughput of the npm
+``server-postgres`` for a 1-row SELECT. The SDK's ``Server.run`` (worker-thread line reads, a dispatcher,
+pydantic validation and re-dump of every message) costs about 0.75-1.0 ms of CPU per trivial call on this
+2-vCPU VM, a plain asyncio loop about 0.09 ms (measured with mcp 2.3 for issue 20); the SDK's own client needs another
+0.4-0.55 ms, so through the SDK server the goal is out of reach by construction. Measured end to end with the
+SDK 2.x ``Client`` (bench/mcp_vs_server_postgres.py, 2026-12-07, 3 rounds x 2,000 calls, load average 3-7
+from other work): this loop 920 calls/s in the 2025 era and 811/s in the 2026-07-28 era, server-postgres
+1,031/s (0.89x and 0.79x; the goal is not met: agentpg's own per-call work, not the protocol loop, is what
+is left). It runs the same :class:`~agentpg.mcp.server.ToolCalls` as the SDK server, and uses only public
+``mcp.types`` constants and models (versions, ``_meta`` keys, error codes, result models dumped once at
+start); nothing of the SDK's runner.
 
-Served (the server side of the MCP base protocol, lifecycle and tools; one JSON object per line, UTF-8):
+**What it follows** (the MCP base protocol, lifecycle and tools; stdio transport: one JSON object per line,
+UTF-8). Both protocol eras, and, as in the SDK, the client's *first request* decides the connection's era:
 
-- ``initialize``: the client's ``protocolVersion`` if the SDK supports it, else the SDK's latest; server
-  info, ``tools`` capability and instructions as the SDK would send them (built from ``mcp.types`` once).
-  ``ping`` is answered at any time; any other request before ``initialize`` gets -32600.
-- ``tools/list``; ``tools/call``: each call in its own task (at most ``max_concurrent_calls`` run at once,
-  the rest wait), answered as it completes, so answers may come in any order (matched by id).
-- ``notifications/cancelled`` naming a call in flight cancels it (the statement is cancelled server-side)
-  and, as the spec says, no response is sent for it. Other notifications and client responses are ignored.
-- Errors: -32700 unparseable line (id null), -32600 not one well-formed message (batches, an id that is
-  not a string or an integer, ...: :mod:`agentpg.mcp.envelope`), -32601 unknown method, -32602 invalid
-  params, -32603 internal error (generic text; details in the log under a reference). A line longer than
+- **2026-07-28** (a first request whose ``params._meta`` carries ``io.modelcontextprotocol/protocolVersion``):
+  every request carries its own envelope: ``_meta`` with the protocol version and the client capabilities
+  (else -32602), a version in ``MODERN_PROTOCOL_VERSIONS`` (else -32022 with ``{supported, requested}``).
+  ``server/discover`` answers the supported versions, capabilities and instructions; ``tools/list`` and
+  ``tools/call`` as below; every result carries ``resultType: "complete"`` and ``_meta`` naming the server
+  (cacheable ones ``ttlMs``/``cacheScope``). ``initialize`` and ``ping`` do not exist there: -32601.
+- **2025 era** (anything else first): ``initialize`` answers the client's ``protocolVersion`` if it is a
+  handshake version, else the latest one; ``ping`` at any time; any other request before ``initialize`` gets
+  -32600; an enveloped request later gets -32600 too.
+- ``tools/call``: each call in its own task (at most ``max_concurrent_calls`` at once, the rest wait),
+  answered as it completes (matched by id). ``notifications/cancelled`` naming a call in flight cancels it
+  (and its statement) and, as the spec says, no response is sent for it.
+- Errors: -32700 unparseable line (id null), -32600 not one well-formed message (batches, an id that is not
+  a string or an integer, ...: :mod:`agentpg.mcp.envelope`), -32601 unknown method, -32602 invalid params,
+  -32603 internal error (generic text; details in the log under a reference). A line longer than
   ``max_line`` is skipped with -32600 and reading goes on.
 - EOF on stdin: calls in flight finish (at most ``drain_timeout_s``, then they are cancelled), their
   responses are written and flushed, then :func:`serve_pipes` returns.
 
-Only pipes and sockets are attached here (asyncio reads and writes them directly; that is how MCP clients
-start servers). A terminal or a file on stdin/stdout keeps the SDK's ``stdio_server`` + ``Server.run``
-(see :mod:`agentpg.mcp.stdio`): interactive use, where throughput does not matter.
+Only pipes and sockets are attached here (how MCP clients start servers). A terminal or a file on
+stdin/stdout keeps the SDK's ``stdio_server`` + ``Server.run`` (:mod:`agentpg.mcp.stdio`), which serves both
+eras too: interactive use, where throughput does not matter.
 """
 
 from __future__ import annotations
@@ -37,7 +50,8 @@ import uuid
 from typing import Any
 
 from mcp import types
-from mcp.shared.version import SUPPORTED_PROTOCOL_VERSIONS
+from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
 
 from agentpg import __version__
 from agentpg.mcp import envelope
@@ -51,7 +65,10 @@ _CANCEL_GRACE_S = 5.0
 """How long cancelled calls get to finish cancelling (psycopg cancels the statement server-side)."""
 
 
-def _dump(model: types.Result) -> dict[str, Any]:
+_COMPLETE = {"resultType": "complete"}
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
@@ -74,11 +91,19 @@ class JsonRpcSession:
         self._max_backlog = max(64, 16 * max_concurrent_calls)
         self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
         self._initialized = False
+        self._modern: bool | None = None  # the era, set by the client's first request
         self._output_lost = False
+        capabilities = types.ServerCapabilities(tools=types.ToolsCapability(list_changed=False))
+        info = types.Implementation(name="agentpg", version=__version__)
         self._initialize_result = _dump(types.InitializeResult(
-            protocolVersion=types.LATEST_PROTOCOL_VERSION,
-            capabilities=types.ServerCapabilities(tools=types.ToolsCapability(listChanged=False)),
-            serverInfo=types.Implementation(name="agentpg", version=__version__), instructions=INSTRUCTIONS))
+            protocol_version=LATEST_HANDSHAKE_VERSION, capabilities=capabilities, server_info=info,
+            instructions=INSTRUCTIONS))
+        stamp = {"_meta": {types.SERVER_INFO_META_KEY: _dump(info)}}
+        self._discover_result = {**_dump(types.DiscoverResult(
+            supported_versions=list(MODERN_PROTOCOL_VERSIONS), capabilities=capabilities,
+            instructions=INSTRUCTIONS, ttl_ms=0, cache_scope="private")), **stamp}
+        self._modern_stamp = {**_COMPLETE, **stamp}
+        self._list_stamp = {"ttlMs": 0, "cacheScope": "private", **self._modern_stamp}  # tools/list is cacheable
         # Built once: json.dumps(..., separators=...) builds an encoder per message.
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -145,30 +170,64 @@ class JsonRpcSession:
             self._notification(method, params)  # a notification is never answered
 
     def _request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
-        if method == "initialize":
+        enveloped = _is_enveloped(params)
+        if self._modern is None:
+            self._modern = enveloped and method != "initialize"
+        if self._modern:
+            self._modern_request(request_id, method, params)
+        elif enveloped:
+            self._error(request_id, types.INVALID_REQUEST, "Invalid Request: this connection speaks the 2025 "
+                        "protocol (it opened with initialize); a 2026-07-28 client opens with server/discover")
+        elif method == "initialize":
             requested = params.get("protocolVersion")
             if not isinstance(requested, str):
                 self._error(request_id, types.INVALID_PARAMS, "Invalid params: protocolVersion must be a string")
                 return
-            version = requested if requested in SUPPORTED_PROTOCOL_VERSIONS else types.LATEST_PROTOCOL_VERSION
+            version = requested if requested in HANDSHAKE_PROTOCOL_VERSIONS else LATEST_HANDSHAKE_VERSION
             self._result(request_id, {**self._initialize_result, "protocolVersion": version})
             self._initialized = True
         elif method == "ping":
             self._result(request_id, {})
         elif not self._initialized:
             self._error(request_id, types.INVALID_REQUEST, "the session is not initialized: send initialize first")
-        elif method in ("tools/list", "tools/call") and request_id in self._in_flight:
+        else:
+            self._tools_request(request_id, method, params, modern=False)
+
+    def _modern_request(self, request_id: RequestId, method: str, params: dict[str, Any]) -> None:
+        """A request on a 2026-07-28 connection: its envelope checked first (the spec's order), then the method."""
+        meta = params.get("_meta")
+        missing = [key for key in (types.PROTOCOL_VERSION_META_KEY, types.CLIENT_CAPABILITIES_META_KEY)
+                   if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            self._error(request_id, types.INVALID_PARAMS,
+                        f"Invalid params: params._meta must carry the envelope key(s) {', '.join(missing)}")
+            return
+        assert isinstance(meta, dict)
+        version = meta[types.PROTOCOL_VERSION_META_KEY]
+        if not isinstance(version, str):
+            self._error(request_id, types.INVALID_PARAMS, "Invalid params: the protocol version must be a string")
+            return
+        if version not in MODERN_PROTOCOL_VERSIONS:
+            self._error(request_id, types.UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version",
+                        {"supported": list(MODERN_PROTOCOL_VERSIONS), "requested": version})
+        elif method == "server/discover":
+            self._result(request_id, self._discover_result)
+        else:
+            self._tools_request(request_id, method, params, modern=True)
+
+    def _tools_request(self, request_id: RequestId, method: str, params: dict[str, Any], *, modern: bool) -> None:
+        if method in ("tools/list", "tools/call") and request_id in self._in_flight:
             self._error(request_id, types.INVALID_REQUEST, "Invalid Request: a call with this id is running")
         elif method == "tools/list":  # the workspace's choice of tools (issue 20): it may be looked up
-            self._start_call(request_id, None, None)
+            self._start_call(request_id, None, None, modern)
         elif method == "tools/call":
             name, arguments = params.get("name"), params.get("arguments")
             if not isinstance(name, str) or not (arguments is None or isinstance(arguments, dict)):
                 self._error(request_id, types.INVALID_PARAMS,
                             "Invalid params: tools/call needs a string name and an object of arguments")
             else:
-                self._start_call(request_id, name, arguments)
-        else:
+                self._start_call(request_id, name, arguments, modern)
+        else:  # on 2026-07-28 this includes initialize and ping, which that version removed
             self._error(request_id, types.METHOD_NOT_FOUND, "Method not found")
 
     def _notification(self, method: str, params: dict[str, Any]) -> None:
@@ -178,8 +237,9 @@ class JsonRpcSession:
             if task is not None:
                 task.cancel()
 
-    def _start_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None) -> None:
-        task = asyncio.create_task(self._run_call(request_id, name, arguments))
+    def _start_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None,
+                    modern: bool) -> None:
+        task = asyncio.create_task(self._run_call(request_id, name, arguments, modern))
         self._in_flight[request_id] = task
         task.add_done_callback(lambda done: self._forget(request_id, done))
 
@@ -187,7 +247,8 @@ class JsonRpcSession:
         if self._in_flight.get(request_id) is task:
             del self._in_flight[request_id]
 
-    async def _run_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None) -> None:
+    async def _run_call(self, request_id: RequestId, name: str | None, arguments: dict[str, Any] | None,
+                        modern: bool) -> None:
         """Answer one tools/call (``name`` None: a tools/list). A cancellation ends it without an answer (the
         client asked for that)."""
         try:
@@ -199,7 +260,8 @@ class JsonRpcSession:
         except Exception as exc:  # ToolCalls.call maps failures itself: this is a bug, still answered
             self._internal_error(request_id, exc)
         else:
-            self._result(request_id, result)
+            stamp = self._list_stamp if name is None else self._modern_stamp
+            self._result(request_id, {**result, **stamp} if modern else result)
         await self._drain()
 
     async def _finish_calls(self) -> None:
@@ -220,8 +282,11 @@ class JsonRpcSession:
     def _result(self, request_id: RequestId, result: dict[str, Any]) -> None:
         self._send({"jsonrpc": "2.0", "id": request_id, "result": result}, request_id)
 
-    def _error(self, request_id: RequestId | None, code: int, message: str) -> None:
-        self._send({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}, request_id)
+    def _error(self, request_id: RequestId | None, code: int, message: str, data: Any = None) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._send({"jsonrpc": "2.0", "id": request_id, "error": error}, request_id)
 
     def _internal_error(self, request_id: RequestId | None, exc: BaseException) -> None:
         # The traceback, not the exception text: it may hold a secret.
@@ -251,6 +316,13 @@ class JsonRpcSession:
             if not self._output_lost:
                 log.warning("stdout closed by the MCP client; stopping")
             self._output_lost = True
+
+
+def _is_enveloped(params: dict[str, Any]) -> bool:
+    """Whether a request claims the 2026-07-28 era: its ``_meta`` names a protocol version (the key exists only
+    in that era's envelope; a 2025 ``_meta`` carries e.g. a progress token)."""
+    meta = params.get("_meta")
+    return isinstance(meta, dict) and types.PROTOCOL_VERSION_META_KEY in meta
 
 
 def _valid_id(value: Any) -> RequestId | None:

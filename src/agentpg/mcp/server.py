@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from mcp import types
-from mcp.server.lowlevel import Server
+from mcp.server import CacheHint, Server, ServerRequestContext
 from pydantic import BaseModel, ValidationError
 
 from agentpg import __version__
@@ -174,19 +174,24 @@ def tool_error(message: str) -> WireResult:
     return {"content": [{"type": "text", "text": message}], "isError": True}
 
 
-def build_server(service: Service, queries: TenantQueries, identify: Identify) -> Server[Any, Any]:
-    """A fresh SDK MCP server (for streamable HTTP and the gateway's built-in child) whose tools run as the
-    principal ``identify`` returns for each request."""
-    server: Server[Any, Any] = Server("agentpg", version=__version__, instructions=INSTRUCTIONS)
+def build_server(service: Service, queries: TenantQueries, identify: Identify) -> Server[Any]:
+    """A fresh SDK MCP server (streamable HTTP, the stdio fallback and the gateway's built-in child) whose
+    tools run as the principal ``identify`` returns for each request (given ``ctx.request``: the Starlette
+    request over HTTP, None otherwise). It answers both protocol eras; the SDK stamps ``resultType`` and
+    the 2026-07-28 ``_meta`` on every result."""
     calls = ToolCalls(service, queries, identify)
+    schemas = {tool.name: tool.input_schema for tool in calls.tools}
 
-    async def list_tools() -> list[types.Tool]:
-        return await calls.offered_tools(server.request_context.request)
+    async def list_tools(ctx: ServerRequestContext[Any],
+                         _params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        # The workspace's choice of tools; never raises (tools_result lists every tool if it cannot tell).
+        return types.ListToolsResult.model_validate(await calls.tools_result(ctx.request))
 
-    async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        wire = await calls.call(name, arguments, server.request_context.request)
+    async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        wire = await calls.call(params.name, params.arguments, ctx.request)
         return types.CallToolResult.model_validate(wire)
 
-    server.list_tools()(list_tools)  # type: ignore[no-untyped-call]
-    server.call_tool(validate_input=False)(call_tool)
-    return server
+    # get_tool_input_schema: without it every 2026 tools/call runs tools/list to check Mcp-Param headers.
+    return Server("agentpg", version=__version__, instructions=INSTRUCTIONS, on_list_tools=list_tools,
+                  on_call_tool=call_tool, get_tool_input_schema=schemas.get,
+                  cache_hints={"tools/list": CacheHint(ttl_ms=0, scope="private")})

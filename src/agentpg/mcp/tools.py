@@ -179,7 +179,7 @@ class TableOutput(BaseModel):
     columns: list[dict[str, Any]]
 
 
-_READ = types.ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
+_READ = types.ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 
 ARGS: dict[str, type[_Args]] = {
     "list_databases": ListDatabasesArgs, "list_tables": ListTablesArgs, "describe_table": DescribeTableArgs,
@@ -204,50 +204,50 @@ def tool_list() -> list[types.Tool]:
         types.Tool(name="list_databases", title="List databases",
                    description="The databases you can use: \"global\" (shared by all your user's agents) and "
                                "\"agent\" (yours alone), with what your permissions allow in each.",
-                   inputSchema=_schema(ListDatabasesArgs), outputSchema=_schema(DatabasesOutput),
+                   input_schema=_schema(ListDatabasesArgs), output_schema=_schema(DatabasesOutput),
                    annotations=_READ),
         types.Tool(name="list_tables", title="List tables",
                    description="Tables and views of one schema of a database, with your privileges on each.",
-                   inputSchema=_schema(ListTablesArgs), outputSchema=_schema(TablesOutput), annotations=_READ),
+                   input_schema=_schema(ListTablesArgs), output_schema=_schema(TablesOutput), annotations=_READ),
         types.Tool(name="describe_table", title="Describe a table",
                    description="Columns (types, nullability, defaults), primary key, foreign keys, other "
                                "constraints, indexes and estimated row count of one table.",
-                   inputSchema=_schema(DescribeTableArgs), outputSchema=_schema(TableOutput), annotations=_READ),
+                   input_schema=_schema(DescribeTableArgs), output_schema=_schema(TableOutput), annotations=_READ),
         types.Tool(name="query", title="Run a read-only query",
                    description="Run ONE read-only SQL statement in a READ ONLY transaction and return its "
                                "rows (at most max_rows; 'truncated' says if there were more). Writes, DDL, "
                                "several statements, transaction control and SET are refused.",
-                   inputSchema=_schema(QueryArgs), annotations=_READ),
+                   input_schema=_schema(QueryArgs), annotations=_READ),
         types.Tool(name="explain", title="Explain a statement's plan",
                    description="The plan and estimated cost of ONE statement (EXPLAIN, FORMAT JSON): total "
                                "cost, estimated rows, node types, which indexes are used, and the plan. Writes "
                                "are planned, never executed. analyze: true also runs a read-only statement "
                                "for actual times. You may explain only what you could run.",
-                   inputSchema=_schema(ExplainArgs), outputSchema=_schema(ExplainOutput), annotations=_READ),
+                   input_schema=_schema(ExplainArgs), output_schema=_schema(ExplainOutput), annotations=_READ),
         types.Tool(name="execute", title="Run a write or DDL statement",
                    description="Run ONE SQL statement that may change data or schema (INSERT/UPDATE/DELETE/"
                                "MERGE, CREATE/ALTER/DROP ...), in its own transaction, committed if it "
                                "succeeds. RETURNING rows come back like query results.",
-                   inputSchema=_schema(ExecuteArgs),
-                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=True,
-                                                     idempotentHint=False, openWorldHint=False)),
+                   input_schema=_schema(ExecuteArgs),
+                   annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=True,
+                                                     idempotent_hint=False, open_world_hint=False)),
         types.Tool(name="checkpoint", title="Checkpoint a database",
                    description="Mark the current state of a database (or of both) so it can be restored later: "
                                "take one before risky changes. Instant and free, whatever the size.",
-                   inputSchema=_schema(CheckpointArgs), outputSchema=_schema(CheckpointsOutput),
-                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=False,
-                                                     idempotentHint=False, openWorldHint=False)),
+                   input_schema=_schema(CheckpointArgs), output_schema=_schema(CheckpointsOutput),
+                   annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=False,
+                                                     idempotent_hint=False, open_world_hint=False)),
         types.Tool(name="list_checkpoints", title="List checkpoints",
                    description="Checkpoints of a database, newest first, with who made them.",
-                   inputSchema=_schema(ListCheckpointsArgs), outputSchema=_schema(CheckpointsOutput),
+                   input_schema=_schema(ListCheckpointsArgs), output_schema=_schema(CheckpointsOutput),
                    annotations=_READ),
         types.Tool(name="restore", title="Restore your agent database",
                    description="Bring YOUR agent database back to a checkpoint, a time, or just before an "
                                "audited statement (the global database is restored by your user). In place, "
                                "the current state is checkpointed first, so a restore can itself be undone.",
-                   inputSchema=_schema(RestoreArgs), outputSchema=_schema(RestoreOutput),
-                   annotations=types.ToolAnnotations(readOnlyHint=False, destructiveHint=True,
-                                                     idempotentHint=False, openWorldHint=False)),
+                   input_schema=_schema(RestoreArgs), output_schema=_schema(RestoreOutput),
+                   annotations=types.ToolAnnotations(read_only_hint=False, destructive_hint=True,
+                                                     idempotent_hint=False, open_world_hint=False)),
     ]
 
 
