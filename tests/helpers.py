@@ -47,3 +47,20 @@ def env_value(rt: Runtime, user_id: str, name: str, workspace_id: str | None = N
 def with_database(uri: str, dbname: str) -> str:
     """The same credentials aimed at another database (an attacker's first try)."""
     return uri.rsplit("/", 1)[0] + "/" + dbname
+
+
+def stubborn_function(*args: str) -> str:
+    """``CREATE FUNCTION stubborn(<args>)``: a plpgsql loop that swallows every cancel (statement_timeout's and
+    agentpg's own), so only termination ends it. The arguments (e.g. ``"tag text"``) let a caller mark its
+    statement for pg_stat_activity."""
+    return f"""
+CREATE FUNCTION stubborn({", ".join(args)}) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM pg_sleep(0.05);
+    EXCEPTION WHEN query_canceled THEN
+      NULL;
+    END;
+  END LOOP;
+END $$"""

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from helpers import stubborn_function
 from psycopg.conninfo import make_conninfo
 
 from agentpg.access.governor import OWN_CONNECTIONS, Governor, GovernorConfig, ServerBusy, ServerGate
@@ -36,18 +37,8 @@ DATABASES = 300
 PASSWORD = "gov-test-pw"
 NO_GOVERNOR = os.environ.get("AGENTPG_TEST_NO_GOVERNOR") == "1"
 
-#: A plpgsql loop that swallows every cancel (statement_timeout's and agentpg's own): only termination ends it.
-STUBBORN = """
-CREATE FUNCTION stubborn() RETURNS int LANGUAGE plpgsql AS $$
-BEGIN
-  LOOP
-    BEGIN
-      PERFORM pg_sleep(0.05);
-    EXCEPTION WHEN query_canceled THEN
-      NULL;
-    END;
-  END LOOP;
-END $$"""
+#: A plpgsql loop that swallows every cancel: only termination ends it.
+STUBBORN = stubborn_function()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import psycopg
 import pytest
-from helpers import workspace_global_uri
+from helpers import stubborn_function, workspace_global_uri
 from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused, rss_kib, text, uid
 
 from agentpg.access.pools import PoolLimits, TenantPools
@@ -33,18 +33,8 @@ from agentpg.settings import Settings
 pytestmark = pytest.mark.anyio
 Conn = psycopg.Connection[tuple[object, ...]]
 
-#: A plpgsql loop that swallows every cancel (statement_timeout's and agentpg's own).
-STUBBORN = """
-CREATE FUNCTION stubborn(tag text) RETURNS int LANGUAGE plpgsql AS $$
-BEGIN
-  LOOP
-    BEGIN
-      PERFORM pg_sleep(0.05);
-    EXCEPTION WHEN query_canceled THEN
-      NULL;
-    END;
-  END LOOP;
-END $$"""
+#: A plpgsql loop that swallows every cancel: only termination ends it.
+STUBBORN = stubborn_function("tag text")
 
 TEMP_LIMIT_MB = 2
 
