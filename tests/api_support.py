@@ -70,7 +70,8 @@ class LiveServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S", "AGENTPG_BACKUP_ENABLED")
+        kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S", "AGENTPG_BACKUP_ENABLED",
+                "AGENTPG_USER_STORAGE_CHECK_INTERVAL_S")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_") or k in kept}
         env.update(AGENTPG_HOME=str(home), AGENTPG_EMBEDDED_FSYNC="false", **(extra_env or {}))
         exe = Path(sys.executable).with_name("agentpg")

@@ -28,6 +28,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # several tests count the databases on the shared server. The warm pool has its own tests.
     os.environ["AGENTPG_WARM_POOL_SIZE"] = "0"
     os.environ["AGENTPG_USAGE_SYNC_INTERVAL_S"] = "0"  # budgets have their own tests
+    # Nor check storage: the session's servers would otherwise judge every user against the default limit and
+    # lift a block that tests/test_storage_limit.py's own server (with its small limit) has just set.
+    os.environ["AGENTPG_USER_STORAGE_CHECK_INTERVAL_S"] = "0"
     # Continuous archiving (a slot, pg_receivewal, base backups of the shared server) has its own tests with
     # their own server (tests/test_archive.py); a test that wants it on sets it.
     os.environ.setdefault("AGENTPG_BACKUP_ENABLED", "false")
@@ -67,7 +70,8 @@ def admin(runtime: Runtime) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 def run_cli(home: Path, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the real ``agentpg`` console script in a child process against the test home."""
-    kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S", "AGENTPG_BACKUP_ENABLED")
+    kept = ("AGENTPG_WARM_POOL_SIZE", "AGENTPG_USAGE_SYNC_INTERVAL_S", "AGENTPG_BACKUP_ENABLED",
+            "AGENTPG_USER_STORAGE_CHECK_INTERVAL_S")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_") or k in kept}
     full_env["AGENTPG_HOME"] = str(home)
     full_env.update(env or {})
