@@ -15,8 +15,11 @@ import re
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import leakscan
@@ -27,6 +30,7 @@ from psycopg.conninfo import make_conninfo
 
 from agentpg.access import audit as audit_log
 from agentpg.runtime import Runtime, admin_token
+from agentpg.web.security import COOKIE, seal_session
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -180,3 +184,37 @@ def publish_docs_screenshot(path: Path) -> None:
     assert path.stat().st_size < DOCS_SCREENSHOT_MAX_BYTES, f"{path} is {path.stat().st_size} bytes"
     if not DOCS_SCREENSHOT.exists() or os.environ.get("AGENTPG_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(path, DOCS_SCREENSHOT)
+
+
+@contextmanager
+def chromium_browser() -> Iterator[Any]:
+    """Real Chromium (installed by the test set-up if missing), headless; closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(ensure_chromium()), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def watch_errors(tab: Any, problems: list[str], *, failed_loads_expected: bool = True) -> None:
+    """Collect script errors and console errors (a CSP violation is one) of ``tab`` into ``problems``. A 4xx
+    page makes Chromium log "Failed to load resource": expected where a test asks for one."""
+    tab.on("console", lambda m: problems.append(m.text) if m.type == "error" and not (
+        failed_loads_expected and m.text.startswith("Failed to load resource")) else None)
+    tab.on("pageerror", lambda e: problems.append(str(e)))
+
+
+def sign_in(tab: Any, base_url: str, token: str, user: str) -> None:
+    """Through the sign-in form, as a person would; lands on the user's databases."""
+    tab.goto(base_url + "/")
+    tab.fill("#token", token)
+    tab.click("button:has-text('Sign in')")
+    tab.wait_for_url(f"**/explorer/u/{user}")
+
+
+def as_user(client: Any, runtime: Runtime, token: str) -> None:
+    """A signed-in session without going through the form (the form has its own test)."""
+    client.cookies.set(COOKIE, seal_session(runtime.keyring, token))

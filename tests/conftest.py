@@ -120,6 +120,14 @@ def api_client(settings: Settings, runtime: Runtime, api_transcript: Transcript)
         yield client
 
 
+@pytest.fixture()
+def web(api_client: Any) -> Iterator[Any]:
+    """The session's ASGI client (the explorer's pages) with an empty cookie jar before and after the test."""
+    api_client.cookies.clear()
+    yield api_client
+    api_client.cookies.clear()
+
+
 @pytest.fixture(scope="session")
 def live_server(agentpg_home: Path, runtime: Runtime, api_transcript: Transcript,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from browser_support import Tenant, check_page, drop_tenant, make_tenant
+from browser_support import Tenant, as_user, check_page, drop_tenant, make_tenant
 
 from agentpg.runtime import Runtime
 from agentpg.web.security import COOKIE, CSP, seal_session
@@ -25,19 +25,6 @@ def tenant(runtime: Runtime) -> Iterator[Tenant]:
     t = make_tenant(runtime, seed_directly=True)
     yield t
     drop_tenant(runtime, t)
-
-
-@pytest.fixture()
-def web(api_client: Any) -> Iterator[Any]:
-    """The session's ASGI client with an empty cookie jar before and after the test."""
-    api_client.cookies.clear()
-    yield api_client
-    api_client.cookies.clear()
-
-
-def as_user(client: Any, runtime: Runtime, token: str) -> None:
-    """A signed-in session without going through the form (the form has its own test)."""
-    client.cookies.set(COOKIE, seal_session(runtime.keyring, token))
 
 
 def sign_in(client: Any, token: str) -> Any:

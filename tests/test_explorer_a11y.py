@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 from api_support import LiveServer
-from browser_support import CHROMIUM_ARGS, Tenant, check_page, drop_tenant, ensure_chromium, make_tenant
+from browser_support import Tenant, check_page, chromium_browser, drop_tenant, make_tenant
 
 from agentpg.access import audit as audit_log
 from agentpg.runtime import Runtime
@@ -87,13 +87,8 @@ def tenant(runtime: Runtime, live_server: LiveServer) -> Iterator[Tenant]:
 
 @pytest.fixture(scope="module")
 def browser(tenant: Tenant) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    chromium = ensure_chromium()
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+    with chromium_browser() as launched:
         yield launched
-        launched.close()
 
 
 def new_tab(browser: Any, scheme: str, problems: list[str]) -> Page:

@@ -14,14 +14,15 @@ import httpx
 import pytest
 from api_support import LiveServer
 from browser_support import (
-    CHROMIUM_ARGS,
     Tenant,
     check_page,
+    chromium_browser,
     drop_tenant,
-    ensure_chromium,
     make_tenant,
     save_screenshot,
+    sign_in,
     uid,
+    watch_errors,
 )
 from mcp_support import MCP_HEADERS
 
@@ -41,16 +42,11 @@ def tenant(runtime: Runtime, live_server: LiveServer) -> Iterator[Tenant]:
 
 @pytest.fixture(scope="module")
 def browser_context(tenant: Tenant) -> Iterator[tuple[Any, list[str]]]:
-    from playwright.sync_api import sync_playwright
-
-    chromium = ensure_chromium()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+    with chromium_browser() as browser:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         problems: list[str] = []
         yield context, problems
         context.close()
-        browser.close()
     # A 4xx page logs "Failed to load resource": expected. A CSP violation ("Refused to …") or a script error is not.
     assert not problems, f"the browser reported errors (CSP violations, script errors): {problems}"
 
@@ -59,14 +55,9 @@ def browser_context(tenant: Tenant) -> Iterator[tuple[Any, list[str]]]:
 def page(browser_context: tuple[Any, list[str]], live_server: LiveServer, tenant: Tenant) -> Page:
     context, problems = browser_context
     tab = context.new_page()
-    tab.on("console", lambda m: problems.append(m.text)
-           if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-    tab.on("pageerror", lambda e: problems.append(str(e)))
+    watch_errors(tab, problems)
     tab.set_default_timeout(15_000)
-    tab.goto(live_server.base_url + "/")
-    tab.fill("#token", tenant.user_token)
-    tab.click("button:has-text('Sign in')")
-    tab.wait_for_url(f"**/explorer/u/{tenant.user}")
+    sign_in(tab, live_server.base_url, tenant.user_token, tenant.user)
     return tab
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from api_support import LiveServer
-from browser_support import CHROMIUM_ARGS, DOCS_SCREENSHOT_MAX_BYTES, ROOT, ensure_chromium, save_screenshot
+from browser_support import DOCS_SCREENSHOT_MAX_BYTES, ROOT, chromium_browser, save_screenshot, sign_in, watch_errors
 from rows_support import Shop, check_html, drop_shop, make_shop
 
 from agentpg.runtime import Runtime
@@ -35,13 +35,8 @@ def shop(runtime: Runtime, live_server: LiveServer) -> Iterator[Shop]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    chromium = ensure_chromium()
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True)
+    with chromium_browser() as launched:
         yield launched
-        launched.close()
 
 
 def open_tab(browser: Any, live_server: LiveServer, shop: Shop, problems: list[str], **options: Any) -> Page:
@@ -49,14 +44,9 @@ def open_tab(browser: Any, live_server: LiveServer, shop: Shop, problems: list[s
     tab = context.new_page()
     # A refused filter answers 422, which Chromium logs as "Failed to load resource": expected. A CSP violation
     # or a script error is not.
-    tab.on("console", lambda m: problems.append(m.text)
-           if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-    tab.on("pageerror", lambda e: problems.append(str(e)))
+    watch_errors(tab, problems)
     tab.set_default_timeout(15_000)
-    tab.goto(live_server.base_url + "/")
-    tab.fill("#token", shop.token)
-    tab.click("button:has-text('Sign in')")
-    tab.wait_for_url(f"**/explorer/u/{shop.user}")
+    sign_in(tab, live_server.base_url, shop.token, shop.user)
     return tab
 
 

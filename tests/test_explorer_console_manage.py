@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
-from browser_support import Tenant, check_page, drop_tenant, make_tenant, uid
+from browser_support import Tenant, as_user, check_page, drop_tenant, make_tenant, uid
 from mcp_support import MCP_HEADERS
 
 from agentpg.access import audit as audit_log
@@ -20,7 +20,7 @@ from agentpg.catalog.models import UsageDay
 from agentpg.errors import NotFound
 from agentpg.runtime import Runtime
 from agentpg.usage import history as usage_history
-from agentpg.web.security import COOKIE, CSP, seal_session
+from agentpg.web.security import CSP
 
 ORIGIN = {"Origin": "http://testserver"}
 TOKEN = re.compile(r'id="new-token"[^>]*value="(apg_[a-z]_[A-Za-z0-9_-]+)"')
@@ -31,17 +31,6 @@ def tenant(runtime: Runtime) -> Iterator[Tenant]:
     t = make_tenant(runtime, seed_directly=True)
     yield t
     drop_tenant(runtime, t)
-
-
-@pytest.fixture()
-def web(api_client: Any) -> Iterator[Any]:
-    api_client.cookies.clear()
-    yield api_client
-    api_client.cookies.clear()
-
-
-def as_user(client: Any, runtime: Runtime, token: str) -> None:
-    client.cookies.set(COOKIE, seal_session(runtime.keyring, token))
 
 
 def page(client: Any, runtime: Runtime, t: Tenant, url: str, status: int = 200, *, admin: bool = False,

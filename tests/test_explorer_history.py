@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from browser_support import CHROMIUM_ARGS, ensure_chromium, save_screenshot
+from browser_support import chromium_browser, save_screenshot
 from mcp import ClientSession
 from mcp_support import http_session, live_server, ok, uid
 
@@ -210,12 +210,9 @@ def test_bad_requests_get_clear_pages(world: World) -> None:
 
 
 def test_restore_as_a_copy_in_a_browser(world: World) -> None:
-    from playwright.sync_api import sync_playwright
-
     assert world.checkpoint_id, "runs after the test that makes the history"
     problems: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(ensure_chromium()), args=CHROMIUM_ARGS, headless=True)
+    with chromium_browser() as browser:
         tab = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
         tab.on("pageerror", lambda e: problems.append(str(e)))
         tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
