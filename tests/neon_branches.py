@@ -137,15 +137,9 @@ class History:
             row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
             assert row is not None
         archiver.wait_archived(parse_lsn(str(row[0])))
-        usable, _ = archiver.restorable()
-        if target.lsn is not None:
-            candidates = [b for b in usable if b.end_lsn <= parse_lsn(target.lsn)]
-        else:
-            assert target.time is not None
-            candidates = [b for b in usable if b.finished < target.time]
-        if not candidates:
+        backup = archiver.start_for(target)
+        if backup is None:
             raise Refused(400, "the point is before the oldest history kept")
-        backup = candidates[-1]
         links = chain(backup, {b.label: b for b in archiver.backups()})
         assert links is not None
         keep = {o for name, o in backup.databases.items() if name in ("template0", "template1", "postgres")} | {oid}

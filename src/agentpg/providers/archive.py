@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agentpg.errors import ProviderError, ProviderUnavailable
-from agentpg.providers.base import ArchiveStatus
+from agentpg.providers.base import ArchiveStatus, RecoveryTarget
 from agentpg.providers.walfiles import (
     META,
     BaseBackup,
@@ -449,6 +449,19 @@ class Archiver:
                 if seg.segno < oldest:
                     seg.path.unlink(missing_ok=True)
             return deleted
+
+    def start_for(self, target: RecoveryTarget) -> BaseBackup | None:
+        """The newest restorable base backup a restore to ``target`` can start from (one that ended before
+        it), or None when ``target`` is before the oldest restorable point."""
+        usable, _ = self.restorable()
+        if target.lsn is not None:
+            lsn = parse_lsn(target.lsn)
+            candidates = [b for b in usable if b.end_lsn <= lsn]
+        else:
+            assert target.time is not None
+            moment = target.time
+            candidates = [b for b in usable if b.finished < moment]
+        return candidates[-1] if candidates else None
 
     def restorable(self) -> tuple[list[BaseBackup], int | None]:
         """The base backups a restore can start from (complete chain, unbroken WAL from their start to the

@@ -85,16 +85,10 @@ def restore_database(provider: LocalProvider, plan: DatabasePlan, target: Recove
             conn.execute("SELECT pg_current_xact_id()")
         needed = _lsn(conn, "SELECT pg_current_wal_insert_lsn()::text")
     archiver.wait_archived(needed)
-    usable, _ = archiver.restorable()
-    if target.lsn is not None:
-        candidates = [b for b in usable if b.end_lsn <= parse_lsn(target.lsn)]
-    else:
-        assert target.time is not None
-        candidates = [b for b in usable if b.finished < target.time]
-    if not candidates:
+    backup = archiver.start_for(target)
+    if backup is None:
         raise NotRestorable(f"{target.lsn or target.time} is before the oldest restorable point of server "
                             f"{provider.server_name!r}")
-    backup = candidates[-1]
     links = chain(backup, {b.label: b for b in archiver.backups()})
     assert links is not None  # restorable() checked it
     keep = {oid for name, oid in backup.databases.items() if name in ("template0", "template1", "postgres")}

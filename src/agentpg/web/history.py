@@ -34,15 +34,21 @@ from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.undo import TargetSpec
 from agentpg.schemas import WorkspaceInfo
 from agentpg.undo_service import CheckpointInfo, RestoredCopyInfo, RestoreResult
-from agentpg.web.render import PREFIX, db_url, render, with_query
+from agentpg.web.render import db_url, render, with_query
 from agentpg.web.routes_db import _where
-from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath, error_response, wants_json
+from agentpg.web.routing import (
+    Explorer,
+    PageRoute,
+    Session,
+    WorkspaceInPath,
+    error_response,
+    for_both_databases,
+    wants_json,
+)
 from agentpg.web.security import check_same_origin, field, read_form
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
-_GLOBAL: Final = PREFIX + "/u/{user_id}/global"
-_AGENT: Final = PREFIX + "/u/{user_id}/agents/{workspace_id}"
 AUDIT_READ: Final = 200
 """Audit entries read per service call (the log holds every database's calls; this page shows one's)."""
 AUDIT_READS: Final = 5
@@ -56,12 +62,7 @@ Cursor = Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$")]
 
 
 def _both(suffix: str, method: str = "GET") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        for base in (_GLOBAL, _AGENT):
-            router.add_api_route(base + suffix, endpoint, methods=[method])
-        return endpoint
-
-    return register
+    return for_both_databases(router, suffix, method)
 
 
 @dataclass(frozen=True)

@@ -20,27 +20,20 @@ from agentpg.api.models import MAX_OFFSET
 from agentpg.errors import AgentpgError, InvalidInput
 from agentpg.schemas import WorkspaceInfo
 from agentpg.web import data, rows_view
-from agentpg.web.render import PREFIX, render
-from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath
+from agentpg.web.render import render
+from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath, for_both_databases
 from agentpg.web.security import check_same_origin, field, read_form
 from agentpg.web.sqlbox import MAX_SQL_CHARS, SqlResult, run_sql
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
 PAGE_SIZES: Final = rows_view.PAGE_SIZES
-_GLOBAL = PREFIX + "/u/{user_id}/global"
-_AGENT = PREFIX + "/u/{user_id}/agents/{workspace_id}"
 
 TableName = Annotated[str, Query(alias="name", min_length=1, max_length=255)]
 
 
 def _both(suffix: str, method: str = "GET") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        for base in (_GLOBAL, _AGENT):
-            router.add_api_route(base + suffix, endpoint, methods=[method])
-        return endpoint
-
-    return register
+    return for_both_databases(router, suffix, method)
 
 
 async def _where(s: Explorer, user_id: str, workspace_id: str | None) -> WorkspaceInfo | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
@@ -22,7 +22,7 @@ from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import problem, validation_problem
 from agentpg.errors import AgentpgError, Unauthenticated
 from agentpg.tokens import Principal
-from agentpg.web.render import render
+from agentpg.web.render import PREFIX, render
 from agentpg.web.security import COOKIE, add_security_headers, clear_session, session_principal
 
 
@@ -103,3 +103,19 @@ def _workspace_in_path(request: Request) -> str | None:
 
 Session = Annotated[Explorer, Depends(_explorer)]
 WorkspaceInPath = Annotated[str | None, Depends(_workspace_in_path)]
+
+
+#: The two kinds of database page: a user's global database, and one workspace's agent database.
+DATABASE_BASES = (PREFIX + "/u/{user_id}/global", PREFIX + "/u/{user_id}/agents/{workspace_id}")
+
+
+def for_both_databases(router: APIRouter, suffix: str,
+                       method: str = "GET") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a page under both kinds of database (:data:`DATABASE_BASES`) + ``suffix``; the endpoint's
+    ``workspace_id`` is None on the global database's."""
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        for base in DATABASE_BASES:
+            router.add_api_route(base + suffix, endpoint, methods=[method])
+        return endpoint
+
+    return register
