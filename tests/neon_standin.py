@@ -46,6 +46,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from agentpg.providers.archive import Archiver
+from agentpg.providers.base import DatabasePlan
+from agentpg.providers.neon import EVENT_TRIGGER_SQL, NeonProvider
 
 _WORDS = ("shiny", "winter", "bold", "floral", "spring", "quiet", "misty", "dawn", "cloud", "wind", "boat", "king")
 _QUOTA_KEYS = ("active_time_seconds", "compute_time_seconds", "written_data_bytes", "data_transfer_bytes",
@@ -466,3 +468,15 @@ class StandInServer:
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
+
+
+class EmulatedNeon(NeonProvider):
+    """The real provider; only the event trigger (a ``neon_superuser`` right on Neon) is made as superuser."""
+
+    def __init__(self, superuser_dsn: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._superuser_dsn = superuser_dsn
+
+    def _install_event_trigger(self, conn: Any, plan: DatabasePlan) -> None:
+        with psycopg.connect(self._superuser_dsn, dbname=plan.database, autocommit=True) as su:
+            su.execute(EVENT_TRIGGER_SQL)

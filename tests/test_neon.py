@@ -21,7 +21,7 @@ import leakscan
 import psycopg
 import pytest
 from helpers import agent_db_uri, global_uri, with_database, workspace_global_uri
-from neon_standin import NeonStandIn, StandInServer
+from neon_standin import EmulatedNeon, NeonStandIn, StandInServer
 from sqlalchemy import select
 
 from agentpg.catalog.models import Operation, User, UserGlobalDatabase
@@ -29,24 +29,12 @@ from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.lifecycle import users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.base import AgentPermissions, DatabasePlan, new_password
-from agentpg.providers.neon import EVENT_TRIGGER_SQL, NeonProvider, NeonQuota, admin_role_of
+from agentpg.providers.neon import NeonProvider, NeonQuota, admin_role_of
 from agentpg.providers.neon_api import RateLimiter, RetryPolicy, _retry_after
 from agentpg.runtime import Runtime
 
 API_KEY = "napi_" + secrets.token_urlsafe(36)
 FAST = RetryPolicy(attempts=6, base_delay_s=0.05, max_delay_s=0.4, max_retry_after_s=2)
-
-
-class EmulatedNeon(NeonProvider):
-    """The real provider; only the event trigger (a ``neon_superuser`` right on Neon) is made as superuser."""
-
-    def __init__(self, superuser_dsn: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._superuser_dsn = superuser_dsn
-
-    def _install_event_trigger(self, conn: Any, plan: DatabasePlan) -> None:
-        with psycopg.connect(self._superuser_dsn, dbname=plan.database, autocommit=True) as su:
-            su.execute(EVENT_TRIGGER_SQL)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import httpx
 import leakscan
 import psycopg
 import pytest
-from neon_standin import NeonStandIn, StandInServer
+from neon_standin import EmulatedNeon, NeonStandIn, StandInServer
 from sqlalchemy import select
 
 from agentpg.access.permissions import GlobalDbPermissions
@@ -36,24 +36,11 @@ from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.users import plan_of
 from agentpg.providers.archive import Archiver
 from agentpg.providers.base import DatabasePlan, NotRestorable
-from agentpg.providers.neon import EVENT_TRIGGER_SQL, NeonProvider
 from agentpg.providers.neon_api import RetryPolicy
 from agentpg.runtime import Runtime
 from agentpg.service import Service
 
 API_KEY = "napi_" + secrets.token_urlsafe(36)
-
-
-class EmulatedNeon(NeonProvider):
-    """The real provider; only the event trigger (a ``neon_superuser`` right on Neon) is made as superuser."""
-
-    def __init__(self, superuser_dsn: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._superuser_dsn = superuser_dsn
-
-    def _install_event_trigger(self, conn: Any, plan: DatabasePlan) -> None:
-        with psycopg.connect(self._superuser_dsn, dbname=plan.database, autocommit=True) as su:
-            su.execute(EVENT_TRIGGER_SQL)
 
 
 @dataclass
