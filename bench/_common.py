@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agentpg.runtime import Runtime, open_runtime
+from agentpg.app.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
 
 
@@ -129,7 +129,7 @@ def bench_agent(rt: Runtime, user: str = "bench", workspace: str = "bench-agent"
     svc.register_user(user)
     _, issued = svc.create_workspace_with_token(user, workspace)
     principal = Principal(kind="agent", token_id=issued.id, user_id=user, workspace_id=workspace)
-    uri = svc.agent_target(principal, "global").uri
+    uri = svc.agents.target(principal, "global").uri
     with psycopg.connect(uri, autocommit=True) as conn:
         conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text, price float8)")
         conn.execute("INSERT INTO items SELECT g, 'item ' || g, g * 1.5 FROM generate_series(1, 10000) g")

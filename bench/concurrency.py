@@ -144,7 +144,7 @@ def main() -> None:
         for i in range(max(levels)):
             _, issued = svc.create_workspace_with_token("conc", f"conc-a{i:03d}")
             tokens.append(issued.secret)
-            uris.append(svc.agent_target(Principal(kind="agent", token_id=issued.id, user_id="conc",
+            uris.append(svc.agents.target(Principal(kind="agent", token_id=issued.id, user_id="conc",
                                                    workspace_id=f"conc-a{i:03d}"), "global").uri)
         with psycopg.connect(uris[0], autocommit=True) as conn:
             conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text, price float8)")

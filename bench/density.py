@@ -46,7 +46,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ServeProcess, percentiles, report, throwaway_runtime
 
-from agentpg.runtime import Runtime, admin_token
+from agentpg.app.runtime import Runtime, admin_token
 from agentpg.service import Service
 
 OUT = Path(__file__).parent / "results"
@@ -207,7 +207,7 @@ def add_database(svc: Service, uid: str, step: int, *, first: bool) -> None:
         return
     svc.register_user(uid)
     if first:
-        with psycopg.connect(svc.platform_uri(uid), autocommit=True) as conn:
+        with psycopg.connect(svc.uris.platform(uid), autocommit=True) as conn:
             conn.execute("CREATE TABLE items AS SELECT g AS id, 'item ' || g AS name FROM generate_series(1, 100) g")
             conn.execute("ALTER TABLE items ADD PRIMARY KEY (id)")
 

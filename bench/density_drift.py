@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import ServeProcess, report, throwaway_runtime, write_json
 from density import measure_rounds
 
-from agentpg.runtime import admin_token
+from agentpg.app.runtime import admin_token
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         users = [f"d{i:05d}" for i in range(4)]
         for uid in users:
             svc.register_user(uid)
-        with psycopg.connect(svc.platform_uri(users[0]), autocommit=True) as conn:
+        with psycopg.connect(svc.uris.platform(users[0]), autocommit=True) as conn:
             conn.execute("CREATE TABLE items AS SELECT g AS id, 'item ' || g AS name FROM generate_series(1, 100) g")
             conn.execute("ALTER TABLE items ADD PRIMARY KEY (id)")
         server = ServeProcess(rt.settings.home)

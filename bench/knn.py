@@ -99,7 +99,7 @@ def main() -> None:
         svc.register_user("bench")
         _, issued = svc.create_workspace_with_token("bench", "bench-agent")
         principal = Principal(kind="agent", token_id=issued.id, user_id="bench", workspace_id="bench-agent")
-        uri = svc.agent_target(principal, "agent").uri
+        uri = svc.agents.target(principal, "agent").uri
         build = load(rt.admin_dsn, uri, args.rows, args.dim)
         vectors = query_vectors(args.calls, args.dim)
         base = raw(uri, vectors)

@@ -21,7 +21,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ServeProcess, percentiles, report, throwaway_runtime, write_json
 
-from agentpg.runtime import admin_token
+from agentpg.app.runtime import admin_token
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     with throwaway_runtime(embedded_fsync=False) as rt:
         svc = rt.service
         svc.register_user("bench")
-        uri = svc.platform_uri("bench")
+        uri = svc.uris.platform("bench")
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("CREATE TABLE items AS SELECT g AS id, 'item ' || g AS name, now() AS created_at, "
                          "(g * 1.5)::numeric AS price FROM generate_series(1, 10000) g")

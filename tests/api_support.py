@@ -15,8 +15,8 @@ import httpx
 import leakscan
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
-from agentpg.runtime import Runtime
 
 
 class Transcript:

@@ -23,7 +23,7 @@ from helpers import agent_db_uri, with_database, workspace_global_uri
 from mcp import ClientSession, types
 from mcp_support import http_session
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.web.security import COOKIE, seal_session
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -191,7 +191,7 @@ def watching(uri: str, channels: Sequence[str] = ()) -> Iterator[Watcher]:
 
 def as_user(client: Any, world: World) -> None:
     """The explorer session of the user (signed in with its user token)."""
-    client.cookies.set(COOKIE, seal_session(world.runtime.keyring, world.user_token))
+    client.cookies.set(COOKIE, seal_session(world.runtime.service, world.user_token))
 
 
 def user_reads(client: Any, world: World, table: str, workspace: str | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from helpers import agent_db_uri, global_uri, workspace_global_uri
 from psycopg.conninfo import make_conninfo
 
 from agentpg.access import audit as audit_log
-from agentpg.runtime import Runtime, admin_token
+from agentpg.app.runtime import Runtime, admin_token
 from agentpg.web.security import COOKIE, seal_session
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -217,4 +217,4 @@ def sign_in(tab: Any, base_url: str, token: str, user: str) -> None:
 
 def as_user(client: Any, runtime: Runtime, token: str) -> None:
     """A signed-in session without going through the form (the form has its own test)."""
-    client.cookies.set(COOKIE, seal_session(runtime.keyring, token))
+    client.cookies.set(COOKIE, seal_session(runtime.service, token))

@@ -16,10 +16,10 @@ import psycopg
 import pytest
 from api_support import LiveServer, Transcript
 from leakscan import leak_scanner  # noqa: F401 - the suite-wide secret-leak check (autouse)
-from mcp_support import Tenants, make_tenants
+from mcp_support import PROCESS_INVALIDATION, Tenants, make_tenants
 
+from agentpg.app.runtime import Runtime, open_runtime
 from agentpg.embedded import EmbeddedPostgres
-from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
 
 
@@ -55,7 +55,7 @@ def settings(agentpg_home: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def runtime(settings: Settings, agentpg_home: Path) -> Iterator[Runtime]:
-    with open_runtime(settings) as rt:
+    with open_runtime(settings, invalidation=PROCESS_INVALIDATION) as rt:
         yield rt
         leakscan.sweep(rt, agentpg_home)
 
@@ -99,7 +99,7 @@ def api_transcript(runtime: Runtime) -> Iterator[Transcript]:
 
 @pytest.fixture(scope="session")
 def admin_token(runtime: Runtime) -> str:
-    from agentpg.runtime import admin_token as read_admin_token
+    from agentpg.app.runtime import admin_token as read_admin_token
 
     return read_admin_token(runtime.settings)
 
@@ -109,13 +109,13 @@ def api_client(settings: Settings, runtime: Runtime, api_transcript: Transcript)
     """httpx against the ASGI app in this process, with its lifespan run (runtime, tenant pools)."""
     import warnings
 
-    from agentpg.api.app import create_app
+    from agentpg.app.asgi import create_app
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette nudges towards httpx2; httpx is what the project uses
         from starlette.testclient import TestClient
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings, invalidation=PROCESS_INVALIDATION)) as client:
         client.event_hooks["response"] = [api_transcript.record_response]
         yield client
 

@@ -15,9 +15,9 @@ import sys
 
 from sqlalchemy import select
 
+from agentpg.app.runtime import open_runtime
 from agentpg.catalog.models import User, Workspace
 from agentpg.errors import Conflict, NotFound
-from agentpg.runtime import open_runtime
 
 
 def main() -> None:

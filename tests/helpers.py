@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import EnvVar, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
-from agentpg.runtime import Runtime
 
 
 def _opened(rt: Runtime, model: type[UserGlobalDatabase] | type[WorkspaceAgentDatabase], key: str,

@@ -24,10 +24,10 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import text
 
+from agentpg.app.runtime import Runtime
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import AgentpgError
 from agentpg.lifecycle.keys import SEALED_COLUMNS
-from agentpg.runtime import Runtime
 
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]{40,}")
 _TENANT_URI = re.compile(r"postgres(?:ql)?://[^\s\"'<>]*apg_", re.IGNORECASE)

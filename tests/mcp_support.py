@@ -20,8 +20,9 @@ from mcp import Client, ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from starlette.types import ASGIApp
 
-from agentpg.api.app import create_app
-from agentpg.runtime import Runtime, admin_token
+from agentpg.access.cache import Invalidation
+from agentpg.app.asgi import create_app
+from agentpg.app.runtime import Runtime, admin_token
 from agentpg.settings import Settings
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -51,12 +52,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PROCESS_INVALIDATION = Invalidation()
+"""The cache generation every service this test process opens shares (the runtime fixture's and each app's):
+a change a test makes through one is seen at once by the others, as within one ``serve``."""
+
+
 @contextmanager
 def live_server(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = None) -> Iterator[str]:
     """``create_app(settings)`` (wrapped by ``wrap``, e.g. a test proxy's header rewrite) served by uvicorn in
     a thread of this process; yields its base URL."""
     port = free_port()
-    app: ASGIApp = create_app(settings)
+    app: ASGIApp = create_app(settings, invalidation=PROCESS_INVALIDATION)
     server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap is not None else app, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

@@ -15,7 +15,7 @@ import psycopg
 from api_support import role_names
 from helpers import global_uri
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 SHOP = [
     """CREATE TABLE customers (

@@ -11,7 +11,7 @@ import pytest
 from api_support import assert_problem, bearer, uid
 from helpers import global_uri
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 Route = tuple[str, str, Any]
 

@@ -17,10 +17,11 @@ import psycopg
 import pytest
 from api_support import assert_problem, bearer, uid
 from helpers import agent_db_uri, global_uri, workspace_global_uri
+from mcp_support import PROCESS_INVALIDATION
 
 from agentpg.access.browse import ReadLimits
-from agentpg.api.app import create_app
-from agentpg.runtime import Runtime
+from agentpg.app.asgi import create_app
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 TEXT = 'héllo ✓ 日本 🐘 "quoted", comma\nnew line'
@@ -221,7 +222,8 @@ def tight_client(settings: Settings) -> Iterator[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
-    app = create_app(settings, read_limits=ReadLimits(statement_timeout_ms=300, max_page_bytes=4096))
+    app = create_app(settings, read_limits=ReadLimits(statement_timeout_ms=300, max_page_bytes=4096),
+                     invalidation=PROCESS_INVALIDATION)
     with TestClient(app) as client:
         yield client
 

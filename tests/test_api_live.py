@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 EXAMPLES = 10
 

@@ -8,10 +8,11 @@ import psycopg
 import pytest
 from api_support import assert_problem, bearer, uid
 from helpers import env_value, global_uri
+from mcp_support import PROCESS_INVALIDATION
 
-from agentpg.api.models import ID_PATTERN
+from agentpg.app.runtime import Runtime
 from agentpg.lifecycle import deps as lifecycle_deps
-from agentpg.runtime import Runtime
+from agentpg.service import ID_PATTERN
 from agentpg.settings import Settings
 
 
@@ -176,13 +177,13 @@ def test_an_unexpected_exception_is_a_bare_500_problem(settings: Settings, caplo
     """The guard: no traceback text, exception message or driver detail reaches the client or the log."""
     import warnings
 
-    from agentpg.api.app import create_app
+    from agentpg.app.asgi import create_app
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
-    app = create_app(settings)
+    app = create_app(settings, invalidation=PROCESS_INVALIDATION)
     secret = "postgresql://apg_0000000000000000_login:not-a-real-password@127.0.0.1/x"
 
     @app.get("/boom")

@@ -10,7 +10,7 @@ from api_support import assert_problem, bearer, uid
 from helpers import workspace_global_uri
 from test_budgets import EXPENSIVE, wait_for_stats
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.usage.budgets import sync_usage
 
 

@@ -45,11 +45,11 @@ from sqlalchemy import delete
 from test_gateway import ensure_bwrap, server_postgres_js  # noqa: F401  (the npm server fixture)
 
 import agentpg
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import McpServerConfig, new_id, utcnow
 from agentpg.embedded import EmbeddedPostgres
-from agentpg.gateway.catalog import CatalogError, load_catalog
 from agentpg.gateway.sandbox import Limits, Sandbox, SandboxMode
-from agentpg.runtime import Runtime
+from agentpg.service.gateway_catalog import CatalogError, load_catalog
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -343,7 +343,7 @@ async def test_malicious_entry_cannot_read_agentpg_or_the_host(attack: Attack, a
         assert not (agentpg_home / "owned").exists() and not Path("/usr/owned").exists()
     # Another user's child runs as another uid, and cannot reach the first one.
     assert put(attack.url, tenants.user2_token, tenants.user2, "evil", {"server": "evil"}).status_code in (200, 201)
-    role_a = urlsplit(runtime.service.agent_uri(tenants.ws_a, "global")).username or "?"
+    role_a = urlsplit(runtime.service.uris.agent(tenants.ws_a, "global")).username or "?"
     async with gateway_session(attack.url, tenants.token_c, "evil") as other, \
             gateway_session(attack.url, tenants.token_a, "evil") as mine:
         uid_c = int((await sh(other, "id -u")).split()[-1])

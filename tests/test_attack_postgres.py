@@ -37,7 +37,7 @@ from helpers import agent_db_uri, global_uri, workspace_global_uri
 from mcp_support import live_server, uid
 
 from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.runtime import Runtime, admin_token
+from agentpg.app.runtime import Runtime, admin_token
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

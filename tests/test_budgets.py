@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from helpers import agent_db_uri, global_uri, workspace_global_uri
 
+from agentpg.app.runtime import Runtime
 from agentpg.errors import InvalidInput, NotFound
 from agentpg.providers.base import DatabasePlan
-from agentpg.runtime import Runtime
 from agentpg.usage.budgets import sync_usage
 from agentpg.usage.pricing import PriceTable, cost_microcents
 

@@ -12,8 +12,8 @@ from conftest import run_cli
 from helpers import agent_db_uri, global_uri, workspace_global_uri
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, User, Workspace
-from agentpg.runtime import Runtime
 
 CRASHED = 86  # LifecycleDeps.reached() exits with this, as abruptly as a SIGKILL
 

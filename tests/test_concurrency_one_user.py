@@ -25,10 +25,10 @@ from helpers import global_uri, with_database, workspace_global_uri
 from mcp_support import MCP_HEADERS, live_server
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime, open_runtime
 from agentpg.catalog.models import AgentGlobalDbPermissions, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.lifecycle.reconcile import reconcile
-from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
 
 T = TypeVar("T")

@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, User, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
 from agentpg.lifecycle.reconcile import reconcile
-from agentpg.runtime import Runtime
 
 OPERATIONS = 100  # ~15 kills at seed 7; AGENTPG_CHAOS_SEED varies where they land
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from browser_support import Tenant, as_user, check_page, drop_tenant, make_tenant
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.web.security import COOKIE, CSP, seal_session
 
 DASH = "\u2013"  # the en dash the row count uses ("Rows 1-25 of 250")
@@ -82,13 +82,13 @@ def test_revoking_the_token_ends_the_session(web: Any, runtime: Runtime, tenant:
     issued = runtime.service.issue_user_token(tenant.user, "short-lived")
     assert sign_in(web, issued.secret).status_code == 303
     assert web.get(f"/explorer/u/{tenant.user}").status_code == 200
-    runtime.service.revoke_token(issued.id)
+    web.app.state.service.revoke_token(issued.id)  # through the app's service: its caches drop it at once
     gone = web.get(f"/explorer/u/{tenant.user}", follow_redirects=False)
     assert gone.status_code == 303 and gone.headers["location"] == "/?reason=expired"
     assert f'{COOKIE}=""' in gone.headers["set-cookie"]
     # A cookie past its sealed expiry, or altered, or holding the bare token, is no session either.
-    sealed = seal_session(runtime.keyring, tenant.user_token)
-    for value in (seal_session(runtime.keyring, tenant.user_token, seconds=-1), sealed[:-2] + "AA", tenant.user_token):
+    sealed = seal_session(runtime.service, tenant.user_token)
+    for value in (seal_session(runtime.service, tenant.user_token, seconds=-1), sealed[:-2] + "AA", tenant.user_token):
         web.cookies.clear()
         web.cookies.set(COOKIE, value)
         response = web.get(f"/explorer/u/{tenant.user}/usage", follow_redirects=False)

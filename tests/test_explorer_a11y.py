@@ -37,7 +37,7 @@ from api_support import LiveServer
 from browser_support import Tenant, check_page, chromium_browser, drop_tenant, make_tenant
 
 from agentpg.access import audit as audit_log
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(900)  # the first run on a fresh machine installs chromium (apt) and axe-core
 Page = Any  # playwright.sync_api.Page (imported lazily)

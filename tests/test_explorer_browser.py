@@ -40,7 +40,7 @@ from helpers import workspace_global_uri
 from mcp import ClientSession
 from mcp_support import http_session, ok, refused
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 # The first run on a fresh machine installs Debian's chromium package (apt) inside the set-up.
 pytestmark = pytest.mark.timeout(1800)

@@ -26,7 +26,7 @@ from browser_support import (
 )
 from mcp_support import MCP_HEADERS
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(600)
 Page = Any  # playwright.sync_api.Page (imported lazily)

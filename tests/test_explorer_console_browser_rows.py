@@ -17,7 +17,7 @@ from api_support import LiveServer
 from browser_support import DOCS_SCREENSHOT_MAX_BYTES, ROOT, chromium_browser, save_screenshot, sign_in, watch_errors
 from rows_support import Shop, check_html, drop_shop, make_shop
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(1800)  # the first run on a fresh machine installs chromium (apt)
 

@@ -16,9 +16,9 @@ from browser_support import Tenant, as_user, check_page, drop_tenant, make_tenan
 from mcp_support import MCP_HEADERS
 
 from agentpg.access import audit as audit_log
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import UsageDay
 from agentpg.errors import NotFound
-from agentpg.runtime import Runtime
 from agentpg.usage import history as usage_history
 from agentpg.web.security import CSP
 

@@ -5,7 +5,6 @@ tests/test_explorer_console_browser_rows.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import html as html_lib
 import re
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from rows_support import Shop, check_html, drop_shop, make_shop
 
 from agentpg.access.browse import ReadLimits
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.web.security import COOKIE, CSP, seal_session
 
 DASH = "\u2013"
@@ -32,7 +31,7 @@ def shop(runtime: Runtime) -> Iterator[Shop]:
 @pytest.fixture()
 def web(api_client: Any, runtime: Runtime, shop: Shop) -> Iterator[Any]:
     api_client.cookies.clear()
-    api_client.cookies.set(COOKIE, seal_session(runtime.keyring, shop.token))
+    api_client.cookies.set(COOKIE, seal_session(runtime.service, shop.token))
     yield api_client
     api_client.cookies.clear()
 
@@ -147,14 +146,15 @@ def test_counts_exact_when_cheap_and_about_otherwise(web: Any, runtime: Runtime,
     tables = web.get(f"/explorer/u/{shop.user}/global").text
     check_html(runtime, shop, "tables panel", tables)
     assert "not analysed" not in tables and "137 rows" in tables and "5 rows" in tables
-    ctx = web.app.state.agentpg
-    web.app.state.agentpg = dataclasses.replace(ctx, read_limits=ReadLimits(count_max_bytes=0, count_timeout_ms=0))
+    access = web.app.state.service.tenant()
+    limits = access.read_limits
+    access.read_limits = ReadLimits(count_max_bytes=0, count_timeout_ms=0)
     try:
         about = count_line(rows(web, runtime, shop, "customers", ("limit", "25")))
         filtered = count_line(rows(web, runtime, shop, "customers", *f("tier", "eq", "gold"), ("limit", "25")))
         tables = web.get(f"/explorer/u/{shop.user}/global").text
     finally:
-        web.app.state.agentpg = ctx
+        access.read_limits = limits
     n = int(re.search(r"of about ([\d,]+)", about).group(1).replace(",", ""))  # type: ignore[union-attr]
     assert 50 <= n <= 1000 and "planner's estimate" in about  # the planner's guess for an unanalysed table
     assert re.search(r"of about [\d,]+ matching", filtered)

@@ -29,7 +29,7 @@ from browser_support import chromium_browser, save_screenshot
 from mcp import ClientSession
 from mcp_support import http_session, live_server, ok, uid
 
-from agentpg.runtime import admin_token
+from agentpg.app.runtime import admin_token
 from agentpg.settings import Settings
 from agentpg.web.security import CSP
 

@@ -12,7 +12,7 @@ from helpers import agent_db_uri, workspace_global_uri
 from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused
 
 from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -115,7 +115,7 @@ def test_status_says_what_tenants_get(runtime: Runtime) -> None:
 
 
 def test_an_operator_cannot_allow_a_dangerous_extension(settings: Settings) -> None:
-    from agentpg.runtime import StartupError, make_provider
+    from agentpg.app.runtime import StartupError, make_provider
 
     with pytest.raises(StartupError, match=r"dblink.*never"):
         make_provider(settings.model_copy(update={"tenant_extensions": ["vector", "dblink"]}), "postgresql://x")

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import UserGlobalDatabase
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.errors import ProviderUnavailable
@@ -20,7 +21,6 @@ from agentpg.lifecycle import reconcile, users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.base import DatabasePlan, UsageSample
 from agentpg.providers.fleet import FleetProvider, server_name_of
-from agentpg.runtime import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp_support import MCP_HEADERS, Tenants, live_server, make_tenants
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 EXAMPLES = int(os.environ.get("AGENTPG_FUZZ_EXAMPLES", "40"))

@@ -32,7 +32,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -143,7 +143,7 @@ class Secrets:
         self.values: set[str] = set()
         for ws in workspaces:
             for database in ("global", "agent"):
-                uri = runtime.service.agent_uri(ws, database)
+                uri = runtime.service.uris.agent(ws, database)
                 parts = urlsplit(uri)
                 assert parts.password and parts.username
                 without = uri.replace(f":{parts.password}@", "@", 1)
@@ -169,7 +169,7 @@ def put_config(base_url: str, token: str, user: str, name: str, body: dict[str, 
 
 
 def role_of(runtime: Runtime, workspace: str) -> str:
-    return urlsplit(runtime.service.agent_uri(workspace, "global")).username or "?"
+    return urlsplit(runtime.service.uris.agent(workspace, "global")).username or "?"
 
 
 def pg_config(_entry: str = "") -> dict[str, Any]:

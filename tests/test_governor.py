@@ -329,7 +329,8 @@ def test_server_busy_is_a_429_with_retry_after_on_rest() -> None:
 
 
 def test_governor_metrics_have_bounded_labels() -> None:
-    from agentpg.api.metrics import ApiMetrics, GovernorCollector
+    from agentpg.api.metrics import ApiMetrics
+    from agentpg.app.collectors import GovernorCollector
 
     async def scenario() -> Governor:
         governor = Governor(GovernorConfig(budget=4, wait_s=0.05))

@@ -16,16 +16,16 @@ from hypothesis import strategies as st
 from mcp_support import uid
 from sqlalchemy import func, select, update
 
-from agentpg.access import cache
 from agentpg.access.permissions import GlobalDbPermissions, PermissionRefused
 from agentpg.access.pools import TenantPools
 from agentpg.access.query import StatementFailed, TenantQueries
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Token, UserGlobalDatabase, Workspace
 from agentpg.errors import Unauthenticated
 from agentpg.lifecycle import users
 from agentpg.mcp.server import limits_from
 from agentpg.providers.base import AgentPermissions
-from agentpg.runtime import Runtime
+from agentpg.service import TenantAccess
 from agentpg.tokens import TokenStore
 
 pytestmark = pytest.mark.anyio
@@ -59,10 +59,12 @@ def test_a_token_revoked_elsewhere_is_refused_after_the_ttl(runtime: Runtime) ->
 
 def test_a_revocation_through_this_process_is_immediate(runtime: Runtime) -> None:
     user, _, token_id, secret = _agent(runtime)
-    store = TokenStore(runtime.service.deps.sessions, "not-the-admin-token-" * 3, cache_ttl_s=60)
+    # Another store sharing the service's invalidation (as every cache of one service does).
+    store = TokenStore(runtime.service.deps.sessions, "not-the-admin-token-" * 3, cache_ttl_s=60,
+                       invalidation=runtime.service.deps.invalidation)
     store.authenticate(secret)
     assert store.cached(secret) is not None
-    runtime.service.revoke_token(token_id)  # through another store of this process: still seen at once
+    runtime.service.revoke_token(token_id)  # through the service's own store: the other one sees it at once
     assert store.cached(secret) is None
     with pytest.raises(Unauthenticated):
         store.authenticate(secret)
@@ -74,30 +76,31 @@ async def test_permission_changes_and_stale_entries(runtime: Runtime) -> None:
     user, ws, _, secret = _agent(runtime)
     principal = svc.tokens.authenticate(secret)
     queries = TenantQueries(TenantPools(), limits_from(runtime.settings))
+    svc.attach_tenant(TenantAccess.of(queries))
     try:
-        await svc.agent_sql(queries, principal, "execute", "global", "CREATE TABLE cached_t (x int)")
-        await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (1)")
-        assert svc.agent_target_cached(principal, "global") is not None
+        await svc.agents.sql(principal, "execute", "global", "CREATE TABLE cached_t (x int)")
+        await svc.agents.sql(principal, "execute", "global", "INSERT INTO cached_t VALUES (1)")
+        assert svc.agents.target_cached(principal, "global") is not None
         # Changed through this process: the next call's refusal is agentpg's own, precise one.
         svc.set_agent_permissions(ws, GlobalDbPermissions(can_write=False))
         with pytest.raises(PermissionRefused, match="can_write is false"):
-            await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (2)")
+            await svc.agents.sql(principal, "execute", "global", "INSERT INTO cached_t VALUES (2)")
         svc.set_agent_permissions(ws, GlobalDbPermissions())
-        await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (3)")
+        await svc.agents.sql(principal, "execute", "global", "INSERT INTO cached_t VALUES (3)")
         # Changed by "another process" (grants and catalog, no invalidation here): the cached permissions
         # still say can_write, but the role's grants refuse the write; only the message is the server's.
-        gen = cache.generation()
+        gen = svc.deps.invalidation.current()
         with svc.deps.sessions() as s:
             role = s.get(Workspace, ws).agent_role  # type: ignore[union-attr]
             glob = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user)).one()
             plan = users.plan_of(glob)
         assert role is not None
         svc.deps.provider.set_agent_permissions(plan, role, AgentPermissions(can_write=False))
-        assert cache.generation() == gen and svc.agent_target_cached(principal, "global") is not None
+        assert svc.deps.invalidation.current() == gen and svc.agents.target_cached(principal, "global") is not None
         with pytest.raises(StatementFailed) as refused:
-            await svc.agent_sql(queries, principal, "execute", "global", "INSERT INTO cached_t VALUES (4)")
+            await svc.agents.sql(principal, "execute", "global", "INSERT INTO cached_t VALUES (4)")
         assert refused.value.outcome == "denied"
-        rows = await svc.agent_sql(queries, principal, "query", "global", "SELECT count(*) FROM cached_t")
+        rows = await svc.agents.sql(principal, "query", "global", "SELECT count(*) FROM cached_t")
         assert rows.rows == [[2]]
     finally:
         await queries.close()

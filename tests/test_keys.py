@@ -24,6 +24,7 @@ from psycopg import sql
 from pydantic import SecretStr
 from sqlalchemy import select, text
 
+from agentpg.app.runtime import Runtime, open_runtime
 from agentpg.catalog.models import Base, EnvVar, UserGlobalDatabase, new_id
 from agentpg.crypto import (
     KeyFile,
@@ -36,7 +37,6 @@ from agentpg.crypto import (
 )
 from agentpg.errors import SecretError
 from agentpg.lifecycle.keys import _ROTATION_LOCK_KEY, SEALED_COLUMNS, rotate_keys
-from agentpg.runtime import Runtime, open_runtime
 from agentpg.settings import Settings
 
 CRASHED = 86  # LifecycleDeps.reached() exits with this, as abruptly as a SIGKILL

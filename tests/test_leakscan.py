@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import leakscan
 from helpers import global_uri
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 
 def test_scanner_finds_passwords_uris_and_tenant_uri_shapes() -> None:

@@ -11,12 +11,12 @@ import pytest
 from helpers import agent_db_uri, env_value, global_uri, with_database, workspace_global_uri
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, User, UserGlobalDatabase
 from agentpg.errors import Conflict, InvalidInput, NotFound, ProviderError, SecretError
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.base import DatabasePlan, Provisioned
 from agentpg.providers.local import LocalProvider
-from agentpg.runtime import Runtime
 
 
 def uid(prefix: str) -> str:

@@ -8,7 +8,7 @@ from helpers import workspace_global_uri
 from mcp_support import http_session, live_server, ok, refused, uid
 from test_budgets import EXPENSIVE, wait_for_stats
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 from agentpg.usage.budgets import sync_usage
 

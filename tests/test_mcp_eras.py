@@ -30,7 +30,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from mcp_support import MCP_HEADERS, Tenants, http_session, live_server, mcp_answer, ok, refused
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,7 @@ import pytest
 from mcp_support import INIT, MCP_HEADERS, Tenants, http_session, live_server, ok, refused, rss_kib, text
 from psycopg.conninfo import make_conninfo
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

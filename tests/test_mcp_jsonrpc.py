@@ -30,10 +30,11 @@ from mcp_support import Tenants
 from agentpg import __version__
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.app.runtime import Runtime
 from agentpg.mcp import tools
 from agentpg.mcp.jsonrpc import JsonRpcSession
 from agentpg.mcp.server import INSTRUCTIONS, ToolCalls
-from agentpg.runtime import Runtime
+from agentpg.service import Service, TenantAccess
 from agentpg.tokens import Principal
 
 pytestmark = pytest.mark.anyio
@@ -227,7 +228,7 @@ async def test_overlong_lines_are_skipped_and_reading_goes_on(runtime: Runtime, 
     queries = TenantQueries(TenantPools(PoolLimits()), QueryLimits())
     server_end, client_end = socket.socketpair()
     server_reader, server_writer = await asyncio.open_connection(sock=server_end, limit=1024)
-    session = JsonRpcSession(ToolCalls(runtime.service, queries, identify), server_reader, server_writer,
+    session = JsonRpcSession(ToolCalls(_attached(runtime.service, queries), identify), server_reader, server_writer,
                              drain_timeout_s=1, max_line=1024)
     serving = asyncio.create_task(session.serve())
     client = RawClient(*await asyncio.open_connection(sock=client_end))
@@ -252,3 +253,9 @@ async def test_overlong_lines_are_skipped_and_reading_goes_on(runtime: Runtime, 
         client.writer.close()
         server_writer.close()
         await queries.close()
+
+
+def _attached(service: Service, queries: TenantQueries) -> Service:
+    """The service, reaching tenants through ``queries`` (this test's own limits)."""
+    service.attach_tenant(TenantAccess.of(queries))
+    return service

@@ -16,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, StatementFailed, TenantQueries
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -316,7 +316,7 @@ async def test_reads_stay_read_only_whatever_the_role_sets_for_itself(runtime: R
 async def test_values_and_the_byte_cap(runtime: Runtime, tenants: Tenants) -> None:
     queries = TenantQueries(TenantPools(), QueryLimits(max_result_bytes=2_000))
     try:
-        uri = runtime.service.agent_uri(tenants.ws_c, "agent")
+        uri = runtime.service.uris.agent(tenants.ws_c, "agent")
         capped = await queries.run(uri, "SELECT repeat('x', 500) FROM generate_series(1, 10)", read_only=True)
         assert capped.truncated and capped.truncated_by == "max_result_bytes" and 1 <= capped.row_count < 4
         values = await queries.run(uri, "SELECT 1.5::numeric, 12345678901234567890.5::numeric, 'NaN'::float8, "

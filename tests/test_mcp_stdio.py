@@ -19,7 +19,7 @@ from mcp import ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 from mcp_support import Tenants, http_session, live_server, ok, refused
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -22,13 +22,14 @@ from agentpg.access.explain import bound_plan, summarize
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.app.runtime import Runtime
 from agentpg.mcp import tools
 from agentpg.mcp.jsonrpc import JsonRpcSession
 from agentpg.mcp.server import ToolCalls, build_server
-from agentpg.runtime import Runtime
+from agentpg.service import Service, TenantAccess
+from agentpg.service.tool_choice import AGENT_TOOLS
 from agentpg.settings import Settings
 from agentpg.tokens import Principal
-from agentpg.tool_choice import AGENT_TOOLS
 
 pytestmark = pytest.mark.anyio
 
@@ -177,7 +178,7 @@ async def sdk_server_follows_the_choice(runtime: Runtime, token: str) -> None:
 
     queries = TenantQueries(TenantPools(PoolLimits()), QueryLimits())
     try:
-        async with Client(build_server(runtime.service, queries, identify), mode="legacy") as client:
+        async with Client(build_server(_attached(runtime.service, queries), identify), mode="legacy") as client:
             s = client.session  # in process, over memory streams
             assert {t.name for t in (await s.list_tools()).tools} == {"list_tables", "query"}
             assert "not enabled" in await refused(s, "execute", database="agent", sql="SELECT 1")
@@ -193,7 +194,7 @@ async def stdio_loop_follows_the_choice(runtime: Runtime, token: str) -> None:
     queries = TenantQueries(TenantPools(PoolLimits()), QueryLimits())
     server_end, client_end = socket.socketpair()
     server_reader, server_writer = await asyncio.open_connection(sock=server_end)
-    session = JsonRpcSession(ToolCalls(runtime.service, queries, identify), server_reader, server_writer,
+    session = JsonRpcSession(ToolCalls(_attached(runtime.service, queries), identify), server_reader, server_writer,
                              drain_timeout_s=1)
     serving = asyncio.create_task(session.serve())
     reader, writer = await asyncio.open_connection(sock=client_end)
@@ -260,3 +261,9 @@ async def test_a_workspace_chooses_its_tools(runtime: Runtime, base_url: str, te
         async with http_session(base_url, tenants.token_b) as b:
             assert len((await b.list_tools()).tools) == len(AGENT_TOOLS)
             await ok(b, "execute", database="agent", sql="CREATE TABLE t (x int)")
+
+
+def _attached(service: Service, queries: TenantQueries) -> Service:
+    """The service, reaching tenants through ``queries`` (this test's own limits)."""
+    service.attach_tenant(TenantAccess.of(queries))
+    return service

@@ -24,6 +24,7 @@ from helpers import agent_db_uri, global_uri, with_database, workspace_global_ur
 from neon_standin import EmulatedNeon, NeonStandIn, StandInServer
 from sqlalchemy import select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, User, UserGlobalDatabase
 from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.lifecycle import users, workspaces
@@ -31,7 +32,6 @@ from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.base import AgentPermissions, DatabasePlan, new_password
 from agentpg.providers.neon import NeonProvider, NeonQuota, admin_role_of
 from agentpg.providers.neon_api import RateLimiter, RetryPolicy, _retry_after
-from agentpg.runtime import Runtime
 
 API_KEY = "napi_" + secrets.token_urlsafe(36)
 FAST = RetryPolicy(attempts=6, base_delay_s=0.05, max_delay_s=0.4, max_retry_after_s=2)

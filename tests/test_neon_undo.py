@@ -28,6 +28,7 @@ from neon_standin import EmulatedNeon, NeonStandIn, StandInServer
 from sqlalchemy import select
 
 from agentpg.access.permissions import GlobalDbPermissions
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, RestoredCopy, UserGlobalDatabase
 from agentpg.embedded import EmbeddedPostgres, client_bin
 from agentpg.errors import ProviderError
@@ -37,7 +38,6 @@ from agentpg.lifecycle.users import plan_of
 from agentpg.providers.archive import Archiver
 from agentpg.providers.base import DatabasePlan, NotRestorable
 from agentpg.providers.neon_api import RetryPolicy
-from agentpg.runtime import Runtime
 from agentpg.service import Service
 
 API_KEY = "napi_" + secrets.token_urlsafe(36)
@@ -145,7 +145,7 @@ def test_an_agents_mistakes_on_neon_are_undone(stand: Stand) -> None:
     assert copied.mode == "new" and copied.restored_copy is not None
     assert standin.calls("POST", r"/projects/[^/]+/branches") == [503, 201]
     (listed,) = service.undo.list_copies(u)
-    copy_uri = service.copy_uri(u, listed.id)
+    copy_uri = service.uris.copy(u, listed.id)
     assert rows(copy_uri) == state_b
     assert rows(agent) == state_c  # the database itself is untouched
     with stand.deps.sessions() as s:

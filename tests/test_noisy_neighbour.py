@@ -25,9 +25,9 @@ from mcp_support import Tenants, http_session, live_server, make_tenants, ok, re
 
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import QueryLimits, StatementFailed, TenantQueries
+from agentpg.app.runtime import Runtime
 from agentpg.providers.limits import TenantLimits
 from agentpg.providers.local import LocalProvider
-from agentpg.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -102,7 +102,7 @@ def backends(admin: Conn, uri: str, marker: str | None = None) -> list[tuple[obj
 
 async def test_a_statement_that_swallows_cancels_is_terminated(base_url: str, tenants: Tenants, runtime: Runtime,
                                                               admin: Conn) -> None:
-    uri = runtime.service.agent_uri(tenants.ws_a, "agent")
+    uri = runtime.service.uris.agent(tenants.ws_a, "agent")
     async with http_session(base_url, tenants.token_a) as s:
         await ok(s, "execute", database="agent", sql=STUBBORN)
         for tool in ("query", "execute"):
@@ -129,7 +129,7 @@ async def test_a_statement_that_swallows_cancels_is_terminated(base_url: str, te
 
 async def test_a_cancelled_call_leaves_no_backend(runtime: Runtime, tenants: Tenants, admin: Conn) -> None:
     """The caller goes away (an MCP cancel, a dropped client): the task is cancelled, the backend terminated."""
-    uri = runtime.service.agent_uri(tenants.ws_a, "agent")
+    uri = runtime.service.uris.agent(tenants.ws_a, "agent")
     queries = TenantQueries(TenantPools(PoolLimits(max_size=1)), QueryLimits(statement_timeout_s=60))
     try:
         await queries.run(uri, "SELECT 1", read_only=True)  # the function exists (made by the test above)
@@ -154,7 +154,7 @@ async def test_a_cancelled_call_leaves_no_backend(runtime: Runtime, tenants: Ten
 
 
 def test_every_tenant_role_has_a_temp_file_limit_it_cannot_raise(runtime: Runtime, tenants: Tenants) -> None:
-    for uri in (workspace_global_uri(runtime, tenants.ws_a), runtime.service.agent_uri(tenants.ws_b, "agent")):
+    for uri in (workspace_global_uri(runtime, tenants.ws_a), runtime.service.uris.agent(tenants.ws_b, "agent")):
         with psycopg.connect(uri, autocommit=True) as conn:
             assert conn.execute("SHOW temp_file_limit").fetchone() == (f"{TEMP_LIMIT_MB}MB",)
             assert conn.execute("SHOW work_mem").fetchone() == ("4MB",)
@@ -202,7 +202,7 @@ def roomy_url(settings: Settings, tenants: Tenants) -> Iterator[str]:
 
 async def test_a_huge_value_is_result_too_large_and_serve_memory_stays_bounded(
         roomy_url: str, tenants: Tenants, runtime: Runtime, admin: Conn) -> None:
-    uri = runtime.service.agent_uri(tenants.ws_c, "agent")
+    uri = runtime.service.uris.agent(tenants.ws_c, "agent")
     async with http_session(roomy_url, tenants.token_c) as s:
         await ok(s, "query", database="agent", sql="SELECT repeat('x', 900000)")  # warm-up: a row near the cap
         await ok(s, "query", database="agent", sql="SELECT repeat('x', 500) FROM generate_series(1, 5000)")
@@ -240,7 +240,7 @@ def roomy_agent_uri(runtime: Runtime, tenants: Tenants) -> str:
     workspace = uid("wr")
     with roles_made_with(runtime, TenantLimits()):
         runtime.service.create_workspace_with_token(tenants.user2, workspace)
-    return runtime.service.agent_uri(workspace, "agent")
+    return runtime.service.uris.agent(workspace, "agent")
 
 
 async def test_wide_rows_are_truncated_not_refused(roomy_agent_uri: str) -> None:

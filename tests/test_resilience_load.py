@@ -20,8 +20,8 @@ from mcp import ClientSession
 from mcp_support import http_session, live_server, ok, text, uid
 from sqlalchemy import func, select
 
+from agentpg.app.runtime import Runtime, admin_token
 from agentpg.catalog.models import User, UserGlobalDatabase
-from agentpg.runtime import Runtime, admin_token
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

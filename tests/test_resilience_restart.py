@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from mcp_support import http_session, live_server, ok, text, uid
 
-from agentpg.runtime import Runtime, admin_token, open_runtime
+from agentpg.app.runtime import Runtime, admin_token, open_runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -138,7 +138,7 @@ async def test_tenant_server_restart_under_mcp_load(private: Private) -> None:
     late_failures = [(round(t - back, 2), m) for t, m in log.failures if t >= back + 5.0]
     assert late_failures == [], late_failures[:5]
     # Every acknowledged write is there, once.
-    with psycopg.connect(private.runtime.service.platform_uri(private.user)) as conn:
+    with psycopg.connect(private.runtime.service.uris.platform(private.user)) as conn:
         counts = dict(conn.execute("SELECT id, count(*) FROM restart_log GROUP BY id").fetchall())
     missing = [i for i in log.acked if counts.get(i) != 1]
     assert missing == [], f"{len(missing)} acknowledged writes lost"

@@ -10,7 +10,7 @@ import httpx
 import leakscan
 from api_support import LiveServer, bearer, uid
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 
 def test_two_instances_share_users_and_take_turns_at_background_jobs(

@@ -17,13 +17,13 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from helpers import workspace_global_uri
-from mcp_support import free_port, http_session, ok, refused, uid
+from mcp_support import PROCESS_INVALIDATION, free_port, http_session, ok, refused, uid
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import select
 
-from agentpg.api.app import create_app
+from agentpg.app.asgi import create_app
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import UserGlobalDatabase, WorkspaceAgentDatabase
-from agentpg.runtime import Runtime
 from agentpg.settings import Settings
 from agentpg.usage.storage import StorageGuard, check_storage
 
@@ -50,7 +50,7 @@ async def wait_for_grant_refusal(uri: str, statement: str, within_s: float = 30.
 @contextmanager
 def serving(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
     """``create_app(settings)`` under uvicorn in a thread, with the app (its runtime's storage guard)."""
-    app = create_app(settings)
+    app = create_app(settings, invalidation=PROCESS_INVALIDATION)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="uvicorn-storage-test", daemon=True)
@@ -103,7 +103,7 @@ async def test_storage_limit_stops_a_fast_writer_within_seconds(runtime: Runtime
                                                  "user_storage_check_interval_s": 1.0})
     try:
         with serving(serve_settings) as (url, app):
-            guard = app.state.agentpg.runtime.storage_guard
+            guard = app.state.agentpg.app.runtime.storage_guard
             assert isinstance(guard, StorageGuard)
             async with http_session(url, token.secret) as session, \
                     http_session(url, other_token.secret) as other_session:

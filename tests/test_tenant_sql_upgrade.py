@@ -10,7 +10,7 @@ from helpers import workspace_global_uri
 from mcp_support import uid
 from psycopg.conninfo import make_conninfo
 
-from agentpg.runtime import Runtime
+from agentpg.app.runtime import Runtime
 
 
 def test_upgrade_locks_down_a_shared_database_made_before_the_rules(runtime: Runtime) -> None:

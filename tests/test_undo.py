@@ -29,8 +29,8 @@ import psycopg
 import pytest
 from mcp_support import http_session, live_server, ok, refused, uid
 
+from agentpg.app.runtime import admin_token
 from agentpg.embedded import EmbeddedPostgres
-from agentpg.runtime import admin_token
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio

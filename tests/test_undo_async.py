@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from mcp_support import live_server, uid
+from mcp_support import PROCESS_INVALIDATION, live_server, uid
 from sqlalchemy import text
 
-from agentpg.runtime import Runtime, admin_token, open_runtime
+from agentpg.app.runtime import Runtime, admin_token, open_runtime
 from agentpg.settings import Settings
 from agentpg.usage.backups import Sized, attribute
 
@@ -42,12 +42,12 @@ class World:
         return user
 
     def write(self, user: str, *statements: str) -> None:
-        with psycopg.connect(self.runtime.service.platform_uri(user), autocommit=True) as conn:
+        with psycopg.connect(self.runtime.service.uris.platform(user), autocommit=True) as conn:
             for statement in statements:
                 conn.execute(statement)
 
     def count(self, user: str) -> Any:
-        with psycopg.connect(self.runtime.service.platform_uri(user)) as conn:
+        with psycopg.connect(self.runtime.service.uris.platform(user)) as conn:
             row = conn.execute("SELECT count(*) FROM t").fetchone()
         return row[0] if row else None
 
@@ -60,7 +60,7 @@ def world() -> Iterator[World]:
                         user_storage_check_interval_s=0, backup_enabled=True, restore_wait_s=0,
                         price_backup_cents_per_gb_month=1e9)
     try:
-        with live_server(settings) as url, open_runtime(settings) as runtime:
+        with live_server(settings) as url, open_runtime(settings, invalidation=PROCESS_INVALIDATION) as runtime:
             world = World(url, runtime)
             with world.api() as api:
                 deadline = time.monotonic() + 120

@@ -10,9 +10,9 @@ from conftest import run_cli
 from helpers import global_uri, workspace_global_uri
 from sqlalchemy import func, select
 
+from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import WarmDatabase
 from agentpg.lifecycle.warm import Refiller, drain, fill
-from agentpg.runtime import Runtime
 
 
 def warm_count(rt: Runtime, state: str = "ready") -> int:

@@ -14,15 +14,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import Engine, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from agentpg.access import cache
+from agentpg.catalog.engine import read_engine
 from agentpg.catalog.models import Token, User, Workspace
 from agentpg.errors import NotFound, Unauthenticated
 
 TokenKind = Literal["admin", "user", "agent"]
-_PREFIX: dict[str, str] = {"admin": "apg_a_", "user": "apg_u_", "agent": "apg_g_"}
+ADMIN_PREFIX = "apg_a_"
+"""How every admin token starts (the one place it is written)."""
+_PREFIX: dict[str, str] = {"admin": ADMIN_PREFIX, "user": "apg_u_", "agent": "apg_g_"}
+
+
+def new_admin_secret() -> str:
+    """A fresh admin token (shown once, kept 0600 in the home)."""
+    return ADMIN_PREFIX + secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,13 @@ class TokenInfo:
     last_used_at: datetime | None
 
 
+# A live token and, for an agent token, its workspace still active: one statement, one snapshot.
+_LIVE_TOKEN = (select(Token.id, Token.kind, Token.user_id, Token.workspace_id)
+               .outerjoin(Workspace, Workspace.id == Token.workspace_id)
+               .where(Token.token_hash == bindparam("digest"), Token.revoked_at.is_(None),
+                      or_(Token.workspace_id.is_(None), Workspace.status == "active")))
+
+
 def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -72,11 +87,15 @@ class TokenStore:
     """Issue, verify and revoke tokens in the catalog. ``admin_secret`` is the platform's admin token."""
 
     def __init__(self, sessions: sessionmaker[Session], admin_secret: str, *,
-                 cache_ttl_s: float = cache.TTL_S) -> None:
+                 cache_ttl_s: float = cache.TTL_S, invalidation: cache.Invalidation | None = None) -> None:
         self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        # Authentication is one autocommit statement (no BEGIN/ROLLBACK) when the factory names its engine.
+        self._reads: Engine | None = read_engine(bind) if isinstance(bind, Engine) else None
+        self._invalidation = invalidation or cache.Invalidation()
         self._admin_hash = hash_token(admin_secret)
         # Successful lookups only, by hash, for cache_ttl_s: see agentpg.access.cache for what that means.
-        self._cache: cache.TtlCache[str, Principal] = cache.TtlCache(cache_ttl_s)
+        self._cache: cache.TtlCache[str, Principal] = cache.TtlCache(self._invalidation, cache_ttl_s)
 
     def issue(self, kind: Literal["user", "agent"], *, user_id: str, workspace_id: str | None = None,
               name: str | None = None, session: Session | None = None) -> IssuedToken:
@@ -107,6 +126,10 @@ class TokenStore:
             return Principal(kind="admin", token_id=None)
         return self._cache.get(digest)
 
+    def is_admin_secret(self, raw: str) -> bool:
+        """Whether ``raw`` is the admin token (constant time; no catalog read)."""
+        return raw.startswith(ADMIN_PREFIX) and hmac.compare_digest(hash_token(raw), self._admin_hash)
+
     def authenticate(self, raw: str | None) -> Principal:
         """The principal behind a bearer token, or ``Unauthenticated`` (never says which part was wrong).
 
@@ -120,17 +143,16 @@ class TokenStore:
         hit = self._cache.get(digest)
         if hit is not None:
             return hit
-        gen = cache.generation()
-        with self._sessions() as s:
-            row = s.scalars(select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))).one_or_none()
-            if row is None:
-                raise Unauthenticated("a valid bearer token is required")
-            if row.workspace_id is not None:
-                ws = s.get(Workspace, row.workspace_id)
-                if ws is None or ws.status != "active":
-                    raise Unauthenticated("a valid bearer token is required")
-            principal = Principal(kind=row.kind, token_id=row.id, user_id=row.user_id,  # type: ignore[arg-type]
-                                  workspace_id=row.workspace_id)
+        gen = self._invalidation.current()
+        if self._reads is not None:
+            with self._reads.connect() as conn:
+                row = conn.execute(_LIVE_TOKEN, {"digest": digest}).one_or_none()
+        else:
+            with self._sessions() as s:
+                row = s.execute(_LIVE_TOKEN, {"digest": digest}).one_or_none()
+        if row is None:
+            raise Unauthenticated("a valid bearer token is required")
+        principal = Principal(kind=row.kind, token_id=row.id, user_id=row.user_id, workspace_id=row.workspace_id)
         self._cache.put(digest, principal, gen)
         return principal
 
@@ -153,4 +175,4 @@ class TokenStore:
             result = s.execute(query.values(revoked_at=datetime.now(UTC)))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(f"token {token_id!r} does not exist")
-        cache.invalidate_all()  # after the commit: a lookup racing with it cannot re-store the old answer
+        self._invalidation.bump()  # after the commit: a lookup racing with it cannot re-store the old answer

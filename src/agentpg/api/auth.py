@@ -17,8 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from agentpg.api.context import Ctx
-from agentpg.errors import NotFound, PermissionDenied, Unauthenticated
-from agentpg.tokens import Principal
+from agentpg.errors import Unauthenticated
+from agentpg.service import Principal, not_an_agent, own_user, require_admin, user_scope
+
+__all__ = ["Auth", "authenticated", "own_user", "principal_of", "require_admin", "user_scope"]
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
                      description="The admin token, or a user token (agent tokens are for MCP only).")
@@ -28,7 +30,7 @@ def principal_of(ctx: Ctx, credentials: HTTPAuthorizationCredentials | None) -> 
     """The caller, or ``Unauthenticated``/``PermissionDenied``. Sync: the token lookup may be a catalog query."""
     if credentials is None:
         raise Unauthenticated("send the admin token or a user token as 'Authorization: Bearer <token>'")
-    return _not_an_agent(ctx.service.tokens.authenticate(credentials.credentials))
+    return not_an_agent(ctx.service.tokens.authenticate(credentials.credentials))
 
 
 async def authenticated(ctx: Ctx,
@@ -38,31 +40,8 @@ async def authenticated(ctx: Ctx,
     thread hop here."""
     hit = ctx.service.tokens.cached(credentials.credentials) if credentials is not None else None
     if hit is not None:
-        return _not_an_agent(hit)
+        return not_an_agent(hit)
     return await run_in_threadpool(principal_of, ctx, credentials)
 
 
-def _not_an_agent(principal: Principal) -> Principal:
-    if principal.kind == "agent":
-        raise PermissionDenied("agent tokens reach only the MCP endpoint; the REST API needs the admin token "
-                               "or a user token")
-    return principal
-
-
 Auth = Annotated[Principal, Depends(authenticated)]
-
-
-def own_user(principal: Principal, user_id: str) -> None:
-    """A user token on another user's routes: "not found", exactly as for an id that does not exist."""
-    if not principal.is_admin and principal.user_id != user_id:
-        raise NotFound(f"user {user_id!r} does not exist")
-
-
-def require_admin(principal: Principal, what: str) -> None:
-    if not principal.is_admin:
-        raise PermissionDenied(f"{what} needs the admin token")
-
-
-def user_scope(principal: Principal) -> str | None:
-    """The ``user_id=`` a service call is scoped to: none for the admin, the token's user otherwise."""
-    return None if principal.is_admin else principal.user_id

@@ -1,38 +1,25 @@
-"""What the routes reach: the runtime, the tenant pools and the metrics, built in the app's lifespan."""
+"""What the routes reach: the service and the REST side's metrics, set by the assembly's lifespan."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from agentpg.access.browse import ReadLimits
-from agentpg.access.pools import TenantPools
-from agentpg.api.background import Background
 from agentpg.api.metrics import ApiMetrics
-from agentpg.errors import AgentpgError
-from agentpg.runtime import Runtime
-from agentpg.service import Service
-
-
-class NotStarted(AgentpgError):
-    status = 503
-    code = "starting"
+from agentpg.service import NotStarted, Service
+from agentpg.settings import Settings
 
 
 @dataclass(frozen=True)
 class AppContext:
-    runtime: Runtime
-    pools: TenantPools
+    service: Service
     metrics: ApiMetrics
-    read_limits: ReadLimits
-    background: Background = field(default_factory=Background)
-    """Restores answered 202 go on here (drained in the lifespan before the runtime closes)."""
 
     @property
-    def service(self) -> Service:
-        return self.runtime.service
+    def settings(self) -> Settings:
+        return self.service.settings
 
 
 def app_context(request: Request) -> AppContext:

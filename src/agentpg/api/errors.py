@@ -11,98 +11,30 @@ exception's message.
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentpg.errors import AgentpgError, Unauthenticated
+from agentpg.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Problem,
+    ProblemResponse,
+    problem,
+    validation_problem,
+)
 
 log = logging.getLogger(__name__)
 
-PROBLEM_MEDIA_TYPE = "application/problem+json"
 RETRY_AFTER_S = "1"
 """``Retry-After`` of a 503: the catalog or a server is unreachable, or agentpg is busy; all are retryable."""
-
-
-class FieldError(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    field: str
-    """Where: ``body.limit``, ``query.cursor``, ``path.name``; ``body`` for the body as a whole."""
-    message: str
-
-
-class Problem(BaseModel):
-    """An RFC 9457 problem detail."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str
-    errors: list[FieldError] | None = None
-
-
-class ProblemResponse(JSONResponse):
-    media_type = PROBLEM_MEDIA_TYPE
-
-
-def problem(status: int, code: str, detail: str, *, errors: list[FieldError] | None = None,
-            headers: dict[str, str] | None = None) -> ProblemResponse:
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    body = Problem(type=f"urn:agentpg:problem:{code}", title=title, status=status, detail=detail, code=code,
-                   errors=errors)
-    return ProblemResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "no_such_route",
                405: "method_not_allowed", 406: "not_acceptable", 413: "content_too_large",
                415: "unsupported_media_type"}
-
-
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "body" and parts[1].isdigit():  # a JSON decode position, not a field
-        return "body"
-    return ".".join(parts) or "request"
-
-
-def _message(err: dict[str, Any]) -> str:
-    kind = err.get("type", "")
-    if kind == "json_invalid":
-        ctx = err.get("ctx") or {}
-        pos = err.get("loc", ("body", "?"))[-1]
-        return f"the body is not valid JSON ({ctx.get('error', 'decode error')} at character {pos})"
-    if kind == "extra_forbidden":
-        return "unknown field (not part of this request's schema)"
-    if kind == "missing":
-        return "required"
-    if kind in ("too_long", "too_short") and isinstance(err.get("input"), str):
-        # A text field's length is checked after its NUL check, so pydantic words it as a list's ("items").
-        ctx = err.get("ctx") or {}
-        bound = "at most" if kind == "too_long" else "at least"
-        limit = ctx.get("max_length" if kind == "too_long" else "min_length")
-        return f"should have {bound} {limit} characters, not {len(err['input'])}"
-    msg = str(err.get("msg", "invalid"))
-    return msg.removeprefix("Value error, ")
-
-
-def validation_problem(exc: RequestValidationError) -> ProblemResponse:
-    errors = [FieldError(field=_field(e.get("loc", ())), message=_message(e)) for e in exc.errors()]
-    detail = "; ".join(f"{e.field}: {e.message}" for e in errors[:5])
-    if len(errors) > 5:
-        detail += f"; and {len(errors) - 5} more"
-    return problem(422, "invalid_input", detail or "the request is invalid", errors=errors)
 
 
 async def _agentpg_error(request: Request, exc: Exception) -> ProblemResponse:

@@ -15,8 +15,9 @@ from urllib.parse import parse_qsl
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentpg.api.errors import RETRY_AFTER_S, problem
+from agentpg.api.errors import RETRY_AFTER_S
 from agentpg.api.metrics import UNMATCHED, ApiMetrics
+from agentpg.problems import ResponseAborted, problem
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,6 @@ class MetricsMiddleware:
         finally:
             self.metrics.observe_request(scope["method"], route_template(scope), status,
                                          time.perf_counter() - start)
-
-
-class ResponseAborted(Exception):
-    """Raised to cut a response whose status line is already sent (a failing export stream): the client
-    sees the connection drop instead of a clean end, so it cannot take a partial body for a whole one.
-    Whoever raises it logs why; the guard just lets the response die."""
 
 
 class GuardMiddleware:
@@ -119,7 +114,7 @@ def _database_unreachable(exc: BaseException) -> bool:
     from psycopg import OperationalError as PsycopgOperationalError
     from sqlalchemy.exc import OperationalError as SqlOperationalError
 
-    from agentpg.access.pools import is_connection_lost
+    from agentpg.service import is_connection_lost
 
     if isinstance(exc, SqlOperationalError):
         return is_connection_lost(exc.orig) if exc.orig is not None else True

@@ -9,44 +9,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agentpg.schemas import WorkspaceInfo
-
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-"""User and workspace ids (mirrors ``lifecycle.deps.validate_id``; a test keeps them equal)."""
-ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
-MAX_OFFSET = 1_000_000_000
-
-
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL bytes")
-    return value
-
-
-Text = Annotated[str, AfterValidator(_no_nul)]
-Name = Annotated[Text, Field(min_length=1, max_length=255)]
-"""A table or column name as the caller spells it; matched exactly (case-sensitive) against the catalog."""
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class UserCreate(Body):
-    id: Annotated[Text, Field(min_length=1, max_length=128, description="The platform's id for the user.")]
-    email: Annotated[Text, Field(max_length=320)] | None = None
-
-
-class WorkspaceCreate(Body):
-    id: Annotated[Text, Field(min_length=1, max_length=128, description="The platform's id for the workspace.")]
-    name: Annotated[Text, Field(max_length=200)] | None = None
-
-
-class TokenCreate(Body):
-    name: Annotated[Text, Field(max_length=200, description="A label for the token, e.g. where it is used.")] \
-        | None = None
+from agentpg.service import (
+    MAX_OFFSET,
+    Body,
+    Name,
+    Text,
+    WorkspaceInfo,
+)
 
 
 class EnvValue(Body):

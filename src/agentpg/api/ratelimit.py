@@ -27,7 +27,6 @@ Tokens are never stored: buckets are keyed by a SHA-256 prefix of the token. Sta
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agentpg.api.errors import problem
+from agentpg.problems import problem
 from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -191,20 +190,14 @@ class LimitMiddleware:
         self.auth_failures = TokenBuckets(settings.auth_failures_per_s, settings.auth_failures_burst)
         self.max_calls = settings.mcp_max_concurrent_calls
         self.in_flight: dict[str, int] = {}
-        self._admin_digest: bytes | None = None
 
-    def _is_admin(self, token: str) -> bool:
-        if not token.startswith("apg_a_"):
-            return False
-        if self._admin_digest is None:
-            try:
-                from agentpg.runtime import admin_token
-
-                self._admin_digest = hashlib.sha256(admin_token(self.settings).encode()).digest()
-            except Exception as exc:  # no admin token yet: nobody is exempt
-                log.warning("the rate limiter could not read the admin token: %s", type(exc).__name__)
-                return False
-        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._admin_digest)
+    @staticmethod
+    def _is_admin(scope: Scope, token: str) -> bool:
+        """The admin token is exempt from the rate limit (checked by the service's token store)."""
+        app = scope.get("app")
+        service = getattr(getattr(app, "state", None), "service", None)
+        tokens = getattr(service, "tokens", None)
+        return tokens is not None and bool(tokens.is_admin_secret(token))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -251,7 +244,7 @@ class LimitMiddleware:
                 await refuse(f"too many failed authentications from this address; retry in {_retry_after(wait)} s",
                              wait)
                 return
-        if token is None or not self._is_admin(token):
+        if token is None or not self._is_admin(scope, token):
             wait = self.rates.take(key)
             if wait > 0:
                 await refuse(f"rate limit exceeded ({self.settings.rate_limit_per_s:g} requests/s per token, "

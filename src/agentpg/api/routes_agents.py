@@ -10,13 +10,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
-from agentpg.access.audit import AuditPage
-from agentpg.access.permissions import GlobalDbPermissions, GlobalDbPermissionsSet
 from agentpg.api.auth import Auth, own_user, user_scope
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
-from agentpg.api.models import ID_PATTERN
-from agentpg.tool_choice import McpTools, McpToolsChoice
+from agentpg.service import ID_PATTERN, AuditPage, GlobalDbPermissions, GlobalDbPermissionsSet, McpTools, McpToolsChoice
 
 router = APIRouter(prefix="/api")
 
@@ -55,8 +52,7 @@ def put_global_database_permissions(workspace_id: WorkspaceId, body: GlobalDbPer
 def get_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, principal: Auth,
                                    ctx: Ctx) -> GlobalDbPermissions:
     """``GET /api/workspaces/{id}/global-database-permissions`` for the user's workspace ``workspace_id``."""
-    own_user(principal, user_id)
-    return ctx.service.get_agent_permissions(workspace_id, user_id=user_id)
+    return ctx.service.caller(principal).get_agent_permissions(user_id, workspace_id)
 
 
 @router.put("/users/{user_id}/workspaces/{workspace_id}/global-database-permissions", tags=["agents"],
@@ -64,8 +60,7 @@ def get_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, p
 def put_user_workspace_permissions(user_id: UserId, workspace_id: WorkspaceId, body: GlobalDbPermissions,
                                    principal: Auth, ctx: Ctx) -> GlobalDbPermissionsSet:
     """``PUT /api/workspaces/{id}/global-database-permissions`` for the user's workspace ``workspace_id``."""
-    own_user(principal, user_id)
-    return ctx.service.set_agent_permissions(workspace_id, body, user_id=user_id)
+    return ctx.service.caller(principal).set_agent_permissions(user_id, workspace_id, body)
 
 
 @router.get("/workspaces/{workspace_id}/mcp-tools", tags=["agents"], responses=problems(409))
@@ -107,8 +102,7 @@ def list_audit(user_id: UserId, principal: Auth, ctx: Ctx,
                ) -> AuditPage:
     """The user's agents' MCP calls, newest first: workspace, database, tool, statement fingerprint and
     normalised text (no literal values), rows, duration and outcome."""
-    own_user(principal, user_id)
-    return ctx.service.list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
+    return ctx.service.caller(principal).list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
 
 
 @router.get("/workspaces/{workspace_id}/mcp-config", tags=["agents"], responses=problems(409))
@@ -118,8 +112,8 @@ def mcp_config(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx, request: Re
     absolute ``agentpg`` command and the environment ``agentpg mcp`` needs, AGENTPG_HOME included). The token
     is a placeholder (``<AGENT_TOKEN>``): the workspace's first token came with its creation; issue another
     with ``POST /api/workspaces/{id}/tokens``."""
-    base = ctx.runtime.settings.public_url or str(request.base_url)
-    return ctx.service.mcp_config(workspace_id, base, ctx.runtime.settings, user_id=user_scope(principal))
+    base = ctx.settings.public_url or str(request.base_url)
+    return ctx.service.mcp_config(workspace_id, base, user_id=user_scope(principal))
 
 
 @router.get("/users/{user_id}/workspaces/{workspace_id}/mcp-config", tags=["agents"])
@@ -127,5 +121,5 @@ def user_workspace_mcp_config(user_id: UserId, workspace_id: WorkspaceId, princi
                               request: Request) -> dict[str, Any]:
     """``GET /api/workspaces/{id}/mcp-config`` for the user's workspace ``workspace_id``."""
     own_user(principal, user_id)
-    base = ctx.runtime.settings.public_url or str(request.base_url)
-    return ctx.service.mcp_config(workspace_id, base, ctx.runtime.settings, user_id=user_id)
+    base = ctx.settings.public_url or str(request.base_url)
+    return ctx.service.mcp_config(workspace_id, base, user_id=user_id)

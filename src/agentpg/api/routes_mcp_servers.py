@@ -15,8 +15,8 @@ from fastapi import APIRouter, Path, Response, status
 from agentpg.api.auth import Auth, own_user
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
-from agentpg.gateway.catalog import Catalog, load_catalog
-from agentpg.gateway.configs import NAME_PATTERN, McpServerInfo, McpServerList, McpServerSpec
+from agentpg.service import NAME_PATTERN, McpServerInfo, McpServerList, McpServerSpec
+from agentpg.service.gateway_catalog import Catalog, load_catalog
 
 router = APIRouter(prefix="/api")
 
@@ -25,7 +25,7 @@ ServerName = Annotated[str, Path(pattern=NAME_PATTERN, description="a-z 0-9 . _ 
 
 
 def _catalog(ctx: Ctx) -> Catalog:
-    settings = ctx.runtime.settings
+    settings = ctx.settings
     return load_catalog(settings.gateway_catalog, settings.home)
 
 

@@ -5,7 +5,7 @@ The same routes exist for ``/api/users/{user_id}/global-database/…``, ``/api/w
 and ``/api/users/{user_id}/workspaces/{workspace_id}/database/…``. Admin token or the user's own token
 (another user's is 404); agent tokens reach these through MCP's own tools.
 
-A restore runs in a background task of the app (:class:`~agentpg.api.background.Background`). Done within
+A restore runs in a background task of the app (:class:`~agentpg.service.background.Background`). Done within
 ``AGENTPG_RESTORE_WAIT_S`` (20 s), it answers 200 (201 with the copy for ``mode: "new"``); a longer one answers
 202 ``{operation_id, status: "restoring"}`` with ``Location: /api/operations/{operation_id}``, and goes on:
 ``GET /api/operations/{id}`` says ``pending`` until it is ``done`` (with the 200/201's body as ``result``),
@@ -26,15 +26,24 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse
 from agentpg.api.auth import Auth, own_user, require_admin, user_scope
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
-from agentpg.api.models import Body, QueryRequest, Text
+from agentpg.api.models import QueryRequest
 from agentpg.errors import AgentpgError
-from agentpg.lifecycle.undo import TargetSpec
-from agentpg.tokens import Principal
-from agentpg.undo_service import ArchiveInfo, CheckpointInfo, OperationInfo, RestoredCopyInfo, RestoreResult
+from agentpg.service import (
+    ArchiveInfo,
+    Body,
+    CheckpointInfo,
+    DatabaseRef,
+    OperationInfo,
+    Principal,
+    RestoredCopyInfo,
+    RestoreResult,
+    TableList,
+    TargetSpec,
+    Text,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["undo"])
@@ -128,7 +137,7 @@ async def _list(ctx: Ctx, principal: Principal, user_id: str | None, workspace_i
 
 async def _restore(ctx: Ctx, principal: Principal, user_id: str | None, workspace_id: str | None,
                    body: RestoreRequest) -> JSONResponse:
-    """Run the restore as a task of the app's :class:`~agentpg.api.background.Background` and answer with
+    """Run the restore as a task of the app's :class:`~agentpg.service.background.Background` and answer with
     its result if it ends within ``AGENTPG_RESTORE_WAIT_S``, else 202 with its operation to follow. Errors
     found before it begins (bad target, another restore running) are answered as before, never 202."""
     loop = asyncio.get_running_loop()
@@ -151,11 +160,11 @@ async def _restore(ctx: Ctx, principal: Principal, user_id: str | None, workspac
                 log.warning("restore %s of user %s failed: %s", begun.result(), owner, exc.message)
             raise
         if result.mode == "in_place":  # pooled sessions were on the database that was replaced
-            for uri in await run_in_threadpool(ctx.service.restored_database_uris, owner, workspace_id):
-                await ctx.pools.forget(uri)
+            await ctx.service.forget_connections(
+                await run_in_threadpool(ctx.service.held_after_restore, owner, workspace_id))
         return result
 
-    task = ctx.background.spawn(run(), name="restore")
+    task = ctx.service.background.spawn(run(), name="restore")
     # Cancelled with the request (client gone), these waits leave the task running: the background owns it.
     first: set[asyncio.Future[Any]] = {task, begun}
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
@@ -164,7 +173,7 @@ async def _restore(ctx: Ctx, principal: Principal, user_id: str | None, workspac
         result = await task  # it failed its checks: the error's own 4xx
     else:
         try:
-            result = await asyncio.wait_for(asyncio.shield(task), timeout=ctx.runtime.settings.restore_wait_s)
+            result = await asyncio.wait_for(asyncio.shield(task), timeout=ctx.settings.restore_wait_s)
         except TimeoutError:
             op_id = begun.result()
             return JSONResponse(RestoreStarted(operation_id=op_id).model_dump(mode="json"), status_code=202,
@@ -251,22 +260,18 @@ async def drop_copy(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId)
 
 
 @router.get("/users/{user_id}/restored-copies/{copy_id}/tables", responses=_ERRORS)
-async def copy_tables(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId) -> browse.TableList:
+async def copy_tables(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId) -> TableList:
     """The copy's tables, read as the explorer reads any database (one READ ONLY transaction)."""
     own_user(principal, user_id)
-    uri = await run_in_threadpool(ctx.service.copy_uri, user_id, copy_id)
-    async with ctx.pools.connection(uri) as conn:
-        return await browse.list_tables(conn, ctx.read_limits)
+    return await ctx.service.reader.tables(DatabaseRef.copy(user_id, copy_id))
 
 
 @router.post("/users/{user_id}/restored-copies/{copy_id}/query", responses=_ERRORS)
 async def copy_rows(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId, body: QueryRequest) -> JSONResponse:
     own_user(principal, user_id)
-    uri = await run_in_threadpool(ctx.service.copy_uri, user_id, copy_id)
     order = [(k.column, k.direction == "desc") for k in body.order_by] if body.order_by else None
-    async with ctx.pools.connection(uri) as conn:
-        page = await browse.read_rows(conn, body.table, limits=ctx.read_limits, limit=body.limit,
-                                      offset=body.offset, columns=body.columns, order_by=order)
+    page = await ctx.service.reader.rows(DatabaseRef.copy(user_id, copy_id), body.table, limit=body.limit,
+                                         offset=body.offset, columns=body.columns, order_by=order)
     return JSONResponse(page.model_dump())
 
 

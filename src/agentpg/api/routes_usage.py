@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentpg.api.auth import Auth, own_user, require_admin
+from agentpg.api.auth import Auth, require_admin
 from agentpg.api.context import Ctx
 from agentpg.api.errors import problems
-from agentpg.schemas import UsageReport
+from agentpg.service import UsageReport
 
 router = APIRouter(prefix="/api", tags=["usage"])
 
@@ -33,8 +33,7 @@ def usage(user_id: UserId, principal: Auth, ctx: Ctx) -> UsageReport:
 
     Figures are as of the last usage sync (``last_sync`` on each database); the total is the sum of the parts.
     """
-    own_user(principal, user_id)
-    return ctx.service.usage(user_id)
+    return ctx.service.caller(principal).usage(user_id)
 
 
 @router.put("/users/{user_id}/budget", responses=problems(404, 422, 502, 503))

@@ -12,24 +12,27 @@ from uuid import UUID
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.api.auth import Auth, own_user, require_admin, user_scope
+from agentpg.api.auth import Auth, own_user
 from agentpg.api.context import AppContext, Ctx
 from agentpg.api.errors import problems
-from agentpg.api.models import (
+from agentpg.api.models import EnvValue, TokenOut, WorkspaceCreated
+from agentpg.service import (
     ENV_NAME_PATTERN,
     ID_PATTERN,
-    EnvValue,
+    EnvVarInfo,
+    EnvVarList,
+    IssuedToken,
+    Principal,
     TokenCreate,
-    TokenOut,
     UserCreate,
+    UserInfo,
+    UserPage,
     WorkspaceCreate,
-    WorkspaceCreated,
+    WorkspaceInfo,
+    WorkspacePage,
+    client_configs,
+    public_workspace_id,
 )
-from agentpg.envvars import EnvVarInfo, EnvVarList
-from agentpg.lifecycle import workspace_ids
-from agentpg.mcp.config import client_configs
-from agentpg.schemas import UserInfo, UserPage, WorkspaceInfo, WorkspacePage
-from agentpg.tokens import IssuedToken
 
 router = APIRouter(prefix="/api")
 
@@ -43,14 +46,8 @@ EnvName = Annotated[str, Path(pattern=ENV_NAME_PATTERN, description="Upper-case 
 def _token_out(issued: IssuedToken, name: str | None) -> TokenOut:
     return TokenOut(id=issued.id, kind=issued.kind, token=issued.secret,  # type: ignore[arg-type]
                     user_id=issued.user_id, name=name,
-                    workspace_id=workspace_ids.public_id(issued.workspace_id) if issued.workspace_id else None,
+                    workspace_id=public_workspace_id(issued.workspace_id) if issued.workspace_id else None,
                     created_at=issued.created_at)
-
-
-async def _forget_pools(ctx: AppContext, uris: list[str]) -> None:
-    """Close our pools to databases just dropped (their connections were terminated by the drop anyway)."""
-    for uri in uris:
-        await ctx.pools.forget(uri)
 
 
 # -- users ----------------------------------------------------------------------------------------------
@@ -59,36 +56,32 @@ async def _forget_pools(ctx: AppContext, uris: list[str]) -> None:
 @router.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], responses=problems(409, 502, 503))
 def register_user(body: UserCreate, principal: Auth, ctx: Ctx) -> UserInfo:
     """Register a user and create its global database (admin only). Fails whole, leaving nothing behind."""
-    require_admin(principal, "registering a user")
+    caller = ctx.service.caller(principal)
     with ctx.metrics.provisioning_timer("register_user"):
-        return ctx.service.register_user(body.id, body.email)
+        return caller.register_user(body.id, body.email)
 
 
 @router.get("/users", tags=["users"])
 def list_users(principal: Auth, ctx: Ctx, limit: PageLimit = 100, cursor: Cursor = None) -> UserPage:
     """All users by id, a page at a time (admin only)."""
-    require_admin(principal, "listing users")
-    return ctx.service.list_users(limit=limit, cursor=cursor)
+    return ctx.service.caller(principal).list_users(limit=limit, cursor=cursor)
 
 
 @router.get("/users/{user_id}", tags=["users"])
 def get_user(user_id: UserId, principal: Auth, ctx: Ctx) -> UserInfo:
     """A user and its global database's public info."""
-    own_user(principal, user_id)
-    return ctx.service.get_user(user_id)
+    return ctx.service.caller(principal).get_user(user_id)
 
 
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"],
                responses=problems(409, 502, 503))
 async def delete_user(user_id: UserId, principal: Auth, ctx: Ctx) -> Response:
     """Delete a user, its global database and every workspace with its agent database (admin only)."""
-    own_user(principal, user_id)
-    require_admin(principal, "deleting a user")
-    await run_in_threadpool(ctx.service.get_user, user_id)  # validates the id; NotFound before any work
-    uris = await run_in_threadpool(ctx.service.database_uris, user_id)
+    caller = ctx.service.caller(principal)
+    held = await run_in_threadpool(caller.check_delete_user, user_id)  # NotFound/403 before any work
     with ctx.metrics.provisioning_timer("delete_user"):
-        await run_in_threadpool(ctx.service.delete_user, user_id)
-    await _forget_pools(ctx, uris)
+        await run_in_threadpool(caller.delete_user, user_id)
+    await ctx.service.forget_connections(held)  # the drop terminated them; the pools let go too
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -96,10 +89,8 @@ async def delete_user(user_id: UserId, principal: Auth, ctx: Ctx) -> Response:
 def issue_user_token(user_id: UserId, principal: Auth, ctx: Ctx,
                      body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
     """Issue a user token (admin only): it reaches this user's routes and nothing else. Shown once."""
-    own_user(principal, user_id)
-    require_admin(principal, "issuing a user token")
     name = body.name if body else None
-    return _token_out(ctx.service.issue_user_token(user_id, name), name)
+    return _token_out(ctx.service.caller(principal).issue_user_token(user_id, name), name)
 
 
 # -- workspaces -----------------------------------------------------------------------------------------
@@ -111,11 +102,11 @@ def create_workspace(user_id: UserId, body: WorkspaceCreate, principal: Auth, ct
                      request: Request) -> WorkspaceCreated:
     """Create a workspace with its agent database; the answer carries its first agent token, shown once,
     and the MCP client configurations (HTTP and stdio) with that token filled in."""
-    own_user(principal, user_id)
+    caller = ctx.service.caller(principal)
     with ctx.metrics.provisioning_timer("create_workspace"):
-        info, issued = ctx.service.create_workspace_with_token(user_id, body.id, body.name)
-    base = ctx.runtime.settings.public_url or str(request.base_url)
-    configs = client_configs(ctx.runtime.settings, base, issued.secret)
+        info, issued = caller.create_workspace_with_token(user_id, body.id, body.name)
+    base = ctx.settings.public_url or str(request.base_url)
+    configs = client_configs(ctx.settings, base, issued.secret)
     return WorkspaceCreated(**info.model_dump(), agent_token=_token_out(issued, None), mcp_config=configs)
 
 
@@ -123,8 +114,7 @@ def create_workspace(user_id: UserId, body: WorkspaceCreate, principal: Auth, ct
 def list_workspaces(user_id: UserId, principal: Auth, ctx: Ctx, limit: PageLimit = 100,
                     cursor: Cursor = None) -> WorkspacePage:
     """The user's workspaces by id, a page at a time."""
-    own_user(principal, user_id)
-    return ctx.service.list_workspaces(user_id, limit=limit, cursor=cursor)
+    return ctx.service.caller(principal).list_workspaces(user_id, limit=limit, cursor=cursor)
 
 
 # Workspace ids are per user (agentpg.lifecycle.workspace_ids): /api/workspaces/{id} is the workspace of the
@@ -135,22 +125,22 @@ def list_workspaces(user_id: UserId, principal: Auth, ctx: Ctx, limit: PageLimit
 @router.get("/workspaces/{workspace_id}", tags=["workspaces"], responses=problems(409))
 def get_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> WorkspaceInfo:
     """A workspace and its agent database's public info."""
-    return ctx.service.get_workspace(workspace_id, user_id=user_scope(principal))
+    return ctx.service.caller(principal).get_workspace(None, workspace_id)
 
 
 @router.get("/users/{user_id}/workspaces/{workspace_id}", tags=["workspaces"])
 def get_user_workspace(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> WorkspaceInfo:
     """The user's workspace ``workspace_id`` (the same as ``GET /api/workspaces/{id}``, naming the user)."""
-    own_user(principal, user_id)
-    return ctx.service.get_workspace(workspace_id, user_id=user_id)
+    return ctx.service.caller(principal).get_workspace(user_id, workspace_id)
 
 
-async def _delete_workspace(ctx: AppContext, workspace_id: str, scope: str | None) -> Response:
-    info = await run_in_threadpool(ctx.service.get_workspace, workspace_id, user_id=scope)
-    uris = await run_in_threadpool(ctx.service.database_uris, info.user_id, workspace_id)
+async def _delete_workspace(ctx: AppContext, principal: Principal, user_id: str | None,
+                            workspace_id: str) -> Response:
+    caller = ctx.service.caller(principal)
+    owner, held = await run_in_threadpool(caller.check_delete_workspace, user_id, workspace_id)
     with ctx.metrics.provisioning_timer("delete_workspace"):
-        await run_in_threadpool(ctx.service.delete_workspace, workspace_id, user_id=info.user_id)
-    await _forget_pools(ctx, uris)
+        await run_in_threadpool(caller.delete_workspace, owner, workspace_id)
+    await ctx.service.forget_connections(held)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -158,15 +148,14 @@ async def _delete_workspace(ctx: AppContext, workspace_id: str, scope: str | Non
                responses=problems(409, 502, 503))
 async def delete_workspace(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> Response:
     """Delete a workspace, its agent database and its role in the global database; its tokens stop working."""
-    return await _delete_workspace(ctx, workspace_id, user_scope(principal))
+    return await _delete_workspace(ctx, principal, None, workspace_id)
 
 
 @router.delete("/users/{user_id}/workspaces/{workspace_id}", status_code=status.HTTP_204_NO_CONTENT,
                tags=["workspaces"], responses=problems(409, 502, 503))
 async def delete_user_workspace(user_id: UserId, workspace_id: WorkspaceId, principal: Auth, ctx: Ctx) -> Response:
     """Delete the user's workspace ``workspace_id`` (``DELETE /api/workspaces/{id}``, naming the user)."""
-    own_user(principal, user_id)
-    return await _delete_workspace(ctx, workspace_id, user_id)
+    return await _delete_workspace(ctx, principal, user_id, workspace_id)
 
 
 @router.post("/workspaces/{workspace_id}/tokens", status_code=status.HTTP_201_CREATED, tags=["tokens"],
@@ -175,8 +164,7 @@ def issue_agent_token(workspace_id: WorkspaceId, principal: Auth, ctx: Ctx,
                       body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
     """Issue another agent token for the workspace (for MCP only). Shown once."""
     name = body.name if body else None
-    issued = ctx.service.issue_agent_token(workspace_id, user_id=user_scope(principal), name=name)
-    return _token_out(issued, name)
+    return _token_out(ctx.service.caller(principal).issue_agent_token(None, workspace_id, name), name)
 
 
 @router.post("/users/{user_id}/workspaces/{workspace_id}/tokens", status_code=status.HTTP_201_CREATED,
@@ -185,15 +173,14 @@ def issue_user_workspace_agent_token(user_id: UserId, workspace_id: WorkspaceId,
                                      body: Annotated[TokenCreate | None, Body()] = None) -> TokenOut:
     """Issue another agent token for the user's workspace (``POST /api/workspaces/{id}/tokens``, naming
     the user). Shown once."""
-    own_user(principal, user_id)
     name = body.name if body else None
-    return _token_out(ctx.service.issue_agent_token(workspace_id, user_id=user_id, name=name), name)
+    return _token_out(ctx.service.caller(principal).issue_agent_token(user_id, workspace_id, name), name)
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["tokens"])
 def revoke_token(token_id: UUID, principal: Auth, ctx: Ctx) -> Response:
     """Revoke a token at once. A user token may revoke its own user's tokens (agent tokens included)."""
-    ctx.service.revoke_token(str(token_id), user_id=user_scope(principal))
+    ctx.service.caller(principal).revoke_token(str(token_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

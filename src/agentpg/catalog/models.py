@@ -69,7 +69,7 @@ class Workspace(Timestamps, Base):
     global_uri_sealed: Mapped[str | None] = mapped_column(Text)
     """Sealed URI of ``agent_role`` into the global database."""
     mcp_tools: Mapped[list[str] | None] = mapped_column(JSON)
-    """The MCP tools its agent is offered; null: all of them (:mod:`agentpg.tool_choice`)."""
+    """The MCP tools its agent is offered; null: all of them (:mod:`agentpg.service.tool_choice`)."""
 
 
 class DatabaseRecord(Timestamps):

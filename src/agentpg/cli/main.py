@@ -18,8 +18,10 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from agentpg.cli import undo as undo_cli
+from agentpg.cli.host import host
+from agentpg.cli.host import host as cli_host
 from agentpg.errors import AgentpgError, Unauthenticated
-from agentpg.runtime import Runtime, open_runtime
+from agentpg.service import Service
 from agentpg.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Give every AI agent its own Postgres.")
@@ -50,23 +52,23 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def _runtime(*, attach_only: bool = False) -> Iterator[Runtime]:
+def _service(*, attach_only: bool = False) -> Iterator[Service]:
     try:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
         raise _fail(f"invalid setting AGENTPG_{str(first['loc'][0]).upper()}: {first['msg']}", 2) from None
     try:
-        with open_runtime(settings, attach_only=attach_only) as runtime:
-            yield runtime
+        with host().open_service(settings, attach_only=attach_only) as service:
+            yield service
     except AgentpgError as exc:
         raise _fail(exc.message, _EXIT_UNAVAILABLE if exc.status >= 500 else _EXIT_REFUSED) from None
 
 
-def _run(action: Callable[[Runtime], T], *, attach_only: bool = False) -> T:
-    with _runtime(attach_only=attach_only) as runtime:
+def _run(action: Callable[[Service], T], *, attach_only: bool = False) -> T:
+    with _service(attach_only=attach_only) as service:
         try:
-            return action(runtime)
+            return action(service)
         except AgentpgError as exc:
             raise _fail(exc.message, _EXIT_UNAVAILABLE if exc.status >= 500 else _EXIT_REFUSED) from None
 
@@ -102,7 +104,7 @@ def users_create(
         url = os.environ.get(database_url_env)
         if not url:
             raise _fail(f"environment variable {database_url_env} is not set", _EXIT_REFUSED)
-    info = _run(lambda rt: rt.service.register_user(user_id, email, url))
+    info = _run(lambda rt: rt.register_user(user_id, email, url))
     _emit(info, as_json, lambda: f"user {info.id} registered; global database "
           f"{info.global_database.name if info.global_database else '-'} is ready")
 
@@ -110,14 +112,14 @@ def users_create(
 @users_app.command("delete")
 def users_delete(user_id: str, as_json: JsonOpt = False) -> None:
     """Delete a user, its global database and every workspace's agent database."""
-    _run(lambda rt: rt.service.delete_user(user_id))
+    _run(lambda rt: rt.delete_user(user_id))
     _emit({"deleted": user_id}, as_json, lambda: f"user {user_id} and all its databases deleted")
 
 
 @users_app.command("list")
 def users_list(as_json: JsonOpt = False) -> None:
     """List users and their global databases."""
-    items = _run(lambda rt: _all_pages(lambda cursor: rt.service.list_users(limit=500, cursor=cursor)))
+    items = _run(lambda rt: _all_pages(lambda cursor: rt.list_users(limit=500, cursor=cursor)))
     _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
         f"{u.id}\t{u.status}\t{u.global_database.name if u.global_database else '-'}\t"
         f"{u.global_database.status if u.global_database else '-'}" for u in items) or "no users")
@@ -144,7 +146,7 @@ def workspaces_create(user_id: str, workspace_id: str,
                       name: Annotated[str | None, typer.Option(help="A display name.")] = None,
                       as_json: JsonOpt = False) -> None:
     """Create a workspace (one agent) with its own agent database."""
-    info = _run(lambda rt: rt.service.create_workspace(user_id, workspace_id, name))
+    info = _run(lambda rt: rt.create_workspace(user_id, workspace_id, name))
     _emit(info, as_json, lambda: f"workspace {info.id} of user {info.user_id} created; agent database "
           f"{info.database.name if info.database else '-'} is ready")
 
@@ -152,7 +154,7 @@ def workspaces_create(user_id: str, workspace_id: str,
 @workspaces_app.command("delete")
 def workspaces_delete(workspace_id: str, as_json: JsonOpt = False) -> None:
     """Delete a workspace and its agent database."""
-    _run(lambda rt: rt.service.delete_workspace(workspace_id))
+    _run(lambda rt: rt.delete_workspace(workspace_id))
     _emit({"deleted": workspace_id}, as_json, lambda: f"workspace {workspace_id} and its database deleted")
 
 
@@ -160,7 +162,7 @@ def workspaces_delete(workspace_id: str, as_json: JsonOpt = False) -> None:
 def workspaces_list(user_id: Annotated[str | None, typer.Argument()] = None, as_json: JsonOpt = False) -> None:
     """List workspaces, of one user or of all."""
     items = _run(lambda rt: _all_pages(
-        lambda cursor: rt.service.list_workspaces(user_id, limit=500, cursor=cursor)))
+        lambda cursor: rt.list_workspaces(user_id, limit=500, cursor=cursor)))
     _emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
         f"{w.id}\t{w.user_id}\t{w.status}\t{w.database.name if w.database else '-'}" for w in items)
         or "no workspaces")
@@ -176,7 +178,7 @@ def reconcile(fix: Annotated[bool, typer.Option("--fix", help="Drop databases an
                                     "of agentpg: databases made earlier get today's isolation rules).")] = False,
               as_json: JsonOpt = False) -> None:
     """Finish or undo operations a crash left half-done; report (and with --fix drop) unowned databases."""
-    report = _run(lambda rt: rt.service.reconcile(fix=fix, upgrade=upgrade))
+    report = _run(lambda rt: rt.reconcile(fix=fix, upgrade=upgrade))
     data = {**report.__dict__, "clean": report.clean}
 
     def human() -> str:
@@ -213,9 +215,7 @@ def home() -> None:
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Where the data lives, whether Postgres and the catalog answer, and how much is provisioned."""
-    from agentpg.gateway.children import gateway_status
-
-    info, gateway = _run(lambda rt: (rt.service.status(), gateway_status(rt.settings)))
+    info, gateway = _run(lambda rt: (rt.status(), host().gateway_status(rt.settings)))
     data = {**info.model_dump(mode="json"), **gateway}
     _emit(data, as_json, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
@@ -224,10 +224,6 @@ def status(as_json: JsonOpt = False) -> None:
 def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8080) -> None:
     """Run the HTTP service (REST API, MCP, health, metrics) with uvicorn."""
-    import uvicorn
-
-    from agentpg.api.app import create_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # psycopg_pool logs every checkout and return at INFO: two records per agent call, for nothing an
     # operator acts on. Its warnings (connections failing, pools growing short) still come through.
@@ -238,7 +234,7 @@ def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "
         raise _fail(f"invalid settings: {exc.errors()[0]['msg']}", 2) from None
     # uvicorn's "auto" choices pick uvloop and httptools (both dependencies): httptools' C parser answered
     # an MCP call ~0.2 ms sooner than h11 in bench measurements.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    cli_host().serve_http(settings, host, port)
 
 
 @app.command("mcp")
@@ -251,21 +247,12 @@ def mcp_stdio(token: Annotated[str | None, typer.Option(
              "own tools, e.g. postgres-global.",
 )] = None) -> None:
     """Serve MCP over stdio for one agent (its workspace's databases), e.g. as an MCP client's command."""
-    import anyio
-
-    from agentpg.mcp.stdio import serve_stdio
-
     if not token:
         raise _fail("an agent token is required: set AGENTPG_AGENT_TOKEN or pass --token", 2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # stderr
-    def serve(rt: Runtime) -> None:
+    def serve(rt: Service) -> None:
         try:
-            if server is not None:
-                from agentpg.gateway.stdio import serve_gateway_stdio
-
-                anyio.run(serve_gateway_stdio, rt, token, server, backend_options=_loop_options())
-            else:
-                anyio.run(serve_stdio, rt, token, backend_options=_loop_options())
+            host().serve_stdio(rt, token, server)
         except Unauthenticated:
             raise Unauthenticated(f"this agent token is unknown to {_where(rt.settings)}: it was never issued "
                                   "there, was revoked, or its workspace was deleted (issue one with POST "
@@ -287,24 +274,13 @@ def _where(settings: Settings) -> str:
     return f"the agentpg whose home is {settings.home} (AGENTPG_HOME)"
 
 
-def _loop_options() -> dict[str, Any]:
-    """uvloop where it is installed (a dependency except on Windows): its cheaper reader registration and
-    wake-ups give ~8 % more stdio calls/s in bench/mcp_vs_server_postgres.py. ``serve`` gets it from
-    uvicorn, which picks uvloop by itself when it is installed."""
-    import importlib.util
-
-    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
-
-
 @postgres_app.command("stop")
 def postgres_stop() -> None:
     """Stop the embedded PostgreSQL server (it starts again on the next command)."""
-    from agentpg.embedded import EmbeddedPostgres
-
     settings = Settings()
     if settings.postgres_url is not None:
         raise _fail("AGENTPG_POSTGRES_URL is set: agentpg does not manage that server", _EXIT_REFUSED)
-    EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user).stop()
+    host().stop_embedded(settings)
     typer.echo("embedded PostgreSQL stopped")
 
 
@@ -319,18 +295,14 @@ def postgres_start() -> None:
 def pool_fill(size: Annotated[int | None, typer.Option(help="Target size (default AGENTPG_WARM_POOL_SIZE).")] = None,
               as_json: JsonOpt = False) -> None:
     """Create warm databases until the pool holds SIZE (serve does this in the background)."""
-    from agentpg.lifecycle.warm import fill
-
-    made = _run(lambda rt: fill(rt.service.deps, rt.settings.warm_pool_size if size is None else size))
+    made = _run(lambda rt: rt.admin.fill_warm_pool(size))
     _emit({"created": made}, as_json, lambda: f"{made} warm database(s) created")
 
 
 @pool_app.command("drain")
 def pool_drain(as_json: JsonOpt = False) -> None:
     """Drop every ready warm database."""
-    from agentpg.lifecycle.warm import drain
-
-    dropped = _run(lambda rt: drain(rt.service.deps))
+    dropped = _run(lambda rt: rt.admin.drain_warm_pool())
     _emit({"dropped": dropped}, as_json, lambda: f"{dropped} warm database(s) dropped")
 
 
@@ -345,9 +317,7 @@ def keys_rotate(batch_size: Annotated[int, typer.Option(min=1, max=100_000,
 
     Safe to interrupt: run it again and it resumes. Prints key ids and counts, never key material.
     """
-    from agentpg.lifecycle.keys import rotate_keys
-
-    report = _run(lambda rt: rotate_keys(rt.service.deps, batch_size=batch_size))
+    report = _run(lambda rt: rt.admin.rotate_keys(batch_size=batch_size))
 
     def human() -> str:
         lines = [f"added master key {report.added}; it is now active" if report.added
@@ -378,9 +348,7 @@ def keys_rotate(batch_size: Annotated[int, typer.Option(min=1, max=100_000,
 @keys_app.command("status")
 def keys_status(as_json: JsonOpt = False) -> None:
     """Key ids, which one is active, and how many sealed values use each (never key material)."""
-    from agentpg.lifecycle.keys import key_status
-
-    info = _run(lambda rt: key_status(rt.service.deps))
+    info = _run(lambda rt: rt.admin.key_status())
 
     def human() -> str:
         lines = [f"key ring: {info.path if info.path else 'AGENTPG_SECRET_KEY'}", "KEY\tACTIVE\tVALUES"]
@@ -397,7 +365,7 @@ def keys_status(as_json: JsonOpt = False) -> None:
 @usage_app.command("sync")
 def usage_sync(as_json: JsonOpt = False) -> None:
     """Sample every database's usage, update costs and totals, and enforce budgets now."""
-    report = _run(lambda rt: rt.service.sync_usage())
+    report = _run(lambda rt: rt.sync_usage())
     _emit(report.__dict__, as_json, lambda: "another instance is syncing right now" if report.skipped else
           f"synced {report.databases} databases of {report.users} users; "
           f"read-only now: {len(report.made_read_only)}, writes restored: {len(report.writes_restored)}, "
@@ -407,7 +375,7 @@ def usage_sync(as_json: JsonOpt = False) -> None:
 @usage_app.command("show")
 def usage_show(user_id: str, as_json: JsonOpt = False) -> None:
     """A user's cost this period: global database, each agent database, backup storage, total, budget."""
-    info = _run(lambda rt: rt.service.usage(user_id))
+    info = _run(lambda rt: rt.usage(user_id))
     _emit(info, as_json, lambda: "\n".join(
         [f"user {info.user_id}: {info.total_cost_cents} cents this period"
          + (f" of {info.budget_cents} ({info.percent_of_budget}%)" if info.budget_cents is not None else "")
@@ -423,7 +391,7 @@ def usage_budget(user_id: str, budget_cents: Annotated[int | None, typer.Argumen
         help="Budget in cents for the period; omit to remove the budget.")] = None,
                  as_json: JsonOpt = False) -> None:
     """Set a user's budget (enforced at once against the last synced total)."""
-    info = _run(lambda rt: rt.service.set_budget(user_id, budget_cents))
+    info = _run(lambda rt: rt.set_budget(user_id, budget_cents))
     _emit(info, as_json, lambda: f"budget of {user_id} is {info.budget_cents} cents; status {info.status}")
 
 

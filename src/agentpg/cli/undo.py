@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
-from agentpg.lifecycle.undo import TargetSpec
-from agentpg.runtime import Runtime
+from agentpg.cli.host import host
+from agentpg.service import Service, TargetSpec
 
 T = TypeVar("T")
-Run = Callable[[Callable[[Runtime], Any]], Any]
+Run = Callable[[Callable[[Service], Any]], Any]
 Emit = Callable[[Any, bool, Callable[[], str]], None]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -33,13 +33,13 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
                            name: Annotated[str | None, typer.Option(help="A name (default: the time).")] = None,
                            as_json: JsonOpt = False) -> None:
         """Mark the database's current state (milliseconds, whatever its size)."""
-        made = run(lambda rt: rt.service.undo.create_checkpoint(user_id, workspace, name, "admin"))
+        made = run(lambda rt: rt.undo.create_checkpoint(user_id, workspace, name, "admin"))
         emit(made.model_dump(mode="json"), as_json, lambda: f"checkpoint {made.id} ({made.name}) at {made.created_at}")
 
     @checkpoints_app.command("list")
     def checkpoints_list(user_id: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
         """The database's checkpoints, newest first."""
-        items = run(lambda rt: rt.service.undo.list_checkpoints(user_id, workspace))
+        items = run(lambda rt: rt.undo.list_checkpoints(user_id, workspace))
         emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
             f"{c.id}\t{c.created_at}\t{c.name}\t{c.created_by}" for c in items) or "no checkpoints")
 
@@ -60,7 +60,7 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
             raise typer.BadParameter('--mode is "in_place" or "new"')
         chosen: Literal["in_place", "new"] = "new" if mode == "new" else "in_place"
         spec = TargetSpec(checkpoint_id=checkpoint, at=at, before_audit_id=before_audit)
-        result = run(lambda rt: rt.service.undo.restore(user_id, workspace, spec, chosen))
+        result = run(lambda rt: rt.undo.restore(user_id, workspace, spec, chosen))
 
         def human() -> str:
             if result.restored_copy is not None:
@@ -75,13 +75,11 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
         """Disaster recovery: rebuild the whole embedded server (catalog and every tenant) in AGENTPG_HOME from
         the backup directory alone, to the latest archived point. AGENTPG_HOME must not hold a server yet."""
         from agentpg.errors import AgentpgError
-        from agentpg.providers.recover import recover_embedded  # before any runtime: there is no server yet
         from agentpg.settings import Settings
 
         settings = Settings()
         try:
-            done = recover_embedded(from_dir, settings.home, os_user=settings.postgres_os_user,
-                                    fsync=settings.embedded_fsync)
+            done = host().recover(from_dir, settings)  # before any runtime: there is no server yet
         except AgentpgError as exc:
             typer.echo(f"error: {exc.message}", err=True)
             raise typer.Exit(1) from None
@@ -92,7 +90,7 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
     @backups_app.command("status")
     def backups_status(as_json: JsonOpt = False) -> None:
         """Per server: protected or not (and why), the restorable window, size, recovery mode."""
-        items = run(lambda rt: rt.service.undo.archive_status())
+        items = run(lambda rt: rt.undo.archive_status())
         emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
             f"{i.server or 'server'}: " + (f"protected from {i.earliest} to {i.latest}, {i.base_backups} base "
                                             f"backups, {i.bytes:,} bytes"

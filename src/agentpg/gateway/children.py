@@ -37,9 +37,9 @@ from mcp.shared.message import SessionMessage
 from mcp.types.jsonrpc import jsonrpc_message_adapter
 
 from agentpg.errors import AgentpgError
-from agentpg.gateway.configs import GatewayTarget
 from agentpg.gateway.sandbox import Limits, Sandbox, SandboxMode, SandboxUnavailable
 from agentpg.gateway.scrub import Scrubber
+from agentpg.service import GatewayTarget
 from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ def _start_error(child: Child, exc: BaseException) -> AgentpgError:
 
 def gateway_status(settings: Settings) -> dict[str, str]:
     """For ``agentpg status``: the catalog and the sandbox this host gives gateway children (runs the probe)."""
-    from agentpg.gateway.catalog import CatalogError, load_catalog
+    from agentpg.service.gateway_catalog import CatalogError, load_catalog
 
     try:
         catalog = load_catalog(settings.gateway_catalog, settings.home)

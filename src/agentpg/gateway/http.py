@@ -8,27 +8,29 @@ name that opened it (another token, or the same session id on another name, gets
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecurityMiddleware
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from agentpg.access.pools import PoolLimits, TenantPools
-from agentpg.access.query import TenantQueries
 from agentpg.errors import Unauthenticated
-from agentpg.gateway.proxy import Gateway, build_gateway_server
-from agentpg.mcp.http import _json, admit_agent, security_settings
-from agentpg.mcp.server import limits_from
-from agentpg.service import Service
+from agentpg.gateway.proxy import Gateway, ToolsServer, build_gateway_server
+from agentpg.service import Principal, Service
 from agentpg.settings import Settings
-from agentpg.tokens import Principal
+
+Admit = Callable[[Scope, Receive, Send, TransportSecurityMiddleware, Service,
+                  Callable[[Principal], Awaitable[object]]], Awaitable[Principal | None]]
+"""The agent door of ``/mcp`` (Host/Origin, token, a further check; sends the refusal itself), given by the
+assembly so both agent-facing endpoints refuse alike."""
 
 PATH = "/mcp/servers/{name}"
 _PRINCIPAL_KEY = "agentpg.gateway.principal"
@@ -46,9 +48,13 @@ async def identify_http(request: Any) -> tuple[Principal, str]:
 class GatewayHttp:
     """:meth:`mount` adds the route; :meth:`run` (in the app's lifespan) serves it and owns the children."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tools_server: ToolsServer, admit: Admit,
+                 security: TransportSecuritySettings) -> None:
         self._settings = settings
-        self._security = TransportSecurityMiddleware(security_settings(settings))
+        self._tools_server = tools_server
+        self._admit = admit
+        self._security_settings = security
+        self._security = TransportSecurityMiddleware(security)
         self._manager: StreamableHTTPSessionManager | None = None
         self._gateway: Gateway | None = None
 
@@ -56,26 +62,18 @@ class GatewayHttp:
         app.router.routes.append(Route(PATH, endpoint=self, include_in_schema=False))
 
     @asynccontextmanager
-    async def run(self, service: Service, pools: TenantPools | None = None) -> AsyncIterator[Gateway]:
-        """Serve the gateway for the block. ``pools`` (the REST and MCP sides', under the connection governor)
-        carry agentpg's own tools served here; without them, a private ungoverned set (closed on exit)."""
-        own = pools is None
-        queries = TenantQueries(pools or TenantPools(PoolLimits(connect_timeout_s=self._settings.connect_timeout_s)),
-                                limits_from(self._settings), terminate=service.reaper.terminate)
-        gateway = Gateway(service, self._settings, queries)
+    async def run(self, service: Service) -> AsyncIterator[Gateway]:
+        """Serve the gateway for the block. agentpg's own tools served here run through the service's tenant
+        access (the REST and MCP sides' pools, under the connection governor)."""
+        gateway = Gateway(service, self._settings, self._tools_server)
         manager = StreamableHTTPSessionManager(app=build_gateway_server(gateway, identify_http),
-                                               security_settings=security_settings(self._settings),
-                                               json_response=True)
-        try:
-            async with gateway.children.run(), manager.run():
-                self._manager, self._gateway = manager, gateway
-                try:
-                    yield gateway
-                finally:
-                    self._manager = self._gateway = None
-        finally:
-            if own:
-                await queries.close()
+                                               security_settings=self._security_settings, json_response=True)
+        async with gateway.children.run(), manager.run():
+            self._manager, self._gateway = manager, gateway
+            try:
+                yield gateway
+            finally:
+                self._manager = self._gateway = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         manager, gateway = self._manager, self._gateway
@@ -84,8 +82,8 @@ class GatewayHttp:
                 scope, receive, send)
             return
         name = str(scope.get("path_params", {}).get("name", ""))
-        principal = await admit_agent(scope, receive, send, self._security, gateway.service,
-                                      then=lambda p: gateway.target(p, name))  # 404: no config of that name
+        principal = await self._admit(scope, receive, send, self._security, gateway.service,
+                                      lambda p: gateway.target(p, name))  # 404: no config of that name
         if principal is None:
             return
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
@@ -93,3 +91,7 @@ class GatewayHttp:
         scope[_PRINCIPAL_KEY] = principal
         scope[_NAME_KEY] = name
         await manager.handle_request(scope, receive, send)
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body), status_code=status, media_type="application/json")

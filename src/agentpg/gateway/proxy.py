@@ -23,21 +23,18 @@ from mcp.server import Server, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel
 
-from agentpg import __version__
-from agentpg.access.query import TenantQueries
 from agentpg.errors import AgentpgError, PermissionDenied
-from agentpg.gateway.catalog import CatalogSource
 from agentpg.gateway.children import Child, Children
-from agentpg.gateway.configs import GatewayTarget
-from agentpg.mcp.server import build_server
-from agentpg.service import Service
+from agentpg.service import GatewayTarget, Principal, Service, __version__
+from agentpg.service.gateway_catalog import CatalogSource
 from agentpg.settings import Settings
-from agentpg.tokens import Principal
 
 log = logging.getLogger(__name__)
 
 #: Who is calling and which server they want, given the transport's request (None on stdio).
 Identify = Callable[[Any], Awaitable[tuple[Principal, str]]]
+ToolsServer = Callable[[Service, Callable[[Any], Awaitable[Principal]]], Server[Any]]
+"""Builds the MCP server of agentpg's own tools for one caller (the mcp edge's, given by the assembly)."""
 M = TypeVar("M", bound=BaseModel)
 Paged = types.PaginatedRequestParams | None
 
@@ -45,10 +42,10 @@ Paged = types.PaginatedRequestParams | None
 class Gateway:
     """Resolution (through the service) and the children, shared by both transports of one process."""
 
-    def __init__(self, service: Service, settings: Settings, queries: TenantQueries) -> None:
+    def __init__(self, service: Service, settings: Settings, tools_server: ToolsServer) -> None:
         self.service = service
         self.settings = settings
-        self._queries = queries
+        self._tools_server = tools_server
         self.catalog = CatalogSource(settings.gateway_catalog, settings.home)
         self.children = Children(settings, self._builtin_server)
 
@@ -59,7 +56,7 @@ class Gateway:
         async def identify(_request: Any) -> Principal:
             return principal
 
-        return build_server(self.service, self._queries, identify)
+        return self._tools_server(self.service, identify)
 
     async def target(self, principal: Principal, name: str) -> GatewayTarget:
         return await asyncio.to_thread(lambda: self.service.gateway_target(principal, name, self.catalog.get()))

@@ -8,11 +8,12 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, QueuePool, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from agentpg.access.cache import Invalidation
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import Busy, InvalidInput
 from agentpg.providers.base import Provider
@@ -68,6 +69,8 @@ class LifecycleDeps:
     provider: Provider
     keyring: KeyRing
     on_claim: Callable[[], None] | None = None
+    invalidation: Invalidation = field(default_factory=Invalidation)
+    """The service's cache generation: bumped by every change that could make a cached answer wrong."""
     """Called after a warm database was claimed (wakes the refiller)."""
     crashpoint: str | None = None
     """Testing aid (``AGENTPG_CRASHPOINT``): the process exits abruptly when it reaches this named step,

@@ -11,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from agentpg.catalog.engine import read_sessions
 from agentpg.catalog.models import (
     EnvVar,
     Operation,
@@ -116,6 +117,31 @@ _MARK_REGISTERED = text("""
          d AS (UPDATE user_global_database SET status = 'ready', updated_at = now() WHERE user_id = :user_id)
     UPDATE operations SET state = 'done', updated_at = now() WHERE id = :op_id
 """)
+
+
+def find_user(deps: LifecycleDeps, user_id: str) -> tuple[User, UserGlobalDatabase | None] | None:
+    """The user (any status, ``provisioning`` included: the caller decides) and its global database record,
+    read in one autocommit statement (one snapshot, one round trip); ``None`` when there is no such user.
+    The objects are detached: read them, do not change them. Raises ``CatalogUnavailable``."""
+    with read_sessions(deps.engine)() as s:
+        row = s.execute(select(User, UserGlobalDatabase)
+                        .outerjoin(UserGlobalDatabase, UserGlobalDatabase.user_id == User.id)
+                        .where(User.id == user_id)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def list_users(deps: LifecycleDeps, *, limit: int, after: str | None = None
+               ) -> list[tuple[User, UserGlobalDatabase | None]]:
+    """Up to ``limit`` registered users (``provisioning`` ones left out) with id greater than ``after``, by
+    id, each with its global database record: one autocommit statement (was one more per user). Detached
+    objects, as :func:`find_user`'s."""
+    query = (select(User, UserGlobalDatabase)
+             .outerjoin(UserGlobalDatabase, UserGlobalDatabase.user_id == User.id)
+             .where(User.status != "provisioning").order_by(User.id).limit(limit))
+    if after:
+        query = query.where(User.id > after)
+    with read_sessions(deps.engine)() as s:
+        return [(u, rec) for u, rec in s.execute(query)]
 
 
 def provision(deps: LifecycleDeps, plan: DatabasePlan, claimed_warm: bool) -> Provisioned:

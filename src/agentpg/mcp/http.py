@@ -46,14 +46,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from agentpg.access.pools import TenantPools
-from agentpg.access.query import TenantQueries
 from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
 from agentpg.mcp import envelope
-from agentpg.mcp.server import build_server, limits_from
-from agentpg.service import Service
+from agentpg.mcp.server import build_server
+from agentpg.service import Principal, Service
 from agentpg.settings import Settings
-from agentpg.tokens import Principal
 
 PATH = "/mcp"
 _PRINCIPAL_KEY = "agentpg.principal"
@@ -104,14 +101,11 @@ class McpHttp:
         app.router.routes.insert(0, Route(PATH, endpoint=self, include_in_schema=False))  # ASGI app: all methods
 
     @asynccontextmanager
-    async def run(self, service: Service, pools: TenantPools | None = None) -> AsyncIterator[None]:
-        """Serve MCP for the duration of the block. ``pools`` may be shared with the REST side (it is then
-        not closed here); without it, a private set is made and closed on exit."""
-        own = pools is None
-        queries = TenantQueries(pools if pools is not None else TenantPools(), limits_from(self._settings),
-                                terminate=service.reaper.terminate)
+    async def run(self, service: Service) -> AsyncIterator[None]:
+        """Serve MCP for the duration of the block, through the service's tenant access (attached by the
+        assembly before, closed by it after)."""
         # JSON answers in both eras; a disconnect still cancels the call (answer_unless_gone).
-        manager = StreamableHTTPSessionManager(app=build_server(service, queries, principal_of),
+        manager = StreamableHTTPSessionManager(app=build_server(service, principal_of),
                                                security_settings=security_settings(self._settings),
                                                json_response=True, stateless=True,
                                                max_request_body_size=MAX_BODY)
@@ -124,8 +118,6 @@ class McpHttp:
                     self._manager = self._service = None
         finally:
             await run_in_threadpool(service.audit_writer.close)  # write-behind: nothing queued is lost
-            if own:
-                await queries.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         manager, service = self._manager, self._service

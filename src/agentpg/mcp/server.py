@@ -25,14 +25,10 @@ from mcp import types
 from mcp.server import CacheHint, Server, ServerRequestContext
 from pydantic import BaseModel, ValidationError
 
-from agentpg import __version__
-from agentpg.access.classify import RejectedStatement
-from agentpg.access.query import QueryLimits, StatementResult, TenantQueries
 from agentpg.errors import AgentpgError
 from agentpg.mcp import tools
-from agentpg.service import Service
+from agentpg.service import Principal, QueryLimits, RejectedStatement, Service, StatementResult, __version__
 from agentpg.settings import Settings
-from agentpg.tokens import Principal
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +58,8 @@ class ToolCalls:
     """Runs one tool call for any transport: validates the arguments, identifies the caller, dispatches to
     the service and maps every failure to a tool error."""
 
-    def __init__(self, service: Service, queries: TenantQueries, identify: Identify) -> None:
+    def __init__(self, service: Service, identify: Identify) -> None:
         self.service = service
-        self.queries = queries
         self.identify = identify
         # tools/list in wire form, all tools and per choice of tools (issue 20: a workspace's choice)
         self.tools = tools.tool_list()
@@ -118,37 +113,37 @@ class ToolCalls:
                               f"{reference}). Retry once; if it persists, report the reference.")
 
     async def _dispatch(self, principal: Principal, args: BaseModel) -> WireResult:
-        service, queries = self.service, self.queries
+        agents = self.service.agents
         if isinstance(args, tools.QueryArgs | tools.ExecuteArgs):
             tool: Literal["query", "execute"] = "query" if isinstance(args, tools.QueryArgs) else "execute"
             max_rows = args.max_rows if isinstance(args, tools.QueryArgs) else None
-            result = await service.agent_sql(queries, principal, tool, args.database, args.sql, args.params,
+            result = await agents.sql(principal, tool, args.database, args.sql, args.params,
                                              max_rows=max_rows)
             return statement_result(args.database, result)
         if isinstance(args, tools.ExplainArgs):
-            explained = tools.ExplainOutput.model_validate(await service.agent_explain(
-                queries, principal, args.database, args.sql, args.params, analyze=args.analyze))
+            explained = tools.ExplainOutput.model_validate(await agents.explain(
+                principal, args.database, args.sql, args.params, analyze=args.analyze))
             return _model_result(explained, tools.render_explain(explained))
         if isinstance(args, tools.ListTablesArgs):
             listed = tools.TablesOutput.model_validate(
-                await service.agent_list_tables(queries, principal, args.database, args.schema_name))
+                await agents.list_tables(principal, args.database, args.schema_name))
             return _model_result(listed, tools.render_tables(listed))
         if isinstance(args, tools.DescribeTableArgs):
             table = tools.TableOutput.model_validate(
-                await service.agent_describe_table(queries, principal, args.database, args.table))
+                await agents.describe_table(principal, args.database, args.table))
             return _model_result(table, tools.render_table(table))
         if isinstance(args, tools.CheckpointArgs | tools.ListCheckpointsArgs):
-            made = (await service.agent_checkpoint(principal, args.database, args.name)
+            made = (await agents.checkpoint(principal, args.database, args.name)
                     if isinstance(args, tools.CheckpointArgs)
-                    else await service.agent_list_checkpoints(principal, args.database))
+                    else await agents.list_checkpoints(principal, args.database))
             listed_cps = tools.CheckpointsOutput(checkpoints=[c.model_dump(mode="json") for c in made])
             return _model_result(listed_cps, tools.render_checkpoints(listed_cps))
         if isinstance(args, tools.RestoreArgs):
-            outcome = await service.agent_restore(queries, principal, args.checkpoint_id, args.at,
+            outcome = await agents.restore(principal, args.checkpoint_id, args.at,
                                                   args.before_audit_id, args.mode)
             restored = tools.RestoreOutput.model_validate(outcome.model_dump(mode="json"))
             return _model_result(restored, json.dumps(restored.model_dump(mode="json")))
-        databases = tools.DatabasesOutput(databases=await service.agent_list_databases(principal))
+        databases = tools.DatabasesOutput(databases=await self.service.agents.list_databases(principal))
         return _model_result(databases, tools.render_databases(databases))
 
 
@@ -174,12 +169,12 @@ def tool_error(message: str) -> WireResult:
     return {"content": [{"type": "text", "text": message}], "isError": True}
 
 
-def build_server(service: Service, queries: TenantQueries, identify: Identify) -> Server[Any]:
+def build_server(service: Service, identify: Identify) -> Server[Any]:
     """A fresh SDK MCP server (streamable HTTP, the stdio fallback and the gateway's built-in child) whose
     tools run as the principal ``identify`` returns for each request (given ``ctx.request``: the Starlette
     request over HTTP, None otherwise). It answers both protocol eras; the SDK stamps ``resultType`` and
     the 2026-07-28 ``_meta`` on every result."""
-    calls = ToolCalls(service, queries, identify)
+    calls = ToolCalls(service, identify)
     schemas = {tool.name: tool.input_schema for tool in calls.tools}
 
     async def list_tools(ctx: ServerRequestContext[Any],

@@ -24,7 +24,6 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from agentpg.access import cache
 from agentpg.catalog.engine import singleton_lock
 from agentpg.catalog.models import User, UserBudget
 from agentpg.lifecycle.deps import LifecycleDeps
@@ -119,14 +118,14 @@ def _check(deps: LifecycleDeps, limit_mb: int, default_budget_cents: int | None,
             budget.storage_exceeded = _over(limit_mb, limit, total, budget.storage_exceeded)
             if wants_read_only(budget) != budget.enforced:
                 changes.append((budget.user_id, wants_read_only(budget)))
-    cache.invalidate_all()  # this process's cached block reasons follow at once
+    deps.invalidation.bump()  # this process's cached block reasons follow at once
     for user_id, read_only in changes:
         if apply_enforcement(deps, user_id, plans[user_id], read_only):
             (report.made_read_only if read_only else report.writes_restored).append(user_id)
             if read_only and limit_mb > 0 and due[user_id] >= limit:
                 log.warning("user %s is over its storage limit of %d MB (%.1f MB): its databases are now "
                             "read-only", user_id, limit_mb, due[user_id] / 2**20)
-    cache.invalidate_all()
+    deps.invalidation.bump()
 
 
 def _over(limit_mb: int, limit: float, total: int, was_over: bool) -> bool:

@@ -22,10 +22,8 @@ from typing import Annotated, Any, Final, cast, get_args
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse
-from agentpg.access.audit import AuditFilter, AuditOutcome
-from agentpg.api.models import ID_PATTERN
 from agentpg.errors import NotFound
+from agentpg.service import ID_PATTERN, AuditFilter, AuditOutcome
 from agentpg.web import data
 from agentpg.web.render import PREFIX, render
 from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath
@@ -153,11 +151,9 @@ class ForeignKey:
 
 
 async def _foreign_keys(s: Explorer, user_id: str, workspace_id: str | None) -> list[ForeignKey]:
-    uri = await run_in_threadpool(data.platform_uri, s.ctx, s.principal, user_id, workspace_id)
-    async with s.ctx.pools.connection(uri) as conn, browse.read_only(conn, s.ctx.read_limits):
-        with browse.translated():
-            cur = await conn.execute(_FOREIGN_KEYS)
-            rows = cast("list[tuple[str, str, str, str | None, str | None]]", await cur.fetchall())
+    ref = await run_in_threadpool(data.database_ref, s.ctx, s.principal, user_id, workspace_id)
+    rows = cast("list[tuple[str, str, str, str | None, str | None]]",
+                await s.ctx.service.reader.catalog_rows(ref, _FOREIGN_KEYS))
     return [ForeignKey(table=t, name=n, references=r, columns=c or "", referenced_columns=rc or "")
             for t, n, r, c, rc in rows]
 

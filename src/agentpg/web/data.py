@@ -1,10 +1,10 @@
-"""What the explorer's pages read, fetched through the REST API's own route functions.
+"""What the explorer's pages read, through the same scoped service calls as the REST API.
 
-The explorer is a second skin over the same routes, not a second implementation: each read here calls the
-function behind the matching REST route (``routes_users.get_user``, ``routes_data.global_tables``,
-``routes_agents.list_audit``…) with the principal the session cookie authenticated, so the tenant rules are
-the API's, line for line (another user's user, workspace or table is "not found"). The reads that have no
-REST route go through the same scoping first (:func:`platform_uri`): a live database size when the usage
+The explorer is a second skin over the same service, not a second implementation: each read here goes
+through :meth:`agentpg.service.Service.caller` with the principal the session cookie authenticated, the
+object the REST routes call too, so the tenant rules are the API's, line for line (another user's user,
+workspace or table is "not found"). The reads that have no REST route go through the same scoping first
+(:func:`database_ref`): a live database size when the usage
 sync has not measured one yet, the foreign-key/unique constraints of the tables panel, and the table
 browser's filtered pages and counts (:mod:`agentpg.web.rows_view`). All run in a READ ONLY transaction with
 a statement timeout (:func:`agentpg.access.browse.read_only`).
@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse
-from agentpg.access.audit import AuditPage
-from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.api import routes_agents, routes_data, routes_usage, routes_users
-from agentpg.api.context import AppContext
-from agentpg.errors import AgentpgError, NotFound
-from agentpg.schemas import DatabaseInfo, UsageReport, UserInfo, WorkspaceInfo, WorkspacePage
-from agentpg.tokens import Principal
+from agentpg.errors import NotFound
+from agentpg.service import (
+    AuditPage,
+    DatabaseInfo,
+    DatabaseRef,
+    GlobalDbPermissions,
+    Principal,
+    ReadLimits,
+    TableList,
+    UsageReport,
+    UserInfo,
+    WorkspaceInfo,
+    WorkspacePage,
+)
+from agentpg.web.context import WebContext
 
 SIZE_READS_AT_ONCE = 8
-_SIZE_LIMITS = browse.ReadLimits(statement_timeout_ms=2000)
+_SIZE_LIMITS = ReadLimits(statement_timeout_ms=2000)
 
 _CONSTRAINTS = """
 SELECT c.relname, con.conname, con.contype, pg_catalog.pg_get_constraintdef(con.oid)
@@ -71,42 +78,42 @@ class Constraint:
 # -- scoping ----------------------------------------------------------------------------------------------
 
 
-def get_user(ctx: AppContext, principal: Principal, user_id: str) -> UserInfo:
-    return routes_users.get_user(user_id, principal, ctx)
+def get_user(ctx: WebContext, principal: Principal, user_id: str) -> UserInfo:
+    return ctx.service.caller(principal).get_user(user_id)
 
 
-def get_workspace(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str) -> WorkspaceInfo:
+def get_workspace(ctx: WebContext, principal: Principal, user_id: str, workspace_id: str) -> WorkspaceInfo:
     """The workspace, if it is this user's and the caller may see it (else "not found", as the API says)."""
-    return routes_users.get_user_workspace(user_id, workspace_id, principal, ctx)  # ids are per user
+    return ctx.service.caller(principal).get_workspace(user_id, workspace_id)  # ids are per user
 
 
-def platform_uri(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str | None) -> str:
-    """Scope first (as ``routes_data``), then the database's URI: a secret that stays in this process."""
+def database_ref(ctx: WebContext, principal: Principal, user_id: str, workspace_id: str | None) -> DatabaseRef:
+    """Scope first (as ``routes_data``), then the database to read (its URI never leaves the service)."""
     if workspace_id is None:
         get_user(ctx, principal, user_id)
-        return ctx.service.platform_uri(user_id)
+        return DatabaseRef.global_db(user_id)
     get_workspace(ctx, principal, user_id, workspace_id)
-    return ctx.service.browse_uri(user_id, None, workspace_id)
+    return DatabaseRef.agent_db(workspace_id, user_id)
 
 
 # -- databases panel --------------------------------------------------------------------------------------
 
 
-async def _live_size(ctx: AppContext, uri: str, gate: asyncio.Semaphore) -> int | None:
+async def _live_size(ctx: WebContext, ref: DatabaseRef, gate: asyncio.Semaphore) -> int | None:
     async with gate:
         try:
-            async with ctx.pools.connection(uri) as conn, browse.read_only(conn, _SIZE_LIMITS):
-                cur = await conn.execute("SELECT pg_catalog.pg_database_size(pg_catalog.current_database())")
-                row = cast("tuple[Any, ...] | None", await cur.fetchone())
-                return int(row[0]) if row else None
+            rows = await ctx.service.reader.catalog_rows(
+                ref, "SELECT pg_catalog.pg_database_size(pg_catalog.current_database())", _SIZE_LIMITS)
+            return int(rows[0][0]) if rows else None
         except Exception:  # a size is a nicety: the panel shows "not measured yet"
             return None
 
 
-async def overview(ctx: AppContext, principal: Principal, user_id: str, cursor: str | None) -> Overview:
+async def overview(ctx: WebContext, principal: Principal, user_id: str, cursor: str | None) -> Overview:
     user = await run_in_threadpool(get_user, ctx, principal, user_id)
-    usage = await run_in_threadpool(routes_usage.usage, user_id, principal, ctx)
-    page = await run_in_threadpool(routes_users.list_workspaces, user_id, principal, ctx, 100, cursor)
+    caller = ctx.service.caller(principal)
+    usage = await run_in_threadpool(caller.usage, user_id)
+    page = await run_in_threadpool(lambda: caller.list_workspaces(user_id, limit=100, cursor=cursor))
     costs = {u.workspace_id: u for u in usage.agent_databases}
     entries: list[tuple[WorkspaceInfo | None, DatabaseInfo | None, int | None, int]] = []
     glob = usage.global_database
@@ -121,11 +128,8 @@ async def overview(ctx: AppContext, principal: Principal, user_id: str, cursor: 
             return synced, "usage sync"
         if info is None or info.status != "ready":
             return None, ""
-        try:
-            uri = await run_in_threadpool(ctx.service.platform_uri, user_id, ws.id if ws else None)
-        except AgentpgError:
-            return None, ""
-        live = await _live_size(ctx, uri, gate)
+        ref = DatabaseRef.agent_db(ws.id, user_id) if ws else DatabaseRef.global_db(user_id)
+        live = await _live_size(ctx, ref, gate)
         return live, "live" if live is not None else ""
 
     sizes = await asyncio.gather(*(size(ws, info, synced) for ws, info, synced, _ in entries))
@@ -137,55 +141,49 @@ async def overview(ctx: AppContext, principal: Principal, user_id: str, cursor: 
 # -- tables ----------------------------------------------------------------------------------------------
 
 
-async def tables(ctx: AppContext, principal: Principal, user_id: str,
-                 workspace_id: str | None) -> tuple[browse.TableList, dict[str, list[Constraint]]]:
-    if workspace_id is None:
-        listed = await routes_data.global_tables(user_id, principal, ctx)
-    else:
-        listed = await routes_data.user_agent_tables(user_id, workspace_id, principal, ctx)
+async def tables(ctx: WebContext, principal: Principal, user_id: str,
+                 workspace_id: str | None) -> tuple[TableList, dict[str, list[Constraint]]]:
+    ref = await run_in_threadpool(database_ref, ctx, principal, user_id, workspace_id)
+    listed = await ctx.service.reader.tables(ref)
     constraints: dict[str, list[Constraint]] = {}
     if listed.tables:
-        uri = await run_in_threadpool(platform_uri, ctx, principal, user_id, workspace_id)
-        async with ctx.pools.connection(uri) as conn, browse.read_only(conn, ctx.read_limits):
-            with browse.translated():
-                cur = await conn.execute(_CONSTRAINTS)
-                found = cast("list[tuple[str, str, str, str]]", await cur.fetchall())
-                for table, name, kind, definition in found:
-                    constraints.setdefault(table, []).append(
-                        Constraint(name=name, kind="foreign key" if kind == "f" else "unique", definition=definition))
+        found = cast("list[tuple[str, str, str, str]]", await ctx.service.reader.catalog_rows(ref, _CONSTRAINTS))
+        for table, name, kind, definition in found:
+            constraints.setdefault(table, []).append(
+                Constraint(name=name, kind="foreign key" if kind == "f" else "unique", definition=definition))
     return listed, constraints
 
 
 # -- agents, audit ---------------------------------------------------------------------------------------
 
 
-def agent_permissions(ctx: AppContext, principal: Principal, user_id: str,
+def agent_permissions(ctx: WebContext, principal: Principal, user_id: str,
                       page: WorkspacePage) -> list[tuple[WorkspaceInfo, GlobalDbPermissions | None, str | None]]:
     """Each agent with its permissions on the global database (or why they cannot be shown)."""
     out: list[tuple[WorkspaceInfo, GlobalDbPermissions | None, str | None]] = []
     for ws in page.items:
         try:
-            perms = routes_agents.get_user_workspace_permissions(user_id, ws.id, principal, ctx)
+            perms = ctx.service.caller(principal).get_agent_permissions(user_id, ws.id)
             out.append((ws, perms, None))
         except NotFound:
             out.append((ws, None, f"this agent is {ws.status}; its permissions can be set once it is active"))
     return out
 
 
-def set_permissions(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str,
+def set_permissions(ctx: WebContext, principal: Principal, user_id: str, workspace_id: str,
                     permissions: GlobalDbPermissions) -> GlobalDbPermissions:
-    return routes_agents.put_user_workspace_permissions(user_id, workspace_id, permissions, principal, ctx)
+    return ctx.service.caller(principal).set_agent_permissions(user_id, workspace_id, permissions)
 
 
-def audit(ctx: AppContext, principal: Principal, user_id: str, workspace_id: str | None,
+def audit(ctx: WebContext, principal: Principal, user_id: str, workspace_id: str | None,
           cursor: str | None, limit: int) -> AuditPage:
-    return routes_agents.list_audit(user_id, principal, ctx, workspace_id=workspace_id, limit=limit, cursor=cursor)
+    return ctx.service.caller(principal).list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor)
 
 
-def workspaces(ctx: AppContext, principal: Principal, user_id: str, cursor: str | None = None,
+def workspaces(ctx: WebContext, principal: Principal, user_id: str, cursor: str | None = None,
                limit: int = 100) -> WorkspacePage:
-    return routes_users.list_workspaces(user_id, principal, ctx, limit, cursor)
+    return ctx.service.caller(principal).list_workspaces(user_id, limit=limit, cursor=cursor)
 
 
-def usage(ctx: AppContext, principal: Principal, user_id: str) -> UsageReport:
-    return routes_usage.usage(user_id, principal, ctx)
+def usage(ctx: WebContext, principal: Principal, user_id: str) -> UsageReport:
+    return ctx.service.caller(principal).usage(user_id)

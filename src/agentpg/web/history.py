@@ -27,13 +27,18 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse
-from agentpg.access.audit import AuditEntryInfo
-from agentpg.api.context import AppContext
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
-from agentpg.lifecycle.undo import TargetSpec
-from agentpg.schemas import WorkspaceInfo
-from agentpg.undo_service import CheckpointInfo, RestoredCopyInfo, RestoreResult
+from agentpg.service import (
+    AuditEntryInfo,
+    CheckpointInfo,
+    DatabaseRef,
+    RestoredCopyInfo,
+    RestoreResult,
+    TableInfo,
+    TargetSpec,
+    WorkspaceInfo,
+)
+from agentpg.web.context import WebContext
 from agentpg.web.render import db_url, render, with_query
 from agentpg.web.routes_db import _where
 from agentpg.web.routing import (
@@ -114,7 +119,7 @@ def _utc(at: datetime) -> datetime:
     return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
-def _statements(ctx: AppContext, user_id: str, workspace_id: str | None,
+def _statements(ctx: WebContext, user_id: str, workspace_id: str | None,
                 cursor: str | None) -> tuple[list[AuditEntryInfo], str | None]:
     """Up to :data:`SHOWN` statements on this database, newest first, and the cursor of older ones."""
     database = "global" if workspace_id is None else "agent"
@@ -132,13 +137,13 @@ def _statements(ctx: AppContext, user_id: str, workspace_id: str | None,
     return found, cursor
 
 
-def _copies(ctx: AppContext, user_id: str, workspace_id: str | None) -> list[RestoredCopyInfo]:
+def _copies(ctx: WebContext, user_id: str, workspace_id: str | None) -> list[RestoredCopyInfo]:
     database = "global" if workspace_id is None else "agent"
     return [c for c in ctx.service.undo.list_copies(user_id)
             if c.database == database and c.workspace_id == workspace_id]
 
 
-def timeline(ctx: AppContext, user_id: str, workspace_id: str | None, cursor: str | None,
+def timeline(ctx: WebContext, user_id: str, workspace_id: str | None, cursor: str | None,
              until: datetime | None) -> Timeline:
     """A page of the history. The checkpoints shown are those between this page's statements: newer than
     the oldest statement shown (when older ones remain) and older than ``until`` (the previous page's end)."""
@@ -160,7 +165,7 @@ def timeline(ctx: AppContext, user_id: str, workspace_id: str | None, cursor: st
                     next_until=lower if next_cursor is not None else None, undo_note=undo_note, copies=copies)
 
 
-def _audit_entry(ctx: AppContext, user_id: str, workspace_id: str | None, audit_id: int) -> AuditEntryInfo:
+def _audit_entry(ctx: WebContext, user_id: str, workspace_id: str | None, audit_id: int) -> AuditEntryInfo:
     """The audited statement ``audit_id`` if it ran on this database (else NotFound)."""
     page = ctx.service.list_audit(user_id, workspace_id=workspace_id, limit=1, cursor=str(audit_id + 1))
     database = "global" if workspace_id is None else "agent"
@@ -170,7 +175,7 @@ def _audit_entry(ctx: AppContext, user_id: str, workspace_id: str | None, audit_
     return entry
 
 
-def target_of(ctx: AppContext, user_id: str, workspace_id: str | None, form: dict[str, list[str]]) -> Target:
+def target_of(ctx: WebContext, user_id: str, workspace_id: str | None, form: dict[str, list[str]]) -> Target:
     """The restore target a form names: ``checkpoint`` (an id) or ``before_audit`` (an audit entry's id).
     Raises InvalidInput (neither, both, not a number) or NotFound (not this database's)."""
     checkpoint_id, audit_id = field(form, "checkpoint").strip(), field(form, "before_audit").strip()
@@ -210,10 +215,8 @@ def _mode(form: dict[str, list[str]]) -> Mode:
     raise InvalidInput('the form\'s mode is "in_place" (restore to here) or "new" (restore as a copy)')
 
 
-async def _copy_tables(ctx: AppContext, user_id: str, copy_id: str) -> list[browse.TableInfo]:
-    uri = await run_in_threadpool(ctx.service.copy_uri, user_id, copy_id)
-    async with ctx.pools.connection(uri) as conn:
-        return (await browse.list_tables(conn, ctx.read_limits)).tables
+async def _copy_tables(ctx: WebContext, user_id: str, copy_id: str) -> list[TableInfo]:
+    return (await ctx.service.reader.tables(DatabaseRef.copy(user_id, copy_id))).tables
 
 
 async def _page(request: Request, s: Explorer, user_id: str, ws: WorkspaceInfo | None, workspace_id: str | None,
@@ -223,7 +226,7 @@ async def _page(request: Request, s: Explorer, user_id: str, ws: WorkspaceInfo |
     line = await run_in_threadpool(timeline, s.ctx, user_id, workspace_id, cursor, until)
     undo_checkpoint = next((c for c in line.checkpoints if c.id == undo_id), None) if undo_id else None
     copy = next((c for c in line.copies if c.id == copy_id), None) if copy_id else None
-    copy_tables: list[browse.TableInfo] | None = None
+    copy_tables: list[TableInfo] | None = None
     copy_error = None
     if copy is not None:
         try:
@@ -249,19 +252,19 @@ async def history(request: Request, user_id: str, s: Session, workspace_id: Work
                        restored=restored is not None, undo_id=undo, copy_id=copy)
 
 
-async def _run_restore(ctx: AppContext, user_id: str, workspace_id: str | None, spec: TargetSpec,
+async def _run_restore(ctx: WebContext, user_id: str, workspace_id: str | None, spec: TargetSpec,
                        mode: Mode) -> RestoreResult:
     """The service's restore, then (in place) the pools on the replaced database dropped. Shielded: a
     browser that gives up (its request cancelled) does not stop the restore halfway between the two."""
     async def work() -> RestoreResult:
         result = await run_in_threadpool(ctx.service.undo.restore, user_id, workspace_id, spec, mode)
         if result.mode == "in_place":  # pooled sessions were on the database that was replaced
-            for uri in await run_in_threadpool(ctx.service.restored_database_uris, user_id, workspace_id):
-                await ctx.pools.forget(uri)
+            await ctx.service.forget_connections(
+                await run_in_threadpool(ctx.service.held_after_restore, user_id, workspace_id))
         return result
 
     # Held by the app's background set (drained at shutdown), so a browser that leaves does not orphan it.
-    return await asyncio.shield(ctx.background.spawn(work(), name="explorer restore"))
+    return await asyncio.shield(ctx.service.background.spawn(work(), name="explorer restore"))
 
 
 def _confirm(request: Request, user_id: str, ws: WorkspaceInfo | None, workspace_id: str | None, target: Target,
@@ -275,7 +278,7 @@ def _confirm(request: Request, user_id: str, ws: WorkspaceInfo | None, workspace
 async def restore(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath) -> Response:
     """Restore to a checkpoint or to just before a statement: ``mode=new`` at once; ``mode=in_place`` only
     with ``confirm=yes`` (else the confirmation page). Answers 303 to the History page showing the result."""
-    check_same_origin(request, s.ctx.runtime.settings.public_url)
+    check_same_origin(request, s.ctx.settings.public_url)
     ws = await _where(s, user_id, workspace_id)
     form = await read_form(request)
     try:

@@ -1,9 +1,9 @@
 """The console's management pages: users (admin), workspaces and tokens (admin or the user).
 
-Every change goes through the REST route function that does the same thing (``routes_users.register_user``,
-``delete_user``, ``create_workspace``, ``delete_user_workspace``, ``issue_*_token``, ``revoke_token``), called
-with the session's principal, so who may do what is the API's rule, line for line (a user token cannot
-create or delete users; another user's workspace or token is "not found").
+Every change goes through the same scoped service call as its REST route (:meth:`agentpg.service.Service.caller`:
+``register_user``, ``delete_user``, ``create_workspace_with_token``, ``delete_workspace``, ``issue_*_token``,
+``revoke_token``) with the session's principal, so who may do what is the API's rule, line for line (a user
+token cannot create or delete users; another user's workspace or token is "not found").
 
 Forms are POSTs checked like the explorer's others (same origin, url-encoded, size cap:
 :mod:`agentpg.web.security`). A delete or a revocation first shows a confirmation page (no script needed);
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import json
 from typing import Annotated, Any
-from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.api import routes_users
-from agentpg.api.models import ID_PATTERN, TokenCreate, UserCreate, WorkspaceCreate
 from agentpg.errors import AgentpgError, NotFound, PermissionDenied
-from agentpg.tokens import TokenInfo
+from agentpg.service import ID_PATTERN, TokenCreate, TokenInfo, UserCreate, WorkspaceCreate, client_configs
 from agentpg.web import data
 from agentpg.web.render import PREFIX, render, user_url, with_query
 from agentpg.web.routing import Explorer, PageRoute, Session, validation_message
@@ -48,7 +45,7 @@ def _optional(text: str) -> str | None:
 
 
 async def _form(request: Request, s: Explorer) -> dict[str, list[str]]:
-    check_same_origin(request, s.ctx.runtime.settings.public_url)
+    check_same_origin(request, s.ctx.settings.public_url)
     return await read_form(request)
 
 
@@ -65,7 +62,7 @@ def _users_page(request: Request, s: Explorer, cursor: str | None, *, notice: st
                 error: str | None = None, status: int = 200, form: dict[str, str] | None = None) -> Response:
     if not s.principal.is_admin:
         raise PermissionDenied("managing users needs the admin token")
-    users = routes_users.list_users(s.principal, s.ctx, 100, cursor)
+    users = s.ctx.service.caller(s.principal).list_users(limit=100, cursor=cursor)
     return render(request, "manage_users.html", title="Manage users", users=users, cursor=cursor, notice=notice,
                   error=error, status=status, form=form or {})
 
@@ -83,7 +80,7 @@ async def create_user(request: Request, s: Session) -> Response:
     wanted = {"id": field(form, "id").strip(), "email": field(form, "email").strip()}
     try:
         body = UserCreate(id=wanted["id"], email=_optional(wanted["email"]))
-        created = await run_in_threadpool(routes_users.register_user, body, s.principal, s.ctx)
+        created = await run_in_threadpool(s.ctx.service.caller(s.principal).register_user, body.id, body.email)
     except (AgentpgError, ValidationError) as exc:
         status, message = _reason(exc)
         return await run_in_threadpool(_users_page, request, s, None, error=f"Could not create the user: {message}",
@@ -112,7 +109,10 @@ async def delete_user(request: Request, user_id: str, s: Session) -> Response:
         return render(request, "manage_confirm.html", status=422, title="Delete user?", what="user",
                       subject=user_id, action=f"{USERS}/{user_id}/delete", cancel=USERS,
                       error="Type the user's id exactly to confirm.", note=None)
-    await routes_users.delete_user(user_id, s.principal, s.ctx)
+    caller = s.ctx.service.caller(s.principal)
+    held = await run_in_threadpool(caller.check_delete_user, user_id)
+    await run_in_threadpool(caller.delete_user, user_id)
+    await s.ctx.service.forget_connections(held)
     return RedirectResponse(with_query(USERS, notice=f"Deleted user {user_id} and all its databases."),
                             status_code=303)
 
@@ -156,16 +156,18 @@ async def create_workspace(request: Request, user_id: str, s: Session) -> Respon
     wanted = {"id": field(form, "id").strip(), "name": field(form, "name").strip()}
     try:
         body = WorkspaceCreate(id=wanted["id"], name=_optional(wanted["name"]))
-        created = await run_in_threadpool(routes_users.create_workspace, user_id, body, s.principal, s.ctx, request)
+        info, issued = await run_in_threadpool(s.ctx.service.caller(s.principal).create_workspace_with_token,
+                                               user_id, body.id, body.name)
     except (AgentpgError, ValidationError) as exc:
         if isinstance(exc, NotFound) and exc.message.startswith("user "):
             raise
         status, message = _reason(exc)
         return await run_in_threadpool(_manage_page, request, s, user_id, None, status=status, form=wanted,
                                        error=f"Could not create the workspace: {message}")
-    issued = created.agent_token
-    return _token_page(request, user_id, kind="agent", secret=issued.token, token_id=issued.id, name=None,
-                       workspace_id=created.id, config=created.mcp_config.get("http"))
+    base = s.ctx.settings.public_url or str(request.base_url)
+    config = client_configs(s.ctx.settings, base, issued.secret).get("http")
+    return _token_page(request, user_id, kind="agent", secret=issued.secret, token_id=issued.id, name=None,
+                       workspace_id=info.id, config=config)
 
 
 def _confirm(request: Request, user_id: str, *, what: str, subject: str, action: str, error: str | None = None,
@@ -190,7 +192,10 @@ async def delete_workspace(request: Request, user_id: str, workspace_id: str, s:
         ws = await run_in_threadpool(data.get_workspace, s.ctx, s.principal, user_id, workspace_id)
         return _confirm(request, user_id, what="workspace", subject=ws.id, error="Type the workspace's id exactly "
                         "to confirm.", action=f"{manage_url(user_id)}/workspaces/{ws.id}/delete")
-    await routes_users.delete_user_workspace(user_id, workspace_id, s.principal, s.ctx)
+    caller = s.ctx.service.caller(s.principal)
+    owner, held = await run_in_threadpool(caller.check_delete_workspace, user_id, workspace_id)
+    await run_in_threadpool(caller.delete_workspace, owner, workspace_id)
+    await s.ctx.service.forget_connections(held)
     return RedirectResponse(with_query(manage_url(user_id), notice=f"Deleted workspace {workspace_id}, its agent "
                                        "database and its tokens."), status_code=303)
 
@@ -204,16 +209,17 @@ async def issue_agent_token(request: Request, user_id: str, workspace_id: str, s
     """Issue another agent token for the workspace (for its MCP connection) and show it, once."""
     form = await _form(request, s)
     try:
-        out = await run_in_threadpool(routes_users.issue_user_workspace_agent_token, user_id, workspace_id,
-                                      s.principal, s.ctx, _token_name(form))
+        name = _token_name(form).name
+        out = await run_in_threadpool(s.ctx.service.caller(s.principal).issue_agent_token, user_id, workspace_id,
+                                      name)
     except (AgentpgError, ValidationError) as exc:
         if isinstance(exc, NotFound):
             raise
         status, message = _reason(exc)
         return await run_in_threadpool(_manage_page, request, s, user_id, None, status=status,
                                        error=f"Could not issue a token for {workspace_id}: {message}")
-    return _token_page(request, user_id, kind="agent", secret=out.token, token_id=out.id, name=out.name,
-                       workspace_id=out.workspace_id)
+    return _token_page(request, user_id, kind="agent", secret=out.secret, token_id=out.id, name=name,
+                       workspace_id=workspace_id)
 
 
 @router.post(PREFIX + "/u/{user_id}/manage/tokens")
@@ -221,14 +227,15 @@ async def issue_user_token(request: Request, user_id: str, s: Session) -> Respon
     """Admin only (as in the API): issue a user token, for the REST API and this explorer, and show it once."""
     form = await _form(request, s)
     try:
-        out = await run_in_threadpool(routes_users.issue_user_token, user_id, s.principal, s.ctx, _token_name(form))
+        name = _token_name(form).name
+        out = await run_in_threadpool(s.ctx.service.caller(s.principal).issue_user_token, user_id, name)
     except (AgentpgError, ValidationError) as exc:
         if isinstance(exc, NotFound):
             raise
         status, message = _reason(exc)
         return await run_in_threadpool(_manage_page, request, s, user_id, None, status=status,
                                        error=f"Could not issue a user token: {message}")
-    return _token_page(request, user_id, kind="user", secret=out.token, token_id=out.id, name=out.name,
+    return _token_page(request, user_id, kind="user", secret=out.secret, token_id=out.id, name=name,
                        workspace_id=None)
 
 
@@ -263,6 +270,6 @@ async def revoke(request: Request, user_id: str, token_id: str, s: Session) -> R
     if field(form, "confirm") != "yes":
         return _confirm(request, user_id, what="token", subject=_token_label(token), error="Tick the box to "
                         "confirm the revocation.", action=f"{manage_url(user_id)}/tokens/{token.id}/revoke")
-    await run_in_threadpool(routes_users.revoke_token, UUID(token.id), s.principal, s.ctx)
+    await run_in_threadpool(s.ctx.service.caller(s.principal).revoke_token, token.id)
     return RedirectResponse(with_query(manage_url(user_id), notice=f"Revoked the {_token_label(token)}."),
                             status_code=303)

@@ -18,12 +18,10 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.api import routes_users
-from agentpg.api.context import app_context
-from agentpg.api.models import ID_PATTERN
 from agentpg.errors import AgentpgError, NotFound
+from agentpg.service import ID_PATTERN, GlobalDbPermissions
 from agentpg.web import console, data, history, manage, routes_db
+from agentpg.web.context import web_context
 from agentpg.web.render import PREFIX, render, user_url, with_query
 from agentpg.web.routing import Explorer, PageRoute, Session, error_response, validation_message, wants_json
 from agentpg.web.security import (
@@ -69,7 +67,7 @@ def landing(request: Request, reason: Annotated[str | None, Query(max_length=20)
     """The sign-in page, or (with a valid session) a redirect to the caller's first page."""
     if request.cookies.get(COOKIE):
         try:
-            ctx = app_context(request)
+            ctx = web_context(request)
             request.state.explorer_principal = session_principal(request, ctx)
             return _landing_for(request)
         except AgentpgError:
@@ -86,8 +84,8 @@ def explorer_root() -> Response:
 
 @router.post(f"{PREFIX}/login")
 async def login(request: Request) -> Response:
-    ctx = app_context(request)
-    check_same_origin(request, ctx.runtime.settings.public_url)
+    ctx = web_context(request)
+    check_same_origin(request, ctx.settings.public_url)
     token = field(await read_form(request), "token").strip()
     try:
         principal = await run_in_threadpool(principal_from_token, ctx, token)
@@ -104,7 +102,7 @@ async def login(request: Request) -> Response:
 
 @router.post(f"{PREFIX}/logout")
 async def logout(request: Request) -> Response:
-    check_same_origin(request, app_context(request).runtime.settings.public_url)
+    check_same_origin(request, web_context(request).settings.public_url)
     response = RedirectResponse("/?reason=signedout", status_code=303)
     clear_session(response)
     return response
@@ -138,7 +136,7 @@ def pick_user(request: Request, s: Session, cursor: Cursor = None,
             except NotFound:
                 pass
         error = f"There is no user {user!r}."
-    page = routes_users.list_users(s.principal, s.ctx, 100, cursor)
+    page = s.ctx.service.caller(s.principal).list_users(limit=100, cursor=cursor)
     return render(request, "pick_user.html", title="Choose a user", users=page, error=error, query=user or "",
                   status=404 if error else 200)
 
@@ -176,7 +174,7 @@ def _agents_page(request: Request, s: Explorer, user_id: str, cursor: str | None
 @router.post(PREFIX + "/u/{user_id}/agents/{workspace_id}/permissions")
 async def save_permissions(request: Request, user_id: str, workspace_id: str, s: Session) -> Response:
     """Set one agent's rights on the global database (the API's PUT …/global-database-permissions)."""
-    check_same_origin(request, s.ctx.runtime.settings.public_url)
+    check_same_origin(request, s.ctx.settings.public_url)
     form = await read_form(request)
     try:
         wanted = GlobalDbPermissions(

@@ -8,22 +8,24 @@ name, slashes included, survives the URL.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import grid
-from agentpg.api import routes_data
-from agentpg.api.models import MAX_OFFSET
 from agentpg.errors import AgentpgError, InvalidInput
-from agentpg.schemas import WorkspaceInfo
+from agentpg.problems import ResponseAborted
+from agentpg.service import EXPORT_MEDIA, MAX_FILTERS, MAX_OFFSET, MAX_SEARCH_CHARS, WorkspaceInfo, attachment
+from agentpg.service.sql_box import MAX_SQL_CHARS, SqlResult
 from agentpg.web import data, rows_view
 from agentpg.web.render import render
 from agentpg.web.routing import Explorer, PageRoute, Session, WorkspaceInPath, for_both_databases
 from agentpg.web.security import check_same_origin, field, read_form
-from agentpg.web.sqlbox import MAX_SQL_CHARS, SqlResult, run_sql
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
@@ -66,10 +68,10 @@ async def table_rows(request: Request, user_id: str, s: Session, workspace_id: W
                      limit: Annotated[int, Query(ge=1, le=250)] = 100,
                      sort: Annotated[str | None, Query(max_length=255)] = None,
                      direction: Annotated[Literal["asc", "desc"], Query(alias="dir")] = "asc",
-                     q: Annotated[str | None, Query(max_length=grid.MAX_SEARCH_CHARS)] = None,
-                     fc: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None,
-                     fo: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None,
-                     fv: Annotated[list[str] | None, Query(max_length=grid.MAX_FILTERS + 1)] = None) -> Response:
+                     q: Annotated[str | None, Query(max_length=MAX_SEARCH_CHARS)] = None,
+                     fc: Annotated[list[str] | None, Query(max_length=MAX_FILTERS + 1)] = None,
+                     fo: Annotated[list[str] | None, Query(max_length=MAX_FILTERS + 1)] = None,
+                     fv: Annotated[list[str] | None, Query(max_length=MAX_FILTERS + 1)] = None) -> Response:
     """The table browser: a page of ``limit`` rows from ``offset``, sorted by one column (default: primary
     key), narrowed by filters (``fc``/``fo``/``fv`` triples, ANDed) and a search ``q`` (web/rows_view.py)."""
     ws = await _where(s, user_id, workspace_id)
@@ -87,11 +89,21 @@ async def table_rows(request: Request, user_id: str, s: Session, workspace_id: W
 @_both("/export")
 async def export(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath, name: TableName,
                  format: Annotated[Literal["csv", "json"], Query()] = "csv") -> Response:
-    """The whole table as CSV or JSON: the REST API's export route, with the session's principal."""
-    if workspace_id is None:
-        return await routes_data.global_export(user_id, _no_nul(name), s.principal, s.ctx, format)
-    await _where(s, user_id, workspace_id)
-    return await routes_data.agent_export(workspace_id, _no_nul(name), s.principal, s.ctx, format)
+    """The whole table as CSV or JSON, as the REST API's export route answers it, with the session's principal."""
+    ref = await run_in_threadpool(data.database_ref, s.ctx, s.principal, user_id, workspace_id)
+    reader = s.ctx.service.reader
+    info = await reader.check_table(ref, _no_nul(name))  # 404 now, before the 200 is sent
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in reader.export_bytes(ref, info.name, format):
+                yield chunk
+        except AgentpgError as exc:  # the 200 is already sent: all that is left is to cut the connection
+            log.warning("export of a table stopped: %s", exc.message)
+            raise ResponseAborted from None
+
+    headers = {"Content-Disposition": attachment(info.name, format), "Cache-Control": "no-store"}
+    return StreamingResponse(stream(), media_type=EXPORT_MEDIA[format], headers=headers)
 
 
 def _sql_page(request: Request, user_id: str, ws: WorkspaceInfo | None, workspace_id: str | None, statement: str,
@@ -115,12 +127,12 @@ async def sql_box(request: Request, user_id: str, s: Session, workspace_id: Work
 
 @_both("/sql", method="POST")
 async def run_sql_box(request: Request, user_id: str, s: Session, workspace_id: WorkspaceInPath) -> Response:
-    check_same_origin(request, s.ctx.runtime.settings.public_url)
+    check_same_origin(request, s.ctx.settings.public_url)
     ws = await _where(s, user_id, workspace_id)
     statement = field(await read_form(request), "sql")
-    uri = await run_in_threadpool(data.platform_uri, s.ctx, s.principal, user_id, workspace_id)
+    ref = await run_in_threadpool(data.database_ref, s.ctx, s.principal, user_id, workspace_id)
     try:
-        result = await run_sql(s.ctx.pools, uri, statement)
+        result = await s.ctx.service.reader.run_sql(ref, statement)
     except AgentpgError as exc:
         return _sql_page(request, user_id, ws, workspace_id, statement, error=exc.message, status=exc.status)
     return _sql_page(request, user_id, ws, workspace_id, statement, result=result)

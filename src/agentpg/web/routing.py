@@ -18,10 +18,10 @@ from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from agentpg.api.context import AppContext, app_context
-from agentpg.api.errors import problem, validation_problem
 from agentpg.errors import AgentpgError, Unauthenticated
-from agentpg.tokens import Principal
+from agentpg.problems import problem, validation_problem
+from agentpg.service import Principal
+from agentpg.web.context import WebContext, web_context
 from agentpg.web.render import PREFIX, render
 from agentpg.web.security import COOKIE, add_security_headers, clear_session, session_principal
 
@@ -30,7 +30,7 @@ from agentpg.web.security import COOKIE, add_security_headers, clear_session, se
 class Explorer:
     """What a signed-in page works with."""
 
-    ctx: AppContext
+    ctx: WebContext
     principal: Principal
 
 
@@ -90,7 +90,7 @@ class PageRoute(APIRoute):
 
 def _explorer(request: Request) -> Explorer:
     """The signed-in caller (a sync dependency: the token check is a catalog query)."""
-    ctx = app_context(request)
+    ctx = web_context(request)
     principal = session_principal(request, ctx)
     request.state.explorer_principal = principal
     return Explorer(ctx, principal)

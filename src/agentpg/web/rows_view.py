@@ -4,7 +4,7 @@ foreign-key links both ways, and every link that keeps them (paging, sorting, re
 The page's state lives in the URL only (``?name=t&q=…&fc=col&fo=op&fv=value…&sort=&dir=&limit=&offset=``:
 one ``fc``/``fo``/``fv`` triple per filter, in order), so a view can be shared and the back button works.
 The read is :func:`agentpg.access.grid.read_grid` on the database the session may see, scoped exactly as
-the SQL box and the REST routes scope it (:func:`agentpg.web.data.platform_uri`: another user's database
+the SQL box and the REST routes scope it (:func:`agentpg.web.data.database_ref`: another user's database
 is "not found"), with the app's :class:`~agentpg.access.browse.ReadLimits`.
 """
 
@@ -18,13 +18,25 @@ from fastapi import Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse, grid
-from agentpg.access.browse import ColumnInfo
-from agentpg.api.context import AppContext
 from agentpg.errors import InvalidInput
-from agentpg.schemas import WorkspaceInfo
-from agentpg.tokens import Principal
+from agentpg.service import (
+    MAX_FILTERS,
+    NO_VALUE,
+    OPERATORS,
+    REF_COUNT_CAP,
+    BadFilter,
+    ColumnInfo,
+    Filter,
+    ForeignKey,
+    GridPage,
+    Principal,
+    RowCount,
+    WorkspaceInfo,
+    linkable,
+    row_key,
+)
 from agentpg.web import data
+from agentpg.web.context import WebContext
 from agentpg.web.render import Cell, cell, db_url, render
 from agentpg.web.routing import Explorer
 
@@ -32,7 +44,7 @@ GRID_FOLD_CHARS: Final = 40
 """Longer values (or any with a line break) get a "show all" ``<details>``: the grid shows one line each."""
 DEFAULT_LIMIT: Final = 100
 PAGE_SIZES: Final = (25, 50, 100, 250)
-REF_CAP_TEXT: Final = f"{grid.REF_COUNT_CAP:,}+"
+REF_CAP_TEXT: Final = f"{REF_COUNT_CAP:,}+"
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class GridQuery:
     offset: int = 0
     sort: str | None = None
     direction: str = "asc"
-    filters: tuple[grid.Filter, ...] = ()
+    filters: tuple[Filter, ...] = ()
     search: str | None = None
 
     def pairs(self) -> list[tuple[str, str]]:
@@ -65,14 +77,14 @@ class GridQuery:
         return f"{path}?{urlencode((replace(self, **change) if change else self).pairs())}"
 
 
-def parse_filters(columns: list[str], ops: list[str], values: list[str]) -> tuple[grid.Filter, ...]:
+def parse_filters(columns: list[str], ops: list[str], values: list[str]) -> tuple[Filter, ...]:
     """Zip the ``fc``/``fo``/``fv`` lists; a triple without a column is the form's empty "add" row (skipped).
     A missing ``fv`` counts as empty (``?fc=email&fo=null`` is fine). Raises ``InvalidInput`` when a column
     has no operator, or there are more values than columns."""
     if len(ops) != len(columns) or len(values) > len(columns):
         raise InvalidInput("each filter is a column (fc), an operator (fo) and a value (fv), in that order")
     padded = values + [""] * (len(columns) - len(values))
-    return tuple(grid.Filter(c, o, v) for c, o, v in zip(columns, ops, padded, strict=True) if c)
+    return tuple(Filter(c, o, v) for c, o, v in zip(columns, ops, padded, strict=True) if c)
 
 
 def grid_cell(value: Any, type_name: str) -> Cell:
@@ -104,7 +116,7 @@ class RowsView:
 
     query: GridQuery
     columns: list[ColumnInfo]
-    page: grid.GridPage | None = None
+    page: GridPage | None = None
     cells: list[list[GridCell]] = field(default_factory=list)
     referenced: list[list[Link]] = field(default_factory=list)
     error: str | None = None
@@ -119,11 +131,11 @@ class RowsView:
     shown_to: int = 0
 
 
-def _key_filters(columns: tuple[str, ...], key: tuple[str, ...]) -> tuple[grid.Filter, ...]:
-    return tuple(grid.Filter(c, "eq", v) for c, v in zip(columns, key, strict=True))
+def _key_filters(columns: tuple[str, ...], key: tuple[str, ...]) -> tuple[Filter, ...]:
+    return tuple(Filter(c, "eq", v) for c, v in zip(columns, key, strict=True))
 
 
-def _describe(filters: tuple[grid.Filter, ...]) -> str:
+def _describe(filters: tuple[Filter, ...]) -> str:
     return " and ".join(f"{f.column} = {f.value}" for f in filters)
 
 
@@ -131,9 +143,9 @@ def _build(view: RowsView, here: str) -> None:
     page, q = view.page, view.query
     assert page is not None
     types = {c.name: c.type for c in page.columns}
-    by_column: dict[str, grid.ForeignKey] = {}
+    by_column: dict[str, ForeignKey] = {}
     for fk in page.outgoing:
-        if all(grid.linkable(types.get(c, "")) for c in fk.columns):
+        if all(linkable(types.get(c, "")) for c in fk.columns):
             for c in fk.columns:
                 by_column.setdefault(c, fk)
     for row in page.rows:
@@ -141,7 +153,7 @@ def _build(view: RowsView, here: str) -> None:
         for col in page.columns:
             gc = GridCell(grid_cell(row[col.name], col.type))
             out = by_column.get(col.name)
-            key = grid.row_key(row, out.columns) if out else None
+            key = row_key(row, out.columns) if out else None
             if out is not None and key is not None:
                 target = GridQuery(out.ref_table, filters=_key_filters(out.ref_columns, key))
                 gc.link = Link(gc.cell.text, target.url(here),
@@ -186,16 +198,16 @@ async def rows_page(request: Request, s: Explorer, user_id: str, ws: WorkspaceIn
     here = base + "/table"
     if not tidy:
         return RedirectResponse(q.url(here), status_code=303)
-    uri = await run_in_threadpool(data.platform_uri, s.ctx, s.principal, user_id, workspace_id)
+    ref = await run_in_threadpool(data.database_ref, s.ctx, s.principal, user_id, workspace_id)
     order = [(q.sort, q.direction == "desc")] if q.sort else None
-    async with s.ctx.pools.connection(uri) as conn:
-        try:
-            page = await grid.read_grid(conn, q.table, limits=s.ctx.read_limits, limit=q.limit, offset=q.offset,
-                                        order_by=order, filters=q.filters, search=q.search)
-            view = RowsView(query=replace(q, table=page.table), columns=page.columns, page=page)
-        except grid.BadFilter as exc:
-            info = await browse.check_table(conn, q.table, s.ctx.read_limits)
-            view = RowsView(query=q, columns=info.columns, error=exc.message, error_index=exc.index)
+    reader = s.ctx.service.reader
+    try:
+        page = await reader.grid(ref, q.table, limit=q.limit, offset=q.offset, order_by=order, filters=q.filters,
+                                 search=q.search)
+        view = RowsView(query=replace(q, table=page.table), columns=page.columns, page=page)
+    except BadFilter as exc:
+        info = await reader.check_table(ref, q.table)
+        view = RowsView(query=q, columns=info.columns, error=exc.message, error_index=exc.index)
     q = view.query
     view.remove_urls = [q.url(here, filters=q.filters[:i] + q.filters[i + 1:], offset=0)
                         for i in range(len(q.filters))]
@@ -204,13 +216,12 @@ async def rows_page(request: Request, s: Explorer, user_id: str, ws: WorkspaceIn
         _build(view, here)
     return render(request, "rows.html", status=422 if view.error else 200, title=q.table, user_id=user_id,
                   workspace=ws, workspace_id=workspace_id, active="databases", tab="tables", view=view, q=q,
-                  base=base, here=here, operators=grid.OPERATORS, no_value=grid.NO_VALUE,
-                  page_sizes=PAGE_SIZES, max_filters=grid.MAX_FILTERS)
+                  base=base, here=here, operators=OPERATORS, no_value=NO_VALUE,
+                  page_sizes=PAGE_SIZES, max_filters=MAX_FILTERS)
 
 
-async def table_counts(ctx: AppContext, principal: Principal, user_id: str,
-                       workspace_id: str | None) -> dict[str, grid.RowCount]:
+async def table_counts(ctx: WebContext, principal: Principal, user_id: str,
+                       workspace_id: str | None) -> dict[str, RowCount]:
     """Row counts for the tables panel (exact when cheap, else estimates), after the same scoping."""
-    uri = await run_in_threadpool(data.platform_uri, ctx, principal, user_id, workspace_id)
-    async with ctx.pools.connection(uri) as conn:
-        return await grid.table_counts(conn, ctx.read_limits)
+    ref = await run_in_threadpool(data.database_ref, ctx, principal, user_id, workspace_id)
+    return await ctx.service.reader.table_counts(ref)

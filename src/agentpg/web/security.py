@@ -24,13 +24,10 @@ from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Request, Response
-from fastapi.security import HTTPAuthorizationCredentials
 
-from agentpg.api.auth import principal_of
-from agentpg.api.context import AppContext
-from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import AgentpgError, InvalidInput, SecretError, Unauthenticated
-from agentpg.tokens import Principal
+from agentpg.service import Principal, Service, not_an_agent
+from agentpg.web.context import WebContext
 
 COOKIE: Final = "agentpg_explorer"
 SESSION_SECONDS: Final = 8 * 3600
@@ -60,25 +57,25 @@ def add_security_headers(response: Response, *, cache: bool = False) -> None:
         response.headers["Cache-Control"] = "no-store"
 
 
-def principal_from_token(ctx: AppContext, token: str) -> Principal:
+def principal_from_token(ctx: WebContext, token: str) -> Principal:
     """The API's own check (unknown/revoked → 401; agent token → 403), on a token from a form or cookie."""
     if not token or len(token) > 512 or not token.isascii() or not token.isprintable():
         raise Unauthenticated("that is not a token agentpg issued")
-    return principal_of(ctx, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+    return not_an_agent(ctx.service.tokens.authenticate(token))
 
 
-_SESSION: Final = SealContext("explorer_session", "cookie", "token")
 
 
-def seal_session(keyring: KeyRing, token: str, *, seconds: int = SESSION_SECONDS) -> str:
+def seal_session(service: Service, token: str, *, seconds: int = SESSION_SECONDS) -> str:
     payload = json.dumps({"token": token, "expires": int(time.time()) + seconds})
-    return keyring.seal(payload, _SESSION)
+    sealed: str = service.seal_cookie(payload)
+    return sealed
 
 
-def open_session(keyring: KeyRing, value: str) -> str:
+def open_session(service: Service, value: str) -> str:
     """The token inside a session cookie, or ``Unauthenticated`` (tampered, foreign key, or expired)."""
     try:
-        payload = json.loads(keyring.open(value, _SESSION))
+        payload = json.loads(service.open_cookie(value))
         token, expires = payload["token"], payload["expires"]
     except (SecretError, ValueError, KeyError, TypeError):
         raise Unauthenticated("the session is not valid any more; sign in again") from None
@@ -87,13 +84,13 @@ def open_session(keyring: KeyRing, value: str) -> str:
     return token
 
 
-def session_principal(request: Request, ctx: AppContext) -> Principal:
+def session_principal(request: Request, ctx: WebContext) -> Principal:
     value = request.cookies.get(COOKIE)
     if not value:
         raise Unauthenticated("sign in with a user token or the admin token")
     if len(value) > 2048:
         raise Unauthenticated("the session is not valid any more; sign in again")
-    return principal_from_token(ctx, open_session(ctx.runtime.keyring, value))
+    return principal_from_token(ctx, open_session(ctx.service, value))
 
 
 def _is_https(request: Request, public_url: str | None) -> bool:
@@ -102,9 +99,9 @@ def _is_https(request: Request, public_url: str | None) -> bool:
     return bool(public_url) and urlsplit(public_url or "").scheme == "https"
 
 
-def set_session(response: Response, request: Request, ctx: AppContext, token: str) -> None:
-    public_url = ctx.runtime.settings.public_url
-    response.set_cookie(COOKIE, seal_session(ctx.runtime.keyring, token), max_age=SESSION_SECONDS, path="/",
+def set_session(response: Response, request: Request, ctx: WebContext, token: str) -> None:
+    public_url = ctx.settings.public_url
+    response.set_cookie(COOKIE, seal_session(ctx.service, token), max_age=SESSION_SECONDS, path="/",
                         httponly=True, samesite="strict", secure=_is_https(request, public_url))
 
 

@@ -12,13 +12,9 @@ from sqlalchemy.orm import Session
 
 from agentpg import __version__, envvars
 from agentpg.access import audit as audit_log
-from agentpg.access import cache
+from agentpg.access.audit import AuditFilter, AuditPage
 from agentpg.access.guard import Reaper
-from agentpg.access.permissions import (
-    AgentTarget,
-    PermissionRefused,
-)
-from agentpg.agent_calls import AgentCalls
+from agentpg.access.permissions import GlobalDbPermissions, GlobalDbPermissionsSet, PermissionRefused
 from agentpg.catalog.models import (
     Operation,
     User,
@@ -26,20 +22,31 @@ from agentpg.catalog.models import (
     Workspace,
     WorkspaceAgentDatabase,
 )
+from agentpg.crypto import SealContext
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound, PermissionDenied
-from agentpg.gateway import configs as gateway_configs
 from agentpg.lifecycle import reconcile as reconcile_mod
-from agentpg.lifecycle import undo, users, workspace_ids, workspaces
+from agentpg.lifecycle import users, workspace_ids, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.schemas import DatabaseInfo, StatusInfo, UsageReport, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
+from agentpg.service import gateway_configs
+from agentpg.service.admin import Admin
+from agentpg.service.agents import AgentCalls
+from agentpg.service.authz import Caller
+from agentpg.service.background import Background
+from agentpg.service.reader import Reader
+from agentpg.service.statements import Statements
+from agentpg.service.tenant import HeldConnections, NotStarted, TenantAccess
+from agentpg.service.tool_choice import AGENT_TOOLS, McpTools, ToolChoice
+from agentpg.service.undo import UndoService
+from agentpg.service.uris import Uris
+from agentpg.settings import Settings
 from agentpg.tokens import IssuedToken, Principal, TokenInfo, TokenStore
-from agentpg.tool_choice import AGENT_TOOLS, McpTools, ToolChoice
-from agentpg.undo_service import UndoService
 from agentpg.usage import history as usage_history_mod
 from agentpg.usage import report as usage_report_mod
 from agentpg.usage.budgets import SyncReport, UsagePolicy, sync_usage
 
 log = logging.getLogger(__name__)
+_COOKIE = SealContext("explorer_session", "cookie", "token")
 
 
 def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> DatabaseInfo | None:
@@ -50,54 +57,119 @@ def _db_info(rec: UserGlobalDatabase | WorkspaceAgentDatabase | None) -> Databas
                         created_at=rec.created_at, current_period_cost_cents=rec.current_period_cost_cents)
 
 
-class Service(AgentCalls):
-    """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only."""
+def _user_info(user: User, rec: UserGlobalDatabase | None) -> UserInfo:
+    return UserInfo(id=user.id, email=user.email, status=user.status, created_at=user.created_at,
+                    global_database=_db_info(rec))
+
+
+class Service:
+    """Users, workspaces and their databases. Methods raise :mod:`agentpg.errors` exceptions only.
+
+    Composed of parts, each an object with its own collaborators: ``agents`` (what an agent runs, its
+    permissions and audit), ``reader`` (the platform's and the console's reads), ``undo`` (checkpoints and
+    restores), ``tool_choice`` (which MCP tools a workspace offers), ``background`` (restores answered 202).
+    Users, workspaces, tokens, env and usage are this class's own methods. The tenant connections are
+    attached by the assembly (:meth:`attach_tenant`); connection strings never leave the service.
+    """
 
     def __init__(self, deps: LifecycleDeps, tokens: TokenStore, *, embedded: bool,
                  postgres_status: dict[str, object] | None = None, usage_policy: UsagePolicy | None = None,
-                 reaper: Reaper | None = None):
+                 reaper: Reaper | None = None, settings: Settings | None = None):
         self.deps = deps
+        self.settings = settings or Settings()
+        """The settings the service was built with (edges read public URL, limits and names from here)."""
         self.reaper = reaper or Reaper()
         """Terminates tenant backends the edges gave up on (as agentpg's admin on the servers it manages)."""
         self.usage_policy = usage_policy or UsagePolicy()
         self.tokens = tokens
         self._embedded = embedded
         self._postgres_status = postgres_status or {}
-        # Hot-path caches (see agentpg.access.cache: 2 s, dropped at once by any change made in this process)
+        # Hot-path cache (see agentpg.access.cache: 2 s, dropped at once by any change made by this service)
         # and the audit log's write-behind queue.
-        self._targets: cache.TtlCache[tuple[str, str], AgentTarget] = cache.TtlCache()
-        self._write_blocks: cache.TtlCache[str, tuple[str | None]] = cache.TtlCache()
-        self._browse_uris: cache.TtlCache[tuple[str | None, str | None, str | None], str] = cache.TtlCache()
         self.audit_writer = audit_log.AuditWriter(deps.sessions)
+        self._tenant: TenantAccess | None = None
+        self.statements = Statements()
+        """Every statement text parsed once (classification and audit text), for agents and the SQL box."""
         self.tool_choice = ToolChoice(deps)
         """Which MCP tools each workspace's agent is offered (issue 20)."""
+        self.uris = Uris(deps, find_workspace=self._find_workspace, get_user=self.get_user)
+        """Tenant connection strings (secrets): for the service's own parts only."""
         self.undo = UndoService(deps, resolve=self._workspace_catalog_id,
                                 read_only=lambda user_id: self.write_block_reason(user_id) is not None)
+        self.agents = AgentCalls(deps, audit_writer=self.audit_writer, undo=self.undo, tool_choice=self.tool_choice,
+                                 statements=self.statements, tenant=self.tenant, get_workspace=self.get_workspace,
+                                 platform_uri=self.uris.platform, write_block_reason=self.write_block_reason)
+        """What an agent (one workspace's token) runs on its two databases (MCP and the gateway call it)."""
+        self.reader = Reader(self)
+        """The platform's and the console's reads of tenant databases, named, never by URI."""
+        self.background = Background()
+        """Restores answered 202 run here (the assembly drains it before the tenant access closes)."""
+        self.admin = Admin(deps, self.settings)
+        """The operator's maintenance: the warm pool, the key ring."""
+
+    def caller(self, principal: Principal) -> Caller:
+        """The service on behalf of one person (REST bearer or console session), under the tenant rules
+        (:mod:`agentpg.service.authz`); ``PermissionDenied`` for an agent token."""
+        return Caller(self, principal)
+
+    # -- the console's session cookie ------------------------------------------------------------------
+
+    def seal_cookie(self, text: str) -> str:
+        """``text`` sealed with the key ring for a browser cookie (bound to that use: it opens nowhere else)."""
+        return self.deps.keyring.seal(text, _COOKIE)
+
+    def open_cookie(self, value: str) -> str:
+        """What :meth:`seal_cookie` sealed; ``SecretError`` when tampered with or sealed by a foreign key."""
+        return self.deps.keyring.open(value, _COOKIE)
+
+    # -- tenant connections (opened by the assembly on the serving event loop) -------------------------
+
+    def attach_tenant(self, access: TenantAccess | None) -> None:
+        """Use ``access`` for every tenant connection from now on (``None``: detach, before closing it)."""
+        self._tenant = access
+
+    def tenant(self) -> TenantAccess:
+        """The attached tenant access; :class:`NotStarted` (503) before the assembly attached one."""
+        if self._tenant is None:
+            raise NotStarted("agentpg is starting; retry in a moment")
+        return self._tenant
+
+    def held_connections(self, user_id: str, workspace_id: str | None = None) -> HeldConnections:
+        """The pooled sessions on a user's databases (all, or one workspace's), named before a drop (a
+        dropped database cannot be looked up after it)."""
+        return HeldConnections(self.uris.databases(user_id, workspace_id))
+
+    def held_after_restore(self, user_id: str, workspace_id: str | None) -> HeldConnections:
+        """Every session agentpg may pool on one database that a restore in place just replaced."""
+        return HeldConnections(self.uris.restored_database(user_id, workspace_id))
+
+    async def forget_connections(self, held: HeldConnections) -> None:
+        """Close those pooled sessions, so no pool keeps a session on a database that is gone or replaced."""
+        if self._tenant is None:
+            return
+        for uri in held._uris:
+            await self._tenant.pools.forget(uri)
+
+    # -- what the agents part answers for the REST side ------------------------------------------------
+
+    def get_agent_permissions(self, workspace_id: str, *, user_id: str | None = None) -> GlobalDbPermissions:
+        return self.agents.get_agent_permissions(workspace_id, user_id=user_id)
+
+    def set_agent_permissions(self, workspace_id: str, permissions: GlobalDbPermissions, *,
+                              user_id: str | None = None) -> GlobalDbPermissionsSet:
+        return self.agents.set_agent_permissions(workspace_id, permissions, user_id=user_id)
+
+    def list_audit(self, user_id: str, *, workspace_id: str | None = None, limit: int = 100,
+                   cursor: str | None = None, where: AuditFilter | None = None) -> AuditPage:
+        return self.agents.list_audit(user_id, workspace_id=workspace_id, limit=limit, cursor=cursor, where=where)
+
+    def mcp_config(self, workspace_id: str, base_url: str, *, user_id: str | None = None) -> dict[str, object]:
+        return self.agents.mcp_config(workspace_id, base_url, self.settings, user_id=user_id)
 
     def _workspace_catalog_id(self, user_id: str, workspace_id: str) -> str:
         """The catalog's id of ``user_id``'s workspace ``workspace_id`` (NotFound for another user's)."""
         with self.deps.sessions() as s:
             return self._find_workspace(s, workspace_id, user_id).id
-
-    def restored_database_uris(self, user_id: str, workspace_id: str | None) -> list[str]:
-        """Every URI agentpg may hold pooled sessions on for one database (its login role's, and in a global
-        database each agent's own): after a restore in place, the edges drop those pools. Secrets."""
-        uris: list[str] = []
-        with self.deps.sessions() as s:
-            if workspace_id is None:
-                for ws in s.scalars(select(Workspace).where(Workspace.user_id == user_id)):
-                    if ws.global_uri_sealed is not None:
-                        uris.append(self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri"))
-                catalog_id = None
-            else:
-                catalog_id = self._find_workspace(s, workspace_id, user_id).id
-        uris.append(self.platform_uri(user_id, catalog_id))
-        return uris
-
-    def copy_uri(self, user_id: str, copy_id: str) -> str:
-        """The READ ONLY browse URI of a restored copy of ``user_id`` (a secret, for the access layer)."""
-        validate_id(user_id, "user id")
-        return undo.copy_uri(self.deps, user_id, copy_id)
 
     # -- users ---------------------------------------------------------------------------------------
 
@@ -106,34 +178,25 @@ class Service(AgentCalls):
         return self.get_user(user_id)
 
     def get_user(self, user_id: str) -> UserInfo:
+        """The user and its global database's public info: one autocommit catalog statement (issue 22)."""
         validate_id(user_id, "user id")
-        with self.deps.sessions() as s:
-            user = s.get(User, user_id)
-            if user is None or user.status == "provisioning":
-                raise NotFound(f"user {user_id!r} does not exist")
-            return self._user_info(s, user)
-
-    def _user_info(self, s: Session, user: User) -> UserInfo:
-        rec = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user.id)).one_or_none()
-        return UserInfo(id=user.id, email=user.email, status=user.status, created_at=user.created_at,
-                        global_database=_db_info(rec))
+        found = users.find_user(self.deps, user_id)
+        if found is None or found[0].status == "provisioning":
+            raise NotFound(f"user {user_id!r} does not exist")
+        return _user_info(*found)
 
     def list_users(self, *, limit: int = 100, cursor: str | None = None) -> UserPage:
-        with self.deps.sessions() as s:
-            query = select(User).where(User.status != "provisioning").order_by(User.id).limit(limit + 1)
-            if cursor:
-                query = query.where(User.id > cursor)
-            rows = list(s.scalars(query))
-            more = len(rows) > limit
-            rows = rows[:limit]
-            return UserPage(items=[self._user_info(s, u) for u in rows],
-                            next_cursor=rows[-1].id if more and rows else None)
+        rows = users.list_users(self.deps, limit=limit + 1, after=cursor)  # one statement for the page
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return UserPage(items=[_user_info(u, rec) for u, rec in rows],
+                        next_cursor=rows[-1][0].id if more and rows else None)
 
     def delete_user(self, user_id: str) -> None:
         try:
             users.delete_user(self.deps, user_id)
         finally:
-            cache.invalidate_all()
+            self.deps.invalidation.bump()
 
     # -- workspaces ----------------------------------------------------------------------------------
 
@@ -188,7 +251,7 @@ class Service(AgentCalls):
         try:
             workspaces.delete_workspace(self.deps, workspace_id, user_id=user_id)
         finally:
-            cache.invalidate_all()
+            self.deps.invalidation.bump()
 
     # -- operations ----------------------------------------------------------------------------------
 
@@ -212,71 +275,6 @@ class Service(AgentCalls):
                           extensions=extensions["installed"], extensions_missing=extensions["missing"])
 
     # -- tenant connection strings (secrets: for the access layer only, never for an edge to show) ------
-
-    def platform_uri(self, user_id: str, workspace_id: str | None = None) -> str:
-        """The full-rights URI of a user's global database, or of one of its workspaces' agent databases.
-
-        Used for the platform's own reads (REST tables/rows, explorer), always inside READ ONLY transactions.
-        A workspace of another user is "not found".
-        """
-        with self.deps.sessions() as s:
-            rec: UserGlobalDatabase | WorkspaceAgentDatabase | None
-            if workspace_id is None:
-                rec = s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)).one_or_none()
-                table, what = "user_global_database", f"user {user_id!r}"
-            else:
-                rec = s.scalars(select(WorkspaceAgentDatabase).where(
-                    WorkspaceAgentDatabase.workspace_id == workspace_id,
-                    WorkspaceAgentDatabase.user_id == user_id)).one_or_none()
-                table, what = "workspace_agent_database", f"workspace {workspace_id!r}"
-            if rec is None or rec.status != "ready" or rec.connection_uri_sealed is None:
-                raise NotFound(f"{what} has no ready database")
-            return self.deps.open(rec.connection_uri_sealed, table, rec.id, "connection_uri")
-
-    def browse_uri_cached(self, scope_user: str | None, user_id: str | None, workspace_id: str | None) -> str | None:
-        """What :meth:`browse_uri` returned for these arguments less than the cache TTL ago (no I/O)."""
-        return self._browse_uris.get((scope_user, user_id, workspace_id))
-
-    def browse_uri(self, scope_user: str | None, user_id: str | None, workspace_id: str | None) -> str:
-        """The REST browse routes' URI: a user's global database (``user_id``) or a workspace's agent
-        database (``workspace_id``, of ``scope_user`` when given: another user's is "not found").
-        Remembered for the cache TTL: the routes read with it in READ ONLY transactions only."""
-        key = (scope_user, user_id, workspace_id)
-        hit = self._browse_uris.get(key)
-        if hit is not None:
-            return hit
-        gen = cache.generation()
-        if workspace_id is None:
-            assert user_id is not None
-            self.get_user(user_id)  # validates the id, and "does not exist" reads better than "not ready"
-            uri = self.platform_uri(user_id)
-        else:
-            with self.deps.sessions() as s:
-                ws = self._find_workspace(s, workspace_id, scope_user)
-            uri = self.platform_uri(ws.user_id, ws.id)
-        self._browse_uris.put(key, uri, gen)
-        return uri
-
-    def agent_uri(self, workspace_id: str, database: str) -> str:
-        """The URI an agent's calls run with: its own role in the global database, or its agent database.
-
-        ``database`` is the logical name, ``"global"`` or ``"agent"``.
-        """
-        with self.deps.sessions() as s:
-            ws = s.get(Workspace, workspace_id)
-            if ws is None or ws.status != "active":
-                raise NotFound(f"workspace {workspace_id!r} does not exist")
-            if database == "agent":
-                user_id = ws.user_id
-            elif database == "global":
-                if ws.global_uri_sealed is not None:
-                    return self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
-                # A bring-your-own global database has no per-agent roles: its own URI is all there is.
-                return self.platform_uri(ws.user_id)
-            else:
-                raise InvalidInput('database must be "global" (the user\'s shared database) or "agent" '
-                                   "(this workspace's own)")
-        return self.platform_uri(user_id, workspace_id)
 
     # -- REST: tokens, env, browse ---------------------------------------------------------------------
     # What the REST edge (agentpg.api) needs beyond the methods above. Scoping convention as above:
@@ -332,24 +330,6 @@ class Service(AgentCalls):
     def delete_env(self, user_id: str, name: str) -> None:
         envvars.delete_env(self.deps, user_id, name)
 
-    def database_uris(self, user_id: str, workspace_id: str | None = None) -> list[str]:
-        """Platform URIs of a user's databases (all, or one workspace's), for closing pools before a drop.
-
-        Secrets, like :meth:`platform_uri`: for the access layer only.
-        """
-        validate_id(user_id, "user id")
-        with self.deps.sessions() as s:
-            ws_ids = [self._find_workspace(s, workspace_id, user_id).id] if workspace_id is not None else list(
-                s.scalars(select(Workspace.id).where(Workspace.user_id == user_id)))
-        targets: list[str | None] = ([] if workspace_id is not None else [None]) + list(ws_ids)
-        uris = []
-        for target in targets:
-            try:
-                uris.append(self.platform_uri(user_id, target))
-            except NotFound:
-                continue
-        return uris
-
     @staticmethod
     def _check_token_name(name: str | None) -> None:
         if name is not None and (not isinstance(name, str) or len(name) > 200 or "\x00" in name):
@@ -363,7 +343,7 @@ class Service(AgentCalls):
         try:
             return sync_usage(self.deps, policy.prices, default_budget_cents=policy.default_budget_cents)
         finally:
-            cache.invalidate_all()
+            self.deps.invalidation.bump()
 
     def usage(self, user_id: str) -> UsageReport:
         validate_id(user_id, "user id")
@@ -386,7 +366,7 @@ class Service(AgentCalls):
         try:
             usage_report_mod.set_budget(self.deps, user_id, budget_cents)
         finally:
-            cache.invalidate_all()
+            self.deps.invalidation.bump()
         return self.usage(user_id)
 
     def write_block_reason(self, user_id: str) -> str | None:
@@ -419,7 +399,7 @@ class Service(AgentCalls):
         enabled = await self.agent_tools(principal)
         if enabled is not None and name not in enabled:
             offered = [t for t in AGENT_TOOLS if t in enabled]
-            async with self._audited(principal, name):  # recorded like every call: refused, tool_disabled
+            async with self.agents.audited(principal, name):  # recorded like every call: refused, tool_disabled
                 raise PermissionRefused(
                     f"The tool {name!r} is not enabled for this agent; its user chose the tools it is offered "
                     f"({', '.join(offered) or 'none'}) and can change that (PUT /api/workspaces/{{id}}/mcp-tools).",
@@ -454,5 +434,5 @@ class Service(AgentCalls):
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
             user_id = ws.user_id
         return gateway_configs.resolve(self.deps, user_id, workspace_id, name,
-                                       lambda database: self.agent_uri(workspace_id, database), catalog)
+                                       lambda database: self.uris.agent(workspace_id, database), catalog)
 

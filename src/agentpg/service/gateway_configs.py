@@ -32,7 +32,8 @@ from sqlalchemy.exc import IntegrityError
 
 from agentpg.catalog.models import McpServerConfig, User, new_id, utcnow
 from agentpg.errors import Conflict, InvalidInput, NotFound
-from agentpg.gateway.catalog import (
+from agentpg.lifecycle.deps import LifecycleDeps, validate_id
+from agentpg.service.gateway_catalog import (
     AGENT_DB_URL,
     ENTRY_PATTERN,
     GLOBAL_DB_URL,
@@ -41,7 +42,6 @@ from agentpg.gateway.catalog import (
     CatalogEntry,
     EntryLimits,
 )
-from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 
 __all__ = ["Catalog", "GatewayTarget", "McpServerInfo", "McpServerList", "McpServerSpec"]
 

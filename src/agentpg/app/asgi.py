@@ -1,6 +1,10 @@
-"""The FastAPI application factory. Nothing is built at import time: the runtime (catalog, key ring,
-provider) and the tenant pools are opened in the lifespan and closed after it; the metrics registry belongs
-to the app object, so two apps in one process (tests) never share counters.
+"""The one ASGI factory: builds the FastAPI app and mounts every edge on it (REST api, the console, MCP at
+``/mcp``, the gateway at ``/mcp/servers/{name}``).
+
+This is the only place that knows every edge. Nothing is built at import time: the runtime (catalog, key
+ring, provider, service) and the service's tenant access (pools, governor, query runner) are opened in the
+lifespan and closed after it; the metrics registry belongs to the app object, so two apps in one process
+(tests) never share counters.
 """
 
 from __future__ import annotations
@@ -16,13 +20,11 @@ from starlette.concurrency import run_in_threadpool
 
 from agentpg import __version__
 from agentpg.access.browse import ReadLimits
-from agentpg.access.governor import Governor, GovernorConfig
-from agentpg.access.pools import PoolLimits, TenantPools
+from agentpg.access.cache import Invalidation
 from agentpg.api import routes_agents, routes_data, routes_mcp_servers, routes_undo, routes_usage, routes_users
-from agentpg.api.background import Background
 from agentpg.api.context import AppContext, app_context
 from agentpg.api.errors import document_problems, install_error_handlers
-from agentpg.api.metrics import ApiMetrics, GovernorCollector, ReaperCollector
+from agentpg.api.metrics import ApiMetrics
 from agentpg.api.middleware import (
     BodyLimitMiddleware,
     GuardMiddleware,
@@ -30,11 +32,12 @@ from agentpg.api.middleware import (
     SingleQueryValuesMiddleware,
 )
 from agentpg.api.ratelimit import LimitMiddleware
-from agentpg.gateway.http import GatewayHttp
+from agentpg.app.collectors import GovernorCollector, ReaperCollector, StorageCollector
+from agentpg.app.gateway_wiring import gateway_for
+from agentpg.app.runtime import open_runtime
 from agentpg.mcp.http import McpHttp
-from agentpg.runtime import open_runtime
+from agentpg.service import TenantAccess
 from agentpg.settings import Settings
-from agentpg.usage.storage import StorageCollector
 from agentpg.web import router as explorer_router
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -52,37 +55,40 @@ routes only; another user's resources answer 404). Agent tokens are for MCP and 
 
 
 def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, invalidation: Invalidation | None = None) -> FastAPI:
+    """The app ``agentpg serve`` runs. ``invalidation``: share the cache generation with other services of
+    this process (tests that change things through another service and expect this app to see it at once)."""
     settings = settings or Settings()
     metrics = ApiMetrics.create()
     limits = read_limits or ReadLimits()
     mcp = McpHttp(settings)
-    gateway = GatewayHttp(settings)  # /mcp/servers/{name}: user MCP server configs (docs/gateway.md)
+    gateway = gateway_for(settings, mcp)  # /mcp/servers/{name}: user MCP server configs (docs/gateway.md)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cm = open_runtime(settings)
+        cm = open_runtime(settings, invalidation=invalidation)
         runtime = await run_in_threadpool(cm.__enter__)
         # A long-running process keeps the warm pool full and syncs usage; open_runtime stops both.
         runtime.start_background_jobs()
-        metrics.registry.register(StorageCollector(runtime.service.deps, settings.user_storage_limit_mb))
-        # Issue 18: one connection budget per tenant server, shared by the REST and MCP sides' pools.
-        governor = Governor(GovernorConfig.from_settings(settings),
-                            admin_dsn_for=runtime.service.reaper.admin_dsn_for) if settings.governor_enabled else None
-        if governor is not None:
-            metrics.registry.register(GovernorCollector(governor))
-        metrics.registry.register(ReaperCollector(runtime.service.reaper))
-        pools = TenantPools(PoolLimits.from_settings(settings), governor=governor)
-        background = Background()
-        app.state.agentpg = AppContext(runtime=runtime, pools=pools, metrics=metrics, read_limits=limits,
-                                       background=background)
+        service = runtime.service
+        metrics.registry.register(StorageCollector(service.deps, settings.user_storage_limit_mb))
+        # Issue 18: one connection budget per tenant server, shared by the REST, console, MCP and gateway sides.
+        access = TenantAccess.from_settings(settings, service.reaper, read_limits=limits)
+        if access.governor is not None:
+            metrics.registry.register(GovernorCollector(access.governor))
+        metrics.registry.register(ReaperCollector(service.reaper))
+        service.attach_tenant(access)
+        app.state.service = service  # what every edge reads (each through its own accessor)
+        app.state.agentpg = AppContext(service=service, metrics=metrics)
         try:
-            async with mcp.run(runtime.service, pools), gateway.run(runtime.service, pools):
+            async with mcp.run(service), gateway.run(service):
                 yield
         finally:
             app.state.agentpg = None
-            await background.drain()  # a restore answered 202 finishes before the pools and runtime close
-            await pools.close()
+            app.state.service = None
+            await service.background.drain()  # a restore answered 202 finishes before the pools close
+            service.attach_tenant(None)
+            await access.close()
             await run_in_threadpool(cm.__exit__, None, None, None)
 
     app = FastAPI(title="agentpg", version=__version__, description=_DESCRIPTION, lifespan=lifespan)

@@ -10,7 +10,6 @@ import grp
 import logging
 import os
 import pwd
-import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Engine
 
+from agentpg.access.cache import Invalidation
 from agentpg.access.guard import Reaper
 from agentpg.catalog.engine import ensure_database, make_engine, migrate, session_factory
 from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
@@ -36,7 +36,7 @@ from agentpg.providers.limits import TenantLimits
 from agentpg.providers.local import LocalProvider
 from agentpg.service import Service
 from agentpg.settings import Settings
-from agentpg.tokens import TokenStore
+from agentpg.tokens import TokenStore, new_admin_secret
 from agentpg.usage.budgets import UsagePolicy, UsageSyncer
 from agentpg.usage.pricing import PriceTable
 from agentpg.usage.storage import StorageGuard
@@ -154,7 +154,7 @@ def admin_token(settings: Settings) -> str:
         tmp = path.with_name(f".admin-token.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write("apg_a_" + secrets.token_urlsafe(32))
+            handle.write(new_admin_secret())
         try:
             os.link(tmp, path)
             log.warning("generated the admin token; read it from %s (mode 0600)", path)
@@ -173,7 +173,7 @@ def _existing_admin_token(settings: Settings) -> str:
     try:
         return path.read_text().strip()
     except OSError:
-        return "apg_a_" + secrets.token_urlsafe(32)
+        return new_admin_secret()
 
 
 def usage_policy(settings: Settings) -> UsagePolicy:
@@ -274,7 +274,7 @@ def attach_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
 
 @contextmanager
 def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = True,
-                 attach_only: bool = False) -> Iterator[Runtime]:
+                 attach_only: bool = False, invalidation: Invalidation | None = None) -> Iterator[Runtime]:
     """Start (or reach) Postgres, open and migrate the catalog, load the key ring; close it all on exit.
 
     ``attach_only`` (``agentpg mcp``): create nothing — no home, no server start, no key file, no admin
@@ -302,7 +302,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             provider.harden_server()
         archive_job = ArchiveJob(attach_archivers(settings, provider, embedded))
         deps = LifecycleDeps(engine=engine, sessions=session_factory(engine), provider=provider, keyring=ring,
-                             crashpoint=os.environ.get("AGENTPG_CRASHPOINT"))
+                             crashpoint=os.environ.get("AGENTPG_CRASHPOINT"),
+                             invalidation=invalidation or Invalidation())
         warm_size = settings.warm_pool_size
         if settings.provider == "neon" and "warm_pool_size" not in settings.model_fields_set:
             warm_size = 0  # a warm Neon database is an idle project counted against the plan's project limit
@@ -311,9 +312,9 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         status = embedded.status() if embedded is not None else None
         policy = usage_policy(settings)
         admin_secret = _existing_admin_token(settings) if attach_only else admin_token(settings)
-        service = Service(deps, TokenStore(deps.sessions, admin_secret),
+        service = Service(deps, TokenStore(deps.sessions, admin_secret, invalidation=deps.invalidation),
                           embedded=embedded is not None, postgres_status=status, usage_policy=policy,
-                          reaper=reaper)
+                          reaper=reaper, settings=settings)
         syncer = UsageSyncer(deps, policy.prices, settings.usage_sync_interval_s, policy.default_budget_cents)
         storage_every = settings.user_storage_check_interval_s
         if settings.provider == "neon" and storage_every:  # each database's size is one API call there

@@ -16,7 +16,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from agentpg.access import cache
 from agentpg.catalog.models import Checkpoint, Operation, RestoredCopy
 from agentpg.errors import NotFound
 from agentpg.lifecycle import undo, workspace_ids
@@ -150,7 +149,7 @@ class UndoService:
         try:
             undo.restore(self._deps, where, spec, mode, read_only=self._read_only(where.user_id), on_begin=started)
         finally:
-            cache.invalidate_all()  # cached targets and URIs may name the replaced database's sessions
+            self._deps.invalidation.bump()  # cached targets and URIs may name the replaced database's sessions
         op, _ = undo.operation_state(self._deps, begun[0], where.user_id)
         return self._result_of(op)
 

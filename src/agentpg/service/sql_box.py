@@ -21,13 +21,14 @@ In order, for every statement:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
 
-from agentpg.access.classify import RejectedStatement, StatementKind, classify
+from agentpg.access.classify import Classification, RejectedStatement, StatementKind, classify
 from agentpg.access.pools import TenantPools
-from agentpg.access.query import ColumnInfo, QueryLimits, StatementFailed, TenantQueries
+from agentpg.access.query import ColumnInfo, QueryLimits, StatementFailed, TenantQueries, Terminate
 from agentpg.errors import AgentpgError, PermissionDenied
 
 MAX_SQL_CHARS: Final = 100_000
@@ -96,7 +97,7 @@ def _outside_public(name: str) -> bool:
     return name.startswith("pg_")
 
 
-def check_statement(statement: str) -> str:
+def check_statement(statement: str, classify: Callable[[str], Classification] = classify) -> str:
     """The statement's command (``SELECT``, ``EXPLAIN``…) if the box may run it, else ``SqlRefused``."""
     if not statement.strip():
         raise SqlRefused("type one SELECT statement to run")
@@ -126,15 +127,18 @@ async def _refuse_superuser(pools: TenantPools, uri: str) -> None:
                                "superuser; read its tables through the table browser instead")
 
 
-async def run_sql(pools: TenantPools, uri: str, statement: str, limits: SqlLimits | None = None) -> SqlResult:
-    """Check, then run ``statement`` read-only on ``uri`` (see the module docstring)."""
+async def run_sql(pools: TenantPools, uri: str, statement: str, limits: SqlLimits | None = None, *,
+                  classify: Callable[[str], Classification] = classify,
+                  terminate: Terminate | None = None) -> SqlResult:
+    """Check, then run ``statement`` read-only on ``uri`` (see the module docstring). ``classify``: the
+    service's cached one (:class:`agentpg.service.statements.Statements`); ``terminate``: the service's reaper."""
     limits = limits or SqlLimits()
-    command = check_statement(statement)
+    command = check_statement(statement, classify)
     await _refuse_superuser(pools, uri)
     scrub = Scrubber(uri)
     queries = TenantQueries(pools, QueryLimits(max_rows=limits.max_rows, max_result_bytes=limits.max_result_bytes,
                                                statement_timeout_s=limits.statement_timeout_s,
-                                               cancel_grace_s=limits.cancel_grace_s))
+                                               cancel_grace_s=limits.cancel_grace_s), terminate=terminate)
     try:
         result = await queries.run(uri, statement, None, read_only=True)
     except StatementFailed as exc:

@@ -71,7 +71,7 @@ class ToolChoice:
     def __init__(self, deps: LifecycleDeps) -> None:
         self.deps = deps
         # (enabled tools,) by catalog workspace id; None inside means every tool.
-        self._enabled: cache.TtlCache[str, tuple[frozenset[str] | None]] = cache.TtlCache()
+        self._enabled: cache.TtlCache[str, tuple[frozenset[str] | None]] = cache.TtlCache(deps.invalidation)
 
     def get(self, workspace_id: str, *, user_id: str | None = None) -> McpTools:
         """The choice of the workspace the platform calls ``workspace_id`` (of ``user_id`` when given).
@@ -93,7 +93,7 @@ class ToolChoice:
             if ws is None or ws.status != "active":
                 raise NotFound(f"workspace {workspace_id!r} does not exist")
             ws.mcp_tools = chosen
-        cache.invalidate_all()  # every process-local hot-path entry: this agent's next call looks again
+        self.deps.invalidation.bump()  # every process-local hot-path entry: this agent's next call looks again
         return _describe(chosen)
 
     def enabled_cached(self, workspace_id: str) -> tuple[frozenset[str] | None] | None:
@@ -112,7 +112,7 @@ class ToolChoice:
         hit = self._enabled.get(workspace_id)
         if hit is not None:
             return hit[0]
-        gen = cache.generation()
+        gen = self.deps.invalidation.current()
         with self.deps.sessions() as s:
             row = s.execute(select(Workspace.status, Workspace.mcp_tools)
                             .where(Workspace.id == workspace_id)).one_or_none()

@@ -1,17 +1,17 @@
 """Agent calls: what an agent (a workspace's token) may run, through MCP, on its two logical databases.
 
-A mixin of :class:`agentpg.service.Service`, kept apart because it is the hot path and most of the code:
-each call is classified (pglast), pre-checked against the agent's permissions and budget, run by the access
-layer as the agent's own role, and audited (success or not).
+A part of :class:`agentpg.service.Service` (``service.agents``), kept apart because it is the hot path and
+most of the code: each call is classified (pglast, once per statement text: :class:`Statements`), pre-checked
+against the agent's permissions and budget, run by the access layer as the agent's own role through the
+service's :class:`~agentpg.service.tenant.TenantAccess`, and audited (success or not).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,7 +21,7 @@ from sqlalchemy import select
 from agentpg.access import audit as audit_log
 from agentpg.access import cache, explain, introspect
 from agentpg.access.audit import AuditDraft, AuditPage, AuditRecord
-from agentpg.access.classify import Classification, StatementKind, check_shared, classify, normalize_for_audit
+from agentpg.access.classify import StatementKind, check_shared
 from agentpg.access.permissions import (
     AgentTarget,
     GlobalDbPermissions,
@@ -31,7 +31,7 @@ from agentpg.access.permissions import (
     from_row,
     precheck,
 )
-from agentpg.access.query import StatementFailed, StatementResult, TenantQueries
+from agentpg.access.query import QueryLimits, StatementFailed, StatementResult
 from agentpg.catalog.models import (
     AgentGlobalDbPermissions,
     User,
@@ -45,63 +45,63 @@ from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.lifecycle.undo import TargetSpec
 from agentpg.providers.extensions import NEVER_ALLOWED
 from agentpg.schemas import WorkspaceInfo
+from agentpg.service.client_configs import client_configs
+from agentpg.service.statements import Statements
+from agentpg.service.tenant import TenantAccess
+from agentpg.service.tool_choice import ToolChoice
+from agentpg.service.undo import CheckpointInfo, RestoreResult, UndoService
 from agentpg.settings import Settings
 from agentpg.tokens import Principal
-from agentpg.tool_choice import ToolChoice
-from agentpg.undo_service import CheckpointInfo, RestoreResult, UndoService
 
 log = logging.getLogger(__name__)
 
 
-_classify_cached = functools.lru_cache(maxsize=4096)(classify)
-_normalize_cached = functools.lru_cache(maxsize=4096)(normalize_for_audit)
-
-
-def _classify(statement: str) -> Classification:
-    """:func:`classify`, remembered for statements up to 4 KiB (agents repeat theirs; it is a pure function
-    of the text). A refusal is an exception, so it is never cached: it is raised again each time."""
-    return _classify_cached(statement) if len(statement) <= 4096 else classify(statement)
-
-
-def _normalize(statement: str) -> str:
-    return _normalize_cached(statement) if len(statement) <= 4096 else normalize_for_audit(statement)
-
-
 class AgentCalls:
-    """The agent-facing half of the service. Expects the attributes and methods :class:`Service` defines."""
+    """What an agent may run on its two logical databases, its permissions and its audit log.
 
-    deps: LifecycleDeps
-    audit_writer: audit_log.AuditWriter
-    _targets: cache.TtlCache[tuple[str, str], AgentTarget]
-    _write_blocks: cache.TtlCache[str, tuple[str | None]]
-    undo: UndoService
-    tool_choice: ToolChoice
+    Built by :class:`~agentpg.service.Service`, which hands it what it needs from the rest of the service as
+    plain callables (no back-reference to the façade): the workspace lookup, the platform URI, the write
+    block reason, and the tenant access (opened by the assembly; :class:`~agentpg.service.tenant.NotStarted`
+    until then).
+    """
 
-    def get_workspace(self, workspace_id: str, *, user_id: str | None = None) -> WorkspaceInfo:
-        raise NotImplementedError  # Service's
+    def __init__(self, deps: LifecycleDeps, *, audit_writer: audit_log.AuditWriter, undo: UndoService,
+                 tool_choice: ToolChoice, statements: Statements, tenant: Callable[[], TenantAccess],
+                 get_workspace: Callable[..., WorkspaceInfo], platform_uri: Callable[..., str],
+                 write_block_reason: Callable[[str], str | None]) -> None:
+        self.deps = deps
+        self.audit_writer = audit_writer
+        self.undo = undo
+        self.tool_choice = tool_choice
+        self.statements = statements
+        self._tenant = tenant
+        self._get_workspace = get_workspace
+        self._platform_uri = platform_uri
+        self._write_block_reason = write_block_reason
+        # Hot-path caches (see agentpg.access.cache: 2 s, dropped at once by any change made by this service).
+        self._targets: cache.TtlCache[tuple[str, str], AgentTarget] = cache.TtlCache(deps.invalidation)
+        self._write_blocks: cache.TtlCache[str, tuple[str | None]] = cache.TtlCache(deps.invalidation)
 
-    def platform_uri(self, user_id: str, workspace_id: str | None = None) -> str:
-        raise NotImplementedError  # Service's
-
-    def write_block_reason(self, user_id: str) -> str | None:
-        raise NotImplementedError  # Service's
+    def limits(self) -> QueryLimits:
+        """The limits every agent call runs under (timeouts, rows, bytes), as the tenant access has them."""
+        return self._tenant().queries.limits
 
     # -- MCP: agent calls, permissions, audit ---------------------------------------------------------
     # An agent (a workspace's token) reaches its user's global database as its own role and its agent
     # database with full rights, only through these methods. Each call is classified (pglast), pre-checked
     # against the agent's permissions, run by the access layer, and audited (success or not).
 
-    def agent_target_cached(self, principal: Principal, database: str) -> AgentTarget | None:
-        """:meth:`agent_target`'s answer if it is cached (no I/O: for the event loop), else ``None``."""
+    def target_cached(self, principal: Principal, database: str) -> AgentTarget | None:
+        """:meth:`target`'s answer if it is cached (no I/O: for the event loop), else ``None``."""
         if principal.kind != "agent" or principal.workspace_id is None:
             return None
         return self._targets.get((principal.workspace_id, database))
 
-    async def _agent_target(self, principal: Principal, database: str) -> AgentTarget:
-        hit = self.agent_target_cached(principal, database)
-        return hit if hit is not None else await asyncio.to_thread(self.agent_target, principal, database)
+    async def _target(self, principal: Principal, database: str) -> AgentTarget:
+        hit = self.target_cached(principal, database)
+        return hit if hit is not None else await asyncio.to_thread(self.target, principal, database)
 
-    def agent_target(self, principal: Principal, database: str) -> AgentTarget:
+    def target(self, principal: Principal, database: str) -> AgentTarget:
         """Where an agent's call on ``database`` ("global" | "agent") runs, and the permissions that apply
         (None: unrestricted, i.e. the agent database or a bring-your-own global database).
 
@@ -117,7 +117,7 @@ class AgentCalls:
         hit = self._targets.get((workspace_id, database))
         if hit is not None:
             return hit
-        gen = cache.generation()
+        gen = self.deps.invalidation.current()
         # The hot path of every tool call: one catalog round trip for the workspace, its permissions and
         # its agent database (what agent_uri finds in three).
         with self.deps.sessions() as s:
@@ -135,7 +135,7 @@ class AgentCalls:
             uri = self.deps.open(ws.global_uri_sealed, "workspaces", ws.id, "global_uri")
             perms = from_row(perms_row)
         elif database == "global":  # brought by the platform: no per-agent roles, its own URI is all there is
-            uri = self.platform_uri(ws.user_id)
+            uri = self._platform_uri(ws.user_id)
         elif agent_db is None or agent_db.status != "ready" or agent_db.connection_uri_sealed is None:
             raise NotFound(f"workspace {workspace_id!r} has no ready database")
         else:
@@ -146,12 +146,12 @@ class AgentCalls:
         self._targets.put((workspace_id, database), target, gen)
         return target
 
-    async def agent_list_databases(self, principal: Principal) -> list[dict[str, Any]]:
+    async def list_databases(self, principal: Principal) -> list[dict[str, Any]]:
         """The two logical databases an agent can name, with what it may do in each; audited."""
-        async with self._audited(principal, "list_databases") as draft:
+        async with self.audited(principal, "list_databases") as draft:
             out: list[dict[str, Any]] = []
             for name, about in (("global", "shared by every agent of your user"), ("agent", "this agent's own")):
-                target = await self._agent_target(principal, name)
+                target = await self._target(principal, name)
                 draft.user_id, perms = target.user_id, target.permissions
                 out.append({"name": name, "description": about,
                             "access": "full" if perms is None else "restricted",
@@ -159,7 +159,7 @@ class AgentCalls:
             draft.rows = len(out)
             return out
 
-    async def agent_sql(self, queries: TenantQueries, principal: Principal, tool: Literal["query", "execute"],
+    async def sql(self, principal: Principal, tool: Literal["query", "execute"],
                         database: str, statement: str, params: list[Any] | None = None,
                         max_rows: int | None = None) -> StatementResult:
         """One ``query`` (read-only) or ``execute`` call: classify, pre-check, run, audit.
@@ -167,10 +167,10 @@ class AgentCalls:
         Raises ``RejectedStatement`` (the classifier's refusal), ``PermissionRefused``, ``StatementFailed`` or
         another :mod:`agentpg.errors` exception; every outcome is written to the audit log.
         """
-        async with self._audited(principal, tool, database, _normalize(statement)) as draft:
-            target = await self._agent_target(principal, database)
+        async with self.audited(principal, tool, database, self.statements.audit_text(statement)) as draft:
+            target = await self._target(principal, database)
             draft.user_id = target.user_id
-            c = _classify(statement)
+            c = self.statements.classify(statement)
             draft.fingerprint = c.fingerprint
             check_tool(c, tool)
             if c.extension is not None:  # never run as the agent: agentpg's admin installs allowed ones
@@ -188,13 +188,13 @@ class AgentCalls:
                 if cached_block is not None:
                     blocked = cached_block[0]
                 else:
-                    gen = cache.generation()
-                    blocked = await asyncio.to_thread(self.write_block_reason, target.user_id)
+                    gen = self.deps.invalidation.current()
+                    blocked = await asyncio.to_thread(self._write_block_reason, target.user_id)
                     self._write_blocks.put(target.user_id, (blocked,), gen)
                 if blocked is not None:
                     raise PermissionRefused(blocked, reason="storage_limit" if blocked.startswith("storage")
                                             else "budget_exceeded")
-            result = await queries.run(target.uri, statement, params, read_only=tool == "query",
+            result = await self._tenant().queries.run(target.uri, statement, params, read_only=tool == "query",
                                        max_rows=max_rows, user=target.user_id)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
             return result
@@ -203,7 +203,7 @@ class AgentCalls:
         """An agent's ``CREATE EXTENSION name``: installed by agentpg's admin if the operator allows it
         (idempotent; every allowed one is already in new databases). Raises PermissionRefused naming the
         allow-list otherwise, NotFound for an unknown workspace, ProviderError if the server lacks it."""
-        target = self.agent_target(principal, database)
+        target = self.target(principal, database)
         allowed = self.deps.provider.extensions
         if name not in allowed:
             why = NEVER_ALLOWED.get(name)
@@ -233,36 +233,36 @@ class AgentCalls:
             raise PermissionDenied("only an agent token (one workspace's) can use the agent tools")
         return principal.user_id, principal.workspace_id
 
-    async def agent_checkpoint(self, principal: Principal, database: Literal["global", "agent", "both"],
+    async def checkpoint(self, principal: Principal, database: Literal["global", "agent", "both"],
                                name: str | None) -> list[CheckpointInfo]:
-        async with self._audited(principal, "checkpoint", database if database != "both" else None) as draft:
+        async with self.audited(principal, "checkpoint", database if database != "both" else None) as draft:
             user_id, workspace_id = self._agent_ids(principal)
             made = await asyncio.to_thread(self.undo.agent_checkpoint, user_id, workspace_id, database, name)
             draft.rows = len(made)
             return made
 
-    async def agent_list_checkpoints(self, principal: Principal,
+    async def list_checkpoints(self, principal: Principal,
                                      database: Literal["global", "agent"]) -> list[CheckpointInfo]:
-        async with self._audited(principal, "list_checkpoints", database) as draft:
+        async with self.audited(principal, "list_checkpoints", database) as draft:
             user_id, workspace_id = self._agent_ids(principal)
             listed = await asyncio.to_thread(self.undo.agent_list_checkpoints, user_id, workspace_id, database)
             draft.rows = len(listed)
             return listed
 
-    async def agent_restore(self, queries: TenantQueries, principal: Principal, checkpoint_id: str | None,
+    async def restore(self, principal: Principal, checkpoint_id: str | None,
                             at: datetime | None, before_audit_id: int | None,
                             mode: Literal["in_place", "new"]) -> RestoreResult:
         """Restore the agent's own agent database; its pooled sessions are dropped after an in-place one."""
-        async with self._audited(principal, "restore", "agent"):
+        async with self.audited(principal, "restore", "agent"):
             user_id, workspace_id = self._agent_ids(principal)
             spec = TargetSpec(checkpoint_id=checkpoint_id, at=at, before_audit_id=before_audit_id)
             result = await asyncio.to_thread(self.undo.agent_restore, user_id, workspace_id, spec, mode)
             if mode == "in_place":
-                target = await self._agent_target(principal, "agent")
-                await queries.pools.forget(target.uri)
+                target = await self._target(principal, "agent")
+                await self._tenant().pools.forget(target.uri)
             return result
 
-    async def agent_explain(self, queries: TenantQueries, principal: Principal, database: str, statement: str,
+    async def explain(self, principal: Principal, database: str, statement: str,
                             params: list[Any] | None = None, *, analyze: bool = False) -> dict[str, Any]:
         """One ``explain`` call: the plan of ``statement`` as this agent would run it, never executing a write.
 
@@ -271,12 +271,12 @@ class AgentCalls:
         agent's own role, so Postgres checks table and function privileges as for the statement itself.
         ``analyze`` (reads only) executes the read in that same read-only transaction. Returns
         :func:`agentpg.access.explain.summarize`'s dict plus ``database``, ``command`` and ``duration_ms``.
-        Raises like :meth:`agent_sql`; audited as tool ``explain``.
+        Raises like :meth:`sql`; audited as tool ``explain``.
         """
-        async with self._audited(principal, "explain", database, _normalize(statement)) as draft:
-            target = await self._agent_target(principal, database)
+        async with self.audited(principal, "explain", database, self.statements.audit_text(statement)) as draft:
+            target = await self._target(principal, database)
             draft.user_id = target.user_id
-            c = _classify(statement)
+            c = self.statements.classify(statement)
             draft.fingerprint = c.fingerprint
             explain.check_explainable(c, analyze=analyze)
             if database == "global":
@@ -285,7 +285,7 @@ class AgentCalls:
                 precheck(c, target.permissions)
             text, offset = explain.explain_text(statement, analyze=analyze)
             try:
-                result = await queries.run(target.uri, text, params, read_only=True, max_rows=1,
+                result = await self._tenant().queries.run(target.uri, text, params, read_only=True, max_rows=1,
                                            user=target.user_id)
             except StatementFailed as exc:
                 raise StatementFailed(explain.shift_positions(exc.message, offset), outcome=exc.outcome,
@@ -298,26 +298,27 @@ class AgentCalls:
             return {"database": database, "command": c.command, "analyzed": analyze,
                     "duration_ms": result.duration_ms, **summary}
 
-    async def agent_list_tables(self, queries: TenantQueries, principal: Principal, database: str,
+    async def list_tables(self, principal: Principal, database: str,
                                 schema: str = "public") -> dict[str, Any]:
         """Tables of one schema of a logical database, with the agent's own privileges on each; audited."""
-        async with self._audited(principal, "list_tables", database) as draft:
-            target = await self._agent_target(principal, database)
+        async with self.audited(principal, "list_tables", database) as draft:
+            target = await self._target(principal, database)
             draft.user_id = target.user_id
-            listed = await introspect.list_tables(queries, target.uri, schema)
+            listed = await introspect.list_tables(self._tenant().queries, target.uri, schema)
             draft.rows = len(listed["tables"])
             return {"database": database, **listed}
 
-    async def agent_describe_table(self, queries: TenantQueries, principal: Principal, database: str,
+    async def describe_table(self, principal: Principal, database: str,
                                    table: str) -> dict[str, Any]:
         """Columns, keys, indexes and row estimate of one table; audited."""
-        async with self._audited(principal, "describe_table", database) as draft:
-            target = await self._agent_target(principal, database)
+        async with self.audited(principal, "describe_table", database) as draft:
+            target = await self._target(principal, database)
             draft.user_id = target.user_id
-            return {"database": database, **await introspect.describe_table(queries, target.uri, table)}
+            described = await introspect.describe_table(self._tenant().queries, target.uri, table)
+            return {"database": database, **described}
 
     @asynccontextmanager
-    async def _audited(self, principal: Principal, tool: str, database: str | None = None,
+    async def audited(self, principal: Principal, tool: str, database: str | None = None,
                        statement: str | None = None) -> AsyncIterator[AuditDraft]:
         """Record the block as one audit entry, however it ends (a write failure is logged, not raised)."""
         started, started_at = time.perf_counter(), datetime.now(UTC)
@@ -395,7 +396,7 @@ class AgentCalls:
             self.deps.provider.set_agent_permissions(users.plan_of(glob), ws.agent_role,
                                                      workspaces.permissions_of(row))
             owner = ws.user_id
-        cache.invalidate_all()  # the next call of this agent sees the new permissions
+        self.deps.invalidation.bump()  # the next call of this agent sees the new permissions
         result = GlobalDbPermissionsSet(**permissions.model_dump())
         if permissions.allowed_tables:
             result.missing_tables = self._missing_relations(owner, permissions.allowed_tables)
@@ -410,7 +411,7 @@ class AgentCalls:
         """The names of ``names`` no relation of schema public of the user's global database has."""
         import psycopg
 
-        with psycopg.connect(self.platform_uri(user_id), autocommit=True,
+        with psycopg.connect(self._platform_uri(user_id), autocommit=True,
                              connect_timeout=10) as conn:
             found = {r[0] for r in conn.execute(
                 "SELECT c.relname FROM pg_catalog.pg_class c WHERE c.relnamespace = 'public'::regnamespace "
@@ -420,9 +421,7 @@ class AgentCalls:
     def mcp_config(self, workspace_id: str, base_url: str, settings: Settings, *,
                    user_id: str | None = None) -> dict[str, Any]:
         """The MCP client configurations for this workspace, HTTP and stdio, with a token placeholder
-        (:func:`agentpg.mcp.config.client_configs`)."""
-        from agentpg.mcp.config import client_configs
-
-        self.get_workspace(workspace_id, user_id=user_id)
+        (:func:`agentpg.service.client_configs.client_configs`)."""
+        self._get_workspace(workspace_id, user_id=user_id)
         return client_configs(settings, base_url)
 
