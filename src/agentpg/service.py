@@ -31,6 +31,7 @@ from agentpg.gateway import configs as gateway_configs
 from agentpg.lifecycle import reconcile as reconcile_mod
 from agentpg.lifecycle import undo, users, workspace_ids, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
+from agentpg.oauth.service import OAuthService
 from agentpg.schemas import DatabaseInfo, StatusInfo, UsageReport, UserInfo, UserPage, WorkspaceInfo, WorkspacePage
 from agentpg.tokens import IssuedToken, Principal, TokenInfo, TokenStore
 from agentpg.tool_choice import AGENT_TOOLS, McpTools, ToolChoice
@@ -71,6 +72,8 @@ class Service(AgentCalls):
         self.audit_writer = audit_log.AuditWriter(deps.sessions)
         self.tool_choice = ToolChoice(deps)
         """Which MCP tools each workspace's agent is offered (issue 20)."""
+        self.oauth = OAuthService(deps)
+        """The OAuth authorization server remote MCP clients sign in through (issue 20; docs/mcp.md)."""
         self.undo = UndoService(deps, resolve=self._workspace_catalog_id,
                                 read_only=lambda user_id: self.write_block_reason(user_id) is not None)
 

@@ -32,6 +32,7 @@ from agentpg.api.middleware import (
 from agentpg.api.ratelimit import LimitMiddleware
 from agentpg.gateway.http import GatewayHttp
 from agentpg.mcp.http import McpHttp
+from agentpg.mcp.oauth import McpOAuth
 from agentpg.runtime import open_runtime
 from agentpg.settings import Settings
 from agentpg.usage.storage import StorageCollector
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     app.include_router(routes_undo.router)
     app.include_router(explorer_router)  # the database explorer's pages: /, /explorer/…
     mcp.mount(app)
+    # OAuth discovery, token, registration, revocation (docs/mcp.md); the consent page is the explorer's.
+    McpOAuth(settings, mcp.security, lambda: mcp.service).mount(app)
     gateway.mount(app)
 
     @app.get("/healthz", tags=["health"])
