@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import httpx2
 import pytest
+from leakscan import LeakScanner
 from mcp import ClientSession
 from mcp.client.auth import AuthorizationCodeResult, OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
@@ -72,8 +73,8 @@ async def _consent(browser: httpx.AsyncClient, base: str, url: str, workspace: s
     """Open the authorization URL in the signed-in "browser", pick ``workspace`` and decide; the redirect."""
     page = await browser.get(url)
     assert page.status_code == 200, page.text[:500]
-    assert "Content-Security-Policy" in page.headers and "frame-ancestors 'none'" in page.headers[
-        "Content-Security-Policy"]
+    policy = page.headers["Content-Security-Policy"]  # unframeable; the form may lead to the client only
+    assert "frame-ancestors 'none'" in policy and "form-action 'self' http://127.0.0.1:8976;" in policy
     ticket = re.search(r'name="ticket" value="([^"]+)"', page.text)
     action = re.search(r'<form method="post" action="([^"]+)" class="stack" id="consent-form">', page.text)
     assert ticket and action
@@ -108,8 +109,16 @@ def _authorize_url(base: str, client_id: str, challenge: str, **extra: str) -> s
     return f"{base}/oauth/authorize?{urlencode(params)}"
 
 
+def _watch(scanner: LeakScanner, access: str, refresh: str | None) -> None:
+    """Have the suite's leak scanner look for these tokens in every log record and recorded output (a JWT by
+    its signature, the part that makes it usable)."""
+    scanner.add_plaintext(access.rsplit(".", 1)[-1])
+    if refresh:
+        scanner.add_plaintext(refresh)
+
+
 async def _flow(browser: httpx.AsyncClient, base: str, workspace: str, *, scope: str = "mcp:read mcp:write",
-                resource_base: str | None = None) -> Grant:
+                resource_base: str | None = None, scanner: LeakScanner | None = None) -> Grant:
     """The flow by hand: register, consent, exchange the code. ``resource_base``: reach the server by
     another name (the tokens' audience is then that name's /mcp)."""
     at = resource_base or base
@@ -125,6 +134,8 @@ async def _flow(browser: httpx.AsyncClient, base: str, workspace: str, *, scope:
     assert answer.status_code == 200, answer.text
     assert answer.headers["cache-control"] == "no-store"
     token = answer.json()
+    if scanner is not None:
+        _watch(scanner, token["access_token"], token["refresh_token"])
     assert token["token_type"] == "Bearer" and token["expires_in"] == 3600 and token["scope"] == scope
     return Grant(client["client_id"], token["access_token"], token["refresh_token"], scope)
 
@@ -151,8 +162,8 @@ class _Storage:
         self.client = client_info
 
 
-async def test_sdk_client_runs_the_whole_flow_and_acts_as_the_workspace_agent(base_url: str,
-                                                                             tenants: Tenants) -> None:
+async def test_sdk_client_runs_the_whole_flow_and_acts_as_the_workspace_agent(
+        base_url: str, tenants: Tenants, leak_scanner: LeakScanner) -> None:
     storage = _Storage()
     opened: list[str] = []
     async with httpx.AsyncClient(timeout=30) as browser:
@@ -178,6 +189,7 @@ async def test_sdk_client_runs_the_whole_flow_and_acts_as_the_workspace_agent(ba
     assert len(opened) == 1  # one consent, then the tokens did the rest
     assert storage.client is not None and storage.client.client_secret is not None  # RFC 7591 default: basic
     assert storage.tokens is not None and storage.tokens.refresh_token
+    _watch(leak_scanner, storage.tokens.access_token, storage.tokens.refresh_token)
     claims = _claims(storage.tokens.access_token)
     assert claims["aud"] == f"{base_url}/mcp" and claims["iss"] == f"{base_url}/"
     assert claims["scope"] == "mcp:read mcp:write" and claims["sub"] == tenants.user1
@@ -193,8 +205,7 @@ async def test_discovery_documents_and_401_challenges(base_url: str) -> None:
         assert root.status_code == inserted.status_code == 200 and root.json() == inserted.json()
         assert root.json() == {"resource": f"{base_url}/mcp", "authorization_servers": [f"{base_url}/"],
                                "scopes_supported": ["mcp:read", "mcp:write"], "bearer_methods_supported": ["header"],
-                               "resource_name": "agentpg",
-                               "resource_documentation": "https://github.com/agentpg/agentpg/blob/main/docs/mcp.md"}
+                               "resource_name": "agentpg"}
         meta = (await client.get(f"{base_url}/.well-known/oauth-authorization-server")).json()
         assert meta["issuer"] == f"{base_url}/" and meta["code_challenge_methods_supported"] == ["S256"]
         assert meta["token_endpoint"] == f"{base_url}/oauth/token"
@@ -212,10 +223,11 @@ async def test_discovery_documents_and_401_challenges(base_url: str) -> None:
                                  headers={"Host": "evil.example"})).status_code == 421
 
 
-async def test_audience_scope_refresh_and_revocation(base_url: str, tenants: Tenants) -> None:
+async def test_audience_scope_refresh_and_revocation(base_url: str, tenants: Tenants,
+                                                      leak_scanner: LeakScanner) -> None:
     async with httpx.AsyncClient(timeout=30) as browser:
         await _signed_in(browser, base_url, tenants.user1_token)
-        reader = await _flow(browser, base_url, tenants.ws_b, scope="mcp:read")
+        reader = await _flow(browser, base_url, tenants.ws_b, scope="mcp:read", scanner=leak_scanner)
         read = await _mcp(browser, base_url, reader.access, _call("query", database="agent", sql="SELECT 1 AS one"))
         assert read.status_code == 200 and read.json()["result"]["structuredContent"]["rows"] == [[1]]
         write = await _mcp(browser, base_url, reader.access, _call("execute", database="agent", sql="CREATE TABLE x()"))
@@ -240,6 +252,7 @@ async def test_audience_scope_refresh_and_revocation(base_url: str, tenants: Ten
             "grant_type": "refresh_token", "refresh_token": reader.refresh, "client_id": reader.client_id})
         assert fresh.status_code == 200, fresh.text
         renewed = fresh.json()
+        _watch(leak_scanner, renewed["access_token"], renewed["refresh_token"])
         assert renewed["refresh_token"] != reader.refresh and renewed["scope"] == "mcp:read"
         assert (await _mcp(browser, base_url, renewed["access_token"], INIT)).status_code == 200
         replay = await browser.post(f"{base_url}/oauth/token", data={

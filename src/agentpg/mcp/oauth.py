@@ -39,7 +39,7 @@ from starlette.routing import Route
 from starlette.types import Scope
 
 from agentpg.errors import AgentpgError, Unauthenticated
-from agentpg.oauth.server import SCOPES, scope_for
+from agentpg.oauth.models import SCOPES, scope_for
 from agentpg.oauth.service import REGISTER_PATH, REVOKE_PATH, TOKEN_PATH, Access, Answer, HttpRequest
 from agentpg.service import Service
 from agentpg.settings import Settings
@@ -168,8 +168,7 @@ class McpOAuth:
         base = base_of(self._settings, request.scope)
         metadata = ProtectedResourceMetadata(
             resource=AnyHttpUrl(base + "/mcp"), authorization_servers=[AnyHttpUrl(base + "/")],
-            scopes_supported=list(SCOPES), bearer_methods_supported=["header"], resource_name="agentpg",
-            resource_documentation=AnyHttpUrl("https://github.com/agentpg/agentpg/blob/main/docs/mcp.md"))
+            scopes_supported=list(SCOPES), bearer_methods_supported=["header"], resource_name="agentpg")
         return Response(metadata.model_dump_json(exclude_none=True), media_type="application/json",
                         headers={"Cache-Control": "public, max-age=3600"})
 

@@ -4,8 +4,12 @@ A user connects a desktop MCP client to one of their workspaces: the client disc
 ``/mcp`` 401 (RFC 9728 protected-resource metadata, RFC 8414 server metadata), registers itself (RFC 7591),
 sends the user's browser to the consent page (signed in through the explorer's session), and gets JWT
 access tokens (RFC 9068) whose audience is ``<public URL>/mcp`` and which act as that workspace's agent, the
-same principal as the workspace's agent token. :mod:`agentpg.oauth.service` is what the edges call;
-:mod:`agentpg.oauth.server` holds the Authlib server, :mod:`agentpg.oauth.store` its catalog records and
-:mod:`agentpg.oauth.keys` its signing keys. The HTTP routes are in :mod:`agentpg.mcp.oauth` (metadata,
-token, registration, revocation) and :mod:`agentpg.web.oauth` (the consent page). docs/mcp.md describes it.
+same principal as the workspace's agent token.
+
+- :mod:`agentpg.oauth.service`: what the edges call (as ``Service.oauth``);
+- :mod:`agentpg.oauth.server`: the Authlib server; :mod:`agentpg.oauth.models`: the objects it works with;
+- :mod:`agentpg.oauth.store`: its catalog records; :mod:`agentpg.oauth.keys`: its signing keys.
+
+The HTTP routes are in :mod:`agentpg.mcp.oauth` (metadata, token, registration, revocation, the bearer
+check on /mcp) and :mod:`agentpg.web.oauth` (the consent page). docs/mcp.md describes it.
 """

@@ -5,27 +5,23 @@ only, required of every client), refresh tokens (rotated on every use), dynamic 
 (RFC 7591), revocation (RFC 7009), the error answers (RFC 6749 §5.2) and RFC 9068 JWT access tokens. This
 module gives it agentpg's storage (:class:`~agentpg.oauth.store.OAuthStore`), its signing keys
 (:mod:`agentpg.oauth.keys`), RFC 8707 resource indicators (Authlib has none: the ``resource`` of the
-authorization request is checked, kept with the code and becomes the token's ``aud``), and a neutral
-request/answer shape (:class:`HttpRequest`, :class:`Answer`) that the edges translate from and to Starlette.
+authorization request is checked, kept with the code and becomes the token's ``aud``), and works on the
+neutral request/answer shape of :mod:`agentpg.oauth.models`, which the edges translate from and to Starlette.
 
 Authlib is synchronous and does catalog I/O through the store: call everything here in the threadpool.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import logging
 import secrets
 import uuid
-from collections import defaultdict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 from authlib.oauth2 import rfc6749
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7591 import ClientRegistrationEndpoint, InvalidClientMetadataError
 from authlib.oauth2.rfc7636 import CodeChallenge
@@ -36,260 +32,29 @@ from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
 
 from agentpg.oauth.keys import ALGORITHM, SigningKeys
+from agentpg.oauth.models import (
+    ACCESS_SECONDS,
+    AUTH_METHODS,
+    SCOPES,
+    Answer,
+    Client,
+    CodeModel,
+    Consent,
+    HttpRequest,
+    InvalidTargetError,
+    JsonOAuthRequest,
+    OAuthRequest,
+    RefreshModel,
+    Subject,
+    check_redirect_uri_allowed,
+    same_resource,
+)
 from agentpg.oauth.store import ClientRecord, CodeRecord, GrantRecord, OAuthStore
-from agentpg.tokens import hash_token
-
-SCOPE_READ = "mcp:read"
-SCOPE_WRITE = "mcp:write"
-SCOPES = (SCOPE_READ, SCOPE_WRITE)
-"""``mcp:read``: the tools that only read; ``mcp:write``: those that change a database (see :func:`scope_for`)."""
-WRITE_TOOLS = frozenset({"execute", "checkpoint", "restore"})
-ACCESS_SECONDS = 3600
-AUTH_METHODS = ["none", "client_secret_basic", "client_secret_post"]
-_FORBIDDEN_SCHEMES = frozenset({"javascript", "data", "file", "vbscript", "about", "blob", "ftp", "ws", "wss"})
-
-
-def scope_for(tool: str | None) -> str:
-    """The scope a ``tools/call`` of ``tool`` needs (None: any other request, which reading covers)."""
-    return SCOPE_WRITE if tool in WRITE_TOOLS else SCOPE_READ
-
-
-@dataclass(frozen=True)
-class HttpRequest:
-    """An HTTP request as the edge received it. ``base`` is ``scheme://host[:port]`` of this service as the
-    client reaches it (``AGENTPG_PUBLIC_URL``, else the request's own); it names the issuer and resource."""
-
-    method: str
-    path: str
-    base: str
-    headers: Mapping[str, str]
-    """Case-insensitive when Authlib reads them (``Authorization``): pass the framework's own headers."""
-    query: dict[str, list[str]] = field(default_factory=dict)
-    form: dict[str, list[str]] = field(default_factory=dict)
-    json: dict[str, Any] | None = None
-
-    @property
-    def issuer(self) -> str:
-        # With the trailing slash, as the MCP SDK renders a root issuer (pydantic URLs); used verbatim everywhere.
-        return self.base + "/"
-
-    @property
-    def resource(self) -> str:
-        return self.base + "/mcp"
-
-
-@dataclass
-class Answer:
-    """What to send back: JSON (a dict) or nothing, with headers (``Location`` for a redirect)."""
-
-    status: int
-    body: dict[str, Any] | None
-    headers: list[tuple[str, str]]
-
-    @property
-    def location(self) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == "location"), None)
-
-
-class InvalidTargetError(OAuth2Error):  # type: ignore[misc]
-    """RFC 8707 §2: the ``resource`` is not one this server issues tokens for."""
-
-    error = "invalid_target"
-
-
-def same_resource(given: str, expected: str) -> bool:
-    return given.rstrip("/") == expected.rstrip("/")
-
-
-# -- Authlib's models ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Consent:
-    """The resource owner's decision: the user, and the workspace (catalog id) whose agent the client becomes."""
-
-    user_id: str
-    workspace_id: str
-
-    def get_user_id(self) -> str:
-        return self.user_id
-
-
-@dataclass(frozen=True)
-class Subject:
-    """Whom a token is issued for (Authlib's "user" at the token endpoint): a grant of one workspace."""
-
-    user_id: str
-    workspace_id: str
-    grant_id: str
-    resource: str
-    issuer: str
-    refresh_hash: str | None = None
-    """The refresh token being rotated (refresh grant only)."""
-
-    def get_user_id(self) -> str:
-        return self.user_id
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_redirect_uri_allowed(uri: str) -> None:
-    """Refuse a redirect URI a client may not register: no fragment; ``https``, ``http`` to a loopback
-    address only (RFC 8252 §7.3), or an app's private-use scheme (§7.1), never a script-bearing one."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        raise InvalidClientMetadataError("a redirect_uri is not a URI") from None
-    scheme = parts.scheme.lower()
-    if not scheme or parts.fragment or scheme in _FORBIDDEN_SCHEMES or len(uri) > 2000:
-        raise InvalidClientMetadataError("a redirect_uri must be absolute, without a fragment, not a script")
-    if scheme == "http" and not _is_loopback(parts.hostname):
-        raise InvalidClientMetadataError("an http redirect_uri must be a loopback one (127.0.0.1, [::1], localhost)")
-    if scheme in ("http", "https") and not parts.hostname:
-        raise InvalidClientMetadataError("a redirect_uri names no host")
-
-
-class Client(rfc6749.ClientMixin):  # type: ignore[misc]
-    def __init__(self, record: ClientRecord) -> None:
-        self.record = record
-        self.metadata = record.metadata
-
-    def get_client_id(self) -> str:
-        return self.record.client_id
-
-    def get_default_redirect_uri(self) -> str | None:
-        uris = self.metadata.get("redirect_uris") or []
-        return str(uris[0]) if len(uris) == 1 else None
-
-    def get_allowed_scope(self, scope: str | None) -> str | None:
-        allowed = [s for s in str(self.metadata.get("scope") or " ".join(SCOPES)).split() if s in SCOPES]
-        wanted = scope.split() if scope else allowed
-        granted = [s for s in allowed if s in wanted]
-        return " ".join(granted) if granted else None  # None: invalid_scope
-
-    def check_redirect_uri(self, redirect_uri: str) -> bool:
-        """Exactly a registered URI; for a loopback one, any port (RFC 8252 §7.3: native apps pick a free
-        port when they start)."""
-        registered = [str(u) for u in self.metadata.get("redirect_uris") or []]
-        if redirect_uri in registered:
-            return True
-        given = urlsplit(redirect_uri)
-        if given.scheme != "http" or not _is_loopback(given.hostname):
-            return False
-        for uri in registered:
-            known = urlsplit(uri)
-            if (known.scheme, known.hostname, known.path, known.query) == (
-                    given.scheme, given.hostname, given.path, given.query):
-                return True
-        return False
-
-    def check_client_secret(self, client_secret: str) -> bool:
-        known = self.record.secret_hash
-        return known is not None and hmac.compare_digest(known, hash_token(client_secret))
-
-    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return bool(method == self.metadata.get("token_endpoint_auth_method", "client_secret_basic"))
-
-    def check_response_type(self, response_type: str) -> bool:
-        return response_type == "code"
-
-    def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type in (self.metadata.get("grant_types") or ["authorization_code"])
-
-
-class _Code(rfc6749.AuthorizationCodeMixin):  # type: ignore[misc]
-    def __init__(self, record: CodeRecord) -> None:
-        self.record = record
-        self.code_challenge = record.code_challenge
-        self.code_challenge_method = record.code_challenge_method
-
-    def get_redirect_uri(self) -> str:
-        return self.record.redirect_uri
-
-    def get_scope(self) -> str:
-        return self.record.scope
-
-
-class _Refresh(rfc6749.TokenMixin):  # type: ignore[misc]
-    def __init__(self, record: GrantRecord) -> None:
-        self.record = record
-
-    def check_client(self, client: Client) -> bool:
-        return self.record.client_id == client.get_client_id()
-
-    def get_scope(self) -> str:
-        return self.record.scope
-
-    def get_expires_in(self) -> int:
-        return 0
-
-    def is_expired(self) -> bool:
-        return False  # the store returns only unexpired grants
-
-    def is_revoked(self) -> bool:
-        return False  # ... and only live ones
-
-
-# -- requests -------------------------------------------------------------------------------------------------
-
-
-class _Payload(rfc6749.OAuth2Payload):  # type: ignore[misc]
-    def __init__(self, values: dict[str, list[str]]) -> None:
-        self._values = values
-
-    @property
-    def data(self) -> dict[str, str]:
-        return {k: v[0] for k, v in self._values.items() if v}
-
-    @property
-    def datalist(self) -> defaultdict[str, list[str]]:
-        return defaultdict(list, self._values)
-
-
-class _Request(rfc6749.OAuth2Request):  # type: ignore[misc]
-    def __init__(self, http: HttpRequest) -> None:
-        super().__init__(http.method, http.base + http.path, headers=http.headers)
-        self.http = http
-        # The authorization endpoint reads the query only (a form cannot override what the client asked).
-        self.payload = _Payload(http.query if http.method == "GET" or http.path.endswith("/authorize")
-                                else http.form)
-
-    @property
-    def args(self) -> dict[str, str]:
-        return {k: v[0] for k, v in self.http.query.items() if v}
-
-    @property
-    def form(self) -> dict[str, str]:
-        return {k: v[0] for k, v in self.http.form.items() if v}
-
-
-class _JsonPayload(rfc6749.JsonPayload):  # type: ignore[misc]
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return self._data
-
-
-class _JsonRequest(rfc6749.JsonRequest):  # type: ignore[misc]
-    def __init__(self, http: HttpRequest) -> None:
-        super().__init__(http.method, http.base + http.path, http.headers)
-        self.http = http
-        self.payload = _JsonPayload(http.json or {})
-
 
 # -- grants and endpoints -----------------------------------------------------------------------------------
 
 
-def _check_resource(request: _Request, redirect_uri: str | None = None) -> None:
+def _check_resource(request: OAuthRequest, redirect_uri: str | None = None) -> None:
     """RFC 8707: at most one ``resource``, and it must be this service's ``/mcp`` (absent: that is meant)."""
     given = request.payload.datalist.get("resource", [])
     if len(given) > 1 or (given and not same_resource(given[0], request.http.resource)):
@@ -306,7 +71,7 @@ class _CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
         _check_resource(self.request, redirect_uri)
         return redirect_uri
 
-    def save_authorization_code(self, code: str, request: _Request) -> None:
+    def save_authorization_code(self, code: str, request: OAuthRequest) -> None:
         consent: Consent = request.user
         data = request.payload.data
         self.server.store.add_code(code, CodeRecord(
@@ -315,17 +80,17 @@ class _CodeGrant(grants.AuthorizationCodeGrant):  # type: ignore[misc]
             scope=request.scope, resource=request.http.resource, code_challenge=data["code_challenge"],
             code_challenge_method=data.get("code_challenge_method", "S256")))
 
-    def query_authorization_code(self, code: str, client: Client) -> _Code | None:
+    def query_authorization_code(self, code: str, client: Client) -> CodeModel | None:
         _check_resource(self.request)
         record = self.server.store.take_code(code, client.get_client_id())
         if record is not None and not same_resource(record.resource, self.request.http.resource):
             raise InvalidTargetError("the code was issued for another resource")
-        return _Code(record) if record is not None else None
+        return CodeModel(record) if record is not None else None
 
-    def delete_authorization_code(self, authorization_code: _Code) -> None:
+    def delete_authorization_code(self, authorization_code: CodeModel) -> None:
         pass  # taken (deleted) when it was read: see OAuthStore.take_code
 
-    def authenticate_user(self, authorization_code: _Code) -> Subject:
+    def authenticate_user(self, authorization_code: CodeModel) -> Subject:
         record = authorization_code.record
         return Subject(user_id=record.user_id, workspace_id=record.workspace_id, grant_id=str(uuid.uuid4()),
                        resource=record.resource, issuer=self.request.http.issuer)
@@ -336,19 +101,19 @@ class _RefreshGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
     INCLUDE_NEW_REFRESH_TOKEN = True  # rotation (OAuth 2.1 §4.3.1: public clients' refresh tokens rotate)
     server: OAuthServer
 
-    def authenticate_refresh_token(self, refresh_token: str) -> _Refresh | None:
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshModel | None:
         _check_resource(self.request)
         record = self.server.store.grant_by_refresh(refresh_token)
         if record is not None and not same_resource(record.resource, self.request.http.resource):
             raise InvalidTargetError("the refresh token was issued for another resource")
-        return _Refresh(record) if record is not None else None
+        return RefreshModel(record) if record is not None else None
 
-    def authenticate_user(self, refresh_token: _Refresh) -> Subject:
+    def authenticate_user(self, refresh_token: RefreshModel) -> Subject:
         record = refresh_token.record
         return Subject(user_id=record.user_id, workspace_id=record.workspace_id, grant_id=record.id,
                        resource=record.resource, issuer=self.request.http.issuer, refresh_hash=record.refresh_hash)
 
-    def revoke_old_credential(self, refresh_token: _Refresh) -> None:
+    def revoke_old_credential(self, refresh_token: RefreshModel) -> None:
         pass  # replaced in save_token (OAuthStore.rotate_refresh), atomically
 
 
@@ -370,7 +135,7 @@ class _Registration(ClientRegistrationEndpoint):  # type: ignore[misc]
 
     server: OAuthServer
 
-    def authenticate_token(self, request: _JsonRequest) -> bool:
+    def authenticate_token(self, request: JsonOAuthRequest) -> bool:
         return True  # no initial access token: the user's consent is what protects a workspace
 
     def get_server_metadata(self) -> dict[str, Any]:
@@ -378,15 +143,15 @@ class _Registration(ClientRegistrationEndpoint):  # type: ignore[misc]
                 "grant_types_supported": ["authorization_code", "refresh_token"],
                 "token_endpoint_auth_methods_supported": AUTH_METHODS}
 
-    def generate_client_id(self, request: _JsonRequest) -> str:
+    def generate_client_id(self, request: JsonOAuthRequest) -> str:
         return "apgc_" + secrets.token_urlsafe(24)
 
-    def generate_client_secret(self, request: _JsonRequest) -> str | None:
+    def generate_client_secret(self, request: JsonOAuthRequest) -> str | None:
         if request.payload.data.get("token_endpoint_auth_method") == "none":
             return None  # a public client: PKCE is its proof
         return secrets.token_urlsafe(32)
 
-    def generate_client_info(self, request: _JsonRequest) -> dict[str, Any]:
+    def generate_client_info(self, request: JsonOAuthRequest) -> dict[str, Any]:
         info: dict[str, Any] = super().generate_client_info(request)
         if info.get("client_secret") is None:
             info.pop("client_secret", None)
@@ -394,7 +159,7 @@ class _Registration(ClientRegistrationEndpoint):  # type: ignore[misc]
         return info
 
     def save_client(self, client_info: dict[str, Any], client_metadata: dict[str, Any],
-                    request: _JsonRequest) -> Client:
+                    request: JsonOAuthRequest) -> Client:
         uris = client_metadata.get("redirect_uris")
         if not isinstance(uris, list) or not uris or len(uris) > 10:
             raise InvalidClientMetadataError("give 1 to 10 redirect_uris")
@@ -432,7 +197,7 @@ class _Revocation(RevocationEndpoint):  # type: ignore[misc]
         record = self.server.store.grant_by_refresh(token_string)
         return _Revocable(grant_id=record.id, client_id=record.client_id) if record is not None else None
 
-    def revoke_token(self, token: _Revocable, request: _Request) -> None:
+    def revoke_token(self, token: _Revocable, request: OAuthRequest) -> None:
         self.server.store.revoke_grant(token.grant_id, client_id=token.client_id)
 
 
@@ -466,6 +231,9 @@ class OAuthServer(rfc6749.AuthorizationServer):  # type: ignore[misc]
 
     def __init__(self, store: OAuthStore, keys: SigningKeys) -> None:
         super().__init__(scopes_supported=list(SCOPES))
+        # Authlib logs every token it issues (``Issue token {...}``) at DEBUG: keep its loggers above that, so
+        # AGENTPG_LOG_LEVEL=DEBUG can never write a token to a log.
+        logging.getLogger("authlib").setLevel(logging.INFO)
         self.store = store
         self.keys = keys
         self.register_token_generator("default", _AccessTokens(keys))
@@ -478,7 +246,7 @@ class OAuthServer(rfc6749.AuthorizationServer):  # type: ignore[misc]
         record = self.store.client(client_id) if isinstance(client_id, str) else None
         return Client(record) if record is not None else None
 
-    def save_token(self, token: dict[str, Any], request: _Request) -> None:
+    def save_token(self, token: dict[str, Any], request: OAuthRequest) -> None:
         subject: Subject = request.user
         refresh = token.get("refresh_token")
         if subject.refresh_hash is None:  # a new grant, from a code
@@ -489,11 +257,11 @@ class OAuthServer(rfc6749.AuthorizationServer):  # type: ignore[misc]
         elif refresh is None or not self.store.rotate_refresh(subject.grant_id, subject.refresh_hash, refresh):
             raise InvalidGrantError("the refresh token was used concurrently; use the newest one")
 
-    def create_oauth2_request(self, request: HttpRequest | _Request) -> _Request:
-        return request if isinstance(request, _Request) else _Request(request)
+    def create_oauth2_request(self, request: HttpRequest | OAuthRequest) -> OAuthRequest:
+        return request if isinstance(request, OAuthRequest) else OAuthRequest(request)
 
-    def create_json_request(self, request: HttpRequest) -> _JsonRequest:
-        return _JsonRequest(request)
+    def create_json_request(self, request: HttpRequest) -> JsonOAuthRequest:
+        return JsonOAuthRequest(request)
 
     def handle_response(self, status: int, body: Any, headers: list[tuple[str, str]]) -> Answer:
         return Answer(status, body if isinstance(body, dict) else None, list(headers or []))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,17 +23,8 @@ from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import AgentpgError, SecretError
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.oauth.keys import SigningKeys
-from agentpg.oauth.server import (
-    ACCESS_SECONDS,
-    AUTH_METHODS,
-    SCOPES,
-    Answer,
-    Consent,
-    HttpRequest,
-    OAuthServer,
-    validate_claims,
-    verify_signature,
-)
+from agentpg.oauth.models import ACCESS_SECONDS, AUTH_METHODS, SCOPES, Answer, Consent, HttpRequest
+from agentpg.oauth.server import OAuthServer, validate_claims, verify_signature
 from agentpg.oauth.store import OAuthStore
 from agentpg.tokens import Principal, hash_token
 
@@ -102,8 +94,7 @@ class OAuthService:
                 "token_endpoint_auth_methods_supported": AUTH_METHODS,
                 "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
                 "code_challenge_methods_supported": ["S256"],
-                "authorization_response_iss_parameter_supported": True,
-                "service_documentation": "https://github.com/agentpg/agentpg/blob/main/docs/mcp.md"}
+                "authorization_response_iss_parameter_supported": True}
 
     # -- the authorization endpoint (the explorer's consent page calls these) --------------------------------
 
@@ -162,15 +153,21 @@ class OAuthService:
     # -- the token, registration and revocation endpoints -----------------------------------------------------
 
     def token(self, http: HttpRequest) -> Answer:
-        answer: Answer = self.server.create_token_response(http)
-        return answer
+        return self._answer(lambda: self.server.create_token_response(http))
 
     def register(self, http: HttpRequest) -> Answer:
-        answer: Answer = self.server.create_endpoint_response("client_registration", http)
-        return answer
+        return self._answer(lambda: self.server.create_endpoint_response("client_registration", http))
 
     def revoke(self, http: HttpRequest) -> Answer:
-        answer: Answer = self.server.create_endpoint_response("revocation", http)
+        return self._answer(lambda: self.server.create_endpoint_response("revocation", http))
+
+    def _answer(self, call: Callable[[], Any]) -> Answer:
+        """Authlib's answer; an error it raises rather than answers (``insecure_transport``: plain HTTP to
+        a host that is not loopback, before any request is read) is answered the same way, as JSON."""
+        try:
+            answer: Answer = call()
+        except OAuth2Error as error:
+            answer = self.server.handle_error_response(None, error)
         return answer
 
     # -- the resource server side: an access token presented to /mcp ---------------------------------------

@@ -163,7 +163,8 @@ class OAuthStore:
                 row.revoked_at = now
                 cache.invalidate_all()
                 return None
-            if row.refresh_expires_at < now:
+            workspace = s.get(Workspace, row.workspace_id)
+            if row.refresh_expires_at < now or workspace is None or workspace.status != "active":
                 return None
             return GrantRecord(id=row.id, client_id=row.client_id, user_id=row.user_id,
                                workspace_id=row.workspace_id, scope=row.scope, resource=row.resource,

@@ -20,6 +20,7 @@ apply ``form-action`` to the redirect that follows the POST).
 
 from __future__ import annotations
 
+import re
 from typing import Final
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -38,6 +39,8 @@ from agentpg.web.security import COOKIE, CSP, CrossOrigin, check_same_origin, fi
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
 MAX_NEXT: Final = 4000
+_HOST: Final = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_SCHEME: Final = re.compile(r"[a-z][a-z0-9+.\-]{0,40}")
 
 
 def safe_next(value: str | None) -> str | None:
@@ -90,10 +93,12 @@ def _user(principal: Principal) -> str:
 
 
 def _form_target(redirect_to: str) -> str:
+    """The CSP source of the redirect URI (its origin, or an app scheme's ``name:``); '' for anything that
+    is not plainly one (nothing a client registered can add a directive to the header)."""
     parts = urlsplit(redirect_to)
-    if parts.scheme in ("http", "https") and parts.netloc:
+    if parts.scheme in ("http", "https") and _HOST.fullmatch(parts.netloc):
         return f"{parts.scheme}://{parts.netloc}"
-    return f"{parts.scheme}:" if parts.scheme else ""
+    return f"{parts.scheme}:" if _SCHEME.fullmatch(parts.scheme) and parts.scheme not in ("http", "https") else ""
 
 
 def _consent_page(request: Request, ctx: AppContext, principal: Principal, http: HttpRequest, *,
