@@ -36,6 +36,7 @@ from agentpg.app.collectors import GovernorCollector, ReaperCollector, StorageCo
 from agentpg.app.gateway_wiring import gateway_for
 from agentpg.app.runtime import open_runtime
 from agentpg.mcp.http import McpHttp
+from agentpg.mcp.oauth import McpOAuth
 from agentpg.service import TenantAccess
 from agentpg.settings import Settings
 from agentpg.web import router as explorer_router
@@ -108,6 +109,8 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
     app.include_router(routes_undo.router)
     app.include_router(explorer_router)  # the database explorer's pages: /, /explorer/…
     mcp.mount(app)
+    # OAuth discovery, token, registration, revocation (docs/mcp.md); the consent page is the explorer's.
+    McpOAuth(settings, mcp.security, lambda: mcp.service).mount(app)
     gateway.mount(app)
 
     @app.get("/healthz", tags=["health"])

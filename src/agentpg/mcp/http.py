@@ -6,10 +6,12 @@ Each request to ``/mcp``, in order:
    DNS rebinding). Allowed: loopback names (``127.0.0.1``, ``localhost``, ``[::1]``, any port), the host of
    ``AGENTPG_PUBLIC_URL``, and ``AGENTPG_MCP_ALLOWED_HOSTS`` / ``AGENTPG_MCP_ALLOWED_ORIGINS``. A request
    without Origin (any non-browser client) passes the Origin check. Refusals: 421 (Host), 403 (Origin).
-2. **Bearer token**: none or unknown/revoked → 401 with ``WWW-Authenticate: Bearer``; a valid admin or user
-   token → 403 (agents only). The token is checked on every request; a success is remembered for 2 s
-   (:mod:`agentpg.access.cache`), so a revocation through this process takes effect at once, one made
-   elsewhere (the CLI, another instance) within 2 s.
+2. **Bearer token**: an agent token, or an OAuth access token of a workspace (:mod:`agentpg.mcp.oauth`: it
+   acts as that workspace's agent, and a ``tools/call`` needs its tool's scope, else 403
+   ``insufficient_scope``); none or unknown/revoked → 401 with ``WWW-Authenticate: Bearer`` naming the
+   protected-resource metadata; a valid admin or user token → 403 (agents only). The token is checked on
+   every request; a success is remembered for 2 s (:mod:`agentpg.access.cache`), so a revocation through
+   this process takes effect at once, one made elsewhere (the CLI, another instance) within 2 s.
 3. **One well-formed JSON-RPC message** per POST (:mod:`agentpg.mcp.envelope`): a batch, an id that is not a
    string or an integer, ... get 400 with the JSON-RPC error in plain words (the SDK would take an object id
    for a notification and answer 202, or quote its validation library).
@@ -48,6 +50,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from agentpg.errors import AgentpgError, PermissionDenied, Unauthenticated
 from agentpg.mcp import envelope
+from agentpg.mcp.oauth import GRANTED_SCOPES, OAuthDoor
 from agentpg.mcp.server import build_server
 from agentpg.service import Principal, Service
 from agentpg.settings import Settings
@@ -92,6 +95,9 @@ class McpHttp:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._security = TransportSecurityMiddleware(security_settings(settings))
+        self.security = self._security
+        self.door = OAuthDoor(settings)
+        """OAuth access tokens beside agent tokens (:mod:`agentpg.mcp.oauth`)."""
         self._manager: StreamableHTTPSessionManager | None = None
         self._service: Service | None = None
 
@@ -99,6 +105,11 @@ class McpHttp:
         """Route ``/mcp`` (exactly; no redirect to ``/mcp/``) to this endpoint; it answers 503 until running.
         First in the route list: the agents' hot path should not be matched against every REST route."""
         app.router.routes.insert(0, Route(PATH, endpoint=self, include_in_schema=False))  # ASGI app: all methods
+
+    @property
+    def service(self) -> Service | None:
+        """The service while :meth:`run` runs (the OAuth routes use it), else None."""
+        return self._service
 
     @asynccontextmanager
     async def run(self, service: Service) -> AsyncIterator[None]:
@@ -125,16 +136,21 @@ class McpHttp:
             await _json(503, {"error": "starting", "error_description": "agentpg is starting; retry"})(
                 scope, receive, send)
             return
-        principal = await admit_agent(scope, receive, send, self._security, service)
+        principal = await admit_agent(scope, receive, send, self._security, service, door=self.door)
         if principal is None:
             return
+        granted = scope.get(GRANTED_SCOPES)  # an OAuth token's scopes; None: an agent token (every right)
         scope["user"] = AuthenticatedUser(AccessToken(token="", client_id=principal.workspace_id or "",
-                                                      subject=principal.token_id, scopes=["agent"]))
+                                                      subject=principal.token_id,
+                                                      scopes=sorted(granted) if granted is not None else ["agent"]))
         scope[_PRINCIPAL_KEY] = principal
         if scope["method"] != "POST":
             await manager.handle_request(scope, receive, send)
             return
         body = await well_formed(scope, receive, send)
+        if body is not None and granted is not None and (refusal := self.door.refusal(body, scope)) is not None:
+            await refusal(scope, receive, send)  # 403 insufficient_scope: the tool needs a scope not granted
+            return
         if body is not None:
             await answer_unless_gone(manager, body, scope, receive, send)
 
@@ -215,21 +231,26 @@ async def answer_unless_gone(manager: StreamableHTTPSessionManager, body: bytes,
 
 async def admit_agent(scope: Scope, receive: Receive, send: Send, security: TransportSecurityMiddleware,
                       service: Service,
-                      then: Callable[[Principal], Awaitable[object]] | None = None) -> Principal | None:
+                      then: Callable[[Principal], Awaitable[object]] | None = None, *,
+                      door: OAuthDoor | None = None) -> Principal | None:
     """The door of every agent-facing HTTP endpoint (/mcp and the gateway's): Host/Origin check, then the
-    agent token, then ``then`` (a further check, e.g. that a named server exists). Returns the principal, or
-    sends the refusal (421/403/401/403/4xx) and returns ``None``."""
+    agent token (or, with ``door``, an OAuth access token), then ``then`` (a further check, e.g. that a named
+    server exists). Returns the principal, or sends the refusal (421/403/401/403/4xx) and returns ``None``."""
     refusal = await security.validate_request(Request(scope), is_post=False)
     if refusal is not None:
         await refusal(scope, receive, send)
         return None
+    header = HTTPConnection(scope).headers.get("authorization")
     try:
-        principal = await authenticate_agent(service, HTTPConnection(scope).headers.get("authorization"))
+        access = await door.access(service, scope, header) if door is not None else None
+        principal = access.principal if access is not None else await authenticate_agent(service, header)
         if then is not None:
             await then(principal)
     except Unauthenticated as exc:
+        challenge = (door.challenge(scope, presented=bool(header), description=exc.message) if door is not None
+                     else 'Bearer error="invalid_token"')
         await _json(401, {"error": "invalid_token", "error_description": exc.message},
-                    {"WWW-Authenticate": 'Bearer error="invalid_token"'})(scope, receive, send)
+                    {"WWW-Authenticate": challenge})(scope, receive, send)
         return None
     except PermissionDenied as exc:
         await _json(403, {"error": "insufficient_scope", "error_description": exc.message},

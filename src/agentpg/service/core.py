@@ -33,6 +33,7 @@ from agentpg.service.admin import Admin
 from agentpg.service.agents import AgentCalls
 from agentpg.service.authz import Caller
 from agentpg.service.background import Background
+from agentpg.service.oauth.service import OAuthService
 from agentpg.service.reader import Reader
 from agentpg.service.statements import Statements
 from agentpg.service.tenant import HeldConnections, NotStarted, TenantAccess
@@ -94,6 +95,8 @@ class Service:
         """Which MCP tools each workspace's agent is offered (issue 20)."""
         self.uris = Uris(deps, find_workspace=self._find_workspace, get_user=self.get_user)
         """Tenant connection strings (secrets): for the service's own parts only."""
+        self.oauth = OAuthService(deps)
+        """The OAuth authorization server remote MCP clients sign in through (issue 20; docs/mcp.md)."""
         self.undo = UndoService(deps, resolve=self._workspace_catalog_id,
                                 read_only=lambda user_id: self.write_block_reason(user_id) is not None)
         self.agents = AgentCalls(deps, audit_writer=self.audit_writer, undo=self.undo, tool_choice=self.tool_choice,

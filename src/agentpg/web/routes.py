@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from agentpg.errors import AgentpgError, NotFound
 from agentpg.service import ID_PATTERN, GlobalDbPermissions
-from agentpg.web import console, data, history, manage, routes_db
+from agentpg.web import console, data, history, manage, oauth, routes_db
 from agentpg.web.context import web_context
 from agentpg.web.render import PREFIX, render, user_url, with_query
 from agentpg.web.routing import Explorer, PageRoute, Session, error_response, validation_message, wants_json
@@ -40,6 +40,7 @@ router.include_router(routes_db.router)
 router.include_router(history.router)
 router.include_router(manage.router)  # issue 21: the console's pages
 router.include_router(console.router)
+router.include_router(oauth.router)  # issue 20: /oauth/authorize, the consent page of remote MCP clients
 
 Cursor = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=128)]
 _STATIC: Final = {"app.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -63,18 +64,22 @@ def _landing_for(request: Request) -> Response:
 
 
 @router.get("/")
-def landing(request: Request, reason: Annotated[str | None, Query(max_length=20)] = None) -> Response:
-    """The sign-in page, or (with a valid session) a redirect to the caller's first page."""
+def landing(request: Request, reason: Annotated[str | None, Query(max_length=20)] = None,
+            next_url: Annotated[str | None, Query(alias="next", max_length=oauth.MAX_NEXT)] = None) -> Response:
+    """The sign-in page, or (with a valid session) a redirect to the caller's first page, or to ``next`` (an
+    OAuth consent page that sent the browser here to sign in: :func:`agentpg.web.oauth.safe_next`)."""
+    back = oauth.safe_next(next_url)
     if request.cookies.get(COOKIE):
         try:
             ctx = web_context(request)
             request.state.explorer_principal = session_principal(request, ctx)
-            return _landing_for(request)
+            return RedirectResponse(back, status_code=303) if back else _landing_for(request)
         except AgentpgError:
-            response = render(request, "login.html", title="Sign in", message=_REASONS["expired"], me=None)
+            response = render(request, "login.html", title="Sign in", message=_REASONS["expired"], me=None,
+                              next=back)
             clear_session(response)
             return response
-    return render(request, "login.html", title="Sign in", message=_REASONS.get(reason or ""), me=None)
+    return render(request, "login.html", title="Sign in", message=_REASONS.get(reason or ""), me=None, next=back)
 
 
 @router.get(PREFIX)
@@ -86,16 +91,17 @@ def explorer_root() -> Response:
 async def login(request: Request) -> Response:
     ctx = web_context(request)
     check_same_origin(request, ctx.settings.public_url)
-    token = field(await read_form(request), "token").strip()
+    form = await read_form(request)
+    token, back = field(form, "token").strip(), oauth.safe_next(field(form, "next"))
     try:
         principal = await run_in_threadpool(principal_from_token, ctx, token)
     except AgentpgError as exc:
         message = ("Agent tokens reach only MCP. Sign in with a user token or the admin token."
                    if exc.status == 403 else "That token is not valid: it is unknown, revoked, or mistyped.")
         return render(request, "login.html", status=exc.status, title="Sign in", error=message, message=None,
-                      me=None)
+                      me=None, next=back)
     request.state.explorer_principal = principal
-    response = _landing_for(request)
+    response = RedirectResponse(back, status_code=303) if back else _landing_for(request)
     set_session(response, request, ctx, token)
     return response
 
