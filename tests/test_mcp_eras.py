@@ -126,7 +126,7 @@ async def test_2026_wire_rules_over_http(base_url: str, tenants: Tenants) -> Non
 
 def _sleeping_backends(runtime: Runtime) -> int:
     with psycopg.connect(runtime.admin_dsn, autocommit=True) as conn:
-        # LIKE: agentpg sends a query wrapped in its row-size check (access.query.bounded_statement).
+        # LIKE: agentpg sends a query wrapped in its row-size check (access.shape.bounded_statement).
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%(SELECT pg_sleep(29)%' "
                            "AND pid <> pg_backend_pid() AND state = 'active'").fetchone()
     return int(row[0]) if row else 0

@@ -16,6 +16,8 @@ import pglast
 from pglast import ast
 from pglast.parser import ParseError, parse_sql_protobuf, scan
 
+from agentpg.access.shape import UNKNOWN, Shape, shape_of_parsed
+
 MAX_STATEMENT_BYTES: Final = 1024 * 1024
 
 
@@ -36,6 +38,7 @@ class Classification:
     drops_table: bool
     fingerprint: str  # pglast fingerprint: stable and literal-free
     extension: str | None = None  # CREATE EXTENSION's name: agentpg installs it on the agent's behalf, or not
+    shape: Shape = UNKNOWN  # what the query path needs (rows? DML? wrappable?), from this same parse
 
 
 class RejectedStatement(ValueError):
@@ -502,7 +505,7 @@ def _classify(sql: str) -> Classification:
     written = frozenset(result.written | {_relname(node) for node in result.targets})
     extension = str(stmt.extname) if isinstance(stmt, ast.CreateExtensionStmt) else None
     return Classification(result.kind, result.command, frozenset(read), written, result.creates_table,
-                          result.drops_table, pglast.fingerprint(sql), extension)
+                          result.drops_table, pglast.fingerprint(sql), extension, shape_of_parsed(stmts, sql))
 
 
 # Statements that define code someone else would run (another agent, the owner role through ANALYZE or a

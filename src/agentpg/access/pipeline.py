@@ -26,7 +26,7 @@ to load each chunk of rows at once. The contract, as :func:`read_and_reset` sees
   unread); past the bound, :class:`ResultTooLarge` is raised and the connection abandoned as above. What
   libpq holds for one call is thus at most the bound plus one socket read — and one read is bounded only by
   libpq's buffer, which it enlarges to a message's announced length. So the caller bounds rows at the server
-  where it can (:func:`agentpg.access.query.bounded_statement`); where it cannot, ``look_ahead`` reads the
+  where it can (:func:`agentpg.access.shape.bounded_statement`); where it cannot, ``look_ahead`` reads the
   headers of the messages waiting in the socket (``MSG_PEEK``, plain TCP only) before libpq takes them, and a
   row announcing more than the bound ends the read before libpq has read any of it (a header that arrives
   during libpq's read is missed: then only the bound above applies).

@@ -53,9 +53,7 @@ from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-import pglast
 import psycopg
-from pglast import ast
 from psycopg import AsyncConnection, AsyncRawCursor, pq
 from psycopg.adapt import AdaptersMap
 from psycopg.types.string import TextLoader
@@ -63,6 +61,7 @@ from psycopg.types.string import TextLoader
 from agentpg.access.guard import Reaper
 from agentpg.access.pipeline import Field, ResultTooLarge, read_and_reset, stream_in_transaction
 from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
+from agentpg.access.shape import ROW_TOO_LARGE, Shape, bounded_statement, shape_of
 from agentpg.errors import AgentpgError, ProviderUnavailable
 from agentpg.providers.limits import Setting, TenantLimits
 from agentpg.settings import Settings
@@ -273,19 +272,22 @@ class TenantQueries:
 
     async def run(self, uri: str, statement: str, params: Sequence[JsonValue] | None = None, *,
                   read_only: bool, max_rows: int | None = None,
-                  cancel_after_s: float | None = None, user: str | None = None) -> StatementResult:
+                  cancel_after_s: float | None = None, user: str | None = None,
+                  shape: Shape | None = None) -> StatementResult:
         """Run one statement on ``uri`` within the limits; see the module docstring for the guarantees.
 
         ``max_rows`` may lower (never raise) the configured maximum. How the statement is fetched depends on
-        its shape (see :func:`statement_shape`); a wrong guess (unparseable text) only costs the row count or
-        the early stop. ``cancel_after_s`` overrides when the outside cancel fires (tests). ``user`` is whose
-        call it is, for the connection governor's fair share (default: the database counts as its own user).
+        its shape (:class:`agentpg.access.shape.Shape`: the classification's, else parsed here); a wrong guess
+        (unparseable text) only costs the row count or the early stop. ``cancel_after_s`` overrides when the
+        outside cancel fires (tests). ``user`` is whose call it is, for the connection governor's fair share
+        (default: the database counts as its own user).
         Raises :class:`StatementFailed`, ``ServerBusy``, ``PoolExhausted`` or ``ProviderUnavailable``.
         """
         limit = self.limits.max_rows if max_rows is None else max(0, min(max_rows, self.limits.max_rows))
-        returns_rows, is_dml = statement_shape(statement)
+        shape = shape or shape_of(statement)
+        returns_rows, is_dml = shape.returns_rows, shape.is_dml
         args = bind_params(params)
-        bounded = bounded_statement(statement, self.limits.row_bound_bytes) if returns_rows else None
+        bounded = bounded_statement(statement, self.limits.row_bound_bytes, shape) if returns_rows else None
         text = statement if bounded is None else bounded.text
         cancel_after = (self.limits.statement_timeout_s + self.limits.cancel_grace_s
                         if cancel_after_s is None else cancel_after_s)
@@ -532,31 +534,6 @@ def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
     return [ColumnInfo(name=c.name, type=c.type_display) for c in cur.description or ()]
 
 
-def statement_shape(statement: str) -> tuple[bool, bool]:
-    """(returns rows, is DML) of the (first) statement; remembered for statements up to 4 KiB (agents repeat
-    theirs, and parsing costs more than the rest of a short call's own work)."""
-    return _shape_cached(statement) if len(statement) <= 4096 else _shape(statement)
-
-
-def _shape(statement: str) -> tuple[bool, bool]:
-    """(returns rows, is DML) of the (first) statement. Rows come from SELECT/VALUES/TABLE (not SELECT
-    INTO), SHOW, EXPLAIN, CALL, and INSERT/UPDATE/DELETE/MERGE with RETURNING. Unparseable text counts as
-    row-returning and not DML (the server will say what is wrong with it)."""
-    try:
-        parsed = pglast.parse_sql(statement)
-    except Exception:
-        return True, False
-    stmt = parsed[0].stmt if parsed else None
-    if isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
-        return stmt.returningClause is not None, True
-    if isinstance(stmt, ast.SelectStmt):
-        return stmt.intoClause is None, False
-    return stmt is None or isinstance(stmt, ast.ExplainStmt | ast.VariableShowStmt | ast.CallStmt), False
-
-
-_shape_cached = functools.lru_cache(maxsize=4096)(_shape)
-
-
 def bind_params(params: Sequence[JsonValue] | None) -> list[str | None] | None:
     """Parameters as untyped text: null → NULL, booleans → true/false, numbers and strings as written,
     arrays and objects as JSON text (for json/jsonb). None (not an empty list) means "no parameters"."""
@@ -630,87 +607,9 @@ def _timeout_message(elapsed_s: float) -> str:
             "(WHERE, LIMIT), add an index, or split the work into smaller statements.")
 
 
-#: What the server's refusal of a row over the read bound says (an ``int4`` cast error carrying the row's size).
-_ROW_TOO_LARGE = "agentpg:row-too-large:"
-
-
-@dataclass(frozen=True)
-class BoundedStatement:
-    """An agent statement wrapped so the server itself refuses to send a row over the read bound."""
-
-    text: str
-    offset: int
-    """Characters before the agent's statement in ``text`` (error positions are moved back by this much)."""
-
-
-def bounded_statement(statement: str, row_bound: int) -> BoundedStatement | None:
-    """``statement`` wrapped so that the server raises an error instead of sending a row whose size is over
-    ``row_bound`` bytes (serve never has to take in a value it would only throw away); None for statements
-    that cannot be wrapped (not one statement, not a query or DML ``RETURNING``, a query with data-modifying
-    ``WITH``). Still one statement, same columns (names, types, modifiers) and, for a query, same row order
-    (a subquery with ORDER BY is not flattened)::
-
-        SELECT _apg.* FROM (<query>) AS _apg WHERE <row size check>
-        WITH _apg AS (<INSERT/UPDATE/DELETE … RETURNING>) SELECT _apg.* FROM _apg WHERE <row size check>
-    """
-    plan = _wrap_plan_cached(statement) if len(statement) <= 4096 else _wrap_plan(statement)
-    if plan is None:
-        return None
-    kind, end = plan
-    # pg_column_size of the whole row: its values' size in memory, detoasted and decompressed (a whole-row
-    # value is flattened); the text sent is about as large (text, json), at most a few times larger (bytea
-    # hex, arrays of small numbers). Cheaper than measuring the text form (0.3 vs 0.7 us a row).
-    check = (f"WHERE CASE WHEN pg_catalog.pg_column_size(_apg.*) <= {int(row_bound)} THEN true "
-             f"ELSE pg_catalog.int4(pg_catalog.concat('{_ROW_TOO_LARGE}', pg_catalog.pg_column_size(_apg.*))) "
-             "IS NULL END")
-    if kind == "query":
-        prefix, suffix = "SELECT _apg.* FROM (", f"\n) AS _apg {check}"
-    else:
-        prefix, suffix = "WITH _apg AS (", f"\n) SELECT _apg.* FROM _apg {check}"
-    return BoundedStatement(text=prefix + statement[:end] + suffix, offset=len(prefix))
-
-
-def _wrap_plan(statement: str) -> tuple[Literal["query", "dml"], int] | None:
-    """(kind, end of the statement in characters, before any ``;``) if ``statement`` can be wrapped."""
-    try:
-        parsed = pglast.parse_sql(statement)
-    except Exception:
-        return None
-    if len(parsed) != 1:
-        return None
-    raw = parsed[0]
-    stmt = raw.stmt
-    kind: Literal["query", "dml"]
-    if isinstance(stmt, ast.SelectStmt):
-        if stmt.intoClause is not None or _modifies(stmt.withClause):
-            return None
-        kind = "query"
-    elif isinstance(stmt, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
-        if stmt.returningClause is None or stmt.withClause is not None:
-            return None
-        kind = "dml"
-    else:
-        return None
-    if not raw.stmt_len:  # to the end of the text
-        return kind, len(statement)
-    end_byte = (raw.stmt_location or 0) + raw.stmt_len
-    return kind, len(statement.encode("utf-8")[:end_byte].decode("utf-8", errors="ignore"))
-
-
-def _modifies(with_clause: ast.WithClause | None) -> bool:
-    """A ``WITH`` holding INSERT/UPDATE/DELETE/MERGE (which must stay at the top level)."""
-    if with_clause is None:
-        return False
-    return any(isinstance(getattr(cte, "ctequery", None), ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt
-                          | ast.MergeStmt) for cte in with_clause.ctes or ())
-
-
-_wrap_plan_cached = functools.lru_cache(maxsize=4096)(_wrap_plan)
-
-
 def _oversize_row(exc: psycopg.Error) -> bool:
     return (isinstance(exc, psycopg.errors.InvalidTextRepresentation)
-            and _ROW_TOO_LARGE in (exc.diag.message_primary or ""))
+            and ROW_TOO_LARGE in (exc.diag.message_primary or ""))
 
 
 def _too_large_message(max_result_bytes: int, pending: int | None) -> str:

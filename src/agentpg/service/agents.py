@@ -195,7 +195,7 @@ class AgentCalls:
                     raise PermissionRefused(blocked, reason="storage_limit" if blocked.startswith("storage")
                                             else "budget_exceeded")
             result = await self._tenant().queries.run(target.uri, statement, params, read_only=tool == "query",
-                                       max_rows=max_rows, user=target.user_id)
+                                       max_rows=max_rows, user=target.user_id, shape=c.shape)
             draft.rows = result.rows_affected if result.rows_affected is not None else result.row_count
             return result
 

@@ -97,8 +97,8 @@ def _outside_public(name: str) -> bool:
     return name.startswith("pg_")
 
 
-def check_statement(statement: str, classify: Callable[[str], Classification] = classify) -> str:
-    """The statement's command (``SELECT``, ``EXPLAIN``…) if the box may run it, else ``SqlRefused``."""
+def check_statement(statement: str, classify: Callable[[str], Classification] = classify) -> Classification:
+    """The statement's classification if the box may run it (a read, or EXPLAIN of one), else ``SqlRefused``."""
     if not statement.strip():
         raise SqlRefused("type one SELECT statement to run")
     if len(statement) > MAX_SQL_CHARS:
@@ -115,7 +115,7 @@ def check_statement(statement: str, classify: Callable[[str], Classification] = 
         raise SqlRefused("the SQL box reads your tables in schema public only; system catalogs and other "
                          f"schemas are not available here ({', '.join(outside)}). A table of yours whose "
                          "name starts with pg_ can be named public.pg_…")
-    return c.command
+    return c
 
 
 async def _refuse_superuser(pools: TenantPools, uri: str) -> None:
@@ -133,16 +133,16 @@ async def run_sql(pools: TenantPools, uri: str, statement: str, limits: SqlLimit
     """Check, then run ``statement`` read-only on ``uri`` (see the module docstring). ``classify``: the
     service's cached one (:class:`agentpg.service.statements.Statements`); ``terminate``: the service's reaper."""
     limits = limits or SqlLimits()
-    command = check_statement(statement, classify)
+    checked = check_statement(statement, classify)
     await _refuse_superuser(pools, uri)
     scrub = Scrubber(uri)
     queries = TenantQueries(pools, QueryLimits(max_rows=limits.max_rows, max_result_bytes=limits.max_result_bytes,
                                                statement_timeout_s=limits.statement_timeout_s,
                                                cancel_grace_s=limits.cancel_grace_s), terminate=terminate)
     try:
-        result = await queries.run(uri, statement, None, read_only=True)
+        result = await queries.run(uri, statement, None, read_only=True, shape=checked.shape)
     except StatementFailed as exc:
         raise SqlFailed(scrub.text(exc.message).replace("your agent role", "the explorer's session")) from None
     return SqlResult(columns=[ColumnInfo(name=scrub.text(c.name), type=c.type) for c in result.columns],
                      rows=[scrub.value(r) for r in result.rows], truncated=result.truncated,
-                     truncated_by=result.truncated_by, duration_ms=result.duration_ms, command=command)
+                     truncated_by=result.truncated_by, duration_ms=result.duration_ms, command=checked.command)
