@@ -6,7 +6,6 @@ agent an early, actionable error and tells the MCP tools what kind of statement 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -16,16 +15,13 @@ import pglast
 from pglast import ast
 from pglast.parser import ParseError, parse_sql_protobuf, scan
 
+from agentpg.access import statement_rules as rules
+from agentpg.access.kinds import StatementKind
 from agentpg.access.shape import UNKNOWN, Shape, shape_of_parsed
 
+__all__ = ["Classification", "RejectedStatement", "StatementKind", "check_shared", "classify", "normalize_for_audit"]
+
 MAX_STATEMENT_BYTES: Final = 1024 * 1024
-
-
-class StatementKind(enum.StrEnum):
-    READ = "read"
-    WRITE = "write"
-    DDL = "ddl"
-    OTHER = "other"  # allowed utility: SHOW, EXPLAIN (unless it executes a write), VACUUM, ANALYZE, ...
 
 
 @dataclass(frozen=True)
@@ -57,113 +53,6 @@ def _refuse(reason: str, message: str) -> RejectedStatement:
     return RejectedStatement(message, reason=reason)
 
 
-# reason -> why it is refused / what to do instead
-_ADVICE: Final[Mapping[str, str]] = MappingProxyType({
-    "transaction_control": "each call runs in its own transaction, committed or rolled back by agentpg",
-    "session_state": "session state (role, settings, search_path) is managed by agentpg; schema-qualify names",
-    "cursor": "cursors do not survive between calls; use a plain SELECT with ORDER BY and LIMIT/OFFSET",
-    "role_management": "roles and memberships are managed by agentpg; ask the operator",
-    "ownership_change": "object ownership is managed by agentpg; objects you create stay owned by your role",
-    "database_management": "databases are provisioned by agentpg; work inside the database you were given",
-    "tablespace_management": "tablespaces are managed by the server operator",
-    "extension_management": "extensions are managed by agentpg; ask the operator to enable the extension",
-    "language_management": "procedural languages are managed by agentpg; write functions in sql or plpgsql",
-    "foreign_data_management": "foreign data wrappers, servers and user mappings are managed by agentpg",
-    "replication": "publications and subscriptions are managed by agentpg",
-    "server_admin": "server administration commands are not available to agents",
-    "notifications": "LISTEN/NOTIFY need a persistent session, which the tools do not keep; use a table",
-    "anonymous_code": "anonymous code blocks are refused; send plain SQL, or create a sql/plpgsql function",
-    "event_trigger": "event triggers affect the whole database and are managed by agentpg",
-    "untrusted_language": "only LANGUAGE sql and LANGUAGE plpgsql functions are allowed",
-    "security_definer": "SECURITY DEFINER routines are refused; use SECURITY INVOKER (the default)",
-    "vacuum_full": "it rewrites the table under an exclusive lock; use plain VACUUM or ANALYZE",
-    "reindex_scope": "reindex individual tables or indexes instead (REINDEX TABLE / REINDEX INDEX)",
-    "unsupported_statement": "this kind of statement is not available through agentpg; use ordinary DDL/DML",
-})
-
-# Always-refused statement node classes, one reason per line: "reason: Class=LABEL | Class=LABEL ..."
-_REFUSED_TABLE: Final = """
-transaction_control: ConstraintsSetStmt=SET CONSTRAINTS
-session_state: DiscardStmt=DISCARD | PrepareStmt=PREPARE | ExecuteStmt=EXECUTE | DeallocateStmt=DEALLOCATE
-cursor: DeclareCursorStmt=DECLARE CURSOR | FetchStmt=FETCH/MOVE | ClosePortalStmt=CLOSE
-server_admin: AlterSystemStmt=ALTER SYSTEM | LoadStmt=LOAD | CheckPointStmt=CHECKPOINT
-role_management: CreateRoleStmt=CREATE ROLE/USER | AlterRoleStmt=ALTER ROLE/USER | DropRoleStmt=DROP ROLE/USER
-role_management: AlterRoleSetStmt=ALTER ROLE ... SET | ReassignOwnedStmt=REASSIGN OWNED | DropOwnedStmt=DROP OWNED
-role_management: GrantRoleStmt=GRANT/REVOKE of role membership
-ownership_change: AlterOwnerStmt=ALTER ... OWNER TO
-database_management: CreatedbStmt=CREATE DATABASE | DropdbStmt=DROP DATABASE | AlterDatabaseStmt=ALTER DATABASE
-database_management: AlterDatabaseSetStmt=ALTER DATABASE | AlterDatabaseRefreshCollStmt=ALTER DATABASE
-tablespace_management: CreateTableSpaceStmt=CREATE TABLESPACE | DropTableSpaceStmt=DROP TABLESPACE
-tablespace_management: AlterTableSpaceOptionsStmt=ALTER TABLESPACE | AlterTableMoveAllStmt=ALTER ... TABLESPACE
-extension_management: AlterExtensionStmt=ALTER EXTENSION | AlterExtensionContentsStmt=ALTER EXTENSION
-language_management: CreatePLangStmt=CREATE LANGUAGE
-foreign_data_management: CreateFdwStmt=CREATE FOREIGN DATA WRAPPER | AlterFdwStmt=ALTER FOREIGN DATA WRAPPER
-foreign_data_management: CreateForeignServerStmt=CREATE SERVER | AlterForeignServerStmt=ALTER SERVER
-foreign_data_management: CreateUserMappingStmt=CREATE USER MAPPING | AlterUserMappingStmt=ALTER USER MAPPING
-foreign_data_management: DropUserMappingStmt=DROP USER MAPPING | ImportForeignSchemaStmt=IMPORT FOREIGN SCHEMA
-replication: CreatePublicationStmt=CREATE PUBLICATION | AlterPublicationStmt=ALTER PUBLICATION
-replication: CreateSubscriptionStmt=CREATE SUBSCRIPTION | AlterSubscriptionStmt=ALTER SUBSCRIPTION
-replication: DropSubscriptionStmt=DROP SUBSCRIPTION
-notifications: ListenStmt=LISTEN | NotifyStmt=NOTIFY | UnlistenStmt=UNLISTEN
-anonymous_code: DoStmt=DO
-event_trigger: CreateEventTrigStmt=CREATE EVENT TRIGGER | AlterEventTrigStmt=ALTER EVENT TRIGGER
-"""
-_REFUSED: Final[Mapping[str, tuple[str, str]]] = MappingProxyType({
-    cls.strip(): (reason, label.strip())
-    for reason, _, items in (line.partition(":") for line in _REFUSED_TABLE.strip().splitlines())
-    for cls, _, label in (item.partition("=") for item in items.split("|"))
-})
-
-# Object types that DROP / ALTER ... RENAME / ALTER ... SET SCHEMA may not touch.
-_REFUSED_OBJECTS: Final[Mapping[str, str]] = MappingProxyType({
-    "OBJECT_ROLE": "role_management", "OBJECT_DATABASE": "database_management",
-    "OBJECT_TABLESPACE": "tablespace_management", "OBJECT_EXTENSION": "extension_management",
-    "OBJECT_LANGUAGE": "language_management", "OBJECT_FDW": "foreign_data_management",
-    "OBJECT_FOREIGN_SERVER": "foreign_data_management", "OBJECT_USER_MAPPING": "foreign_data_management",
-    "OBJECT_EVENT_TRIGGER": "event_trigger", "OBJECT_PUBLICATION": "replication",
-    "OBJECT_SUBSCRIPTION": "replication", "OBJECT_ACCESS_METHOD": "unsupported_statement",
-    "OBJECT_TRANSFORM": "unsupported_statement",
-})
-_OBJECT_LABELS: Final[Mapping[str, str]] = MappingProxyType({
-    "MATVIEW": "MATERIALIZED VIEW", "FDW": "FOREIGN DATA WRAPPER", "FOREIGN_SERVER": "SERVER",
-    "STATISTIC_EXT": "STATISTICS", "TSCONFIGURATION": "TEXT SEARCH CONFIGURATION",
-    "TSDICTIONARY": "TEXT SEARCH DICTIONARY", "OPCLASS": "OPERATOR CLASS", "OPFAMILY": "OPERATOR FAMILY",
-})
-_TABLE_OBJECTS: Final = frozenset({"OBJECT_TABLE", "OBJECT_FOREIGN_TABLE", "OBJECT_MATVIEW"})
-_RELATION_OBJECTS: Final = _TABLE_OBJECTS | {"OBJECT_VIEW", "OBJECT_SEQUENCE", "OBJECT_INDEX"}
-
-# Statements needing no inspection beyond the generic checks: class name -> (kind, command).
-_D, _W, _O = StatementKind.DDL, StatementKind.WRITE, StatementKind.OTHER
-_SIMPLE: Final[Mapping[str, tuple[StatementKind, str]]] = MappingProxyType({
-    "IndexStmt": (_D, "CREATE INDEX"), "ViewStmt": (_D, "CREATE VIEW"), "CommentStmt": (_D, "COMMENT"),
-    "CreateSeqStmt": (_D, "CREATE SEQUENCE"), "AlterSeqStmt": (_D, "ALTER SEQUENCE"),
-    "CompositeTypeStmt": (_D, "CREATE TYPE"), "CreateEnumStmt": (_D, "CREATE TYPE"),
-    "CreateRangeStmt": (_D, "CREATE TYPE"), "AlterEnumStmt": (_D, "ALTER TYPE"),
-    "AlterTypeStmt": (_D, "ALTER TYPE"), "CreateDomainStmt": (_D, "CREATE DOMAIN"),
-    "AlterDomainStmt": (_D, "ALTER DOMAIN"), "CreateTrigStmt": (_D, "CREATE TRIGGER"),
-    "CreatePolicyStmt": (_D, "CREATE POLICY"), "AlterPolicyStmt": (_D, "ALTER POLICY"),
-    "RuleStmt": (_D, "CREATE RULE"), "CreateStatsStmt": (_D, "CREATE STATISTICS"),
-    "AlterStatsStmt": (_D, "ALTER STATISTICS"), "AlterDefaultPrivilegesStmt": (_D, "ALTER DEFAULT PRIVILEGES"),
-    "RefreshMatViewStmt": (_D, "REFRESH MATERIALIZED VIEW"), "CreateCastStmt": (_D, "CREATE CAST"),
-    "AlterTSDictionaryStmt": (_D, "ALTER TEXT SEARCH DICTIONARY"),
-    "AlterTSConfigurationStmt": (_D, "ALTER TEXT SEARCH CONFIGURATION"),
-    "TruncateStmt": (_W, "TRUNCATE"), "LockStmt": (_W, "LOCK"), "CallStmt": (_W, "CALL"),
-    "VariableShowStmt": (_O, "SHOW"), "ClusterStmt": (_O, "CLUSTER"),
-})
-_TARGET_ATTRS: Final = ("relation", "relations", "view", "sequence", "table", "typevar")
-
-_FORBIDDEN_FUNCTIONS: Final = frozenset({
-    "set_config", "pg_read_file", "pg_read_binary_file", "pg_stat_file", "lo_import", "lo_export",
-    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_notify",
-})
-_FORBIDDEN_PREFIXES: Final = ("dblink", "pg_ls_", "pg_file_", "pg_advisory_", "pg_try_advisory_")
-_SEQUENCE_CALLS: Final = frozenset({("nextval",), ("setval",)})
-_ALLOWED_LANGUAGES: Final = frozenset({"sql", "plpgsql"})
-_FALSE_WORDS: Final = frozenset({"false", "off", "0", "no"})
-_LITERAL_TOKENS: Final = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "ICONST", "FCONST"})
-_COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
-
-
 @dataclass
 class _Result:
     kind: StatementKind
@@ -175,7 +64,7 @@ class _Result:
 
 
 def _refuse_category(reason: str, label: str) -> RejectedStatement:
-    return _refuse(reason, f"{label} is not allowed: {_ADVICE[reason]}.")
+    return _refuse(reason, f"{label} is not allowed: {rules.ADVICE[reason]}.")
 
 
 def _walk(root: Any) -> Iterator[Any]:
@@ -200,7 +89,7 @@ def _enum_name(value: Any) -> str:
 
 def _object_label(objtype: Any) -> str:
     name = _enum_name(objtype).removeprefix("OBJECT_")
-    return _OBJECT_LABELS.get(name, name.replace("_", " "))
+    return rules.OBJECT_LABELS.get(name, name.replace("_", " "))
 
 
 def _relname(rv: Any) -> str:
@@ -221,14 +110,14 @@ def _option(options: Any, name: str) -> bool:
             arg = opt.arg
             if isinstance(arg, ast.Boolean | ast.Integer):
                 return bool(arg.boolval if isinstance(arg, ast.Boolean) else arg.ival)
-            return not (isinstance(arg, ast.String) and str(arg.sval).lower() in _FALSE_WORDS)
+            return not (isinstance(arg, ast.String) and str(arg.sval).lower() in rules.FALSE_WORDS)
     return False
 
 
 def _effects(root: Any, result: _Result) -> None:
     """What executing root writes: DML anywhere (CTEs too), SELECT INTO, FOR UPDATE/SHARE, nextval/setval."""
     for node in _walk(root):
-        writes = isinstance(node, ast.FuncCall) and _names(node.funcname)[-1:] in _SEQUENCE_CALLS
+        writes = isinstance(node, ast.FuncCall) and _names(node.funcname)[-1:] in rules.SEQUENCE_CALLS
         if isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
             result.targets.extend(_relations(node.relation))
             writes = True
@@ -318,7 +207,7 @@ def _routine(stmt: Any) -> _Result:
             language = str(opt.arg.sval).lower()
         elif opt.defname == "as":
             bodies = _names(opt.arg if isinstance(opt.arg, tuple) else (opt.arg,))
-    if language not in _ALLOWED_LANGUAGES:
+    if language not in rules.ALLOWED_LANGUAGES:
         raise _refuse_category("untrusted_language", f"{command} ... LANGUAGE {language}")
     if language == "sql":  # best effort: a string-bodied SQL function's body is plain SQL, check it too
         for body in bodies:
@@ -340,20 +229,20 @@ def _alter_table(stmt: Any) -> _Result:
 
 def _drop(stmt: Any) -> _Result:
     kind = _enum_name(stmt.removeType)
-    if kind in _REFUSED_OBJECTS:
-        raise _refuse_category(_REFUSED_OBJECTS[kind], f"DROP {_object_label(stmt.removeType)}")
+    if kind in rules.REFUSED_OBJECTS:
+        raise _refuse_category(rules.REFUSED_OBJECTS[kind], f"DROP {_object_label(stmt.removeType)}")
     cascade = _enum_name(stmt.behavior) == "DROP_CASCADE"  # may drop dependent tables too
     result = _Result(StatementKind.DDL, f"DROP {_object_label(stmt.removeType)}",
-                     drops_table=kind in _TABLE_OBJECTS or cascade)
-    if kind in _RELATION_OBJECTS:
+                     drops_table=kind in rules.TABLE_OBJECTS or cascade)
+    if kind in rules.RELATION_OBJECTS:
         result.written = {".".join(_names(obj)) for obj in stmt.objects or () if isinstance(obj, tuple)}
     return result
 
 
 def _rename_or_move(stmt: Any) -> _Result:
     objtype = stmt.renameType if isinstance(stmt, ast.RenameStmt) else stmt.objectType
-    if _enum_name(objtype) in _REFUSED_OBJECTS:
-        raise _refuse_category(_REFUSED_OBJECTS[_enum_name(objtype)], f"ALTER {_object_label(objtype)}")
+    if _enum_name(objtype) in rules.REFUSED_OBJECTS:
+        raise _refuse_category(rules.REFUSED_OBJECTS[_enum_name(objtype)], f"ALTER {_object_label(objtype)}")
     label = _object_label(objtype)
     if _enum_name(objtype) in ("OBJECT_COLUMN", "OBJECT_ATTRIBUTE"):  # ALTER TABLE/VIEW/TYPE ... RENAME
         label = _object_label(stmt.relationType)
@@ -415,13 +304,14 @@ _HANDLERS: Final[Mapping[str, Callable[[Any], _Result]]] = MappingProxyType({
 
 def _classify_stmt(stmt: Any) -> _Result:
     name = type(stmt).__name__
-    if name in _REFUSED:
-        raise _refuse_category(*_REFUSED[name])
+    if name in rules.REFUSED:
+        raise _refuse_category(*rules.REFUSED[name])
     if name in _HANDLERS:
         return _HANDLERS[name](stmt)
-    if name in _SIMPLE:
-        kind, command = _SIMPLE[name]
-        targets = [] if kind is StatementKind.OTHER else _relations(*(getattr(stmt, a, None) for a in _TARGET_ATTRS))
+    if name in rules.SIMPLE:
+        kind, command = rules.SIMPLE[name]
+        attrs = (getattr(stmt, a, None) for a in rules.TARGET_ATTRS)
+        targets = [] if kind is StatementKind.OTHER else _relations(*attrs)
         return _Result(kind, command, targets=targets)
     label = "".join(f" {c}" if c.isupper() else c for c in name.removesuffix("Stmt")).strip().upper()
     raise _refuse_category("unsupported_statement", f"This kind of statement ({label})")
@@ -443,7 +333,7 @@ def _function_refs(root: Any) -> Iterator[tuple[str, ...]]:
 def _check_functions(root: Any) -> None:
     for parts in _function_refs(root):
         name = parts[-1].lower() if parts else ""  # any schema: pg_catalog.set_config, public.dblink, ...
-        if name in _FORBIDDEN_FUNCTIONS or (name.startswith(_FORBIDDEN_PREFIXES) and "_xact_" not in name):
+        if name in rules.FORBIDDEN_FUNCTIONS or (name.startswith(rules.FORBIDDEN_PREFIXES) and "_xact_" not in name):
             raise _refuse("forbidden_function", f"Calling {name}() is not allowed for agents: it touches server "
                           "files, session or server state, or reaches outside this database. Work with plain "
                           "SQL on your tables instead (transaction-level advisory locks are fine).")
@@ -493,8 +383,8 @@ def _classify(sql: str) -> Classification:
     _check_functions(stmt)
     nodes = list(_walk(stmt))
     for node in nodes:  # refused statements nested in allowed ones: CREATE TABLE AS EXECUTE, rule actions...
-        if type(node).__name__ in _REFUSED:
-            raise _refuse_category(*_REFUSED[type(node).__name__])
+        if type(node).__name__ in rules.REFUSED:
+            raise _refuse_category(*rules.REFUSED[type(node).__name__])
     target_ids = {id(node) for node in result.targets}
     ctes = {node.ctename for node in nodes if isinstance(node, ast.CommonTableExpr)}
     read = {
@@ -554,11 +444,11 @@ def _scrub(text: str) -> str:
     for token in tokens:
         gap = text[position:token.start]
         out.append(gap if not gap or gap.isspace() else " ")
-        if token.name in _LITERAL_TOKENS:
+        if token.name in rules.LITERAL_TOKENS:
             counter += 1
             out.append(f"${counter}")
         else:
-            out.append(" " if token.name in _COMMENT_TOKENS else text[token.start:token.end + 1])
+            out.append(" " if token.name in rules.COMMENT_TOKENS else text[token.start:token.end + 1])
         position = token.end + 1
     return "".join(out).strip()
 

@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
 
+from agentpg.access.governed_pool import GovernedPool, SlotPatientConnection
 from agentpg.errors import AgentpgError
 
 log = logging.getLogger(__name__)
@@ -62,9 +61,6 @@ class ServerBusy(AgentpgError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
-
-#: How long a governed connect keeps retrying while the server says its slots are taken (see below).
-SLOT_RETRY_S = 3.0
 
 #: Superuser connections one agentpg process may hold on a server: the catalog's pool (5 + 10 overflow), the
 #: provider's maintenance pool (4) and direct connections (8), the archiver (2) and the reaper (3).
@@ -100,84 +96,6 @@ class GovernorConfig:
                    user_cap=None if cap < 0 else cap or 2 * (os.cpu_count() or 1))
 
 
-
-
-def _slots_taken(exc: psycopg.OperationalError) -> bool:
-    """The server refused the connection for want of a slot (53300), not for any other reason."""
-    text = str(exc)
-    return exc.sqlstate == "53300" or "remaining connection slots are reserved" in text or "too many clients" in text
-
-
-class SlotPatientConnection(AsyncConnection[object]):
-    """The connection class of governed pools. The governor never grants more connections than the budget,
-    but a backend lives on for a moment after its connection is closed or terminated (it exits on its own
-    time), so a connection made right after another pool gave one up may find the slot still taken. That is
-    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up. Each gate has its own
-    subclass (:meth:`ServerGate.connection_class`) that tells the gate when the slots stayed taken."""
-
-    gate: ServerGate | None = None
-
-    @classmethod
-    async def connect(cls, conninfo: str = "", **kwargs: Any) -> SlotPatientConnection:
-        deadline = time.monotonic() + SLOT_RETRY_S
-        pause = 0.01
-        while True:
-            try:
-                return await super().connect(conninfo, **kwargs)
-            except psycopg.OperationalError as exc:
-                if not _slots_taken(exc):
-                    raise
-                if time.monotonic() + pause > deadline:
-                    if cls.gate is not None:
-                        cls.gate.slots_refused()
-                    raise
-            await asyncio.sleep(pause)
-            pause = min(0.2, pause * 2)
-
-
-class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
-    """A tenant pool whose ``max_size`` is the governor's grant: it can never open more connections than that.
-    The two methods below change the size under the pool's own lock, the one its growth is decided under
-    (psycopg_pool has no public way to close one idle connection)."""
-
-    def __init__(self, *args: Any, start_empty: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if start_empty:  # allowed no connection until granted one (psycopg_pool refuses max_size=0 here)
-            self._max_size = 0
-
-    async def grant_one(self) -> bool:
-        """One more connection allowed (False if the pool is closed); grow now if callers already wait."""
-        async with self._lock:
-            if self._closed:
-                return False
-            self._max_size += 1
-            if self._waiting:
-                self._maybe_grow_pool()
-        return True
-
-    async def give_back_one(self) -> bool | None:
-        """One connection fewer allowed: None if an allowed connection was not open (nothing closed), True if
-        an idle connection was closed to make room, False if neither (every connection busy or on its way back)."""
-        closing: AsyncConnection[object] | None = None
-        async with self._lock:
-            if self._closed or self._max_size <= 0:
-                return False
-            if self._nconns < self._max_size and not self._waiting:
-                self._max_size -= 1
-                return None
-            if not self._pool:
-                return False
-            closing = self._pool.popleft()  # the longest idle
-            self._nconns -= 1
-            self._max_size -= 1
-            self._nconns_min = min(self._nconns_min, len(self._pool))
-        with contextlib.suppress(Exception):
-            await self._close_connection(closing)
-        return True
-
-    def open_connections(self) -> int:
-        """Connections open or being opened."""
-        return self._nconns
 
 
 class Holder(Protocol):

@@ -31,7 +31,8 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
-from agentpg.access.governor import GovernedPool, Governor, ServerGate
+from agentpg.access.governed_pool import GovernedPool
+from agentpg.access.governor import Governor, ServerGate
 from agentpg.errors import AgentpgError, ProviderUnavailable
 from agentpg.settings import Settings
 

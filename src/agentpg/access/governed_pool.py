@@ -1,0 +1,100 @@
+"""The connection side of the governor (:mod:`agentpg.access.governor`): a pool whose size is the governor's
+grant, and a connection class that waits out a slot still held by a backend on its way out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+SLOT_RETRY_S = 3.0
+"""How long a connect keeps retrying while the server says its slots are taken."""
+
+
+class SlotWatcher(Protocol):
+    def slots_refused(self) -> None:
+        """The server kept refusing for want of a slot although the budget allowed the connection."""
+
+
+def slots_taken(exc: psycopg.OperationalError) -> bool:
+    """The server refused the connection for want of a slot (53300), not for any other reason."""
+    text = str(exc)
+    return exc.sqlstate == "53300" or "remaining connection slots are reserved" in text or "too many clients" in text
+
+
+class SlotPatientConnection(AsyncConnection[object]):
+    """The connection class of governed pools. The governor never grants more connections than the budget,
+    but a backend lives on for a moment after its connection is closed or terminated (it exits on its own
+    time), so a connection made right after another pool gave one up may find the slot still taken. That is
+    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up. Each gate has its own
+    subclass (:meth:`agentpg.access.governor.ServerGate.connection_class`) that tells the gate when the
+    slots stayed taken."""
+
+    gate: SlotWatcher | None = None
+
+    @classmethod
+    async def connect(cls, conninfo: str = "", **kwargs: Any) -> SlotPatientConnection:
+        deadline = time.monotonic() + SLOT_RETRY_S
+        pause = 0.01
+        while True:
+            try:
+                return await super().connect(conninfo, **kwargs)
+            except psycopg.OperationalError as exc:
+                if not slots_taken(exc):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    if cls.gate is not None:
+                        cls.gate.slots_refused()
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(0.2, pause * 2)
+
+
+class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
+    """A tenant pool whose ``max_size`` is the governor's grant: it can never open more connections than that.
+    The two methods below change the size under the pool's own lock, the one its growth is decided under
+    (psycopg_pool has no public way to close one idle connection)."""
+
+    def __init__(self, *args: Any, start_empty: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if start_empty:  # allowed no connection until granted one (psycopg_pool refuses max_size=0 here)
+            self._max_size = 0
+
+    async def grant_one(self) -> bool:
+        """One more connection allowed (False if the pool is closed); grow now if callers already wait."""
+        async with self._lock:
+            if self._closed:
+                return False
+            self._max_size += 1
+            if self._waiting:
+                self._maybe_grow_pool()
+        return True
+
+    async def give_back_one(self) -> bool | None:
+        """One connection fewer allowed: None if an allowed connection was not open (nothing closed), True if
+        an idle connection was closed to make room, False if neither (every connection busy or on its way back)."""
+        closing: AsyncConnection[object] | None = None
+        async with self._lock:
+            if self._closed or self._max_size <= 0:
+                return False
+            if self._nconns < self._max_size and not self._waiting:
+                self._max_size -= 1
+                return None
+            if not self._pool:
+                return False
+            closing = self._pool.popleft()  # the longest idle
+            self._nconns -= 1
+            self._max_size -= 1
+            self._nconns_min = min(self._nconns_min, len(self._pool))
+        with contextlib.suppress(Exception):
+            await self._close_connection(closing)
+        return True
+
+    def open_connections(self) -> int:
+        """Connections open or being opened."""
+        return self._nconns
