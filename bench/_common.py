@@ -69,9 +69,8 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPG_")}
         # The per-token rate limit (50/s by default) would cap one agent far below what is measured here.
-        env.update(AGENTPG_HOME=str(home), AGENTPG_WARM_POOL_SIZE="0", AGENTPG_USAGE_SYNC_INTERVAL_S="0",
-                   AGENTPG_RATE_LIMIT_PER_S="0",
-                   **(extra_env or {}))
+        env.update({"AGENTPG_HOME": str(home), "AGENTPG_WARM_POOL_SIZE": "0", "AGENTPG_USAGE_SYNC_INTERVAL_S": "0",
+                    "AGENTPG_RATE_LIMIT_PER_S": "0", **(extra_env or {})})
         exe = Path(sys.executable).with_name("agentpg")
         self.process = subprocess.Popen([str(exe), "serve", "--port", str(self.port)], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

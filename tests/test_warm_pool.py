@@ -8,11 +8,11 @@ from pathlib import Path
 import psycopg
 from conftest import run_cli
 from helpers import global_uri, workspace_global_uri
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from agentpg.app.runtime import Runtime
-from agentpg.catalog.models import WarmDatabase
-from agentpg.lifecycle.warm import Refiller, drain, fill
+from agentpg.catalog.models import Operation, WarmDatabase
+from agentpg.lifecycle.warm import Refiller, WarmSizing, drain, fill, peak_burst, trim
 
 
 def warm_count(rt: Runtime, state: str = "ready") -> int:
@@ -44,7 +44,7 @@ def test_registration_claims_a_warm_database_with_a_fresh_password(runtime: Runt
 
 
 def test_refiller_keeps_the_pool_at_target(runtime: Runtime) -> None:
-    refiller = Refiller(runtime.service.deps, target=2, interval_s=0.2)
+    refiller = Refiller(runtime.service.deps, WarmSizing(base=2, maximum=2), interval_s=0.2)
     refiller.start()
     try:
         import time
@@ -83,3 +83,52 @@ def test_pool_cli(runtime: Runtime, agentpg_home: Path) -> None:
     assert filled.returncode == 0 and "1 warm database(s) created" in filled.stdout
     drained = run_cli(agentpg_home, "pool", "drain", "--json")
     assert drained.returncode == 0 and '"dropped": 1' in drained.stdout
+
+
+def test_the_pool_sizes_itself_from_the_busiest_recent_burst_and_shrinks_back(runtime: Runtime) -> None:
+    """Issue 22: a burst of 25 registrations within 10 s (written as their intents, 55 min ago, before this
+    session's own) makes the target 1.5 times that, capped by the disk budget; trimming takes the pool back
+    down to its target and leaves no warm database half-dropped."""
+    deps = runtime.service.deps
+    ids = [str(uuid.uuid4()) for _ in range(25)]
+    with deps.sessions.begin() as s:
+        moment = s.scalar(select(func.now() - func.make_interval(0, 0, 0, 0, 0, 55)))
+        for op_id in ids:
+            s.add(Operation(id=op_id, kind="register_user", user_id=f"burst-{op_id[:8]}", state="done",
+                            created_at=moment))
+    try:
+        sizing = WarmSizing(base=1, maximum=40)
+        peak = peak_burst(deps, sizing)
+        assert peak >= 25
+        assert sizing.target(peak) == min(40, -(-peak * 3 // 2))
+        assert WarmSizing(base=1, maximum=10).target(peak) == 10  # the disk budget wins
+        assert WarmSizing(base=0, maximum=40).target(peak) == 0  # a pool turned off stays off
+    finally:
+        with deps.sessions.begin() as s:
+            s.execute(delete(Operation).where(Operation.id.in_(ids)))
+    assert fill(deps, 3) == 3
+    assert trim(deps, 1) == 2 and warm_count(runtime) == 1 and warm_count(runtime, "dropping") == 0
+    assert drain(deps) == 1
+
+
+
+def test_a_claim_registers_in_one_catalog_commit_without_touching_the_server(
+        runtime: Runtime, admin: psycopg.Connection) -> None:
+    """Issue 22: the warm database keeps the password it was made with (sealed in its row), so registration
+    changes nothing on the tenant server: the login role's verifier is the same before and after, and the
+    user, its database and the operation are ready/done from the first commit."""
+    deps = runtime.service.deps
+    assert fill(deps, 1) == 1
+    with deps.sessions() as s:
+        login = s.scalars(select(WarmDatabase.login_role)).one()
+    verifier = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (login,)).fetchone()
+    user = f"one-{uuid.uuid4().hex[:8]}"
+    info = runtime.service.register_user(user)
+    assert info.status == "active" and info.global_database is not None and info.global_database.status == "ready"
+    assert admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (login,)).fetchone() == verifier
+    with deps.sessions() as s:
+        op = s.scalars(select(Operation).where(Operation.user_id == user, Operation.kind == "register_user")).one()
+        assert op.state == "done"
+    with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:  # the sealed password works
+        assert conn.execute("SELECT current_user").fetchone() == (login,)
+    runtime.service.delete_user(user)

@@ -62,7 +62,11 @@ class Settings(BaseSettings):
     lacks is skipped and reported. Some can never be listed (dblink, postgres_fdw, …: providers/extensions.py).
     Databases made before the list grew get the new ones with ``agentpg reconcile --upgrade``."""
     warm_pool_size: int = Field(default=8, ge=0, le=1000)
-    """Ready-made databases kept per server by ``agentpg serve`` so registration only claims one; 0 disables."""
+    """Ready-made databases ``agentpg serve`` always keeps so registration only claims one; 0 disables the pool.
+    The pool grows above this to absorb the busiest recent burst (issue 22), up to ``warm_pool_max``."""
+    warm_pool_max: int = Field(default=64, ge=0, le=10_000)
+    """The pool's disk budget, in databases: an empty PostgreSQL 18 database takes about 7.6 MB, so the
+    default 64 is about 0.5 GB. The pool never grows past it, whatever the bursts."""
     connect_timeout_s: int = Field(default=5, ge=1, le=120)
     log_level: str = "INFO"
 

@@ -27,7 +27,7 @@ from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.autovacuum import AutovacuumPacer
 from agentpg.lifecycle.deps import LifecycleDeps
-from agentpg.lifecycle.warm import Refiller
+from agentpg.lifecycle.warm import Refiller, WarmSizing
 from agentpg.providers.archiving import ArchiveJob, attach_archivers
 from agentpg.providers.base import Provider
 from agentpg.providers.extensions import ExtensionNotAllowed, check_allowed
@@ -307,7 +307,7 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         warm_size = settings.warm_pool_size
         if settings.provider == "neon" and "warm_pool_size" not in settings.model_fields_set:
             warm_size = 0  # a warm Neon database is an idle project counted against the plan's project limit
-        refiller = Refiller(deps, warm_size)
+        refiller = Refiller(deps, WarmSizing(base=warm_size, maximum=max(warm_size, settings.warm_pool_max)))
         deps.on_claim = refiller.kick
         status = embedded.status() if embedded is not None else None
         policy = usage_policy(settings)

@@ -166,7 +166,8 @@ class Operation(Base):
     plan: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     """Names of what the operation creates or drops (databases, roles); never a secret."""
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow,
+                                                 index=True)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=utcnow)
 
 
@@ -204,7 +205,11 @@ class WarmDatabase(Base):
     owner_role: Mapped[str] = mapped_column(String(63), nullable=False)
     login_role: Mapped[str] = mapped_column(String(63), nullable=False)
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="creating", index=True)
-    """creating | ready"""
+    """creating | ready | dropping (trimmed: being dropped)"""
+    password_sealed: Mapped[str | None] = mapped_column(Text)
+    """The login role's password, set when the database was made (sealed, bound to this row): a claim
+    re-seals it into the user's record instead of changing it on the server, so registration from the
+    pool is one catalog commit. Null for databases made before this column (the claim sets a new one)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 

@@ -118,8 +118,8 @@ def reconcile(deps: LifecycleDeps, *, fix: bool = False, upgrade: bool = False) 
                 (report.finished if outcome == "finished" else report.undone).append(label)
 
     with deps.sessions() as s:
-        refills = list(s.scalars(select(WarmDatabase.id).where(WarmDatabase.state == "creating")))
-    for row_id in refills:  # a refill whose process died: drop what it may have made
+        refills = list(s.scalars(select(WarmDatabase.id).where(WarmDatabase.state.in_(("creating", "dropping")))))
+    for row_id in refills:  # a refill or trim whose process died: drop what it may have made or left
         with deps.operation_lease(row_id) as lease:
             if lease.acquired:
                 try:

@@ -23,7 +23,7 @@ from agentpg.catalog.models import (
 )
 from agentpg.errors import AgentpgError, Conflict, InvalidInput, NotFound
 from agentpg.lifecycle.deps import LifecycleDeps, validate_email, validate_id
-from agentpg.lifecycle.warm import claim
+from agentpg.lifecycle.warm import claim_with_password
 from agentpg.providers.base import DatabasePlan, Provisioned, new_password
 
 log = logging.getLogger(__name__)
@@ -66,27 +66,40 @@ def register_user(deps: LifecycleDeps, user_id: str, email: str | None = None,
     with deps.operation_lease(op_id) as lease:
         try:
             with lease.transaction() as s:
-                s.add(User(id=user_id, email=email, status="provisioning"))
+                user = User(id=user_id, email=email, status="provisioning")
+                s.add(user)
                 s.flush()
-                warm = claim(s, deps.provider.name)
+                claimed = claim_with_password(s, deps.provider.name)
+                warm = claimed[0] if claimed is not None else None
+                ready = claimed is not None and claimed[1] is not None
                 record = UserGlobalDatabase(id=record_id, user_id=user_id, provider=deps.provider.name,
                                             status="provisioning")
-                if warm is not None:
-                    # A claimed database only needs a new password, so its URI is known now: seal it in this
-                    # same transaction and let one UPDATE mark everything ready afterwards.
-                    plan = warm
+                if claimed is not None:
+                    # A claimed database's URI is known now: seal it in this same transaction. With the password
+                    # it was made with (sealed in its warm row) nothing is left to do on the server, so this one
+                    # commit registers the user (issue 22: a claim is one catalog commit); without, one UPDATE
+                    # marks everything ready after the new password is set.
+                    plan = claimed[0]
+                    if claimed[1] is not None:
+                        password = claimed[1].opened(deps)
                     uri = deps.provider.login_uri(plan, password)
                     record.connection_uri_sealed = deps.seal(uri, "user_global_database", record_id,
                                                              "connection_uri")
                     _put_managed_env(deps, s, user_id, None, GLOBAL_DB_URL, uri)
                 record.database_name, record.owner_role, record.login_role, record.provider_server = (
                     plan.database, plan.owner_role, plan.login_role, plan.server)
+                if ready:
+                    user.status, record.status = "active", "ready"
                 s.add(record)
-                s.add(Operation(id=op_id, kind="register_user", user_id=user_id,
+                s.add(Operation(id=op_id, kind="register_user", user_id=user_id, state="done" if ready else "pending",
                                 plan={"global": plan.to_json(), "warm": warm is not None}))
         except IntegrityError:
             raise Conflict(f"user {user_id!r} already exists") from None
         deps.reached("register_user:intent")
+        if ready:
+            if deps.on_claim is not None:
+                deps.on_claim()
+            return
         try:
             if warm is not None:
                 if deps.on_claim is not None:

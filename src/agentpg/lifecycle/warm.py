@@ -3,15 +3,22 @@
 ``CREATE DATABASE`` copies a template and checkpoints: tens of milliseconds at best, far more under load.
 A claimed warm database needs one ``ALTER ROLE … PASSWORD`` instead. Names are opaque and random, so a
 database made for nobody in particular can become anybody's without renaming.
+
+The pool sizes itself (:class:`WarmSizing`): at least ``AGENTPG_WARM_POOL_SIZE``, and as many as the
+busiest burst of the last hour took (registrations and workspace creations within any 10 s, counted from
+the catalog's intent log, so every ``serve`` instance sees every instance's demand) times 1.5, never more
+than ``AGENTPG_WARM_POOL_MAX`` (its disk budget). When demand falls, it shrinks back after the hour.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
+from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from agentpg.catalog.models import WarmDatabase
@@ -28,13 +35,32 @@ def claim(s: Session, provider: str) -> DatabasePlan | None:
 
     ``SKIP LOCKED`` lets concurrent registrations each take a different one without waiting.
     """
+    claimed = claim_with_password(s, provider)
+    return claimed[0] if claimed is not None else None
+
+
+def claim_with_password(s: Session, provider: str) -> tuple[DatabasePlan, WarmPassword | None] | None:
+    """:func:`claim`, with the database's sealed login password when it has one
+    (:attr:`~agentpg.catalog.models.WarmDatabase.password_sealed`)."""
     row = s.scalars(select(WarmDatabase)
                     .where(WarmDatabase.state == "ready", WarmDatabase.provider == provider)
                     .order_by(WarmDatabase.created_at).limit(1).with_for_update(skip_locked=True)).one_or_none()
     if row is None:
         return None
     s.delete(row)
-    return DatabasePlan(row.database_name, row.owner_role, row.login_role, row.provider_server)
+    plan = DatabasePlan(row.database_name, row.owner_role, row.login_role, row.provider_server)
+    return plan, WarmPassword(row.id, row.password_sealed) if row.password_sealed else None
+
+
+@dataclass(frozen=True)
+class WarmPassword:
+    """A claimed warm database's login password, still sealed to its warm row (:meth:`opened` opens it)."""
+
+    row_id: str
+    sealed: str
+
+    def opened(self, deps: LifecycleDeps) -> str:
+        return deps.open(self.sealed, "warm_databases", self.row_id, "password")
 
 
 def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = None) -> int:
@@ -56,8 +82,9 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
                 s.add(WarmDatabase(id=row_id, provider=deps.provider.name, database_name=plan.database,
                                    owner_role=plan.owner_role, login_role=plan.login_role, state="creating",
                                    provider_server=plan.server))
+            password = new_password()
             try:
-                deps.provider.create_database(plan, new_password())
+                deps.provider.create_database(plan, password)
             except AgentpgError as exc:
                 log.warning("warm pool refill failed: %s", exc.message)
                 discard(deps, row_id)
@@ -66,6 +93,7 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
                 row = s.get(WarmDatabase, row_id)
                 if row is not None:
                     row.state = "ready"
+                    row.password_sealed = deps.seal(password, "warm_databases", row_id, "password")
             made += 1
     return made
 
@@ -84,6 +112,73 @@ def discard(deps: LifecycleDeps, row_id: str) -> None:
             s.delete(row)
 
 
+@dataclass(frozen=True)
+class WarmSizing:
+    """How large the pool should be: ``base`` at least, the busiest recent burst times ``headroom`` when that
+    is more, ``maximum`` at most (``AGENTPG_WARM_POOL_SIZE`` / ``AGENTPG_WARM_POOL_MAX``)."""
+
+    base: int
+    maximum: int
+    burst_window_s: float = 10.0
+    lookback_s: float = 3600.0
+    headroom: float = 1.5
+
+    def target(self, peak_burst: int) -> int:
+        if self.base <= 0:
+            return 0
+        return max(self.base, min(self.maximum, math.ceil(peak_burst * self.headroom)))
+
+
+_PEAK_BURST = text(
+    "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM operations "
+    "WHERE kind IN ('register_user', 'create_workspace') "
+    "AND created_at > now() - make_interval(secs => :lookback) "
+    "GROUP BY floor(extract(epoch FROM created_at) / :window)) AS bursts")
+
+
+def peak_burst(deps: LifecycleDeps, sizing: WarmSizing) -> int:
+    """Databases the busiest ``burst_window_s`` of the last ``lookback_s`` asked for (one per registration and
+    per workspace creation, whether or not the pool had one): one catalog statement on an index."""
+    with deps.sessions() as s:
+        return int(s.scalar(_PEAK_BURST, {"lookback": sizing.lookback_s, "window": sizing.burst_window_s}) or 0)
+
+
+def trim(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = None) -> int:
+    """Drop ready warm databases above ``target``, newest first; return how many were dropped.
+
+    Each is taken out of the pool first (state ``dropping``, under ``SKIP LOCKED`` so a registration claiming
+    it right now keeps it), then dropped under its lease; ``reconcile`` finishes a drop a crash left.
+    """
+    dropped = 0
+    while not (stop is not None and stop.is_set()):
+        with deps.sessions.begin() as s:
+            ready = s.scalar(select(func.count()).select_from(WarmDatabase).where(
+                WarmDatabase.state == "ready", WarmDatabase.provider == deps.provider.name)) or 0
+            if ready <= target:
+                return dropped
+            row = s.scalars(select(WarmDatabase).where(WarmDatabase.state == "ready",
+                                                       WarmDatabase.provider == deps.provider.name)
+                            .order_by(WarmDatabase.created_at.desc()).limit(1)
+                            .with_for_update(skip_locked=True)).one_or_none()
+            if row is None:
+                return dropped
+            row.state = "dropping"
+            row_id = row.id
+        with deps.operation_lease(row_id) as lease:
+            if lease.acquired:
+                discard(deps, row_id)
+                dropped += 1
+    return dropped
+
+
+def keep_sized(deps: LifecycleDeps, sizing: WarmSizing, *, stop: threading.Event | None = None) -> int:
+    """One refill round: fill up to the current target, or trim down to it; the target it used."""
+    target = sizing.target(peak_burst(deps, sizing)) if sizing.base > 0 else 0
+    if fill(deps, target, stop=stop) == 0:
+        trim(deps, target, stop=stop)
+    return target
+
+
 def drain(deps: LifecycleDeps) -> int:
     """Drop every ready warm database (``agentpg pool drain``, or setting the size to 0)."""
     with deps.sessions() as s:
@@ -94,9 +189,9 @@ def drain(deps: LifecycleDeps) -> int:
 
 
 class Refiller(PeriodicJob):
-    """Keeps the pool at ``target`` from a background thread, every ``interval_s``; ``kick()`` after a claim
-    wakes it early. A target of 0 never starts."""
+    """Keeps the pool at its :class:`WarmSizing` target from a background thread, every ``interval_s``;
+    ``kick()`` after a claim wakes it early. A base of 0 never starts."""
 
-    def __init__(self, deps: LifecycleDeps, target: int, interval_s: float = 5.0) -> None:
-        super().__init__("warm-pool", lambda: fill(deps, target, stop=self.stopping),
-                         interval_s if target > 0 else 0, first_run_now=True)
+    def __init__(self, deps: LifecycleDeps, sizing: WarmSizing, interval_s: float = 5.0) -> None:
+        super().__init__("warm-pool", lambda: keep_sized(deps, sizing, stop=self.stopping),
+                         interval_s if sizing.base > 0 else 0, first_run_now=True)

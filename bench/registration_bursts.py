@@ -1,0 +1,129 @@
+"""Registration in bursts, on the default durable settings (fsync on): agentpg's REST route against a plain
+``CREATE ROLE`` + ``CREATE DATABASE`` on the same server, in the same run (issue 22).
+
+    python bench/registration_bursts.py [--bursts 6 --burst-size 20 --pause 2 --base 8 --max 64 --out NAME]
+
+A fresh ``agentpg serve`` (embedded PostgreSQL 18, fsync on) registers ``--bursts`` bursts of
+``--burst-size`` users, each burst sent at once (one client thread per user), ``--pause`` seconds apart:
+the pattern of a platform's sign-up spike. The warm pool starts at ``--base`` (``AGENTPG_WARM_POOL_SIZE``)
+and may grow to ``--max`` (``AGENTPG_WARM_POOL_MAX``) from the bursts it sees. The baseline sends the same
+bursts of ``CREATE ROLE … LOGIN PASSWORD`` + ``CREATE DATABASE … OWNER`` to the same server, once with the
+default strategy (``WAL_LOG``) and once with ``STRATEGY = FILE_COPY``. Latency is per registration, from
+the request to its answer (the wait a sign-up page sees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import ServeProcess, percentiles, report, write_json
+
+from agentpg.app.runtime import open_runtime
+from agentpg.settings import Settings
+
+
+def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix: str) -> list[float]:
+    """Run ``n`` bursts of ``size`` concurrent calls of ``one(name)``; each call's latency in ms."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def timed(name: str) -> None:
+        start = time.perf_counter()
+        one(name)
+        with lock:
+            latencies.append((time.perf_counter() - start) * 1000)
+
+    with ThreadPoolExecutor(max_workers=size) as pool:
+        for b in range(n):
+            list(pool.map(timed, [f"{prefix}-{b}-{i}" for i in range(size)]))
+            if b < n - 1:
+                time.sleep(pause_s)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bursts", type=int, default=6)
+    parser.add_argument("--burst-size", type=int, default=20)
+    parser.add_argument("--pause", type=float, default=2.0)
+    parser.add_argument("--base", type=int, default=8)
+    parser.add_argument("--max", type=int, default=64)
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds for the pool to fill before a case")
+    parser.add_argument("--out", default=None, help="also write bench/results/<out>.json")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="agentpg-bench-", dir="/tmp"))
+    home.chmod(0o711)
+    serve = ServeProcess(home, {"AGENTPG_WARM_POOL_SIZE": str(args.base), "AGENTPG_WARM_POOL_MAX": str(args.max)})
+    results: dict[str, dict[str, float]] = {}
+    try:
+        serve.wait_ready(timeout=120)
+        admin = {"Authorization": f"Bearer {(home / 'admin-token').read_text().strip()}"}
+        time.sleep(args.settle)  # the pool fills to its base first, as on a server that has been up a while
+        with httpx.Client(base_url=serve.base_url, headers=admin, timeout=120) as api:
+            def register(name: str) -> None:
+                response = api.post("/api/users", json={"id": name})
+                assert response.status_code == 201, response.text
+
+            first = bursts(1, args.burst_size, 0, register, "first")
+            time.sleep(args.settle)  # the refiller has seen the burst: the pool grows to 1.5 x burst
+            rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user")
+        results["agentpg POST /api/users, first burst (pool at its base)"] = percentiles(first)
+        results["agentpg POST /api/users, later bursts (pool sized from the first)"] = percentiles(rest)
+        results["agentpg POST /api/users, every burst"] = percentiles(first + rest)
+
+        settings = Settings(home=home)
+        with open_runtime(settings, attach_only=True, migrate_catalog=False) as rt:
+            admin_dsn = rt.admin_dsn
+        for strategy in ("WAL_LOG", "FILE_COPY"):
+            def plain(name: str, strategy: str = strategy) -> None:
+                role = name.replace("-", "_")
+                with psycopg.connect(admin_dsn, autocommit=True) as conn:
+                    conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                        sql.Identifier(role), sql.Literal(secrets.token_urlsafe(24))))
+                    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} STRATEGY = {}").format(
+                        sql.Identifier(role), sql.Identifier(role), sql.SQL(strategy)))
+
+            samples = bursts(args.bursts, args.burst_size, args.pause, plain, f"plain_{strategy.lower()}")
+            results[f"plain CREATE ROLE + CREATE DATABASE ({strategy})"] = percentiles(samples)
+    finally:
+        serve.stop()
+        try:  # the embedded server outlives serve: stop it before removing its home
+            from agentpg.embedded import EmbeddedPostgres
+
+            EmbeddedPostgres(home, os_user=Settings(home=home).postgres_os_user).stop()
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+    every = results["agentpg POST /api/users, every burst"]
+    base = results["plain CREATE ROLE + CREATE DATABASE (WAL_LOG)"]
+    extra: dict[str, Any] = {
+        "fsync": "on (default)", "bursts": args.bursts, "burst_size": args.burst_size, "pause_s": args.pause,
+        "warm_pool_base": args.base, "warm_pool_max": args.max, "cpus": os.cpu_count(),
+        "speedup_p50_vs_wal_log": round(base["p50"] / every["p50"], 2),
+        "speedup_p99_vs_wal_log": round(base["p99"] / every["p99"], 2),
+        "goals": {"p50_ms": 10, "p99_ms": 40, "speedup": 10},
+    }
+    report("registration_bursts", results, extra)
+    if args.out:
+        write_json(args.out, {"benchmark": "registration_bursts", "results": results, **extra})
+
+
+if __name__ == "__main__":
+    main()
