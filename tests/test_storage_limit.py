@@ -103,7 +103,7 @@ async def test_storage_limit_stops_a_fast_writer_within_seconds(runtime: Runtime
                                                  "user_storage_check_interval_s": 1.0})
     try:
         with serving(serve_settings) as (url, app):
-            guard = app.state.agentpg.app.runtime.storage_guard
+            guard = app.state.runtime.storage_guard
             assert isinstance(guard, StorageGuard)
             async with http_session(url, token.secret) as session, \
                     http_session(url, other_token.secret) as other_session:

@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         metrics.registry.register(ReaperCollector(service.reaper))
         service.attach_tenant(access)
         app.state.service = service  # what every edge reads (each through its own accessor)
+        app.state.runtime = runtime  # the assembly's own handle (its background jobs); no edge reads it
         app.state.agentpg = AppContext(service=service, metrics=metrics)
         try:
             async with mcp.run(service), gateway.run(service):
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         finally:
             app.state.agentpg = None
             app.state.service = None
+            app.state.runtime = None
             await service.background.drain()  # a restore answered 202 finishes before the pools close
             service.attach_tenant(None)
             await access.close()
