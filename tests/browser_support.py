@@ -26,6 +26,7 @@ import leakscan
 import psycopg
 from api_support import role_names
 from helpers import agent_db_uri, global_uri, workspace_global_uri
+from install_lock import install_lock
 from psycopg.conninfo import make_conninfo
 
 from agentpg.access import audit as audit_log
@@ -42,18 +43,21 @@ DOCS_SCREENSHOT_MAX_BYTES = 300 * 1024
 
 
 def ensure_chromium() -> Path:
-    """The system Chromium, installed with apt-get first if it is missing (never skipped)."""
+    """The system Chromium, installed with apt-get first if it is missing (never skipped). Under the ``apt``
+    install lock: another xdist worker may be running apt-get (dpkg allows one at a time)."""
     if CHROMIUM.exists():
         return CHROMIUM
     if shutil.which("apt-get") is None:
         raise RuntimeError(f"{CHROMIUM} is missing and there is no apt-get to install Debian's chromium package")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     steps = (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"])
-    for step in steps:
-        done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=1200, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"installing the browser for the explorer tests failed: `{' '.join(step)}` exited "
-                               f"{done.returncode} (the suite must run as root on Debian):\n{done.stderr[-2000:]}")
+    with install_lock("apt"):
+        for step in steps if not CHROMIUM.exists() else ():  # the holder before us may have installed it
+            done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=1200, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"installing the browser for the explorer tests failed: `{' '.join(step)}` "
+                                   f"exited {done.returncode} (the suite must run as root on Debian):\n"
+                                   f"{done.stderr[-2000:]}")
     if not CHROMIUM.exists():
         raise RuntimeError(f"apt-get installed chromium but {CHROMIUM} does not exist")
     return CHROMIUM

@@ -44,7 +44,15 @@ def _postmasters(data_dir: Path) -> list[int]:
             continue
         if argv[0].endswith("/postgres") and "-D" in argv and str(data_dir) in argv:
             found.append(int(proc.name))
-    return found
+    # A backend the postmaster has just forked shows its argv until it sets its title (longer on a busy host).
+    return [pid for pid in found if _ppid(pid) not in found]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _uid_of(pid: int) -> int:

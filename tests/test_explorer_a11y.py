@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 from api_support import LiveServer
 from browser_support import Tenant, check_page, chromium_browser, drop_tenant, make_tenant
+from install_lock import install_lock
 
 from agentpg.access import audit as audit_log
 from agentpg.app.runtime import Runtime
@@ -63,13 +64,14 @@ def ensure_axe() -> Path:
     apt_install(("node", "npm"), ("nodejs", "npm"))
     prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-axe-core-{AXE_VERSION}"
     script = prefix / "node_modules" / "axe-core" / "axe.min.js"
-    if not script.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
-                               "--no-fund", f"axe-core@{AXE_VERSION}"], capture_output=True, text=True, timeout=300,
-                              check=False)
-        if done.returncode != 0 or not script.exists():
-            pytest.fail(f"npm install axe-core@{AXE_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
+    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
+        if not script.exists():
+            prefix.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
+                                   "--no-fund", f"axe-core@{AXE_VERSION}"], capture_output=True, text=True,
+                                  timeout=300, check=False)
+            if done.returncode != 0 or not script.exists():
+                pytest.fail(f"npm install axe-core@{AXE_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
     return script
 
 

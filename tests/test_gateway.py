@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import leakscan
 import pytest
+from install_lock import install_lock
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
@@ -43,16 +44,19 @@ NPM_VERSION = "0.6.2"
 
 
 def apt_install(programs: tuple[str, ...], packages: tuple[str, ...]) -> None:
-    """Install Debian ``packages`` when one of ``programs`` is missing (tests run as root on a fresh box)."""
+    """Install Debian ``packages`` when one of ``programs`` is missing (tests run as root on a fresh box).
+    Under the ``apt`` install lock: another xdist worker may be running apt-get (dpkg allows one at a time)."""
     if all(shutil.which(p) for p in programs):
         return
     if os.geteuid() != 0:
         pytest.fail(f"{', '.join(programs)} missing and the tests are not root: install {' '.join(packages)}",
                     pytrace=False)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], check=True, env=env,
-                   capture_output=True, timeout=900)
+    with install_lock("apt"):
+        if not all(shutil.which(p) for p in programs):  # the holder before us may have installed them
+            subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], check=True,
+                           env=env, capture_output=True, timeout=900)
     if not all(shutil.which(p) for p in programs):
         pytest.fail(f"apt-get installed {' '.join(packages)} but {', '.join(programs)} is still not on PATH",
                     pytrace=False)
@@ -75,13 +79,15 @@ def server_postgres_js() -> str:
     ensure_bwrap()
     prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-server-postgres-{NPM_VERSION}"
     entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-postgres" / "dist" / "index.js"
-    if not entry.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
-                               "--no-fund", f"{NPM_PACKAGE}@{NPM_VERSION}"], capture_output=True, text=True,
-                              timeout=300, check=False)
-        if done.returncode != 0 or not entry.exists():
-            pytest.fail(f"npm install {NPM_PACKAGE}@{NPM_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
+    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
+        if not entry.exists():
+            prefix.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
+                                   "--no-fund", f"{NPM_PACKAGE}@{NPM_VERSION}"], capture_output=True, text=True,
+                                  timeout=300, check=False)
+            if done.returncode != 0 or not entry.exists():
+                pytest.fail(f"npm install {NPM_PACKAGE}@{NPM_VERSION} failed:\n{done.stderr[-2000:]}",
+                            pytrace=False)
     return str(entry)
 
 

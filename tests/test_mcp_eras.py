@@ -24,6 +24,7 @@ import httpx
 import httpx2
 import psycopg
 import pytest
+from install_lock import install_lock
 from mcp import Client, ClientSession, StdioServerParameters, types
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -165,12 +166,13 @@ def mcp1_python() -> str:
     venv = Path(tempfile.gettempdir()) / f"agentpg-test-mcp1-{MCP1_VERSION}"
     python = venv / "bin" / "python"
     check = [str(python), "-c", f"import importlib.metadata as m; assert m.version('mcp') == '{MCP1_VERSION}'"]
-    if not python.exists() or subprocess.run(check, capture_output=True, check=False).returncode != 0:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", f"mcp=={MCP1_VERSION}"],
-                              capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            pytest.fail(f"pip install mcp=={MCP1_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
+    with install_lock(venv.name):  # checked under the lock: another worker may be filling (or --clear-ing) it
+        if not python.exists() or subprocess.run(check, capture_output=True, check=False).returncode != 0:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
+            done = subprocess.run([str(python), "-m", "pip", "install", "-q", f"mcp=={MCP1_VERSION}"],
+                                  capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0:
+                pytest.fail(f"pip install mcp=={MCP1_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
     return str(python)
 
 
