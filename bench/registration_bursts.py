@@ -4,8 +4,8 @@
     python bench/registration_bursts.py [--bursts 6 --burst-size 20 --pause 2 --base 8 --max 64 --out NAME]
 
 A fresh ``agentpg serve`` (embedded PostgreSQL 18, fsync on) registers ``--bursts`` bursts of
-``--burst-size`` users, each burst sent at once (one client thread per user), ``--pause`` seconds apart:
-the pattern of a platform's sign-up spike. The warm pool starts at ``--base`` (``AGENTPG_WARM_POOL_SIZE``)
+``--burst-size`` users, back to back (``--concurrency`` at a time; 1 = one after another, as the issue's
+measurement), ``--pause`` seconds apart: the pattern of a platform's sign-up spike. The warm pool starts at ``--base`` (``AGENTPG_WARM_POOL_SIZE``)
 and may grow to ``--max`` (``AGENTPG_WARM_POOL_MAX``) from the bursts it sees. The baseline sends the same
 bursts of ``CREATE ROLE … LOGIN PASSWORD`` + ``CREATE DATABASE … OWNER`` to the same server, once with the
 default strategy (``WAL_LOG``) and once with ``STRATEGY = FILE_COPY``. Latency is per registration, from
@@ -38,8 +38,9 @@ from agentpg.app.runtime import open_runtime
 from agentpg.settings import Settings
 
 
-def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix: str) -> list[float]:
-    """Run ``n`` bursts of ``size`` concurrent calls of ``one(name)``; each call's latency in ms."""
+def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix: str,
+           concurrency: int = 1) -> list[float]:
+    """Run ``n`` bursts of ``size`` calls of ``one(name)``, ``concurrency`` at a time; each call's latency in ms."""
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -49,7 +50,7 @@ def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix
         with lock:
             latencies.append((time.perf_counter() - start) * 1000)
 
-    with ThreadPoolExecutor(max_workers=size) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for b in range(n):
             list(pool.map(timed, [f"{prefix}-{b}-{i}" for i in range(size)]))
             if b < n - 1:
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=6)
     parser.add_argument("--burst-size", type=int, default=20)
     parser.add_argument("--pause", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=1, help="registrations in flight at once in a burst")
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument("--max", type=int, default=64)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds for the pool to fill before a case")
@@ -81,9 +83,9 @@ def main() -> None:
                 response = api.post("/api/users", json={"id": name})
                 assert response.status_code == 201, response.text
 
-            first = bursts(1, args.burst_size, 0, register, "first")
+            first = bursts(1, args.burst_size, 0, register, "first", args.concurrency)
             time.sleep(args.settle)  # the refiller has seen the burst: the pool grows to 1.5 x burst
-            rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user")
+            rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user", args.concurrency)
         results["agentpg POST /api/users, first burst (pool at its base)"] = percentiles(first)
         results["agentpg POST /api/users, later bursts (pool sized from the first)"] = percentiles(rest)
         results["agentpg POST /api/users, every burst"] = percentiles(first + rest)
@@ -100,7 +102,8 @@ def main() -> None:
                     conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} STRATEGY = {}").format(
                         sql.Identifier(role), sql.Identifier(role), sql.SQL(strategy)))
 
-            samples = bursts(args.bursts, args.burst_size, args.pause, plain, f"plain_{strategy.lower()}")
+            samples = bursts(args.bursts, args.burst_size, args.pause, plain, f"plain_{strategy.lower()}",
+                             args.concurrency)
             results[f"plain CREATE ROLE + CREATE DATABASE ({strategy})"] = percentiles(samples)
     finally:
         serve.stop()
@@ -115,7 +118,8 @@ def main() -> None:
     base = results["plain CREATE ROLE + CREATE DATABASE (WAL_LOG)"]
     extra: dict[str, Any] = {
         "fsync": "on (default)", "bursts": args.bursts, "burst_size": args.burst_size, "pause_s": args.pause,
-        "warm_pool_base": args.base, "warm_pool_max": args.max, "cpus": os.cpu_count(),
+        "warm_pool_base": args.base, "warm_pool_max": args.max, "concurrency": args.concurrency,
+        "cpus": os.cpu_count(),
         "speedup_p50_vs_wal_log": round(base["p50"] / every["p50"], 2),
         "speedup_p99_vs_wal_log": round(base["p99"] / every["p99"], 2),
         "goals": {"p50_ms": 10, "p99_ms": 40, "speedup": 10},

@@ -86,7 +86,7 @@ def test_pool_cli(runtime: Runtime, agentpg_home: Path) -> None:
 
 
 def test_the_pool_sizes_itself_from_the_busiest_recent_burst_and_shrinks_back(runtime: Runtime) -> None:
-    """Issue 22: a burst of 25 registrations within 10 s (written as their intents, 55 min ago, before this
+    """Issue 22: a wave of 25 registrations within a minute (written as their intents, 55 min ago, before this
     session's own) makes the target 1.5 times that, capped by the disk budget; trimming takes the pool back
     down to its target and leaves no warm database half-dropped."""
     deps = runtime.service.deps
