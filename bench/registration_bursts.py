@@ -5,8 +5,9 @@
 
 A fresh ``agentpg serve`` (embedded PostgreSQL 18, fsync on) registers ``--bursts`` bursts of
 ``--burst-size`` users, back to back (``--concurrency`` at a time; 1 = one after another, as the issue's
-measurement), ``--pause`` seconds apart: the pattern of a platform's sign-up spike. The warm pool starts at ``--base`` (``AGENTPG_WARM_POOL_SIZE``)
-and may grow to ``--max`` (``AGENTPG_WARM_POOL_MAX``) from the bursts it sees. The baseline sends the same
+measurement), ``--pause`` seconds apart: the pattern of a platform's sign-up spike. The warm pool starts
+at ``--base`` (``AGENTPG_WARM_POOL_SIZE``) and may grow to ``--max`` (``AGENTPG_WARM_POOL_MAX``) from the
+bursts it sees. The baseline sends the same
 bursts of ``CREATE ROLE … LOGIN PASSWORD`` + ``CREATE DATABASE … OWNER`` to the same server, once with the
 default strategy (``WAL_LOG``) and once with ``STRATEGY = FILE_COPY``. Latency is per registration, from
 the request to its answer (the wait a sign-up page sees).
