@@ -112,11 +112,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-http", action="store_true", help="stdio only (no agentpg serve)")
+    parser.add_argument("--out", default="mcp_vs_server_postgres", help="results/<out>.json")
+    parser.add_argument("--fsync", action="store_true", help="the embedded server with fsync on (agentpg's default)")
     args = parser.parse_args()
     entry = server_postgres_entry()
     runs: dict[str, list[dict[str, Any]]] = {}
     load_before = os.getloadavg()
-    with throwaway_runtime(embedded_fsync=False) as rt:
+    with throwaway_runtime(embedded_fsync=args.fsync) as rt:
         token, uri = bench_agent(rt)
         ours = agentpg_stdio_params(rt.settings.home, token)
         theirs = StdioServerParameters(command=shutil.which("node") or "node", args=[str(entry), uri])
@@ -153,12 +155,12 @@ def main() -> None:
              for name in SQL for era in ("legacy", "2026-07-28") if not args.no_http}
     extra = {"calls_per_s": throughput, "ratio_agentpg_stdio_over_server_postgres": ratio, "target_ratio": 1.5,
              "http_p50_ms_added_over_raw_psycopg": added, "target_http_added_ms": 1.5,
-             "client": "mcp 2.x Client", "rounds": args.rounds, "calls_per_round": args.calls,
+             "client": "mcp 2.x Client", "rounds": args.rounds, "calls_per_round": args.calls, "fsync": args.fsync,
              "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
              "all_rounds_calls_per_s": {k: [round(r["calls_per_s"], 1) for r in v] for k, v in runs.items()}}
     report("mcp_vs_server_postgres", results, extra)
     print("\ncalls/s: " + ", ".join(f"{k}: {v}" for k, v in throughput.items()))
-    write_json("mcp_vs_server_postgres", {"results": results, **extra})
+    write_json(args.out, {"results": results, **extra})
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ class TenantPools:
                 uri, min_size=0, max_size=self.limits.max_size, start_empty=gate is not None,
                 max_idle=self.limits.max_idle_s,
                 timeout=self.limits.acquire_timeout_s, reset=self._reset, configure=_configure, open=False,
+                reset_done=self._already_reset.__contains__,  # a read's reset: returned without the worker
                 # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
                 # every call opens its own transaction explicitly with conn.transaction().
                 kwargs={"connect_timeout": self.limits.connect_timeout_s, "application_name": "agentpg",

@@ -29,6 +29,7 @@ Nothing is built at import time: :class:`McpHttp` is created by the app factory 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -195,7 +196,11 @@ async def answer_unless_gone(manager: StreamableHTTPSessionManager, body: bytes,
     Why here, not the SDK's SSE mode (which cancels on a disconnect too): the SDK's client refuses an SSE
     event over 1 MiB by default, and a result may be larger (up to the 1 MB row cap, as structured content
     and as text); in JSON mode the SDK watches for no disconnect. With the body read, ``receive`` returns
-    only when the client goes away (or the response is complete)."""
+    only when the client goes away (or the response is complete).
+
+    The watcher is a plain asyncio task (the server runs the app on asyncio) cancelled when the answer is
+    out, and only the handling sits in a cancel scope: an anyio task group per request, whose cancel formats
+    the current task's repr, cost ~90 us of CPU per call against ~20 us for this (measured for issue 20)."""
     answered = False
     gone = anyio.Event()
 
@@ -215,18 +220,24 @@ async def answer_unless_gone(manager: StreamableHTTPSessionManager, body: bytes,
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    async with anyio.create_task_group() as group:
+    handling = anyio.CancelScope()
 
-        async def watch() -> None:
+    async def watch() -> None:
+        try:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone.set()
-            if not answered:
-                group.cancel_scope.cancel()
+        except Exception:  # nothing to watch with: the call runs to its end (no task error left unread)
+            return
+        gone.set()
+        if not answered:
+            handling.cancel()
 
-        group.start_soon(watch)
-        await manager.handle_request(scope, replay, tracked)
-        group.cancel_scope.cancel()
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        with handling:
+            await manager.handle_request(scope, replay, tracked)
+    finally:
+        watcher.cancel()
 
 
 async def admit_agent(scope: Scope, receive: Receive, send: Send, security: TransportSecurityMiddleware,
