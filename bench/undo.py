@@ -2,6 +2,7 @@
 
     python bench/undo.py [--tenants 300] [--big-mb 1024] [--small-mb 10] [--checkpoints 200]
                          [--rounds 3] [--round-s 10] [--clients 1,8] [--rpo-s 20] [--big-in-place]
+                         [--other-wal-mb 300 [--round-pause-s 60]]
 
 One throwaway embedded server on the default durable settings (fsync on), with agentpg's archiver attached as
 ``serve`` attaches it (``attach_archivers``; the backup directory under the temporary home, files fsynced).
@@ -17,7 +18,11 @@ backup that holds everything), and:
   to the checkpoint, timed end to end with its phases (the side instance's build, recovery, dump; the load
   into the running server; the swap for in place): ``mode="new"`` for both sizes, in place for the small one
   (``--big-in-place`` for the big one too). Each result is checked (row count and checksum as at the
-  checkpoint).
+  checkpoint). With ``--other-wal-mb N``, before each restore another tenant writes N MB of WAL and the
+  archiver does one round (``Archiver.tick``, as ``serve`` does every 30 s): with the default
+  ``AGENTPG_BACKUP_WAL_TRIGGER_MB`` that round takes an incremental base backup (its time, bytes, files and
+  the machine's disk I/O are recorded), with ``AGENTPG_BACKUP_WAL_TRIGGER_MB=0`` (the old behaviour) it does
+  not, and the restore replays all of it.
 - **archiving's cost**: pgbench (TPC-B-like, scale 10, its own database on the same server) with archiving
   off (receiver stopped), asynchronous (the default) and synchronous (``AGENTPG_BACKUP_SYNCHRONOUS``: the
   receiver a synchronous standby), ``--rounds`` rounds of ``--round-s`` seconds per mode and client count,
@@ -107,6 +112,51 @@ def fill(admin_dsn: str, plan: DatabasePlan, mb: int) -> dict[str, Any]:
         conn.execute("ANALYZE data")
         size = int(admin.execute("SELECT pg_database_size(%s)", (plan.database,)).fetchone()[0])  # type: ignore[index]
     return {"rows": done, "bytes": size, "empty_db_bytes": base, "load_s": round(time.perf_counter() - started, 1)}
+
+
+def disk_io() -> tuple[int, int]:
+    """Bytes read and written by the machine's disks so far (/proc/diskstats: whole devices, 512-byte sectors;
+    the machine is shared, so a delta includes whatever else ran meanwhile)."""
+    read = written = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            parts = line.split()
+            if re.fullmatch(r"(vd|sd|xvd)[a-z]+|nvme\d+n\d+", parts[2]):
+                read, written = read + int(parts[5]) * 512, written + int(parts[9]) * 512
+    return read, written
+
+
+def other_wal(admin_dsn: str, database: str, mb: int) -> float:
+    """Write about ``mb`` MB of WAL in ``database`` (another tenant's work): rows inserted and deleted."""
+    started = time.perf_counter()
+    with psycopg.connect(make_conninfo(admin_dsn, dbname=database), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS churn (id bigint, v text)")
+        lsn = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]  # type: ignore[index]
+        while True:
+            row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s)", (lsn,)).fetchone()
+            if row is None or int(row[0]) >= mb * 2**20:
+                break
+            conn.execute("INSERT INTO churn SELECT g, md5(g::text) || md5((g + 1)::text) "
+                         "FROM generate_series(1, 200000) g")
+            conn.execute("DELETE FROM churn")
+            conn.execute("VACUUM churn")
+    return time.perf_counter() - started
+
+
+def archiving_round(archiver: Archiver) -> dict[str, Any] | None:
+    """One ``serve`` round; the base backup it took, if any (time, bytes, files, the disks' I/O meanwhile)."""
+    before = {b.label for b in archiver.backups()}
+    io0, t0 = disk_io(), time.perf_counter()
+    assert archiver.tick()
+    took, io1 = time.perf_counter() - t0, disk_io()
+    new = [b for b in archiver.backups() if b.label not in before]
+    if not new:
+        return None
+    files = sum(len(names) for _, _, names in os.walk(new[-1].path))
+    return {"s": round(took, 1), "bytes": tree_bytes(new[-1].path), "files": files,
+            "incremental": new[-1].incremental_of is not None,
+            "disk_read_mb": round((io1[0] - io0[0]) / 2**20, 1), "disk_written_mb": round((io1[1] - io0[1]) / 2**20, 1),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def fingerprint(admin_dsn: str, database: str) -> tuple[int, str]:
@@ -461,6 +511,10 @@ def main() -> None:
     parser.add_argument("--small-repeats", type=int, default=3, help="restores of the small database, per mode")
     parser.add_argument("--big-repeats", type=int, default=1)
     parser.add_argument("--skip", default="", help="comma-separated: checkpoints,restore,cost,rpo")
+    parser.add_argument("--other-wal-mb", type=int, default=0,
+                        help="before each restore, another tenant writes this much WAL, then one archiving round")
+    parser.add_argument("--round-pause-s", type=float, default=0.0,
+                        help="with --other-wal-mb: wait this long after the writes, before the archiving round")
     parser.add_argument("--out", default="undo")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -471,11 +525,16 @@ def main() -> None:
 
     with throwaway_runtime(usage_sync_interval_s=0) as rt:  # the default, durable settings (fsync on)
         assert rt.settings.embedded_fsync
-        svc, provider = rt.service, rt.service.deps.provider
+        svc = rt.service
+        provider: Any = rt.service.deps.provider
         assert rt.archive_job is not None and rt.archive_job.archivers, "no archiver attached"
         archiver = rt.archive_job.archivers[0]
         log(f"server up; {args.tenants} other tenants")
         extra["tenants_create_s"] = round(make_tenants(provider, rt.admin_dsn, args.tenants), 1)
+        noise_plan = DatabasePlan.fresh(provider.server_name)
+        provider.create_database(noise_plan, "pw-noise")
+        noise_db = noise_plan.database
+        extra["wal_trigger_mb"] = rt.settings.backup_wal_trigger_mb
         sizes: dict[str, Any] = {}
         users = [u for u, mb in (("small", args.small_mb), ("big", args.big_mb)) if mb > 0]
         for user, mb in (("small", args.small_mb), ("big", args.big_mb)):
@@ -525,6 +584,13 @@ def main() -> None:
                                                         "incremental": inc.incremental_of is not None}
                     continue
                 after = " after a fresh base backup" if n > len(cases) else ""
+                if args.other_wal_mb and not after:
+                    log(f"another tenant writes {args.other_wal_mb} MB of WAL; one archiving round")
+                    churn_s = other_wal(rt.admin_dsn, noise_db, args.other_wal_mb)
+                    time.sleep(args.round_pause_s)  # a steadier writer: that WAL over a longer time
+                    taken = archiving_round(archiver)
+                    log(f"  {churn_s:.0f} s; base backup taken: {taken}")
+                    extra.setdefault("archiving_rounds", []).append(taken)
                 log(f"restore {user} {mode}{after}")
                 label = f"{user} ({sizes[user]['bytes'] >> 20} MB) {mode}{after}"
                 one = restore_case(rt, archiver, user, mode)

@@ -54,6 +54,9 @@ class StatusInfo(Public):
     """Of the operator's list (AGENTPG_TENANT_EXTENSIONS), what every new tenant database gets."""
     extensions_missing: list[str] = []
     """Of that list, what the server lacks (skipped)."""
+    backups_restorable_from: datetime | None = None
+    """The start of the restorable window (every archived server restorable from then on); None: nothing is
+    archived, or no base backup yet. ``GET /api/backups`` has the details per server."""
 
 
 class Page(Public):

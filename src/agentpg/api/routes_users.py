@@ -76,13 +76,16 @@ def get_user(user_id: UserId, principal: Auth, ctx: Ctx) -> UserInfo:
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"],
                responses=problems(409, 502, 503))
 async def delete_user(user_id: UserId, principal: Auth, ctx: Ctx) -> Response:
-    """Delete a user, its global database and every workspace with its agent database (admin only)."""
+    """Delete a user, its global database and every workspace with its agent database (admin only). With
+    ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE=rebase`` the answer carries ``Agentpg-Backup-Purge: scheduled``: the
+    backups are rebased in the background (docs/undo.md, "Deleting a user")."""
     caller = ctx.service.caller(principal)
     held = await run_in_threadpool(caller.check_delete_user, user_id)  # NotFound/403 before any work
     with ctx.metrics.provisioning_timer("delete_user"):
-        await run_in_threadpool(caller.delete_user, user_id)
+        purge = await run_in_threadpool(caller.delete_user, user_id)
     await ctx.service.forget_connections(held)  # the drop terminated them; the pools let go too
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    headers = {"Agentpg-Backup-Purge": "scheduled"} if purge else None
+    return Response(status_code=status.HTTP_204_NO_CONTENT, headers=headers)
 
 
 @router.post("/users/{user_id}/tokens", status_code=status.HTTP_201_CREATED, tags=["tokens"])

@@ -112,8 +112,11 @@ def users_create(
 @users_app.command("delete")
 def users_delete(user_id: str, as_json: JsonOpt = False) -> None:
     """Delete a user, its global database and every workspace's agent database."""
-    _run(lambda rt: rt.delete_user(user_id))
-    _emit({"deleted": user_id}, as_json, lambda: f"user {user_id} and all its databases deleted")
+    purge = _run(lambda rt: rt.delete_user(user_id))
+    _emit({"deleted": user_id, "backup_purge": "scheduled" if purge else "window"}, as_json,
+          lambda: f"user {user_id} and all its databases deleted" + (
+              "; the backups will be rebased by serve's next archiving round (or run `agentpg backups rebase`)"
+              if purge else ""))
 
 
 @users_app.command("list")
@@ -228,6 +231,8 @@ def serve(host: Annotated[str, typer.Option(help="Interface to listen on.")] = "
     # psycopg_pool logs every checkout and return at INFO: two records per agent call, for nothing an
     # operator acts on. Its warnings (connections failing, pools growing short) still come through.
     logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
+    # The SDK's stateless /mcp transport logs "Terminating session: None" at INFO after every request.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -41,7 +41,8 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
         """The database's checkpoints, newest first."""
         items = run(lambda rt: rt.undo.list_checkpoints(user_id, workspace))
         emit([i.model_dump(mode="json") for i in items], as_json, lambda: "\n".join(
-            f"{c.id}\t{c.created_at}\t{c.name}\t{c.created_by}" for c in items) or "no checkpoints")
+            f"{c.id}\t{c.created_at}\t{c.name}\t{c.created_by}" + ("\texpired" if c.expired else "")
+            for c in items) or "no checkpoints")
 
     @app.command("restore")
     def restore(user_id: str, workspace: WorkspaceOpt = None,
@@ -95,4 +96,16 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
             f"{i.server or 'server'}: " + (f"protected from {i.earliest} to {i.latest}, {i.base_backups} base "
                                             f"backups, {i.bytes:,} bytes"
                                             + (", synchronous" if i.synchronous else "")
-                                            if i.protected else f"NOT protected: {i.reason}") for i in items))
+                                            if i.protected else f"NOT protected: {i.reason}")
+            + (" (rebase pending)" if i.rebase_pending else "") for i in items))
+
+    @backups_app.command("rebase")
+    def backups_rebase(as_json: JsonOpt = False) -> None:
+        """Purge what deleted users left in the backups: take a fresh full base backup of every archived server
+        now, verify it, then delete every older base backup and WAL segment. EVERY tenant loses the points
+        before it (their checkpoints are listed as expired; a restore there is refused). Safe to run again."""
+        done = run(lambda rt: rt.undo.rebase_backups())
+        emit([d.model_dump(mode="json") for d in done], as_json, lambda: "\n".join(
+            f"{d.server or 'server'}: rebased on full base backup {d.base_backup}; restorable from "
+            f"{d.restorable_from}; deleted {d.deleted_base_backups} base backups and {d.deleted_wal_segments} WAL "
+            f"segments ({d.bytes_before:,} -> {d.bytes_after:,} bytes)" for d in done) or "nothing is archived")

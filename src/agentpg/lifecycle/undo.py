@@ -131,6 +131,14 @@ def list_checkpoints(deps: LifecycleDeps, where: Where) -> list[Checkpoint]:
     return rows
 
 
+def restorable_from(deps: LifecycleDeps, where: Where) -> tuple[str, datetime] | None:
+    """The oldest restorable point of the database's server (WAL position, time): checkpoints before it are
+    expired (the retention window or a rebase removed the backups they need). None: not known."""
+    with deps.sessions() as s:
+        server = _record(s, where).provider_server
+    return deps.provider.restorable_from(server)
+
+
 def _target(s: Session, where: Where, plan: DatabasePlan, spec: TargetSpec) -> tuple[RecoveryTarget, dict[str, Any]]:
     """The recovery target of ``spec`` for this database, and its description for the records."""
     given = [v for v in (spec.checkpoint_id, spec.at, spec.before_audit_id) if v is not None]

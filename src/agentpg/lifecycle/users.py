@@ -220,8 +220,11 @@ def _describe(reason: BaseException | str) -> str:
     return reason
 
 
-def delete_user(deps: LifecycleDeps, user_id: str) -> None:
-    """Drop the user's global database and every agent database of every workspace, then the records."""
+def delete_user(deps: LifecycleDeps, user_id: str, *, rebase_backups: bool = False) -> bool:
+    """Drop the user's global database and every agent database of every workspace, then the records.
+    ``rebase_backups``: once the databases are dropped, ask for a rebase of the archived servers' backups
+    (providers/rebase.py; part of the saga: a deletion finished by ``reconcile`` asks too). Returns whether one
+    was asked for (False: nothing is archived here)."""
     validate_id(user_id, "user id")
     op_id = str(uuid.uuid4())
     with deps.operation_lease(op_id):
@@ -232,14 +235,14 @@ def delete_user(deps: LifecycleDeps, user_id: str) -> None:
             if user.status == "provisioning":
                 raise Conflict(f"user {user_id!r} is still being registered; try again in a moment")
             user.status = "deleting"
-            plan = deletion_plan(s, user_id)
+            plan = {**deletion_plan(s, user_id), "rebase_backups": rebase_backups}
             for rec in s.scalars(select(UserGlobalDatabase).where(UserGlobalDatabase.user_id == user_id)):
                 rec.status = "deleting"
             for arec in s.scalars(select(WorkspaceAgentDatabase).where(WorkspaceAgentDatabase.user_id == user_id)):
                 arec.status = "deleting"
             s.add(Operation(id=op_id, kind="delete_user", user_id=user_id, plan=plan))
         deps.reached("delete_user:intent")
-        finish_delete_user(deps, op_id)
+        return finish_delete_user(deps, op_id)
 
 
 def deletion_plan(s: Any, user_id: str) -> dict[str, Any]:
@@ -268,8 +271,9 @@ def plan_of(record: UserGlobalDatabase | WorkspaceAgentDatabase) -> DatabasePlan
     return DatabasePlan(record.database_name, record.owner_role, record.login_role, record.provider_server)
 
 
-def finish_delete_user(deps: LifecycleDeps, op_id: str) -> None:
-    """The idempotent second half of a user deletion; ``reconcile`` calls it for an interrupted one."""
+def finish_delete_user(deps: LifecycleDeps, op_id: str) -> bool:
+    """The idempotent second half of a user deletion; ``reconcile`` calls it for an interrupted one. Returns
+    whether a rebase of the backups was asked for."""
     with deps.sessions() as s:
         op = s.get_one(Operation, op_id)
         plan, user_id = op.plan, op.user_id
@@ -281,8 +285,12 @@ def finish_delete_user(deps: LifecycleDeps, op_id: str) -> None:
         deps.provider.drop_database(DatabasePlan.from_json(item))
         if index == 0:
             deps.reached("delete_user:first_drop")
+    # After the drops (a backup started before them would still hold the data), before "done" (a crash in
+    # between: reconcile asks again; a second request is served by the same rebase).
+    rebased = bool(plan.get("rebase_backups")) and bool(deps.provider.request_backup_rebase(f"deletion {op_id}"))
     with deps.sessions.begin() as s:
         user = s.get(User, user_id)
         if user is not None:
             s.delete(user)
         s.get_one(Operation, op_id).state = "done"
+    return rebased

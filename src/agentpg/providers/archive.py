@@ -8,9 +8,11 @@ An :class:`Archiver` keeps, in ``<backup_dir>/<server>/`` (layout: :mod:`.walfil
   ``synchronous``, the receiver flushes every write and is named in ``synchronous_standby_names`` while it
   streams, so a commit returns only once its WAL is on the backup disk;
 * base backups by ``pg_basebackup`` (``-X none``: their WAL comes through the slot), incremental against the
-  previous one's manifest where the server summarizes its WAL, a full one every :data:`FULL_EVERY`;
+  previous one's manifest where the server summarizes its WAL: when one is due, which kind, and what the
+  retention window keeps are :mod:`.retention`'s rules (a restore's replay is bounded by ``wal_trigger``);
 * nothing older than the retention window needs: the newest base backup that ended before the window's start
-  (and what it builds on) stays, so every instant of the window remains restorable, and WAL from its start.
+  (and what it builds on) stays, so every instant of the window remains restorable, and WAL from its start;
+* what a rebase (:mod:`.rebase`: a fresh full base backup, then nothing older) was asked for, at the next round.
 
 :meth:`Archiver.tick` does one round of that (``serve`` calls it periodically, one process at a time per
 server: a session advisory lock on that server). Errors never hold the admin password.
@@ -38,13 +40,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from agentpg.errors import ProviderError, ProviderUnavailable
+from agentpg.providers import rebase, retention
 from agentpg.providers.base import ArchiveStatus, RecoveryTarget
+from agentpg.providers.retention import MIN_SPACING
 from agentpg.providers.walfiles import (
     META,
     BaseBackup,
     base_backups,
     chain,
-    contiguous_from,
     parse_lsn,
     segments,
     tree_bytes,
@@ -57,8 +60,6 @@ log = logging.getLogger(__name__)
 
 SLOT = "agentpg_backup"
 APPLICATION_NAME = "agentpg_backup"
-FULL_EVERY = 7
-"""A full base backup after this many links (one full, then incrementals)."""
 _LOCK_KEY = 0x61677470_61726368  # pg_try_advisory_lock key: one archiver per server across processes
 _BACKUP_TIMEOUT_S = 6 * 3600.0
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -75,7 +76,7 @@ class Archiver:
     def __init__(self, *, server: str, admin_dsn: str, directory: Path, work_dir: Path, bin_dir: Path,
                  server_bin_dir: Path | None = None, os_user: str | None = None, synchronous: bool = False,
                  retention: timedelta = timedelta(days=7), interval: timedelta = timedelta(hours=24),
-                 sync_files: bool = True, home_files: Sequence[Path] = ()) -> None:
+                 wal_trigger_mb: int = 0, sync_files: bool = True, home_files: Sequence[Path] = ()) -> None:
         self.server = server
         self.admin_dsn = admin_dsn
         self.directory = directory
@@ -89,6 +90,9 @@ class Archiver:
         self.synchronous = synchronous
         self.retention = retention
         self.interval = interval
+        self.wal_trigger = wal_trigger_mb * 2**20
+        """Bytes of WAL since the newest base backup's start that make the next one due (0: time only)."""
+        self.min_spacing = MIN_SPACING
         self.sync_files = sync_files
         self.home_files = tuple(home_files)
         params = conninfo_to_dict(admin_dsn)
@@ -188,6 +192,7 @@ class Archiver:
                 self.ensure_slot(conn)
                 if self.synchronous is False or self._receiver is None or self._receiver.poll() is not None:
                     self._set_synchronous(conn, False)
+                current = parse_lsn(str(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]))  # type: ignore[index]
             self.ensure_receiver()
             streaming = self._wait_streaming(timeout=10.0)
             if self.synchronous:
@@ -195,11 +200,14 @@ class Archiver:
                     self._set_synchronous(conn, streaming and self._streaming(conn))
             if stopping is not None and stopping.is_set():
                 return True
-            newest = self.backups()[-1:]
-            if not newest or utcnow() - newest[0].finished >= self.interval:
-                # The first one at once (nothing is restorable before it); later ones with a spread
-                # checkpoint (up to checkpoint_completion_target of checkpoint_timeout, gentle on I/O).
-                self.backup_now(fast=not newest)
+            existing = self.backups()
+            if rebase.pending(self):
+                rebase.run_pending(self)
+            elif why := retention.due(existing, utcnow(), current, interval=self.interval,
+                                      wal_trigger=self.wal_trigger, min_spacing=self.min_spacing):
+                # The first one at once (nothing is restorable before it), a WAL-triggered one too (see
+                # retention.due); periodic ones with a spread checkpoint (gentle on I/O).
+                self.backup_now(fast=why != "interval")
             self.apply_retention()
             self.last_error = None if streaming else f"pg_receivewal is not streaming: {self._receiver_log()}"
             return True
@@ -283,6 +291,10 @@ class Archiver:
         with self._mutex:
             self.stop_receiver()
             if self._lock_conn is not None:
+                # Unlock before closing: a closed session's backend drops its locks only once it has exited, a
+                # moment later (longer on a busy host), and the process taking over would find the lock held.
+                with contextlib.suppress(psycopg.Error):
+                    self._lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
                 with contextlib.suppress(psycopg.Error):
                     self._lock_conn.close()
                 self._lock_conn = None
@@ -373,11 +385,12 @@ class Archiver:
                 summarize = conn.execute("SELECT current_setting('summarize_wal')").fetchone()
                 databases = {str(r[0]): int(r[1]) for r in conn.execute("SELECT datname, oid FROM pg_database")}
             existing = self.backups()
-            parent = existing[-1] if existing else None
             by_label = {b.label: b for b in existing}
+            parent = retention.parent_of(existing[-1], by_label) if existing else None
             links = chain(parent, by_label) if parent is not None else None
-            incremental = (full is not True and parent is not None and links is not None and not self._force_full
-                           and len(links) < FULL_EVERY and summarize is not None and summarize[0] == "on")
+            incremental = (full is not True and parent is not None and not self._force_full
+                           and not retention.full_needed(links, utcnow(), self.interval)
+                           and summarize is not None and summarize[0] == "on")
             started = utcnow()
             label = started.strftime("%Y%m%dT%H%M%S%fZ") + ("-incr" if incremental else "-full")
             tmp = self.base_dir / f".tmp-{label}"
@@ -425,60 +438,32 @@ class Archiver:
     # -- retention and status --------------------------------------------------------------------------
 
     def apply_retention(self, now: datetime | None = None) -> list[str]:
-        """Delete base backups and WAL the retention window does not need; return the labels deleted."""
+        """Delete base backups and WAL the retention window does not need (:func:`.retention.retained`);
+        return the labels deleted."""
         with self._mutex:
             existing = self.backups()
-            if not existing:
+            kept = retention.retained(existing, (now or utcnow()) - self.retention) if existing else None
+            if kept is None:
                 return []
-            window_start = (now or utcnow()) - self.retention
-            by_label = {b.label: b for b in existing}
-            inside = [b for b in existing if b.finished >= window_start]
-            before = [b for b in existing if b.finished < window_start]
-            keep: set[str] = set()
-            for backup in ([before[-1]] if before else []) + inside:
-                links = chain(backup, by_label)
-                if links is not None:
-                    keep.update(b.label for b in links)
-            if not keep:  # nothing restorable: keep everything rather than guess
-                return []
-            deleted = [b.label for b in existing if b.label not in keep]
-            for label in deleted:
-                shutil.rmtree(by_label[label].path, ignore_errors=True)
-            oldest = min(by_label[label].start_segno for label in keep)
+            keep, first_segno = kept
+            deleted = [b for b in existing if b.label not in keep]
+            for backup in deleted:
+                shutil.rmtree(backup.path, ignore_errors=True)
             for seg in segments(self.wal_dir, existing[0].seg_size):
-                if seg.segno < oldest:
+                if seg.segno < first_segno:
                     seg.path.unlink(missing_ok=True)
-            return deleted
+            return [b.label for b in deleted]
 
     def start_for(self, target: RecoveryTarget) -> BaseBackup | None:
         """The newest restorable base backup a restore to ``target`` can start from (one that ended before
         it), or None when ``target`` is before the oldest restorable point."""
-        usable, _ = self.restorable()
-        if target.lsn is not None:
-            lsn = parse_lsn(target.lsn)
-            candidates = [b for b in usable if b.end_lsn <= lsn]
-        else:
-            assert target.time is not None
-            moment = target.time
-            candidates = [b for b in usable if b.finished < moment]
-        return candidates[-1] if candidates else None
+        return retention.start_for(self.restorable()[0], target)
 
     def restorable(self) -> tuple[list[BaseBackup], int | None]:
         """The base backups a restore can start from (complete chain, unbroken WAL from their start to the
         newest segment), oldest first, and the newest WAL segment number held."""
-        existing = self.backups()
-        if not existing:
-            return [], None
-        found = segments(self.wal_dir, existing[0].seg_size)
-        if not found:
-            return [], None
-        by_label = {b.label: b for b in existing}
-        usable = []
-        for backup in existing:
-            run = contiguous_from(found, backup.start_segno)
-            if chain(backup, by_label) is not None and run and run[-1].segno == found[-1].segno:
-                usable.append(backup)
-        return usable, found[-1].segno
+        usable, found = retention.restorable(self.backups(), self.wal_dir)
+        return usable, found[-1].segno if found else None
 
     def status(self) -> ArchiveStatus:
         usable, _ = self.restorable()
@@ -507,4 +492,5 @@ class Archiver:
         protected = bool(usable) and reason is None
         return ArchiveStatus(server=self.server, protected=protected, reason=None if protected else reason,
                              earliest=usable[0].finished if usable else None, latest=latest if usable else None,
-                             base_backups=count, bytes=total, synchronous=self.synchronous)
+                             base_backups=count, bytes=total, synchronous=self.synchronous,
+                             rebase_pending=rebase.pending(self))

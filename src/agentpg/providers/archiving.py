@@ -51,7 +51,7 @@ def attach_archivers(settings: Settings, provider: Provider, embedded: EmbeddedP
             server=name, admin_dsn=member._admin_dsn, directory=root / _dir_name(name), work_dir=work_dir,
             bin_dir=client_bin(), server_bin_dir=server_bin, os_user=settings.postgres_os_user,
             synchronous=settings.backup_synchronous, retention=timedelta(days=settings.backup_retention_days),
-            interval=timedelta(hours=settings.backup_interval_h),
+            interval=timedelta(hours=settings.backup_interval_h), wal_trigger_mb=settings.backup_wal_trigger_mb,
             sync_files=settings.embedded_fsync or embedded is None, home_files=home_files)
         member.archiver = archiver
         archivers.append(archiver)

@@ -155,6 +155,22 @@ class ArchiveStatus:
     bytes: int = 0
     synchronous: bool = False
     """Commits wait until their WAL is flushed in the backup directory (nothing acknowledged is lost)."""
+    rebase_pending: bool = False
+    """A rebase (providers/rebase.py) was asked for and is not done yet."""
+
+
+@dataclass(frozen=True)
+class RebaseResult:
+    """One server's archive rebased (``Provider.rebase_backups``): a new full base backup, nothing older."""
+
+    server: str | None
+    base_backup: str
+    restorable_from: datetime
+    """The new start of the restorable window (the new base backup's end): nothing before it is restorable."""
+    deleted_base_backups: int
+    deleted_wal_segments: int
+    bytes_before: int
+    bytes_after: int
 
 
 class NotRestorable(AgentpgError):
@@ -254,6 +270,22 @@ class Provider(abc.ABC):
         """One entry per server this provider manages. The default: nothing is archived (say so)."""
         return [ArchiveStatus(server=None, protected=False,
                               reason=f"the {self.name} provider does not archive its databases")]
+
+    def restorable_from(self, server: str | None) -> tuple[str, datetime] | None:
+        """The oldest restorable point of ``server`` (its WAL position and time), or None when not known (not
+        archived here). Checkpoints before it are expired."""
+        return None
+
+    def request_backup_rebase(self, reason: str) -> list[str | None]:
+        """Ask for a rebase of every archived server's backups (providers/rebase.py), done in the background
+        by ``serve``'s archiving (or ``agentpg backups rebase``); the servers it was asked of."""
+        return []
+
+    def rebase_backups(self) -> list[RebaseResult]:
+        """Rebase every archived server's backups now: a fresh full base backup, verified, then every older
+        base backup and WAL segment deleted (points before it are no longer restorable). Raises ProviderError
+        (nothing deleted) when the new base backup cannot be taken or verified."""
+        return []
 
     def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
         """Write a named restore point in the WAL of ``plan``'s server (``pg_create_restore_point``) and return

@@ -23,6 +23,7 @@ from agentpg.providers.base import (
     Inventory,
     Provider,
     Provisioned,
+    RebaseResult,
     RecoveryTarget,
     UsageSample,
 )
@@ -121,6 +122,21 @@ class FleetProvider(Provider):
 
     def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
         return self._member(plan).mark_point(plan, label)
+
+    def restorable_from(self, server: str | None) -> tuple[str, datetime] | None:
+        """``server``'s, or (None) the latest of every member's: from then on, all of them are restorable."""
+        if server is None:
+            starts = [member.restorable_from(name) for name, member in self.members.items()]
+            known = [start for start in starts if start is not None]
+            return max(known, key=lambda start: start[1]) if known else None
+        member = self.members.get(server)
+        return member.restorable_from(server) if member is not None else None
+
+    def request_backup_rebase(self, reason: str) -> list[str | None]:
+        return [name for member in self.members.values() for name in member.request_backup_rebase(reason)]
+
+    def rebase_backups(self) -> list[RebaseResult]:
+        return [done for member in self.members.values() for done in member.rebase_backups()]
 
     def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
         if into.server not in (None, plan.server):

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from agentpg.errors import AgentpgError, Busy, ProviderError, ProviderUnavailable
-from agentpg.providers import pitr
+from agentpg.providers import pitr, rebase
 from agentpg.providers.archive import Archiver
 from agentpg.providers.base import (
     GRANTS_LOCK_KEY,
@@ -29,6 +29,7 @@ from agentpg.providers.base import (
     Inventory,
     Provider,
     Provisioned,
+    RebaseResult,
     RecoveryTarget,
     UsageSample,
     is_transient_grant_error,
@@ -484,6 +485,21 @@ class LocalProvider(Provider):
 
     def mark_point(self, plan: DatabasePlan, label: str) -> tuple[str, datetime]:
         return pitr.mark_point(self, plan, label)
+
+    def restorable_from(self, server: str | None) -> tuple[str, datetime] | None:
+        return rebase.window_start(self.archiver) if self.archiver is not None else None
+
+    def request_backup_rebase(self, reason: str) -> list[str | None]:
+        if self.archiver is None:
+            return []
+        try:
+            rebase.request(self.archiver, reason)
+        except OSError as exc:
+            raise ProviderError(f"asking for a rebase of the backups failed: {exc.strerror or exc}") from None
+        return [self.server_name]
+
+    def rebase_backups(self) -> list[RebaseResult]:
+        return [] if self.archiver is None else [rebase.rebase_now(self.archiver)]
 
     def restore_database(self, plan: DatabasePlan, target: RecoveryTarget, into: DatabasePlan) -> None:
         pitr.restore_database(self, plan, target, into)

@@ -87,8 +87,11 @@ def restore_database(provider: LocalProvider, plan: DatabasePlan, target: Recove
     archiver.wait_archived(needed)
     backup = archiver.start_for(target)
     if backup is None:
-        raise NotRestorable(f"{target.lsn or target.time} is before the oldest restorable point of server "
-                            f"{provider.server_name!r}")
+        usable, _ = archiver.restorable()
+        since = f" ({usable[0].finished.isoformat(timespec='seconds')})" if usable else ""
+        raise NotRestorable(f"{target.lsn or target.time} is before the oldest restorable point{since} of server "
+                            f"{provider.server_name!r}: older backups were removed (the retention window, or a "
+                            "rebase after a user's deletion)")
     links = chain(backup, {b.label: b for b in archiver.backups()})
     assert links is not None  # restorable() checked it
     keep = {oid for name, oid in backup.databases.items() if name in ("template0", "template1", "postgres")}

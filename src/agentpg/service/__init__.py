@@ -66,7 +66,14 @@ from agentpg.service.reader import DatabaseRef
 from agentpg.service.sql_box import SqlFailed, SqlLimits, SqlRefused, SqlResult
 from agentpg.service.tenant import HeldConnections, NotStarted, TenantAccess
 from agentpg.service.tool_choice import AGENT_TOOLS, McpTools, McpToolsChoice
-from agentpg.service.undo import ArchiveInfo, CheckpointInfo, OperationInfo, RestoredCopyInfo, RestoreResult
+from agentpg.service.undo import (
+    ArchiveInfo,
+    CheckpointInfo,
+    OperationInfo,
+    RebaseInfo,
+    RestoredCopyInfo,
+    RestoreResult,
+)
 from agentpg.tokens import IssuedToken, Principal, TokenInfo
 
 __all__ = [
@@ -114,6 +121,7 @@ __all__ = [
     "Principal",
     "QueryLimits",
     "ReadLimits",
+    "RebaseInfo",
     "Referrers",
     "RejectedStatement",
     "RestoreResult",

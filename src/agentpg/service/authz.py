@@ -81,10 +81,11 @@ class Caller:
         self._service.get_user(user_id)
         return self._service.held_connections(user_id)
 
-    def delete_user(self, user_id: str) -> None:
+    def delete_user(self, user_id: str) -> bool:
+        """As :meth:`Service.delete_user` (whether a purge of the backups was scheduled)."""
         self._own(user_id)
         require_admin(self.principal, "deleting a user")
-        self._service.delete_user(user_id)
+        return self._service.delete_user(user_id)
 
     def usage(self, user_id: str) -> UsageReport:
         self._own(user_id)

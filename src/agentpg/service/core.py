@@ -195,9 +195,13 @@ class Service:
         return UserPage(items=[_user_info(u, rec) for u, rec in rows],
                         next_cursor=rows[-1][0].id if more and rows else None)
 
-    def delete_user(self, user_id: str) -> None:
+    def delete_user(self, user_id: str) -> bool:
+        """Delete the user and its databases. Returns whether a purge of the backups (a rebase,
+        ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE=rebase``; docs/undo.md) was scheduled: ``serve``'s next archiving
+        round does it, in the background."""
         try:
-            users.delete_user(self.deps, user_id)
+            return users.delete_user(self.deps, user_id,
+                                     rebase_backups=self.settings.backup_purge_on_user_delete == "rebase")
         finally:
             self.deps.invalidation.bump()
 
@@ -271,11 +275,13 @@ class Service:
             extensions = self.deps.provider.extension_status()
         except AgentpgError:
             extensions = {"installed": [], "missing": []}
+        window = self.deps.provider.restorable_from(None)
         return StatusInfo(version=__version__, postgres="embedded" if self._embedded else "external",
                           postgres_running=bool(self._postgres_status.get("running", True)),
                           postgres_version=str(version) if version else None, catalog="ok",
                           users=n_users, workspaces=n_ws, pending_operations=n_ops,
-                          extensions=extensions["installed"], extensions_missing=extensions["missing"])
+                          extensions=extensions["installed"], extensions_missing=extensions["missing"],
+                          backups_restorable_from=window[1] if window else None)
 
     # -- tenant connection strings (secrets: for the access layer only, never for an edge to show) ------
 

@@ -21,6 +21,7 @@ from agentpg.errors import NotFound
 from agentpg.lifecycle import undo, workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
 from agentpg.providers.base import ArchiveStatus
+from agentpg.providers.walfiles import parse_lsn
 
 
 class CheckpointInfo(BaseModel):
@@ -33,6 +34,9 @@ class CheckpointInfo(BaseModel):
     created_at: datetime
     created_by: str
     run_id: str | None = None
+    expired: bool = False
+    """Before the oldest restorable point of its server (the retention window, or a rebase after a user's
+    deletion, removed the backups it needs): a restore to it is refused (409)."""
 
 
 class RestoredCopyInfo(BaseModel):
@@ -83,12 +87,31 @@ class ArchiveInfo(BaseModel):
     base_backups: int
     bytes: int
     synchronous: bool
+    rebase_pending: bool = False
+    """A rebase was asked for (a user's deletion, ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE=rebase``) and is not
+    done yet: ``serve``'s next archiving round does it."""
 
 
-def _checkpoint_info(row: Checkpoint) -> CheckpointInfo:
+class RebaseInfo(BaseModel):
+    """One server's archive rebased: a new full base backup, every older backup and WAL segment deleted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str | None
+    base_backup: str
+    restorable_from: datetime
+    """The new start of the restorable window: nothing before it can be restored any more."""
+    deleted_base_backups: int
+    deleted_wal_segments: int
+    bytes_before: int
+    bytes_after: int
+
+
+def _checkpoint_info(row: Checkpoint, window_start: int | None = None) -> CheckpointInfo:
     return CheckpointInfo(id=row.id, name=row.name, database=row.database,  # type: ignore[arg-type]
                           workspace_id=workspace_ids.public_id(row.workspace_id) if row.workspace_id else None,
-                          created_at=row.created_at, created_by=row.created_by, run_id=row.run_id)
+                          created_at=row.created_at, created_by=row.created_by, run_id=row.run_id,
+                          expired=window_start is not None and parse_lsn(row.lsn) < window_start)
 
 
 def _copy_info(row: RestoredCopy) -> RestoredCopyInfo:
@@ -129,7 +152,26 @@ class UndoService:
                                                         run_id=run_id)) for ws in (None, workspace_id)]
 
     def list_checkpoints(self, user_id: str, workspace_id: str | None) -> list[CheckpointInfo]:
-        return [_checkpoint_info(row) for row in undo.list_checkpoints(self._deps, self._where(user_id, workspace_id))]
+        """Newest first; those before the oldest restorable point are marked ``expired``."""
+        return self._listed(self._where(user_id, workspace_id))
+
+    def _listed(self, where: undo.Where) -> list[CheckpointInfo]:
+        rows = undo.list_checkpoints(self._deps, where)
+        start = undo.restorable_from(self._deps, where) if rows else None
+        window_start = parse_lsn(start[0]) if start is not None else None
+        return [_checkpoint_info(row, window_start) for row in rows]
+
+    def rebase_backups(self) -> list[RebaseInfo]:
+        """The operator's purge (``agentpg backups rebase``): every archived server's backups start over from
+        a fresh full base backup, verified before anything older is deleted. Every tenant loses the points
+        before it (their checkpoints are listed ``expired``; a restore there is 409). ProviderError (nothing
+        deleted) when the new base backup cannot be taken or verified."""
+        return [RebaseInfo(**done.__dict__) for done in self._deps.provider.rebase_backups()]
+
+    def schedule_rebase(self, reason: str) -> bool:
+        """Ask ``serve``'s archiving to rebase every archived server's backups soon (after a user's deletion
+        with ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE=rebase``); False when nothing is archived here."""
+        return bool(self._deps.provider.request_backup_rebase(reason))
 
     def restore(self, user_id: str, workspace_id: str | None, spec: undo.TargetSpec,
                 mode: undo.RestoreMode = "in_place", on_begin: Callable[[str], None] | None = None) -> RestoreResult:
@@ -194,8 +236,7 @@ class UndoService:
 
     def agent_list_checkpoints(self, user_id: str, workspace_id: str,
                                database: Literal["global", "agent"]) -> list[CheckpointInfo]:
-        where = undo.Where(user_id, None if database == "global" else workspace_id)
-        return [_checkpoint_info(row) for row in undo.list_checkpoints(self._deps, where)]
+        return self._listed(undo.Where(user_id, None if database == "global" else workspace_id))
 
     def agent_restore(self, user_id: str, workspace_id: str, spec: undo.TargetSpec,
                       mode: undo.RestoreMode) -> RestoreResult:
