@@ -34,7 +34,15 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, func, select, text, update
 
-from agentpg.catalog.models import Base, EnvVar, McpServerConfig, UserGlobalDatabase, Workspace, WorkspaceAgentDatabase
+from agentpg.catalog.models import (
+    Base,
+    EnvVar,
+    McpServerConfig,
+    UserGlobalDatabase,
+    WarmDatabase,
+    Workspace,
+    WorkspaceAgentDatabase,
+)
 from agentpg.crypto import KeyRing, SealContext
 from agentpg.errors import Conflict, SecretError
 from agentpg.lifecycle.deps import LifecycleDeps
@@ -73,6 +81,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn(Workspace, "global_uri_sealed", "workspaces", "global_uri"),
     SealedColumn(EnvVar, "value_sealed", "env_vars", "value"),
     SealedColumn(McpServerConfig, "config_sealed", "mcp_servers", "config"),
+    SealedColumn(WarmDatabase, "password_sealed", "warm_databases", "password"),
 )
 """Every sealed column. A new sealed column is one line here (``tests/test_keys.py`` fails until it is)."""
 
