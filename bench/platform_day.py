@@ -221,7 +221,7 @@ def main() -> None:
     results = {f"{route} @ {lv['offered_per_s']:g}/s": lv["routes"][route]
                for lv in levels for route in MIX if route in lv["routes"]}
     extra = {"fsync": "on (default)", "mix": MIX, "goal_p99_ms": GOAL_P99_MS, "p99_leaves_goal_at_per_s": breaks,
-             "levels": [{k: v for k, v in lv.items() if k != "routes"} for lv in levels]}
+             "level_summary": [{k: v for k, v in lv.items() if k != "routes"} for lv in levels]}
     report("platform_day", results, extra)
     write_json(args.out, {"benchmark": "platform_day", **doc, **extra})
     plot(levels, args.out)
