@@ -529,8 +529,10 @@ def setup(home: Path, admin: str, args: argparse.Namespace) -> tuple[list[dict[s
 
 def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], global_dbs: list[str],
              args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    governed = mode == "governor"
+    governed = mode.startswith("governor")
     env = {**SERVE_ENV, "AGENTPG_GOVERNOR_ENABLED": str(governed).lower(), "AGENTPG_ADMIN_TOKEN": admin}
+    if mode.startswith("governor-cap"):  # e.g. governor-cap1: AGENTPG_GOVERNOR_USER_CAP=1
+        env["AGENTPG_GOVERNOR_USER_CAP"] = mode.removeprefix("governor-cap")
     doc: dict[str, Any] = {"settings": {k: v for k, v in env.items() if k != "AGENTPG_ADMIN_TOKEN"}}
     rows: dict[str, dict[str, float]] = {}
     server_pg, admin_dsn = embedded(home)
@@ -584,7 +586,8 @@ def main() -> None:
     parser.add_argument("--scale-cap-s", type=float, default=120.0)
     parser.add_argument("--victim-s", type=float, default=15.0)
     parser.add_argument("--interval-ms", type=float, default=20.0)
-    parser.add_argument("--modes", default="governor,off")
+    parser.add_argument("--modes", default="governor,off",
+                        help="comma-separated: governor, off, governor-capN (AGENTPG_GOVERNOR_USER_CAP=N)")
     parser.add_argument("--out", default="fair_sharing")
     args = parser.parse_args()
     started = time.perf_counter()
