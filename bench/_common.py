@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -141,3 +142,17 @@ def write_json(name: str, doc: dict[str, Any]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the file-only Agg backend, or None (said on stderr) when the ``bench`` extra
+    is not installed: the figures are in the JSON either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return None
+    return plt

@@ -44,7 +44,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ServeProcess, percentiles, report, throwaway_runtime
+from _common import ServeProcess, percentiles, pyplot, report, throwaway_runtime
 
 from agentpg.app.runtime import Runtime, admin_token
 from agentpg.service import Service
@@ -317,13 +317,8 @@ def _auth(rt: Runtime) -> dict[str, str]:
 
 
 def plot(curve: list[dict[str, Any]]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [c["dbs"] for c in curve]

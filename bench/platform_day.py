@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ServeProcess, percentiles, report, write_json
+from _common import ServeProcess, percentiles, pyplot, report, write_json
 
 from agentpg.embedded import EmbeddedPostgres
 from agentpg.settings import Settings
@@ -168,13 +168,8 @@ async def run(base_url: str, token: str, args: argparse.Namespace) -> dict[str, 
 
 
 def plot(levels: list[dict[str, Any]], out: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     rates = [lv["offered_per_s"] for lv in levels]

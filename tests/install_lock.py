@@ -32,3 +32,25 @@ def install_lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def npm_install(package: str, version: str, relative_entry: str) -> Path:
+    """``package@version`` installed with npm into ``<temp dir>/agentpg-test-npm-<name>-<version>`` (once per
+    host, under its :func:`install_lock`); the installed file ``relative_entry`` (under ``node_modules/``).
+    Fails the test with npm's stderr when the install does not produce it. npm must be on PATH."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-{package.rsplit('/', 1)[-1]}-{version}"
+    entry = prefix / "node_modules" / relative_entry
+    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
+        if not entry.exists():
+            prefix.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
+                                   "--no-fund", f"{package}@{version}"], capture_output=True, text=True,
+                                  timeout=300, check=False)
+            if done.returncode != 0 or not entry.exists():
+                pytest.fail(f"npm install {package}@{version} failed:\n{done.stderr[-2000:]}", pytrace=False)
+    return entry

@@ -24,9 +24,6 @@ there and the answer is announced (``role="alert"`` or ``role="status"``).
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import Any
 import pytest
 from api_support import LiveServer
 from browser_support import Tenant, check_page, chromium_browser, drop_tenant, make_tenant
-from install_lock import install_lock
+from install_lock import npm_install
 
 from agentpg.access import audit as audit_log
 from agentpg.app.runtime import Runtime
@@ -62,17 +59,7 @@ def ensure_axe() -> Path:
     from test_gateway import apt_install
 
     apt_install(("node", "npm"), ("nodejs", "npm"))
-    prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-axe-core-{AXE_VERSION}"
-    script = prefix / "node_modules" / "axe-core" / "axe.min.js"
-    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
-        if not script.exists():
-            prefix.mkdir(parents=True, exist_ok=True)
-            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
-                                   "--no-fund", f"axe-core@{AXE_VERSION}"], capture_output=True, text=True,
-                                  timeout=300, check=False)
-            if done.returncode != 0 or not script.exists():
-                pytest.fail(f"npm install axe-core@{AXE_VERSION} failed:\n{done.stderr[-2000:]}", pytrace=False)
-    return script
+    return npm_install("axe-core", AXE_VERSION, "axe-core/axe.min.js")
 
 
 @pytest.fixture(scope="module")

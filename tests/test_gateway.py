@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import leakscan
 import pytest
-from install_lock import install_lock
+from install_lock import install_lock, npm_install
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_support import INIT, MCP_HEADERS, Tenants, gateway_session, live_server, text
@@ -77,17 +76,7 @@ def server_postgres_js() -> str:
     under /tmp so a re-run does not download it again)."""
     _ensure_node()
     ensure_bwrap()
-    prefix = Path(tempfile.gettempdir()) / f"agentpg-test-npm-server-postgres-{NPM_VERSION}"
-    entry = prefix / "node_modules" / "@modelcontextprotocol" / "server-postgres" / "dist" / "index.js"
-    with install_lock(prefix.name):  # checked under the lock: another worker's npm may be half-way through
-        if not entry.exists():
-            prefix.mkdir(parents=True, exist_ok=True)
-            done = subprocess.run([shutil.which("npm") or "npm", "install", "--prefix", str(prefix), "--no-audit",
-                                   "--no-fund", f"{NPM_PACKAGE}@{NPM_VERSION}"], capture_output=True, text=True,
-                                  timeout=300, check=False)
-            if done.returncode != 0 or not entry.exists():
-                pytest.fail(f"npm install {NPM_PACKAGE}@{NPM_VERSION} failed:\n{done.stderr[-2000:]}",
-                            pytrace=False)
+    entry = npm_install(NPM_PACKAGE, NPM_VERSION, "@modelcontextprotocol/server-postgres/dist/index.js")
     return str(entry)
 
 

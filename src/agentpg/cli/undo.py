@@ -105,7 +105,8 @@ def register(app: typer.Typer, run: Run, emit: Emit) -> None:
         now, verify it, then delete every older base backup and WAL segment. EVERY tenant loses the points
         before it (their checkpoints are listed as expired; a restore there is refused). Safe to run again."""
         done = run(lambda rt: rt.undo.rebase_backups())
-        emit([d.model_dump(mode="json") for d in done], as_json, lambda: "\n".join(
+        rows = [{**d.__dict__, "restorable_from": d.restorable_from.isoformat()} for d in done]
+        emit(rows, as_json, lambda: "\n".join(
             f"{d.server or 'server'}: rebased on full base backup {d.base_backup}; restorable from "
             f"{d.restorable_from}; deleted {d.deleted_base_backups} base backups and {d.deleted_wal_segments} WAL "
             f"segments ({d.bytes_before:,} -> {d.bytes_after:,} bytes)" for d in done) or "nothing is archived")

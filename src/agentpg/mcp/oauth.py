@@ -161,6 +161,17 @@ class McpOAuth:
         refusal: Response | None = await self._security.validate_request(request, is_post=False)
         return refusal
 
+    async def _ready(self, request: Request) -> Service | Response:
+        """The service, once the request passed :meth:`_admitted`; else the answer to send (a refusal, or
+        503 while agentpg is starting)."""
+        refusal = await self._admitted(request)
+        if refusal is not None:
+            return refusal
+        service = self._service_of()
+        if service is None:
+            return _oauth_error(503, "temporarily_unavailable", "agentpg is starting; retry")
+        return service
+
     async def protected_resource(self, request: Request) -> Response:
         refusal = await self._admitted(request)
         if refusal is not None:
@@ -173,12 +184,9 @@ class McpOAuth:
                         headers={"Cache-Control": "public, max-age=3600"})
 
     async def server_metadata(self, request: Request) -> Response:
-        refusal = await self._admitted(request)
-        if refusal is not None:
-            return refusal
-        service = self._service_of()
-        if service is None:
-            return _oauth_error(503, "temporarily_unavailable", "agentpg is starting; retry")
+        service = await self._ready(request)
+        if isinstance(service, Response):
+            return service
         return Response(json.dumps(service.oauth.metadata(base_of(self._settings, request.scope))),
                         media_type="application/json", headers={"Cache-Control": "public, max-age=3600"})
 
@@ -192,12 +200,9 @@ class McpOAuth:
         return await self._endpoint(request, "revoke", form=True)
 
     async def _endpoint(self, request: Request, name: str, *, form: bool) -> Response:
-        refusal = await self._admitted(request)
-        if refusal is not None:
-            return refusal
-        service = self._service_of()
-        if service is None:
-            return _oauth_error(503, "temporarily_unavailable", "agentpg is starting; retry")
+        service = await self._ready(request)
+        if isinstance(service, Response):
+            return service
         bad = "invalid_request" if form else "invalid_client_metadata"
         try:
             http = await self._read(request, form=form)

@@ -33,6 +33,7 @@ from agentpg.access.query import QueryLimits, StatementResult
 from agentpg.envvars import EnvVarInfo, EnvVarList
 from agentpg.lifecycle.undo import TargetSpec
 from agentpg.lifecycle.workspace_ids import public_id as public_workspace_id
+from agentpg.providers.base import RebaseResult
 from agentpg.schemas import (
     ENV_NAME_PATTERN,
     ID_PATTERN,
@@ -70,7 +71,6 @@ from agentpg.service.undo import (
     ArchiveInfo,
     CheckpointInfo,
     OperationInfo,
-    RebaseInfo,
     RestoredCopyInfo,
     RestoreResult,
 )
@@ -121,7 +121,7 @@ __all__ = [
     "Principal",
     "QueryLimits",
     "ReadLimits",
-    "RebaseInfo",
+    "RebaseResult",
     "Referrers",
     "RejectedStatement",
     "RestoreResult",

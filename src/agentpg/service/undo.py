@@ -20,7 +20,7 @@ from agentpg.catalog.models import Checkpoint, Operation, RestoredCopy
 from agentpg.errors import NotFound
 from agentpg.lifecycle import undo, workspace_ids
 from agentpg.lifecycle.deps import LifecycleDeps, validate_id
-from agentpg.providers.base import ArchiveStatus
+from agentpg.providers.base import ArchiveStatus, RebaseResult
 from agentpg.providers.walfiles import parse_lsn
 
 
@@ -92,21 +92,6 @@ class ArchiveInfo(BaseModel):
     done yet: ``serve``'s next archiving round does it."""
 
 
-class RebaseInfo(BaseModel):
-    """One server's archive rebased: a new full base backup, every older backup and WAL segment deleted."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    server: str | None
-    base_backup: str
-    restorable_from: datetime
-    """The new start of the restorable window: nothing before it can be restored any more."""
-    deleted_base_backups: int
-    deleted_wal_segments: int
-    bytes_before: int
-    bytes_after: int
-
-
 def _checkpoint_info(row: Checkpoint, window_start: int | None = None) -> CheckpointInfo:
     return CheckpointInfo(id=row.id, name=row.name, database=row.database,  # type: ignore[arg-type]
                           workspace_id=workspace_ids.public_id(row.workspace_id) if row.workspace_id else None,
@@ -161,12 +146,12 @@ class UndoService:
         window_start = parse_lsn(start[0]) if start is not None else None
         return [_checkpoint_info(row, window_start) for row in rows]
 
-    def rebase_backups(self) -> list[RebaseInfo]:
+    def rebase_backups(self) -> list[RebaseResult]:
         """The operator's purge (``agentpg backups rebase``): every archived server's backups start over from
         a fresh full base backup, verified before anything older is deleted. Every tenant loses the points
         before it (their checkpoints are listed ``expired``; a restore there is 409). ProviderError (nothing
         deleted) when the new base backup cannot be taken or verified."""
-        return [RebaseInfo(**done.__dict__) for done in self._deps.provider.rebase_backups()]
+        return self._deps.provider.rebase_backups()
 
     def schedule_rebase(self, reason: str) -> bool:
         """Ask ``serve``'s archiving to rebase every archived server's backups soon (after a user's deletion
