@@ -1,6 +1,7 @@
 """Issue 19: a deleted user's backups (a rebase purges them) and the rules that bound a restore's replay.
 
-A private home: its own embedded server (fsync off) with ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE=rebase``, in
+A private home: its own embedded server (fsync off) with the default ``AGENTPG_BACKUP_PURGE_ON_USER_DELETE``
+(``rebase``: a deletion purges the backups), in
 process through the service (as the CLI reaches it); its archiver's rounds (``serve``'s ``Archiver.tick``)
 are run by hand so the test knows when the background work happens.
 """
@@ -33,7 +34,7 @@ def rt() -> Iterator[Runtime]:
     home = Path(tempfile.mkdtemp(prefix="agentpg-rebase-", dir="/tmp"))
     home.chmod(0o711)
     settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0,
-                        backup_enabled=True, backup_purge_on_user_delete="rebase")
+                        backup_enabled=True)  # the purge on deletion is the default, not set here
     try:
         with open_runtime(settings) as runtime:
             try:

@@ -133,10 +133,11 @@ class Settings(BaseSettings):
     backup_wal_trigger_mb: int = Field(default=256, ge=0, le=1_048_576)
     """Also take an (incremental) base backup once the server has written this much WAL since the newest one
     started: a restore replays at most about this much WAL (0: only every ``backup_interval_h``)."""
-    backup_purge_on_user_delete: Literal["window", "rebase"] = "window"
-    """What a user deletion does to the backups, which hold every tenant of a server: ``window``: the deleted
-    user's data ages out with the retention window; ``rebase``: a fresh full base backup replaces every
-    older backup and WAL soon after (every tenant loses the history before it). docs/undo.md."""
+    backup_purge_on_user_delete: Literal["rebase", "window"] = "rebase"
+    """What a user deletion does to the backups, which hold every tenant of a server: ``rebase`` (the default,
+    what a user deleting their account expects): a fresh full base backup replaces every older backup and WAL
+    within one archiving round (every tenant of that server loses the history before it); ``window``: the
+    deleted user's data ages out with the retention window. docs/undo.md."""
     backup_synchronous: bool = False
     """Commits wait until their WAL is flushed in the backup directory (nothing acknowledged is lost, one more
     fsync per commit); off: at most what pg_receivewal had not flushed yet is lost with the server's disk."""
