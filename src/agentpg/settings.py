@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     embedded_autovacuum_pace_s: float = Field(default=2.0, ge=0, le=3600)
     """On the embedded server, ``serve`` keeps autovacuum's worker starts at most one per this many seconds
     (``autovacuum_naptime`` = databases x this, between 60 s and 2 h); 0 leaves PostgreSQL's default."""
+    cpu_demoted_nice: int = Field(default=10, ge=0, le=19)
+    """On the embedded server, ``serve`` lowers the scheduling priority (to this ``nice``) of the backends of a
+    user using more than its share of the CPU, so other users' statements run first (lifecycle/cpu_shares.py;
+    0: off)."""
+    cpu_shares_interval_s: float = Field(default=0.5, gt=0, le=60)
+    """How often ``serve`` measures the embedded server's CPU use per user."""
     tenant_connection_limit: int = Field(default=20, ge=1, le=1000)
     """CONNECTION LIMIT of every tenant login role."""
     tenant_temp_file_limit_mb: int = Field(default=1024, ge=1, le=1_048_576)

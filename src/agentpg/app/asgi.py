@@ -32,7 +32,7 @@ from agentpg.api.middleware import (
     SingleQueryValuesMiddleware,
 )
 from agentpg.api.ratelimit import LimitMiddleware
-from agentpg.app.collectors import GovernorCollector, ReaperCollector, StorageCollector
+from agentpg.app.collectors import CpuSharesCollector, GovernorCollector, ReaperCollector, StorageCollector
 from agentpg.app.gateway_wiring import gateway_for
 from agentpg.app.runtime import open_runtime
 from agentpg.mcp.http import McpHttp
@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         if access.governor is not None:
             metrics.registry.register(GovernorCollector(access.governor))
         metrics.registry.register(ReaperCollector(service.reaper))
+        if runtime.cpu_shares is not None:
+            metrics.registry.register(CpuSharesCollector(runtime.cpu_shares.shares))
         service.attach_tenant(access)
         app.state.service = service  # what every edge reads (each through its own accessor)
         app.state.runtime = runtime  # the assembly's own handle (its background jobs); no edge reads it

@@ -10,9 +10,10 @@ from prometheus_client.registry import Collector
 
 from agentpg.access.governor import Governor
 from agentpg.access.guard import Reaper
+from agentpg.lifecycle.cpu_shares import CpuSharesCollector
 from agentpg.usage.storage import StorageCollector
 
-__all__ = ["GovernorCollector", "ReaperCollector", "StorageCollector"]
+__all__ = ["CpuSharesCollector", "GovernorCollector", "ReaperCollector", "StorageCollector"]
 
 
 class ReaperCollector(Collector):

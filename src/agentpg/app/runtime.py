@@ -26,6 +26,7 @@ from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.autovacuum import AutovacuumPacer
+from agentpg.lifecycle.cpu_shares import CpuShares, CpuSharesJob, catalog_owners
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller, WarmSizing
 from agentpg.providers.archiving import ArchiveJob, attach_archivers
@@ -69,6 +70,8 @@ class Runtime:
     """Continuous archiving of the servers (undo: providers/archive.py); only ``serve`` starts it."""
     storage_guard: StorageGuard | None = None
     """Checks every user's storage against AGENTPG_USER_STORAGE_LIMIT_MB every few seconds; only ``serve``."""
+    cpu_shares: CpuSharesJob | None = None
+    """Demotes the embedded server's backends of users over their CPU share; only ``serve`` starts it."""
 
     def start_background_jobs(self) -> None:
         try:
@@ -86,6 +89,8 @@ class Runtime:
             self.archive_job.start()
         if self.storage_guard is not None:
             self.storage_guard.start()
+        if self.cpu_shares is not None:
+            self.cpu_shares.start()
 
 
 def uses_embedded(settings: Settings) -> bool:
@@ -291,6 +296,7 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     syncer: UsageSyncer | None = None
     storage_guard: StorageGuard | None = None
     archive_job: ArchiveJob | None = None
+    cpu_shares: CpuSharesJob | None = None
     pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
     # Issue 18: the superuser that terminates backends agentpg gave up on (none on Neon: there, the role itself).
@@ -321,9 +327,12 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             storage_every = max(storage_every, settings.usage_sync_interval_s)
         storage_guard = StorageGuard(deps, settings.user_storage_limit_mb, storage_every,
                                      policy.default_budget_cents)
+        if embedded is not None and not attach_only and settings.cpu_demoted_nice > 0:
+            cpu_shares = CpuSharesJob(CpuShares(admin, catalog_owners(deps), settings.cpu_demoted_nice),
+                                      settings.cpu_shares_interval_s)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,
-                      archive_job=archive_job, storage_guard=storage_guard)
+                      archive_job=archive_job, storage_guard=storage_guard, cpu_shares=cpu_shares)
     except ProviderUnavailable:
         raise
     finally:
@@ -335,6 +344,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
             syncer.stop()
         if storage_guard is not None:
             storage_guard.stop()
+        if cpu_shares is not None:
+            cpu_shares.stop()
         if refiller is not None:
             refiller.stop()
         provider.close()
