@@ -65,7 +65,7 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
                 busy.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
             except psycopg.errors.QueryCanceled:
                 pass
-            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            except BaseException as exc:
                 failure.append(exc)
 
         loop = threading.Thread(target=spin)

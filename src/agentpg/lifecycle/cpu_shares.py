@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import psycopg
-from psycopg.rows import tuple_row
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from psycopg.rows import tuple_row
 from sqlalchemy import select, union_all
 
 from agentpg.catalog.models import RestoredCopy, UserGlobalDatabase, WorkspaceAgentDatabase
