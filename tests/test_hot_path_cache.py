@@ -18,7 +18,8 @@ from sqlalchemy import func, select, update
 
 from agentpg.access.permissions import GlobalDbPermissions, PermissionRefused
 from agentpg.access.pools import TenantPools
-from agentpg.access.query import StatementFailed, TenantQueries
+from agentpg.access.query import TenantQueries
+from agentpg.access.results import StatementFailed
 from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Token, UserGlobalDatabase, Workspace
 from agentpg.errors import Unauthenticated
@@ -145,9 +146,9 @@ def test_a_chunk_of_rows_is_kept_exactly_as_row_by_row(rows: list[tuple[object, 
                                                        max_bytes: int, chunk: int, typed: bool) -> None:
     """The read path hands the collector whole chunks; it must keep the same rows, JSON and truncation
     reason as taking them one at a time (what writes still do)."""
-    from agentpg.access.query import _Collector
+    from agentpg.access.results import RowCollector
 
-    one, many = _Collector(max_rows, max_bytes), _Collector(max_rows, max_bytes)
+    one, many = RowCollector(max_rows, max_bytes), RowCollector(max_rows, max_bytes)
     if typed:  # column 0 int4 (JSON as it is), column 1 of a type whose values need converting (float8)
         one.describe([23, 701])
         many.describe([23, 701])

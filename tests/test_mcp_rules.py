@@ -15,7 +15,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.access.pools import PoolLimits, TenantPools
-from agentpg.access.query import QueryLimits, StatementFailed, TenantQueries
+from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.access.results import StatementFailed
 from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 

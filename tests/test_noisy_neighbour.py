@@ -24,7 +24,8 @@ from helpers import stubborn_function, workspace_global_uri
 from mcp_support import Tenants, http_session, live_server, make_tenants, ok, refused, rss_kib, text, uid
 
 from agentpg.access.pools import PoolLimits, TenantPools
-from agentpg.access.query import QueryLimits, StatementFailed, TenantQueries
+from agentpg.access.query import QueryLimits, TenantQueries
+from agentpg.access.results import StatementFailed
 from agentpg.app.runtime import Runtime
 from agentpg.providers.limits import TenantLimits
 from agentpg.providers.local import LocalProvider

@@ -39,44 +39,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import functools
-import json
 import logging
-import math
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, AsyncRawCursor, pq
 from psycopg.adapt import AdaptersMap
 from psycopg.types.string import TextLoader
 
+from agentpg.access.failures import failure_of, oversize_row, timeout_message, too_large_message
 from agentpg.access.guard import Reaper
 from agentpg.access.pipeline import Field, ResultTooLarge, read_and_reset, stream_in_transaction
 from agentpg.access.pools import SessionSettings, TenantPools, is_connection_lost
-from agentpg.access.shape import ROW_TOO_LARGE, Shape, bounded_statement, shape_of
-from agentpg.errors import AgentpgError, ProviderUnavailable
+from agentpg.access.results import (
+    ColumnInfo,
+    JsonValue,
+    RowCollector,
+    StatementFailed,
+    StatementResult,
+    bind_params,
+    columns_of,
+)
+from agentpg.access.shape import Shape, bounded_statement, shape_of
 from agentpg.providers.limits import Setting, TenantLimits
 from agentpg.settings import Settings
 
 log = logging.getLogger(__name__)
 
-JsonValue = None | bool | int | float | str | list[Any] | dict[str, Any]
-Outcome = Literal["denied", "timeout", "error"]
 Terminate = Callable[[str, int], Awaitable[bool]]
 """Ends the backend of pid (2nd argument) for the URI's role and database; True once it is gone."""
 
 #: Rows asked from the server per network chunk while streaming.
 _CHUNK_ROWS = 100
-#: Most parameters one call may bind.
-MAX_PARAMS = 1000
 
 
 @dataclass(frozen=True)
@@ -115,146 +113,6 @@ class QueryLimits:
         return max(2 * self.row_bound_bytes, 4 << 20)
 
 
-@dataclass(frozen=True)
-class ColumnInfo:
-    name: str
-    type: str
-
-
-@dataclass(frozen=True)
-class StatementResult:
-    """What one statement returned. ``rows`` hold JSON-safe values; ``row_count`` is ``len(rows)``;
-    ``rows_affected`` is the server's count for INSERT/UPDATE/DELETE/MERGE (and rows seen for RETURNING).
-    A read's ``columns`` are known even when no row matched; a write's RETURNING columns come with its first
-    row (psycopg's streaming does not expose an empty result's description)."""
-
-    columns: list[ColumnInfo]
-    rows: list[list[JsonValue]]
-    truncated: bool
-    duration_ms: float
-    command: str | None = None
-    rows_affected: int | None = None
-    truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
-    rows_json: list[str] | None = None
-    """Each row of ``rows`` as compact JSON (computed anyway to count result bytes), for text renderings."""
-
-    @property
-    def row_count(self) -> int:
-        return len(self.rows)
-
-
-class StatementFailed(AgentpgError):
-    """Postgres refused or failed the statement. ``outcome`` is ``denied`` (privilege, read-only),
-    ``timeout`` or ``error``; ``condition`` is a literal-free label for the audit log (SQLSTATE + name)."""
-
-    status = 422
-    code = "statement_failed"
-
-    def __init__(self, message: str, *, outcome: Outcome, condition: str) -> None:
-        super().__init__(message)
-        self.outcome: Outcome = outcome
-        self.condition = condition
-
-
-#: OIDs of the types whose values, as psycopg loads them, are JSON as they are (bool, char, name, int8, int2,
-#: int4, text, oid, bpchar, varchar): their columns skip :func:`json_value`.
-_JSON_READY_TYPES = frozenset({16, 18, 19, 20, 21, 23, 25, 26, 1042, 1043})
-
-
-def _row_encoder() -> Callable[[list[JsonValue]], str]:
-    """Compact JSON of one row, built once. Every ``json.dumps`` call builds its C encoder afresh, which costs
-    more than encoding a short row; CPython's ``c_make_encoder`` (what ``JSONEncoder.iterencode`` calls) is
-    kept instead, with the pure ``JSONEncoder`` as the fallback where it is missing or differs."""
-    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is not None:
-        try:
-            fast = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-            if "".join(fast([1, "é", None, 1.5, True], 0)) == '[1,"é",null,1.5,true]':
-                return lambda row: "".join(fast(row, 0))
-        except TypeError:  # another signature: use the documented path
-            pass
-    return encoder.encode
-
-
-_encode_row = _row_encoder()
-
-
-@dataclass
-class _Collector:
-    """Keeps rows until a limit is reached; counts (but drops) the rest."""
-
-    max_rows: int
-    max_bytes: int
-    rows: list[list[JsonValue]] = field(default_factory=list)
-    rows_json: list[str] = field(default_factory=list)
-    size: int = 0
-    seen: int = 0
-    truncated_by: Literal["max_rows", "max_result_bytes"] | None = None
-    convert: list[int] | None = None
-    """Positions of the columns whose values need :func:`json_value` (None: unknown, so all)."""
-    columns: list[ColumnInfo] = field(default_factory=list)
-    """The result's columns, once known."""
-
-    def describe(self, type_oids: Sequence[int]) -> None:
-        """The result's column types are known: convert only the values that need it (most are plain already)."""
-        self.convert = [i for i, oid in enumerate(type_oids) if oid not in _JSON_READY_TYPES]
-
-    def add_rows(self, raws: Sequence[Sequence[Any]]) -> bool:
-        """Take a chunk of rows, as :meth:`add` would one by one (the same rows kept, the same truncation),
-        column by column rather than row by row; False once the result is full."""
-        self.seen += len(raws)
-        if self.truncated_by is not None:
-            return False
-        room = self.max_rows - len(self.rows)
-        rows = [list(raw) for raw in (raws[:room] if len(raws) > room else raws)]
-        if self.convert is None:
-            rows = [[json_value(v) for v in row] for row in rows]
-        else:
-            for i in self.convert:
-                for row in rows:
-                    row[i] = json_value(row[i])
-        texts = [_encode_row(row) for row in rows]
-        size, limit = self.size, self.max_bytes
-        for kept, text in enumerate(texts):
-            if size + len(text) > limit:
-                self.truncated_by = "max_result_bytes"
-                del rows[kept:], texts[kept:]
-                break
-            size += len(text)
-        else:
-            if len(raws) > room:
-                self.truncated_by = "max_rows"
-        self.rows.extend(rows)
-        self.rows_json.extend(texts)
-        self.size = size
-        return self.truncated_by is None
-
-    def add(self, raw: Sequence[Any]) -> bool:
-        """Take one row; False once the result is full (the caller may stop fetching)."""
-        self.seen += 1
-        if self.truncated_by is not None:
-            return False
-        if len(self.rows) >= self.max_rows:
-            self.truncated_by = "max_rows"
-            return False
-        if self.convert is None:
-            row = [json_value(v) for v in raw]
-        else:
-            row = list(raw)
-            for i in self.convert:
-                row[i] = json_value(row[i])
-        text = _encode_row(row)
-        size = len(text)
-        if self.size + size > self.max_bytes:
-            self.truncated_by = "max_result_bytes"
-            return False
-        self.rows.append(row)
-        self.rows_json.append(text)
-        self.size += size
-        return True
-
-
 class TenantQueries:
     """Runs agent statements on tenant databases through a :class:`TenantPools`. One per process edge."""
 
@@ -291,7 +149,7 @@ class TenantQueries:
         text = statement if bounded is None else bounded.text
         cancel_after = (self.limits.statement_timeout_s + self.limits.cancel_grace_s
                         if cancel_after_s is None else cancel_after_s)
-        collector = _Collector(limit, self.limits.max_result_bytes)
+        collector = RowCollector(limit, self.limits.max_result_bytes)
         started = time.perf_counter()
         # A pooled connection may have died since its last use (the server restarted). If it fails before the
         # agent's statement was sent, nothing of the call ran: drop the pool's dead connections and try once
@@ -329,15 +187,15 @@ class TenantQueries:
                     # A first chunk of rows over the read bound, none complete: the rows are wide but each within
                     # the row bound. Read again a row at a time (reads are read only: re-running is safe).
                     log.info("a read's first chunk of rows was over the read bound; reading it row by row")
-                    chunk, collector, sent = 1, _Collector(limit, self.limits.max_result_bytes), _Progress()
+                    chunk, collector, sent = 1, RowCollector(limit, self.limits.max_result_bytes), _Progress()
                     continue
                 return self._too_large(collector, read_only=read_only, read_bytes=exc.pending, started=started)
             except psycopg.Error as exc:
                 gave_up = watch is not None and watch.gave_up
                 if gave_up:  # cancelled, then terminated by us: the statement overran
-                    raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
+                    raise StatementFailed(timeout_message(time.perf_counter() - started), outcome="timeout",
                                           condition="57014 QueryCanceled") from None
-                if _oversize_row(exc):  # the server refused to send a row over the read bound
+                if oversize_row(exc):  # the server refused to send a row over the read bound
                     return self._too_large(collector, read_only=read_only, read_bytes=None, started=started)
                 resendable = not sent.statement_sent or (read_only and collector.seen == 0)
                 if attempt == 1 and resendable and is_connection_lost(exc):
@@ -345,10 +203,10 @@ class TenantQueries:
                              type(exc).__name__)
                     await self.pools.discard_broken(uri, self._session)
                     continue
-                raise _failure(exc, uri, time.perf_counter() - started,
+                raise failure_of(exc, uri, time.perf_counter() - started,
                                offset=bounded.offset if bounded is not None else 0, length=len(statement)) from None
             except TimeoutError:
-                raise StatementFailed(_timeout_message(time.perf_counter() - started), outcome="timeout",
+                raise StatementFailed(timeout_message(time.perf_counter() - started), outcome="timeout",
                                       condition="57014 QueryCanceled") from None
         if read_only and collector.truncated_by == "max_result_bytes" and not collector.rows:
             return self._too_large(collector, read_only=True, read_bytes=None, started=started)  # no row fits
@@ -357,7 +215,7 @@ class TenantQueries:
                                rows_json=collector.rows_json,
                                duration_ms=round((time.perf_counter() - started) * 1000, 2))
 
-    def _too_large(self, collector: _Collector, *, read_only: bool, read_bytes: int | None,
+    def _too_large(self, collector: RowCollector, *, read_only: bool, read_bytes: int | None,
                    started: float) -> StatementResult:
         """A row too large to return arrived (or was refused by the server). A read that already kept rows
         returns them, truncated; otherwise the call fails with "result too large" (a write was rolled back)."""
@@ -366,7 +224,7 @@ class TenantQueries:
                                    truncated_by="max_result_bytes", rows_json=collector.rows_json,
                                    duration_ms=round((time.perf_counter() - started) * 1000, 2))
         if read_only:
-            raise StatementFailed(_too_large_message(self.limits.max_result_bytes, read_bytes), outcome="error",
+            raise StatementFailed(too_large_message(self.limits.max_result_bytes, read_bytes), outcome="error",
                                   condition="result_too_large")
         raise StatementFailed(
             f"The result is too large: a row it returns is over the {self.limits.row_bound_bytes:,}-byte limit "
@@ -374,7 +232,7 @@ class TenantQueries:
             "columns (e.g. RETURNING id, or left(col, 1000)).", outcome="error", condition="result_too_large")
 
     async def _read(self, conn: AsyncConnection[Any], statement: str, args: list[str | None] | None,
-                    collector: _Collector, progress: _Progress, *, chunk_rows: int = _CHUNK_ROWS,
+                    collector: RowCollector, progress: _Progress, *, chunk_rows: int = _CHUNK_ROWS,
                     look_ahead: bool = False) -> tuple[list[ColumnInfo], str | None, None]:
         """A read and the session's reset in one round trip (:mod:`agentpg.access.pipeline`); the pool then
         skips its own reset. Columns come from the result's description, even when no row matched."""
@@ -388,13 +246,13 @@ class TenantQueries:
         columns = collector.columns
         return columns, None if columns else outcome.command, None
 
-    def _on_fields(self, collector: _Collector, fields: list[Field]) -> None:
+    def _on_fields(self, collector: RowCollector, fields: list[Field]) -> None:
         collector.columns.extend(ColumnInfo(name=f.name, type=self._type_display(f.type_oid, f.type_mod))
                                  for f in fields)
         collector.describe([f.type_oid for f in fields])
 
     async def _write(self, conn: AsyncConnection[Any], statement: str, args: list[str | None] | None, *,
-                     returns_rows: bool, is_dml: bool, collector: _Collector, progress: _Progress,
+                     returns_rows: bool, is_dml: bool, collector: RowCollector, progress: _Progress,
                      look_ahead: bool = False) -> tuple[list[ColumnInfo], str | None, int | None]:
         """Run a write in its own transaction: ``BEGIN READ WRITE`` first (it also proves the pooled connection
         alive before the statement is sent), then the statement and ``COMMIT`` (together, when it returns no
@@ -415,7 +273,7 @@ class TenantQueries:
                 if cur.description is not None:  # a statement we did not expect to return rows did
                     collector.describe([c.type_code for c in cur.description])
                     collector.add_rows(await cur.fetchall())
-                return _columns(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
+                return columns_of(cur), cur.statusmessage, cur.rowcount if cur.rowcount >= 0 else None
             # Chunks small enough that rows within the row bound never make one over the read bound: a
             # write cannot be re-run a row at a time as a read can.
             outcome = await stream_in_transaction(
@@ -528,134 +386,3 @@ def session_settings(limits: QueryLimits) -> SessionSettings:
     timeout_ms = max(1, int(limits.statement_timeout_s * 1000))
     return (("default_transaction_read_only", "on"), ("statement_timeout", f"{timeout_ms}ms"),
             *limits.tenant_settings)
-
-
-def _columns(cur: AsyncRawCursor[Any]) -> list[ColumnInfo]:
-    return [ColumnInfo(name=c.name, type=c.type_display) for c in cur.description or ()]
-
-
-def bind_params(params: Sequence[JsonValue] | None) -> list[str | None] | None:
-    """Parameters as untyped text: null → NULL, booleans → true/false, numbers and strings as written,
-    arrays and objects as JSON text (for json/jsonb). None (not an empty list) means "no parameters"."""
-    if params is None:
-        return None
-    if len(params) > MAX_PARAMS:
-        raise StatementFailed(f"too many parameters ({len(params)}); at most {MAX_PARAMS} per statement",
-                              outcome="error", condition="too_many_params")
-    out: list[str | None] = []
-    for value in params:
-        if value is None or isinstance(value, str):
-            out.append(value)
-        elif isinstance(value, bool):
-            out.append("true" if value else "false")
-        elif isinstance(value, int | float):
-            out.append(repr(value) if isinstance(value, float) else str(value))
-        else:
-            out.append(json.dumps(value, ensure_ascii=False))
-    return out
-
-
-def json_value(value: Any) -> JsonValue:
-    """A database value as JSON: numbers stay numbers when exact, times are ISO 8601, bytes are ``\\x`` hex,
-    anything else is its text form."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            return str(value)
-        if value == value.to_integral_value() and abs(value) < 2**63:
-            return int(value)
-        as_float = float(value)
-        return as_float if Decimal(repr(as_float)) == value else str(value)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "\\x" + bytes(value).hex()
-    if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return str(value)
-
-
-_INTERNAL_NAME = re.compile(r'"?\b(apg_[A-Za-z0-9_]+)\b"?')
-
-
-def scrub(text: str, uri: str) -> str:
-    """``text`` without agentpg's internal names: the URI's role becomes "your agent role", its database
-    "this database", any other ``apg_…`` name "an internal name"."""
-    parts = urlsplit(uri)
-    role, database = unquote(parts.username or ""), unquote(parts.path.lstrip("/"))
-
-    def word(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name == role:
-            return "your agent role"
-        if name == database:
-            return "this database"
-        return "an internal name"
-
-    return _INTERNAL_NAME.sub(word, text)
-
-
-def _timeout_message(elapsed_s: float) -> str:
-    return (f"The statement was cancelled after {elapsed_s:.1f} s: it exceeded the time limit. Narrow it "
-            "(WHERE, LIMIT), add an index, or split the work into smaller statements.")
-
-
-def _oversize_row(exc: psycopg.Error) -> bool:
-    return (isinstance(exc, psycopg.errors.InvalidTextRepresentation)
-            and ROW_TOO_LARGE in (exc.diag.message_primary or ""))
-
-
-def _too_large_message(max_result_bytes: int, pending: int | None) -> str:
-    read = "" if pending is None else f" (agentpg stopped reading it at {pending:,} bytes)"
-    return (f"The result is too large: its first row alone is over the {max_result_bytes:,}-byte limit of one "
-            f"call's result{read}, so no row can be returned. Select fewer or narrower columns: e.g. "
-            "left(col, 1000), length(col) or octet_length(col) instead of the whole value.")
-
-
-def _failure(exc: psycopg.Error, uri: str, elapsed_s: float, *, offset: int = 0,
-             length: int | None = None) -> AgentpgError:
-    state = exc.sqlstate
-    if isinstance(exc, psycopg.errors.QueryCanceled):
-        return StatementFailed(_timeout_message(elapsed_s), outcome="timeout", condition="57014 QueryCanceled")
-    if is_connection_lost(exc):  # no server answer, the connection broke, or the server is shutting down
-        return ProviderUnavailable("the connection to the database was lost or could not be made (the server may "
-                                   "be restarting); retry shortly. A write that was under way may or may not "
-                                   "have been applied: check before repeating it")
-    if state is None:  # a client-side error
-        return StatementFailed(f"the statement could not be sent: {scrub(str(exc), uri)}", outcome="error",
-                               condition=type(exc).__name__)
-    diag = exc.diag
-    message = f"Postgres refused the statement: {diag.message_primary or type(exc).__name__}"
-    where = diag.statement_position or ""
-    position = int(where) - offset if where.isdigit() else 0
-    if 0 < position <= (length if length is not None else position):  # not in agentpg's wrapping of it
-        message += f" (at character {position})"
-    if diag.message_detail:
-        message += f"\nDetail: {diag.message_detail}"
-    if diag.message_hint:
-        message += f"\nHint: {diag.message_hint}"
-    if state == "53400" and "temp_file_limit" in (diag.message_primary or ""):
-        limit = _temp_limit_text(diag.message_primary or "")
-        message += (f"\nagentpg limits the temporary files a statement may hold on disk{limit}: this one sorted, "
-                    "hashed or materialized more than that on disk. Narrow it (WHERE, LIMIT, fewer columns), "
-                    "add an index that avoids the sort, or split the work into smaller statements.")
-    message += f"\nSQLSTATE {state}"
-    denied = state == "42501" or state.startswith("25")  # insufficient privilege; read-only / txn state
-    return StatementFailed(scrub(message, uri), outcome="denied" if denied else "error",
-                           condition=f"{state} {type(exc).__name__}")
-
-
-def _temp_limit_text(primary: str) -> str:
-    """" (2 MB)" from Postgres' "temporary file size exceeds temp_file_limit (2048kB)"; else ""."""
-    match = re.search(r"temp_file_limit\"? \((\d+)kB\)", primary)
-    if match is None:
-        return ""
-    kib = int(match.group(1))
-    return f" ({kib // 1024} MB)" if kib % 1024 == 0 else f" ({kib} kB)"

@@ -29,7 +29,8 @@ from agentpg.access.grid import (
 )
 from agentpg.access.permissions import GlobalDbPermissions, GlobalDbPermissionsSet
 from agentpg.access.pools import is_connection_lost
-from agentpg.access.query import QueryLimits, StatementResult
+from agentpg.access.query import QueryLimits
+from agentpg.access.results import StatementResult
 from agentpg.envvars import EnvVarInfo, EnvVarList
 from agentpg.lifecycle.undo import TargetSpec
 from agentpg.lifecycle.workspace_ids import public_id as public_workspace_id

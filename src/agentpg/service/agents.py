@@ -31,7 +31,8 @@ from agentpg.access.permissions import (
     from_row,
     precheck,
 )
-from agentpg.access.query import QueryLimits, StatementFailed, StatementResult
+from agentpg.access.query import QueryLimits
+from agentpg.access.results import StatementFailed, StatementResult
 from agentpg.catalog.models import (
     AgentGlobalDbPermissions,
     User,

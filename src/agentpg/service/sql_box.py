@@ -28,7 +28,8 @@ from urllib.parse import unquote, urlsplit
 
 from agentpg.access.classify import Classification, RejectedStatement, StatementKind, classify
 from agentpg.access.pools import TenantPools
-from agentpg.access.query import ColumnInfo, QueryLimits, StatementFailed, TenantQueries, Terminate
+from agentpg.access.query import QueryLimits, TenantQueries, Terminate
+from agentpg.access.results import ColumnInfo, StatementFailed
 from agentpg.errors import AgentpgError, PermissionDenied
 
 MAX_SQL_CHARS: Final = 100_000
