@@ -228,6 +228,3 @@ def test_writes_stay_in_a_transaction(catalog: Dsn, wire: WireLog) -> None:
             store.authenticate(issued.secret)
     finally:
         engine.dispose()
-
-
-# -- the REST rows page on a tenant database ------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncServerCursor, sql
 from psycopg.abc import Buffer
-from psycopg.adapt import Loader
+from psycopg.adapt import AdaptersMap, Loader
 from psycopg.types.string import TextLoader
 from pydantic import BaseModel, ConfigDict
 
@@ -196,12 +196,22 @@ _CUSTOM: dict[str, type[Loader]] = {"float4": _FloatLoader, "float8": _FloatLoad
                                     "timestamptz": _TimestamptzLoader, "timetz": _TimetzLoader}
 
 
-def _install_loaders(cur: AsyncCursor[Any] | AsyncServerCursor[Any]) -> None:
-    """Per cursor (never per connection: pooled connections are shared with the MCP edge)."""
+def _install_loaders(cur: AsyncCursor[Any] | AsyncServerCursor[Any] | AdaptersMap) -> None:
+    """Per cursor or on an adapters map of its own (never per connection: pooled connections are shared with
+    the MCP edge)."""
+    adapters = cur if isinstance(cur, AdaptersMap) else cur.adapters
     for info in psycopg.adapters.types:
         if info.name in _NATIVE:
             continue
-        cur.adapters.register_loader(info.oid, _CUSTOM.get(info.name, TextLoader))
+        adapters.register_loader(info.oid, _CUSTOM.get(info.name, TextLoader))
+
+
+def json_adapters() -> AdaptersMap:
+    """A new adapters map that loads values as :func:`json_value` expects (what each read's cursor gets), for
+    rows loaded outside a cursor (:mod:`agentpg.access.page`). Build it once per owner, not per read."""
+    adapters = AdaptersMap(psycopg.adapters)
+    _install_loaders(adapters)
+    return adapters
 
 
 def json_value(value: Any) -> Any:
@@ -217,6 +227,33 @@ def json_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): json_value(v) for k, v in value.items()}
     return str(value)
+
+
+def page_rows(names: Sequence[str], records: Sequence[Sequence[Any]], max_bytes: int
+              ) -> tuple[list[dict[str, Any]], bool]:
+    """Loaded records as JSON objects keyed by ``names``, stopping (``True``: truncated) once they add up to
+    about ``max_bytes`` (at least one row is kept)."""
+    rows: list[dict[str, Any]] = []
+    budget = max_bytes
+    keys = 2 + sum(len(n) + 4 for n in names)  # what _size counts for a row's braces and keys
+    for record in records:
+        row: dict[str, Any] = {}
+        size = keys
+        for name, v in zip(names, record, strict=True):
+            kind = type(v)  # the common values inline (this loop is most of a page's CPU), the rest as before
+            if kind is str:
+                size += len(v) + 3
+            elif v is None or kind is int or kind is bool:
+                size += 8
+            else:
+                v = json_value(v)
+                size += _size(v)
+            row[name] = v
+        budget -= size
+        if budget < 0 and rows:
+            return rows, True
+        rows.append(row)
+    return rows, False
 
 
 def _size(value: Any) -> int:
@@ -242,6 +279,17 @@ _PIN_SESSION = sql.SQL(
 )
 
 
+def pinned_session(conn: AsyncConnection[Any], limits: ReadLimits) -> list[str]:
+    """What :func:`read_only` sends after its ``BEGIN``, one statement per item (a pipeline's statements go
+    over the extended protocol, one command each)."""
+    return _pinned(limits).as_string(conn).split("; ")  # our constants: no "; " inside a value
+
+
+def _pinned(limits: ReadLimits) -> sql.Composed:
+    return _PIN_SESSION.format(stmt=sql.Literal(f"{limits.statement_timeout_ms}ms"),
+                               idle=sql.Literal(f"{limits.idle_in_transaction_ms}ms"))
+
+
 @asynccontextmanager
 async def read_only(conn: AsyncConnection[Any], limits: ReadLimits) -> AsyncIterator[None]:
     """One READ ONLY transaction with the session pinned (see the module docstring)."""
@@ -252,8 +300,7 @@ async def read_only(conn: AsyncConnection[Any], limits: ReadLimits) -> AsyncIter
         await conn.set_autocommit(True)
     async with conn.transaction():
         # No parameters, so psycopg sends this as one simple-protocol round trip; the values are our ints.
-        await conn.execute(_PIN_SESSION.format(stmt=sql.Literal(f"{limits.statement_timeout_ms}ms"),
-                                               idle=sql.Literal(f"{limits.idle_in_transaction_ms}ms")))
+        await conn.execute(_pinned(limits))
         yield
 
 
@@ -389,20 +436,11 @@ async def read_rows(conn: AsyncConnection[Any], table: str, *, limits: ReadLimit
         query = sql.SQL("SELECT {cols} FROM {table}{order} LIMIT %s OFFSET %s").format(
             cols=sql.SQL(", ").join(sql.Identifier(c.name) for c in cols), table=target,
             order=_order_by(rel, order_by))
-        rows: list[dict[str, Any]] = []
-        truncated, budget = False, limits.max_page_bytes
         with translated(table, reading=True, sorting=bool(order_by)):
             async with conn.cursor() as cur:
                 _install_loaders(cur)
                 await cur.execute(query, (limit, offset))
-                names = [c.name for c in cols]
-                for record in await cur.fetchall():
-                    row = {name: json_value(v) for name, v in zip(names, record, strict=True)}
-                    budget -= _size(row)
-                    if budget < 0 and rows:
-                        truncated = True
-                        break
-                    rows.append(row)
+                rows, truncated = page_rows([c.name for c in cols], await cur.fetchall(), limits.max_page_bytes)
             total: int | None = None
             if not truncated and len(rows) < limit and (rows or offset == 0):
                 total = offset + len(rows)

@@ -33,6 +33,8 @@ to load each chunk of rows at once. The contract, as :func:`read_and_reset` sees
 
 :func:`stream_in_transaction` is the same exchange for a statement inside a transaction the caller opened
 (a write's ``RETURNING`` rows): no reset, and the statement runs to completion whatever ``on_rows`` says.
+:func:`batch_and_reset` sends several statements in one implicit transaction, then the reset, still in one
+round trip (the platform's REST rows page: settings, page, description and count).
 """
 
 from __future__ import annotations
@@ -396,3 +398,85 @@ async def _abandon(conn: AsyncConnection[Any]) -> None:
         await asyncio.wait_for(asyncio.shield(conn.cancel_safe(timeout=5.0)), 6.0)
     with contextlib.suppress(Exception):
         await conn.close()
+
+
+@dataclass
+class BatchResult:
+    """One statement's answer in :func:`batch_and_reset`: its columns and its rows (loaded)."""
+
+    fields: list[Field]
+    rows: list[tuple[Any, ...]]
+
+
+async def batch_and_reset(conn: AsyncConnection[Any], adapters: AdaptersMap,
+                          statements: Sequence[tuple[str, Sequence[str | None]]], *,
+                          reset: bool = True) -> tuple[list[BatchResult], bool]:
+    """Run ``statements`` on ``conn`` (idle, autocommit) up to ONE ``Sync`` (so in one transaction: the implicit
+    one, or a ``BEGIN`` … ``COMMIT`` block the statements open and close), then, when ``reset``, ``DISCARD
+    ALL`` after its own ``Sync``: one write, one round trip.
+
+    Each statement goes over the extended protocol with its parameters as untyped text, and its rows are
+    read whole (text format, loaded with ``adapters``). Returns each statement's result and whether the
+    session was reset. The first statement that fails makes the server skip the rest up to the ``Sync``: its
+    error is raised as the psycopg error for its SQLSTATE, after the pipeline is drained and a block the
+    statements left open (failed) is rolled back, so the connection is idle and usable. Anything that leaves
+    the pipeline unfinished (the connection breaking, the task being cancelled) cancels the batch, closes the
+    connection (the pool replaces it) and re-raises."""
+    encoding = conn.info.encoding
+    encoded = [(text.encode(encoding), [None if a is None else a.encode(encoding) for a in args])
+               for text, args in statements]
+    if any(b"\x00" in q or any(p is not None and b"\x00" in p for p in ps) for q, ps in encoded):
+        raise psycopg.DataError("a statement or a parameter contains a NUL character (\\0), which PostgreSQL "
+                                "text cannot hold")
+    async with conn.lock:
+        pgconn = conn.pgconn
+        try:
+            results, failure, was_reset = await _batch(pgconn, Transformer(_LoadContext(adapters, conn)),
+                                                       encoded, encoding, reset=reset)
+        except BaseException:
+            await _abandon(conn)  # the pipeline is in an unknown state: nothing may use this connection again
+            raise
+    if failure is not None:
+        if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            await conn.rollback()  # the block failed, and the reset after it with it (25P02): end the block
+        raise failure
+    return results, was_reset
+
+
+async def _batch(pgconn: PGconn, tx: abc.Transformer, statements: list[tuple[bytes, list[bytes | None]]],
+                 encoding: str, *, reset: bool) -> tuple[list[BatchResult], psycopg.Error | None, bool]:
+    pgconn.enter_pipeline_mode()
+    for query, params in statements:
+        pgconn.send_query_params(query, params)
+    pgconn.pipeline_sync()
+    if reset:
+        pgconn.send_query_params(_DISCARD_ALL, None)
+        pgconn.pipeline_sync()
+    await _flush(pgconn)
+    results: list[BatchResult] = []
+    failure: psycopg.Error | None = None
+    syncs, was_reset = 0, False
+    while syncs < (2 if reset else 1):
+        result = await _next_result(pgconn)
+        if result is None:  # the end of one statement's results
+            continue
+        status = result.status
+        if status == _STATUS.PIPELINE_SYNC:
+            syncs += 1
+        elif syncs == 1:  # DISCARD ALL's answer
+            was_reset = status == _STATUS.COMMAND_OK
+        elif status == _STATUS.TUPLES_OK:
+            tx.set_pgresult(result)
+            rows = tx.load_rows(0, result.ntuples, tuple) if result.ntuples else []
+            results.append(BatchResult(fields=_fields(result, encoding), rows=rows))
+        elif status in (_STATUS.COMMAND_OK, _STATUS.EMPTY_QUERY):
+            results.append(BatchResult(fields=[], rows=[]))
+        elif status == _STATUS.FATAL_ERROR:
+            if failure is None:
+                failure = psycopg.errors.error_from_result(result, encoding=encoding)
+        elif status == _STATUS.PIPELINE_ABORTED:
+            pass  # skipped because a statement before it failed: that failure is what counts
+        else:  # COPY and the like: the pipeline cannot go on
+            raise psycopg.NotSupportedError(f"a statement returning {_STATUS(status).name} is not supported here")
+    pgconn.exit_pipeline_mode()
+    return results, failure, was_reset

@@ -14,9 +14,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, LiteralString
 
+from psycopg.adapt import AdaptersMap
 from starlette.concurrency import run_in_threadpool
 
-from agentpg.access import browse, grid
+from agentpg.access import browse, grid, page
 from agentpg.access.browse import ColumnInfo, ReadLimits, RowsPage, TableInfo, TableList
 from agentpg.access.grid import RowCount
 from agentpg.service.exports import export_chunks
@@ -56,6 +57,9 @@ class Reader:
 
     def __init__(self, service: Service) -> None:
         self._service = service
+        # The rows page's table descriptions and loaders: this reader's own (never module state).
+        self._descriptions = page.Descriptions(service.deps.invalidation)
+        self._adapters: AdaptersMap | None = None
 
     def _uri_now(self, ref: DatabaseRef) -> str:
         if ref.copy_id is not None:
@@ -91,7 +95,20 @@ class Reader:
     async def rows(self, ref: DatabaseRef, table: str, *, limit: int, offset: int,
                    columns: Sequence[str] | None = None,
                    order_by: Sequence[tuple[str, bool]] | None = None) -> RowsPage:
-        async with self._conn(ref) as conn:
+        """One page (:func:`agentpg.access.browse.read_rows`'s contract), in one round trip when the table's
+        description is cached (:mod:`agentpg.access.page`); the slow path answers whatever that one does not
+        (unknown names, with their hints and messages)."""
+        uri = await self._uri(ref)
+        pools = self._service.tenant().pools
+        if self._adapters is None:
+            self._adapters = browse.json_adapters()
+        async with pools.connection(uri) as conn:
+            fast = await page.read_page(conn, self._adapters, self._descriptions, uri, table, limits=self.limits,
+                                        limit=limit, offset=offset, columns=columns, order_by=order_by)
+            if fast is not None:
+                if fast.reset:
+                    pools.mark_reset(conn)  # DISCARD ALL ran in the page's round trip: the pool skips its own
+                return fast.page
             return await browse.read_rows(conn, table, limits=self.limits, limit=limit, offset=offset,
                                           columns=columns, order_by=order_by)
 
