@@ -321,7 +321,10 @@ async def victim(base_url: str, token: str, seconds: float, interval_ms: float, 
     return latencies, failures, acked
 
 
-def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at: float, conn: Any) -> None:
+def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at: float, conn: Any,
+                      kinds: frozenset[str], nice: int) -> None:
+    if nice:  # the attacker's own client stands in for another machine: keep its CPU off the victim's path
+        os.nice(nice)
     outcomes: dict[str, Counter[str]] = {}
     latencies: list[float] = []
 
@@ -346,7 +349,7 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
         try:
             await asyncio.wait_for(asyncio.gather(*(
                 attack(kind, db, sql, c) for c in clients
-                for kind, db, sql, n in ATTACKS for _ in range(n))), stop_at - time.time() + 60)
+                for kind, db, sql, n in ATTACKS if kind in kinds for _ in range(n))), stop_at - time.time() + 60)
         finally:
             for c in clients:
                 await c.aclose()
@@ -354,6 +357,27 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
     asyncio.run(run())
     conn.send(({k: dict(v) for k, v in outcomes.items()}, len(latencies), SAMPLES))
     conn.close()
+
+
+class DirectProbe(threading.Thread):
+    """The victim's read straight to PostgreSQL (no serve) every 20 ms: tells the server's share of a slow call
+    from serve's."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.latencies, self._stop_event = dsn, [], threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True, application_name="bench probe") as conn:
+            while not self._stop_event.wait(0.02):
+                began = time.perf_counter()
+                conn.execute("SELECT v FROM t WHERE k = %s", ["probe"]).fetchall()
+                self.latencies.append((time.perf_counter() - began) * 1000)
+
+    def stop(self) -> list[float]:
+        self._stop_event.set()
+        self.join(10)
+        return self.latencies
 
 
 def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
@@ -366,11 +390,16 @@ def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str],
     stop_at = start_at + 2 + args.victim_s
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_attacker_process, args=(base_url, attackers, start_at, stop_at, child))
+    proc = ctx.Process(target=_attacker_process, args=(base_url, attackers, start_at, stop_at, child,
+                                                       frozenset(args.attacks.split(",")), args.attacker_nice))
     proc.start()
     log("  victim under attack")
+    victim_db = next(a["db"] for a in agents if a["user"] == 0)
+    probe = DirectProbe(make_conninfo(admin_dsn, dbname=victim_db))
+    probe.start()
     loaded, loaded_fail, acked_l = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms,
                                                       f"l-{mode}", start_at=start_at + 2))
+    probed = probe.stop()
     outcomes, attacker_calls, samples = parent.recv()
     proc.join()
     returned = time.time()
@@ -378,11 +407,10 @@ def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str],
     time.sleep(3)
     later = running_backends(admin_dsn, dbs)
     acked = acked_q + acked_l
-    victim_db = next(a["db"] for a in agents if a["user"] == 0)
     with psycopg.connect(make_conninfo(admin_dsn, dbname=victim_db), autocommit=True) as conn:
         present = {r[0] for r in conn.execute("SELECT k FROM t WHERE k = ANY(%s)", [acked])}
     qp, lp = percentiles(quiet), percentiles(loaded)
-    doc = {"victim_quiet": qp, "victim_loaded": lp,
+    doc = {"victim_quiet": qp, "victim_loaded": lp, "direct_probe_loaded": percentiles(probed),
            "p50_ratio": round(lp["p50"] / qp["p50"], 2), "p99_ratio": round(lp["p99"] / qp["p99"], 2),
            "victim_failures_quiet": dict(quiet_fail), "victim_failures_loaded": dict(loaded_fail),
            "victim_messages": {k: SAMPLES.get(k, "") for k in {*quiet_fail, *loaded_fail}},
@@ -390,7 +418,7 @@ def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str],
            "attacker_calls": attacker_calls, "attacker_outcomes": outcomes, "attacker_messages": samples,
            "attacker_backends_after": {"at_once": at_once, "after_3_s": later},
            "attacker_returned_s_after_stop": round(returned - stop_at, 1)}
-    return doc, {"quiet": quiet, "loaded": loaded}
+    return doc, {"quiet": quiet, "loaded": loaded, "probe": probed}
 
 
 # -- scale --------------------------------------------------------------------------------------------------
@@ -533,6 +561,8 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
     env = {**SERVE_ENV, "AGENTPG_GOVERNOR_ENABLED": str(governed).lower(), "AGENTPG_ADMIN_TOKEN": admin}
     if mode.startswith("governor-cap"):  # e.g. governor-cap1: AGENTPG_GOVERNOR_USER_CAP=1
         env["AGENTPG_GOVERNOR_USER_CAP"] = mode.removeprefix("governor-cap")
+    if mode == "governor-nocpu":  # the CPU shares off (lifecycle/cpu_shares.py), to see what they change
+        env["AGENTPG_CPU_DEMOTED_NICE"] = "0"
     doc: dict[str, Any] = {"settings": {k: v for k, v in env.items() if k != "AGENTPG_ADMIN_TOKEN"}}
     rows: dict[str, dict[str, float]] = {}
     server_pg, admin_dsn = embedded(home)
@@ -553,8 +583,14 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
             doc["noisy"]["backends"] = sampler.stop()
             doc["noisy"]["server_refused_connections"] = pglog.refused_since()
             doc["memory"]["after_noisy"] = memory(pid)
+            if governed:
+                doc["noisy"]["governor_metrics"] = asyncio.run(governor_metrics(server.base_url, admin))
             rows[f"[{mode}] victim quiet"] = doc["noisy"]["victim_quiet"]
             rows[f"[{mode}] victim under attack"] = doc["noisy"]["victim_loaded"]
+            rows[f"[{mode}] same read, straight to PostgreSQL"] = doc["noisy"]["direct_probe_loaded"]
+            if not args.sessions:
+                doc["scale"] = None
+                return doc, rows
             log(f"[{mode}] scale: {args.sessions} sessions")
             sampler = BackendSampler(admin_dsn)
             sampler.start()
@@ -587,7 +623,12 @@ def main() -> None:
     parser.add_argument("--victim-s", type=float, default=15.0)
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--modes", default="governor,off",
-                        help="comma-separated: governor, off, governor-capN (AGENTPG_GOVERNOR_USER_CAP=N)")
+                        help="comma-separated: governor, off, governor-capN (AGENTPG_GOVERNOR_USER_CAP=N), "
+                             "governor-nocpu (AGENTPG_CPU_DEMOTED_NICE=0)")
+    parser.add_argument("--attacks", default=",".join(dict.fromkeys(kind for kind, *_ in ATTACKS)),
+                        help="which of the attacker's kinds run (comma-separated), to tell their effects apart")
+    parser.add_argument("--attacker-nice", type=int, default=0,
+                        help="nice the attacker's client process (on 2 cores its CPU slows the victim's client)")
     parser.add_argument("--out", default="fair_sharing")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -619,10 +660,11 @@ def main() -> None:
     print()
     for mode, doc in modes.items():
         s, n = doc["scale"], doc["noisy"]
-        print(f"[{mode}] scale: {s['calls_ok']} ok, {s['busy_answers']} busy, failures {s['failures_by_kind']}, "
-              f"sessions {s['sessions_by_outcome']}, {s['ok_calls_per_s']} ok calls/s in {s['wall_s']} s, "
-              f"writes missing {s['writes_missing']}/{s['writes_acked']}, backends {s['backends']}, "
-              f"refused by the server {s['server_refused_connections']}")
+        if s is not None:
+            print(f"[{mode}] scale: {s['calls_ok']} ok, {s['busy_answers']} busy, failures {s['failures_by_kind']}, "
+                  f"sessions {s['sessions_by_outcome']}, {s['ok_calls_per_s']} ok calls/s in {s['wall_s']} s, "
+                  f"writes missing {s['writes_missing']}/{s['writes_acked']}, backends {s['backends']}, "
+                  f"refused by the server {s['server_refused_connections']}")
         print(f"[{mode}] noisy: victim p50 {n['victim_quiet']['p50']} -> {n['victim_loaded']['p50']} ms "
               f"(x{n['p50_ratio']}), p99 {n['victim_quiet']['p99']} -> {n['victim_loaded']['p99']} ms "
               f"(x{n['p99_ratio']}), failures {n['victim_failures_loaded']}, attacker backends running after "

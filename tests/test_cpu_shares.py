@@ -34,6 +34,15 @@ def users(runtime: Runtime) -> Iterator[tuple[str, str]]:
     runtime.service.delete_user(light)
 
 
+def _group_nice(pid: int) -> int | None:
+    """The nice of the backend's autogroup (each backend is a session of its own); None without autogroups."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as handle:
+            return int(handle.read().split()[-1])
+    except FileNotFoundError:
+        return None
+
+
 def _until(shares: CpuShares, done: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not done():
@@ -74,6 +83,7 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
             shares.tick()
             _until(shares, lambda: heavy in shares.demoted)
             assert niceness(busy_pid) == 10
+            assert _group_nice(busy_pid) in (None, 10)  # the one the scheduler compares, with autogroups on
             assert light not in shares.demoted and niceness(idle_pid) == 0
             assert set(shares.usage) <= {heavy, light}  # agentpg's own databases are nobody's
         finally:
@@ -82,6 +92,6 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
         assert not failure
         busy.execute("SELECT 1")  # the same backend, now quiet
         _until(shares, lambda: heavy not in shares.demoted)
-        assert niceness(busy_pid) == 0
+        assert niceness(busy_pid) == 0 and _group_nice(busy_pid) in (None, 0)
         assert shares.demotions == 1 and shares.renice_failures == 0
     shares.close()

@@ -16,6 +16,10 @@ waits behind them. The kernel can do better if told whom to prefer, and on the s
   user's backend is ~9x more likely to run when both want a core), and are restored to 0 once under
   :data:`RESTORE_FRACTION` of it. The ``2`` keeps a second user's share free before it arrives: a lone heavy
   user is demoted too, which costs it nothing while the machine has no one else to run.
+- the nice is set on the backend *and on its autogroup* (:func:`set_nice`): each backend is a session of
+  its own, and with autogroups on the group's nice is the one the scheduler compares (measured here: four
+  backends reniced without their groups kept 4 x 1.0 core-seconds in 5 s against the fifth one's 1.65; with
+  their groups, 4 x 1.0 against 4.76).
 
 A priority is not a cap: a demoted user still gets every core nobody else wants (the limits on time, memory
 and temp space are elsewhere). Demoted backends still run when they hold a lock a light one waits for (nice
@@ -29,6 +33,7 @@ to schedule.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -92,6 +97,25 @@ def process_cpu_s(pid: int) -> tuple[float, int] | None:
         return None
     fields = raw[raw.rindex(b")") + 2:].split()  # after "(comm)", which may hold spaces
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, int(fields[19])
+
+
+def set_nice(pid: int, nice: int) -> None:
+    """Give the process ``nice``, where the scheduler will see it. Every PostgreSQL backend calls ``setsid()``
+    at its start, so with the kernel's autogroups on (``/proc/sys/kernel/sched_autogroup_enabled``, the default
+    of most distributions) each backend is alone in its own group, the groups share the CPU equally, and a
+    task's own nice only ranks it inside its group: nothing. The group's nice (``/proc/<pid>/autogroup``) is
+    what ranks it against the others, so both are set. Raises ProcessLookupError (gone), PermissionError."""
+    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as handle:
+            handle.write(str(nice))
+    except FileNotFoundError:
+        pass  # a kernel without autogroups: the task's nice is what counts
+    except OSError as exc:  # autogroups switched off at boot: writing fails, and the task's nice counts
+        if exc.errno == errno.ESRCH:
+            raise ProcessLookupError(pid) from exc
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            raise PermissionError(pid) from exc
 
 
 def niceness(pid: int) -> int | None:
@@ -177,7 +201,7 @@ class CpuShares:
 
     def _renice(self, pid: int, backend: _Backend, wanted: int) -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, wanted)
+            set_nice(pid, wanted)
             backend.nice = wanted
         except ProcessLookupError:
             pass  # ended since it was read
