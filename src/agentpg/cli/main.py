@@ -113,7 +113,8 @@ def users_create(
 def users_delete(user_id: str, as_json: JsonOpt = False) -> None:
     """Delete a user, its global database and every workspace's agent database."""
     purge = _run(lambda rt: rt.delete_user(user_id))
-    _emit({"deleted": user_id, "backup_purge": "scheduled" if purge else "window"}, as_json,
+    # "none": nothing archived here, or AGENTPG_BACKUP_PURGE_ON_USER_DELETE=window (the data ages out of them)
+    _emit({"deleted": user_id, "backup_purge": "scheduled" if purge else "none"}, as_json,
           lambda: f"user {user_id} and all its databases deleted" + (
               "; the backups will be rebased by serve's next archiving round (or run `agentpg backups rebase`)"
               if purge else ""))
