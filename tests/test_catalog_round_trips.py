@@ -178,9 +178,17 @@ def test_token_check_and_user_read_are_one_statement_each(catalog: Dsn, wire: Wi
         assert _transaction_control(trips) == []
 
         mark = wire.mark()
+        row = users.read_user(_deps(engine), "rt-user")  # what Service.get_user reads: Core, ten columns
+        trips = wire.sent_since(mark)
+        assert row is not None and row.id == "rt-user" and row.database_name == "rt_db"
+        assert len(trips) == 1, _texts(trips)
+        assert _transaction_control(trips) == []
+
+        mark = wire.mark()
         assert users.find_user(_deps(engine), "nobody") is None
+        assert users.read_user(_deps(engine), "nobody") is None
         assert users.list_users(_deps(engine), limit=10)[0][1] is not None
-        assert len(wire.sent_since(mark)) == 2
+        assert len(wire.sent_since(mark)) == 3
     finally:
         engine.dispose()
 

@@ -183,10 +183,15 @@ class Service:
     def get_user(self, user_id: str) -> UserInfo:
         """The user and its global database's public info: one autocommit catalog statement (issue 22)."""
         validate_id(user_id, "user id")
-        found = users.find_user(self.deps, user_id)
-        if found is None or found[0].status == "provisioning":
+        row = users.read_user(self.deps, user_id)
+        if row is None or row.status == "provisioning":
             raise NotFound(f"user {user_id!r} does not exist")
-        return _user_info(*found)
+        database = None if row.database_name is None else DatabaseInfo(
+            name=row.database_name, status=row.database_status, ownership_type=row.ownership_type,
+            provider=row.provider, created_at=row.database_created_at,
+            current_period_cost_cents=row.current_period_cost_cents)
+        return UserInfo(id=row.id, email=row.email, status=row.status, created_at=row.created_at,
+                        global_database=database)
 
     def list_users(self, *, limit: int = 100, cursor: str | None = None) -> UserPage:
         rows = users.list_users(self.deps, limit=limit + 1, after=cursor)  # one statement for the page
