@@ -342,19 +342,54 @@ class PgBench:
         return {"tps": float(tps.group(1)), "latency_ms": float(lat.group(1))}
 
 
+class Rounds(threading.Thread):
+    """The archiver's rounds every ``every_s`` while pgbench writes, as ``serve`` runs them (every 30 s there):
+    each may take an incremental base backup when the WAL since the last one passes the trigger."""
+
+    def __init__(self, archiver: Archiver, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.archiver, self.every_s, self.stopping = archiver, every_s, threading.Event()
+        self.backups_before = len(archiver.backups())
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every_s):
+            held = self.archiver.tick(stopping=self.stopping)
+            if not held or self.archiver.last_error:
+                log(f"    archiver round: {'held' if held else 'not held'}; {self.archiver.last_error or ''}")
+
+    def stop(self) -> int:
+        """Stop; the base backups taken meanwhile."""
+        self.stopping.set()
+        self.join(600)
+        return len(self.archiver.backups()) - self.backups_before
+
+
 def archiving_cost(archiver: Archiver, bench: PgBench, clients: list[int], rounds: int,
-                   seconds: int) -> dict[str, Any]:
-    modes = ["off", "async", "sync"]
+                   seconds: int, modes: list[str] | None = None) -> dict[str, Any]:
+    """pgbench's tps with the archive's receiver off, asynchronous, synchronous, and ``async_backups``
+    (asynchronous, with the archiver's rounds running: its incremental base backups included)."""
+    modes = modes or ["off", "async", "sync"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {str(c): {m: [] for m in modes} for c in clients}
-    for r in range(rounds):
-        order = modes[r % 3:] + modes[:r % 3]
+    backups_taken: list[int] = []
+    trigger, archiver.wal_trigger = archiver.wal_trigger, 0  # set_mode's own round takes no backup: only
+    for r in range(rounds):                                   # async_backups' rounds, while pgbench writes
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
         for mode in order:
-            set_mode(archiver, mode)
+            set_mode(archiver, "async" if mode == "async_backups" else mode)
+            ticking = Rounds(archiver, 5.0) if mode == "async_backups" else None
+            if ticking is not None:
+                archiver.wal_trigger = trigger
+                ticking.start()
             for c in clients:
                 runs[str(c)][mode].append(PgBench.parse(bench.start(c, seconds)))
+            if ticking is not None:
+                backups_taken.append(ticking.stop())
+                archiver.wal_trigger = 0
             log(f"  round {r + 1} {mode}: " + ", ".join(f"{c} clients {runs[str(c)][mode][-1]['tps']:.0f} tps"
                                                        for c in clients))
-    summary: dict[str, Any] = {}
+    archiver.wal_trigger = trigger
+    summary: dict[str, Any] = {"base_backups_per_async_backups_round": backups_taken}
+    measured = [m for m in modes if m != "off"]
     for c in clients:
         med = {m: statistics.median(x["tps"] for x in runs[str(c)][m]) for m in modes}
         lat = {m: statistics.median(x["latency_ms"] for x in runs[str(c)][m]) for m in modes}
@@ -362,11 +397,10 @@ def archiving_cost(archiver: Archiver, bench: PgBench, clients: list[int], round
             "tps_median": {m: round(v, 1) for m, v in med.items()},
             "latency_ms_median": {m: round(v, 3) for m, v in lat.items()},
             "tps_per_round": {m: [round(x["tps"], 1) for x in runs[str(c)][m]] for m in modes},
-            "cost_async_pct": round((1 - med["async"] / med["off"]) * 100, 1),
-            "cost_sync_pct": round((1 - med["sync"] / med["off"]) * 100, 1),
+            **{f"cost_{m}_pct": round((1 - med[m] / med["off"]) * 100, 1) for m in measured},
         }
-        # per round (the three modes back to back, seconds apart): robust to the machine's load drifting
-        for m in ("async", "sync"):
+        # per round (the modes back to back, seconds apart): robust to the machine's load drifting
+        for m in measured:
             ratios = [x["tps"] / o["tps"] for x, o in zip(runs[str(c)][m], runs[str(c)]["off"], strict=True)]
             summary[str(c)][f"cost_{m}_pct_per_round"] = [round((1 - r) * 100, 1) for r in ratios]
             summary[str(c)][f"cost_{m}_pct_paired_median"] = round((1 - statistics.median(ratios)) * 100, 1)
@@ -515,6 +549,11 @@ def main() -> None:
                         help="before each restore, another tenant writes this much WAL, then one archiving round")
     parser.add_argument("--round-pause-s", type=float, default=0.0,
                         help="with --other-wal-mb: wait this long after the writes, before the archiving round")
+    parser.add_argument("--cost-modes", default="off,async,sync",
+                        help="archiving cost modes: off, async, sync, async_backups (async with the archiver's "
+                             "rounds, so its incremental base backups, running)")
+    parser.add_argument("--wal-trigger-mb", type=int, default=None,
+                        help="AGENTPG_BACKUP_WAL_TRIGGER_MB for this run (default: the setting's default)")
     parser.add_argument("--out", default="undo")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -523,7 +562,10 @@ def main() -> None:
     extra: dict[str, Any] = {"fsync": "on", "tenants": args.tenants, "loadavg_at_start": list(os.getloadavg())}
     results: dict[str, dict[str, float]] = {}
 
-    with throwaway_runtime(usage_sync_interval_s=0) as rt:  # the default, durable settings (fsync on)
+    overrides: dict[str, Any] = {"usage_sync_interval_s": 0}
+    if args.wal_trigger_mb is not None:
+        overrides["backup_wal_trigger_mb"] = args.wal_trigger_mb
+    with throwaway_runtime(**overrides) as rt:  # the default, durable settings (fsync on)
         assert rt.settings.embedded_fsync
         svc = rt.service
         provider: Any = rt.service.deps.provider
@@ -611,7 +653,8 @@ def main() -> None:
             bench.init(10)
         if "cost" not in skip:
             log(f"archiving cost: clients {clients}, {args.rounds} rounds of {args.round_s} s per mode")
-            extra["archiving_cost"] = archiving_cost(archiver, bench, clients, args.rounds, args.round_s)
+            extra["archiving_cost"] = archiving_cost(archiver, bench, clients, args.rounds, args.round_s,
+                                                     args.cost_modes.split(","))
         if "rpo" not in skip:
             rpo: dict[str, Any] = {}
             for mode in ("async", "sync"):
@@ -634,13 +677,14 @@ def summary_rows(extra: dict[str, Any], results: dict[str, dict[str, float]]) ->
     for key, res in extra.get("restore", {}).items():
         rows.append(f"{'restore ' + key + ' (median; runs)':<60}{res['median_s']!s:>10} s  {res['total_s']}")
     for c, res in extra.get("archiving_cost", {}).items():
+        if not isinstance(res, dict):
+            continue  # base_backups_per_async_backups_round
         tps = res["tps_median"]
-        rows.append(f"{f'pgbench {c} clients tps off/async/sync':<60}"
-                    f"{tps['off']:>10.0f}{tps['async']:>10.0f}{tps['sync']:>10.0f}")
-        rows.append(f"{'  cost async / sync (%), of the medians':<60}"
-                    f"{res['cost_async_pct']:>20}{res['cost_sync_pct']:>10}")
-        rows.append(f"{'  cost async / sync (%), median of per-round ratios':<60}"
-                    f"{res['cost_async_pct_paired_median']:>20}{res['cost_sync_pct_paired_median']:>10}")
+        modes = list(tps)
+        rows.append(f"{f'pgbench {c} clients tps ' + '/'.join(modes):<60}" + "".join(f"{tps[m]:>10.0f}" for m in modes))
+        for m in modes[1:]:
+            rows.append(f"{f'  cost {m} (%): of the medians / median of per-round ratios':<60}"
+                        f"{res[f'cost_{m}_pct']:>20}{res[f'cost_{m}_pct_paired_median']:>10}")
     for mode, res in extra.get("recovery_point", {}).items():
         fb, wl = res["file_bytes"], res["write_lag_s"]
         rows.append(f"{f'recovery point {mode}: bytes behind (file) p50/p99/max':<60}"
