@@ -66,9 +66,10 @@ class WarmPassword:
 
 
 def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = None,
-         before_each: Callable[[], None] | None = None) -> int:
+         before_each: Callable[[float], None] | None = None) -> int:
     """Create warm databases until ``target`` exist (ready or being made); return how many were made.
-    ``before_each`` runs before each one (the refiller waits there for a quiet moment).
+    ``before_each`` runs before each one with how full the pool is (0 to 1; the refiller waits there for a
+    quiet moment, longer when the pool is fuller).
 
     Each one is crash-safe like any operation: its row (state ``creating``) is written and its advisory lock
     held before the provider is touched.
@@ -76,7 +77,12 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
     made = 0
     while target > 0 and not (stop is not None and stop.is_set()):
         if before_each is not None:
-            before_each()
+            with deps.sessions() as s:
+                count = s.scalar(select(func.count()).select_from(WarmDatabase)
+                                 .where(WarmDatabase.provider == deps.provider.name)) or 0
+            if count >= target:
+                return made
+            before_each(count / target)
         row_id = str(uuid.uuid4())
         plan = DatabasePlan.fresh(deps.provider.place())
         with deps.operation_lease(row_id):
@@ -178,7 +184,7 @@ def trim(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
 
 
 def keep_sized(deps: LifecycleDeps, sizing: WarmSizing, *, stop: threading.Event | None = None,
-               before_each: Callable[[], None] | None = None) -> int:
+               before_each: Callable[[float], None] | None = None) -> int:
     """One refill round: fill up to the current target, or trim down to it; the target it used."""
     target = sizing.target(peak_burst(deps, sizing)) if sizing.base > 0 else 0
     if fill(deps, target, stop=stop, before_each=before_each) == 0:
@@ -200,12 +206,15 @@ class Refiller(PeriodicJob):
     ``kick()`` after a claim wakes it early. A base of 0 never starts.
 
     It makes each database in a quiet moment: not within ``quiet_s`` of the last claim, so a burst of
-    registrations is not slowed by the refill's writes and fsyncs (a ``CREATE DATABASE`` writes ~8 MB of WAL);
-    the pool refills in the pauses between bursts."""
+    registrations is not slowed by the refill's writes and fsyncs (a ``CREATE DATABASE`` writes ~8 MB of WAL,
+    and a claim's commit waits behind its flush); the pool refills in the pauses between bursts. While the pool
+    is at least half full the quiet moment must be ``calm_s`` long: a wave of bursts a few seconds apart is
+    served from the pool and refilled after it, and only a pool running low races the next burst."""
 
     def __init__(self, deps: LifecycleDeps, sizing: WarmSizing, interval_s: float = 5.0,
-                 quiet_s: float = 0.5) -> None:
+                 quiet_s: float = 0.5, calm_s: float = 5.0) -> None:
         self._quiet_s = quiet_s
+        self._calm_s = calm_s
         self._last_claim = 0.0
         super().__init__("warm-pool", lambda: keep_sized(deps, sizing, stop=self.stopping,
                                                          before_each=self._wait_for_quiet),
@@ -215,9 +224,10 @@ class Refiller(PeriodicJob):
         self._last_claim = time.monotonic()
         super().kick()
 
-    def _wait_for_quiet(self) -> None:
+    def _wait_for_quiet(self, fullness: float) -> None:
+        quiet = self._quiet_s if fullness < 0.5 else self._calm_s
         while not self.stopping.is_set():
-            calm_in = self._last_claim + self._quiet_s - time.monotonic()
+            calm_in = self._last_claim + quiet - time.monotonic()
             if calm_in <= 0:
                 return
             self.stopping.wait(calm_in)
