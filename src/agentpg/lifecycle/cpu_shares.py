@@ -24,8 +24,9 @@ waits behind them. The kernel can do better if told whom to prefer, and on the s
 A priority is not a cap: a demoted user still gets every core nobody else wants (the limits on time, memory
 and temp space are elsewhere). Demoted backends still run when they hold a lock a light one waits for (nice
 10, not 19: about a tenth of a core under full contention), so a priority inversion slows, never stops.
-Lowering a priority needs no privilege; raising it back needs ``CAP_SYS_NICE`` (root, as ``serve`` runs by
-default): without it a demoted backend stays demoted until its connection closes, and the job says so once.
+Lowering a priority needs no privilege. Raising it back needs ``CAP_SYS_NICE`` (root, as ``serve`` runs by
+default), except for an autogroup's nice, the one that counts where autogroups are on; where neither can be
+raised back, a demoted backend stays demoted until its connection closes, and the job says so once.
 
 Only the embedded server: a server elsewhere (``AGENTPG_POSTGRES_URL``, the fleet, Neon) is not this host's
 to schedule.
@@ -104,18 +105,36 @@ def set_nice(pid: int, nice: int) -> None:
     at its start, so with the kernel's autogroups on (``/proc/sys/kernel/sched_autogroup_enabled``, the default
     of most distributions) each backend is alone in its own group, the groups share the CPU equally, and a
     task's own nice only ranks it inside its group: nothing. The group's nice (``/proc/<pid>/autogroup``) is
-    what ranks it against the others, so both are set. Raises ProcessLookupError (gone), PermissionError."""
-    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    what ranks it against the others, so both are set, the group's first: a process of the same user may set
+    its group's nice back to 0 without ``CAP_SYS_NICE`` (checked as ``nobody``), its own nice not. Raises
+    ProcessLookupError (gone); PermissionError when the nice that counts could not be set; BlockingIOError when
+    the kernel refused a group change for now (without ``CAP_SYS_ADMIN``, one per 100 ms system-wide)."""
+    group_set = False
     try:
         with open(f"/proc/{pid}/autogroup", "w") as handle:
             handle.write(str(nice))
+        group_set = _autogroups_on()
     except FileNotFoundError:
-        pass  # a kernel without autogroups: the task's nice is what counts
-    except OSError as exc:  # autogroups switched off at boot: writing fails, and the task's nice counts
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessLookupError(pid) from None
+    except OSError as exc:
         if exc.errno == errno.ESRCH:
             raise ProcessLookupError(pid) from exc
-        if exc.errno in (errno.EPERM, errno.EACCES):
-            raise PermissionError(pid) from exc
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.EINVAL):
+            raise
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except PermissionError:
+        if not group_set:  # alone in its group, the task's own nice does not matter once the group's is set
+            raise
+
+
+def _autogroups_on() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def niceness(pid: int) -> int | None:
@@ -205,6 +224,8 @@ class CpuShares:
             backend.nice = wanted
         except ProcessLookupError:
             pass  # ended since it was read
+        except BlockingIOError:
+            pass  # without CAP_SYS_ADMIN the kernel takes one autogroup change per 100 ms: the next pass
         except PermissionError:
             self.renice_failures += 1
             backend.nice = wanted  # not retried every pass: it stays as it is until its connection closes
