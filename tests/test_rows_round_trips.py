@@ -11,17 +11,14 @@ described is read right (at worst one more round trip), and unknown names get th
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from helpers import workspace_global_uri
 from mcp_support import uid
-from psycopg import pq
+from wire_trace import WireLog
 
 from agentpg.access.browse import UnreadableTable
 from agentpg.access.permissions import GlobalDbPermissions
@@ -34,44 +31,6 @@ from agentpg.service import DatabaseRef, TenantAccess
 from agentpg.service.tenant import NotStarted
 
 pytestmark = pytest.mark.anyio
-
-
-class Wire:
-    """libpq's trace of one connection, read back as the client's runs of messages (round trips)."""
-
-    def __init__(self) -> None:
-        fd, name = tempfile.mkstemp(prefix="agentpg-rows-wire-")
-        os.close(fd)
-        self.path = Path(name)
-        self._file: Any = None
-
-    def attach(self, pgconn: Any) -> None:
-        self._file = self.path.open("ab", buffering=0)
-        pgconn.trace(os.dup(self._file.fileno()))
-        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-
-    def mark(self) -> int:
-        return self.path.stat().st_size
-
-    def trips(self, mark: int) -> list[str]:
-        """Each round trip since ``mark`` as its messages' text (libpq writes a message when it sends it)."""
-        trips: list[str] = []
-        sending = False
-        for line in self.path.read_bytes()[mark:].decode("utf-8", "replace").splitlines():
-            direction = line.partition("\t")[0]
-            if direction == "F":
-                if not sending:
-                    trips.append("")
-                trips[-1] += line + "\n"
-                sending = True
-            elif direction == "B":
-                sending = False
-        return trips
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +50,7 @@ def agent_table(runtime: Runtime) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture()
-async def traced(runtime: Runtime, agent_table: tuple[str, str]) -> AsyncIterator[tuple[Any, Wire]]:
+async def traced(runtime: Runtime, agent_table: tuple[str, str]) -> AsyncIterator[tuple[Any, WireLog]]:
     """The service's reader over a one-connection pool whose connection is traced; the service's own
     tenant access (if an app attached one) is put back afterwards."""
     svc = runtime.service
@@ -102,7 +61,7 @@ async def traced(runtime: Runtime, agent_table: tuple[str, str]) -> AsyncIterato
     pools = TenantPools(PoolLimits(max_size=1))
     queries = TenantQueries(pools, limits_from(runtime.settings))
     svc.attach_tenant(TenantAccess.of(queries))
-    wire = Wire()
+    wire = WireLog()
     try:
         async with pools.connection(svc.uris.browse(None, agent_table[0], None)) as conn:
             wire.attach(conn.pgconn)
@@ -122,7 +81,7 @@ async def _settled(pools: TenantPools, runtime: Runtime, user: str) -> None:
 
 
 async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tuple[str, str],
-                                               traced: tuple[TenantPools, Wire]) -> None:
+                                               traced: tuple[TenantPools, WireLog]) -> None:
     pools, wire = traced
     user = agent_table[0]
     reader, ref = runtime.service.reader, DatabaseRef.global_db(user)
@@ -131,7 +90,7 @@ async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tu
     mark = wire.mark()
     page = await reader.rows(ref, "items", limit=100, offset=0)
     await _settled(pools, runtime, user)
-    first = wire.trips(mark)
+    first = wire.trips_text(mark)
     assert [r["id"] for r in page.rows] == list(range(1, 101)) and page.total == 300 and not page.truncated
     assert len(first) <= 2, "\n---\n".join(first)  # at most: the description, then the page
 
@@ -139,7 +98,7 @@ async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tu
         mark = wire.mark()
         page = await reader.rows(ref, "items", limit=100, offset=offset)
         await _settled(pools, runtime, user)
-        trips = wire.trips(mark)
+        trips = wire.trips_text(mark)
         assert len(trips) == 1, "\n---\n".join(trips)
         sent = trips[0]
         assert '"BEGIN"' in sent and "SET TRANSACTION READ ONLY" in sent and "statement_timeout" in sent
@@ -151,7 +110,7 @@ async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tu
 
 
 async def test_what_agents_change_is_read_right(runtime: Runtime, agent_table: tuple[str, str],
-                                                traced: tuple[TenantPools, Wire]) -> None:
+                                                traced: tuple[TenantPools, WireLog]) -> None:
     pools, wire = traced
     user, ws = agent_table
     reader, ref = runtime.service.reader, DatabaseRef.global_db(user)
@@ -163,7 +122,7 @@ async def test_what_agents_change_is_read_right(runtime: Runtime, agent_table: t
         page = await reader.rows(ref, "items", limit=2, offset=0)
         await _settled(pools, runtime, user)
         assert page.rows == [{"id": 1, "name": "item 1", "extra": "e"}, {"id": 2, "name": "item 2", "extra": "e"}]
-        assert len(wire.trips(mark)) == 2  # the stale description cost one more round trip, nothing else
+        assert len(wire.trips_text(mark)) == 2  # the stale description cost one more round trip, nothing else
 
         agent.execute("ALTER TABLE items DROP COLUMN name")
         assert (await reader.rows(ref, "items", limit=1, offset=0)).rows == [{"id": 1, "extra": "e"}]
@@ -190,7 +149,7 @@ async def test_what_agents_change_is_read_right(runtime: Runtime, agent_table: t
 
 
 async def test_names_outside_the_table_are_refused_as_before(runtime: Runtime, agent_table: tuple[str, str],
-                                                             traced: tuple[TenantPools, Wire]) -> None:
+                                                             traced: tuple[TenantPools, WireLog]) -> None:
     user, ws = agent_table
     reader, ref = runtime.service.reader, DatabaseRef.global_db(user)
     await reader.rows(ref, "items", limit=1, offset=0)
