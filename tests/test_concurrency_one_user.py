@@ -240,9 +240,9 @@ def test_an_agents_lock_delays_a_grant_change_only_boundedly(
     """Rewriting grants on a table waits for the locks agents hold on it. An agent that keeps a table locked
     makes a permission change wait at most the lock timeout, then answer a retryable 503 (not hang with the
     workspace row and a catalog connection held)."""
-    from agentpg.providers import local
+    from agentpg.providers import local_roles
 
-    monkeypatch.setattr(local, "GRANT_LOCK_TIMEOUT", "1s")  # the in-process server reads it per change
+    monkeypatch.setattr(local_roles, "GRANT_LOCK_TIMEOUT", "1s")  # the in-process server reads it per change
     admin_h = bearer(admin_token)
     user = uid("busy")
     with httpx.Client(base_url=base_url, headers=admin_h, timeout=60) as client:

@@ -30,8 +30,9 @@ from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.lifecycle import users, workspaces
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.providers.base import AgentPermissions, DatabasePlan, new_password
-from agentpg.providers.neon import NeonProvider, NeonQuota, admin_role_of
+from agentpg.providers.neon import NeonProvider, NeonQuota
 from agentpg.providers.neon_api import RateLimiter, RetryPolicy, _retry_after
+from agentpg.providers.neon_projects import admin_role_of
 
 API_KEY = "napi_" + secrets.token_urlsafe(36)
 FAST = RetryPolicy(attempts=6, base_delay_s=0.05, max_delay_s=0.4, max_retry_after_s=2)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -17,11 +15,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from agentpg.errors import AgentpgError, Busy, ProviderError, ProviderUnavailable
+from agentpg.errors import AgentpgError, ProviderError, ProviderUnavailable
 from agentpg.providers import pitr, rebase
 from agentpg.providers.archive import Archiver
 from agentpg.providers.base import (
-    GRANTS_LOCK_KEY,
     NAME_PREFIX,
     AgentPermissions,
     ArchiveStatus,
@@ -32,31 +29,22 @@ from agentpg.providers.base import (
     RebaseResult,
     RecoveryTarget,
     UsageSample,
-    is_transient_grant_error,
 )
 from agentpg.providers.limits import TenantLimits
+from agentpg.providers.local_roles import (
+    changing_grants,
+    configure_admin,
+    drop_role,
+    ensure_role,
+    fence,
+    forget_agent,
+    grant_membership,
+    scram_verifier,
+    set_agent_grants,
+)
 from agentpg.providers.tenant_sql import BOOTSTRAP
-from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
-
-log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-#: How many times a grant change that lost a race (see :func:`is_transient_grant_error`) is run again.
-GRANT_ATTEMPTS = 5
-#: How long a grant change waits for the database's grants lock (and any lock its statements need). Every
-#: role may call the advisory lock functions, so an agent could hold the lock; this bounds the wait.
-GRANT_LOCK_TIMEOUT = "30s"
-
-
-def scram_verifier(conn: Conn, role: str, password: str) -> str:
-    """The SCRAM-SHA-256 verifier of ``password``, computed client-side by libpq.
-
-    ``CREATE ROLE … PASSWORD`` is a utility statement and cannot take a bound parameter. Sending the verifier
-    instead of the password (as psql's ``\\password`` does) keeps the clear text out of the statement, so it
-    can never surface in the server's log or in an error message.
-    """
-    return conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
 
 
 class LocalProvider(Provider):
@@ -102,17 +90,9 @@ class LocalProvider(Provider):
                     self._admin_dsn, min_size=1, max_size=4, open=False, name=f"admin-{self.server_name}",
                     kwargs={"autocommit": True, "connect_timeout": self._connect_timeout_s,
                             "application_name": "agentpg provider"}, timeout=self._connect_timeout_s,
-                    check=ConnectionPool.check_connection, configure=self._configure_admin)
+                    check=ConnectionPool.check_connection, configure=configure_admin)
                 self._pool.open(wait=False)
             return self._pool
-
-    @staticmethod
-    def _configure_admin(conn: Conn) -> None:
-        # SCRAM's iteration count exists to slow down guessing of human passwords. Ours are 256-bit random,
-        # so 4096 rounds buy nothing and cost ~2 ms per verifier (and per tenant login). PG16+ reports this
-        # setting to libpq, which then uses it when computing verifiers on this connection.
-        if conn.info.server_version >= 160000:
-            conn.execute("SET scram_iterations = 64")
 
     def close(self) -> None:
         with self._pool_lock:
@@ -125,7 +105,7 @@ class LocalProvider(Provider):
         """An autocommit admin connection: pooled for the maintenance database, fresh otherwise.
 
         ``tag`` marks a fresh connection's ``application_name`` with the name of what it creates, so a
-        later drop can :meth:`_fence` statements still running for a client that has died.
+        later drop can :func:`~.local_roles.fence` statements still running for a client that has died.
         """
         if dbname is None and tag is None:
             pool = self._maintenance_pool()
@@ -168,70 +148,21 @@ class LocalProvider(Provider):
 
     def _changing_grants(self, database: str, what: str, change: Callable[[Conn], object], *,
                          tag: str | None = None) -> None:
-        """Run ``change`` in one transaction of ``database`` that first takes the database's grants lock
-        (:data:`GRANTS_LOCK_KEY`), so concurrent grant changes there wait for each other instead of failing;
-        one that still loses a race (e.g. to a table an agent drops meanwhile) is run again."""
-        for attempt in range(1, GRANT_ATTEMPTS + 1):
-            try:
-                with self._admin(database, tag=tag) as conn, conn.transaction():
-                    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(GRANT_LOCK_TIMEOUT)))
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (GRANTS_LOCK_KEY,))
-                    change(conn)
-                return
-            except psycopg.errors.LockNotAvailable:
-                raise Busy(f"{what} in {database} waited {GRANT_LOCK_TIMEOUT} for other changes of its grants; "
-                           "retry shortly") from None
-            except psycopg.Error as exc:
-                if attempt < GRANT_ATTEMPTS and is_transient_grant_error(exc):
-                    log.info("%s in %s lost a race (%s); running it again", what, database, exc.sqlstate)
-                    time.sleep(0.02 * attempt)
-                    continue
-                raise ProviderError(f"{what} in {database} failed: {exc.diag.message_primary}") from None
+        """Run ``change`` under the grants lock of ``database``, retried on lost races
+        (:func:`~.local_roles.changing_grants`, which says what it raises)."""
+        changing_grants(self._admin, database, what, change, tag=tag)
 
     def uri(self, database: str, role: str, password: str) -> str:
         user, secret, db = (quote(v, safe="") for v in (role, password, database))
         return f"postgresql://{user}:{secret}@{self._host}:{self._port}/{db}"
 
-    # -- roles ---------------------------------------------------------------------------------------
+    # -- roles (the SQL is in local_roles.py) ---------------------------------------------------------
 
     def _ensure_role(self, conn: Conn, role: str, *, login: bool,
                      password: str | None = None) -> None:
-        ident = sql.Identifier(role)
-        if login:
-            assert password is not None
-            attrs = sql.SQL("LOGIN " + _ROLE_ATTRIBUTES + " CONNECTION LIMIT {} PASSWORD {}").format(
-                sql.Literal(self._connection_limit), sql.Literal(scram_verifier(conn, role, password)))
-        else:
-            attrs = sql.Composed([sql.SQL("NOLOGIN " + _ROLE_ATTRIBUTES)])
-        try:
-            conn.execute(sql.SQL("CREATE ROLE {} WITH ").format(ident) + attrs)
-        except psycopg.errors.DuplicateObject:
-            conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
-        except psycopg.errors.UniqueViolation:  # a concurrent creator won the race on pg_authid
-            conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(ident) + attrs)
-        if login:  # issue 18: limits on every tenant login role (temp_file_limit is superuser-only: unraisable)
-            conn.execute(sql.SQL("; ").join(
-                sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(name), sql.Literal(value))
-                for name, value in self.tenant_limits.role_settings()))
-
-    @staticmethod
-    def _fence(conn: Conn, tag: str) -> None:
-        """Stop statements a dead client left running for ``tag`` before dropping what they create.
-
-        A client killed during ``CREATE DATABASE`` does not stop the server, which finishes the statement
-        later: a drop that ran in between would see nothing to drop, and the database would reappear
-        as an orphan. Terminating the tagged backends (and waiting for them to go) closes that window.
-        """
-        conn.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
-                     "WHERE application_name = %s AND pid <> pg_backend_pid()", (f"agentpg {tag}",))
-
-    def _drop_role(self, conn: Conn, role: str) -> None:
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-    def _grant_membership(self, conn: Conn, group: str, member: str) -> None:
-        # PG16+ can grant a membership that inherits privileges without allowing SET ROLE.
-        option = sql.SQL(" WITH INHERIT TRUE, SET FALSE") if (self._server_version or 0) >= 160000 else sql.SQL("")
-        conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(member)) + option)
+        """:func:`~.local_roles.ensure_role` with this server's connection limit and tenant limits."""
+        ensure_role(conn, role, login=login, password=password, connection_limit=self._connection_limit,
+                    tenant_limits=self.tenant_limits)
 
     # -- databases -----------------------------------------------------------------------------------
 
@@ -242,10 +173,10 @@ class LocalProvider(Provider):
         db = sql.Identifier(plan.database)
         try:
             with self._admin(tag=plan.database) as conn:
-                self._configure_admin(conn)
+                configure_admin(conn)
                 self._ensure_role(conn, plan.owner_role, login=False)
                 self._ensure_role(conn, plan.login_role, login=True, password=login_password)
-                self._grant_membership(conn, plan.owner_role, plan.login_role)
+                grant_membership(conn, plan.owner_role, plan.login_role, self._server_version)
                 exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
                 if not exists:
                     with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # a concurrent retry won
@@ -282,10 +213,10 @@ class LocalProvider(Provider):
     def drop_database(self, plan: DatabasePlan) -> None:
         try:
             with self._admin() as conn:
-                self._fence(conn, plan.database)
+                fence(conn, plan.database)
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(plan.database)))
-                self._drop_role(conn, plan.login_role)
-                self._drop_role(conn, plan.owner_role)
+                drop_role(conn, plan.login_role)
+                drop_role(conn, plan.owner_role)
         except psycopg.Error as exc:
             raise ProviderError(
                 f"dropping database {plan.database} failed: {type(exc).__name__}: {exc.diag.message_primary}"
@@ -296,7 +227,7 @@ class LocalProvider(Provider):
     def create_agent_role(self, plan: DatabasePlan, role: str, password: str, permissions: AgentPermissions) -> str:
         try:
             with self._admin(tag=role) as conn:
-                self._configure_admin(conn)
+                configure_admin(conn)
                 self._ensure_role(conn, role, login=True, password=password)
         except psycopg.Error as exc:
             raise ProviderError(
@@ -305,33 +236,20 @@ class LocalProvider(Provider):
         return self.uri(plan.database, role, password)
 
     def set_agent_permissions(self, plan: DatabasePlan, role: str, permissions: AgentPermissions) -> None:
-        tables = list(permissions.allowed_tables) if permissions.allowed_tables is not None else None
-
-        def grant(conn: Conn) -> None:
-            conn.execute("SELECT agentpg_internal.set_agent_grants(%s, %s, %s, %s, %s, %s)",
-                         (role, permissions.can_read, permissions.can_write, permissions.can_create_tables,
-                          permissions.can_drop_tables, tables))
-
-        self._changing_grants(plan.database, "setting agent permissions", grant, tag=role)
+        self._changing_grants(plan.database, "setting agent permissions",
+                              lambda conn: set_agent_grants(conn, role, permissions), tag=role)
 
     def drop_agent_role(self, plan: DatabasePlan, role: str) -> None:
         try:
             with self._admin() as conn:
-                self._fence(conn, role)
+                fence(conn, role)
                 role_exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
                 db_exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (plan.database,)).fetchone()
             if role_exists and db_exists:
-                def forget(conn: Conn) -> None:
-                    conn.execute("SELECT agentpg_internal.forget_agent(%s)", (role,))
-                    # Terminate the role's sessions so DROP ROLE is not blocked by them.
-                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
-                    # DROP OWNED revokes the role's grants: the same catalog rows other agents' grants change.
-                    conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-
-                self._changing_grants(plan.database, "dropping an agent role", forget)
+                self._changing_grants(plan.database, "dropping an agent role", lambda conn: forget_agent(conn, role))
             if role_exists:
                 with self._admin() as conn:
-                    self._drop_role(conn, role)
+                    drop_role(conn, role)
         except psycopg.Error as exc:
             raise ProviderError(
                 f"dropping an agent role in {plan.database} failed: {exc.diag.message_primary}") from None
@@ -451,12 +369,12 @@ class LocalProvider(Provider):
                 raise ProviderError(f"refusing to drop {name!r}: agentpg only drops what it made")
         if database is not None:
             with self._admin() as conn:
-                self._fence(conn, database)
+                fence(conn, database)
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         if role is None:
             return
         with self._admin() as conn:
-            self._fence(conn, role)
+            fence(conn, role)
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 return
             dbs = [r[0] for r in conn.execute(
@@ -466,7 +384,7 @@ class LocalProvider(Provider):
             with self._admin(dbname) as conn:
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         with self._admin() as conn:
-            self._drop_role(conn, role)
+            drop_role(conn, role)
 
     def harden_server(self) -> None:
         """Close the databases every server ships with to tenant roles (by default PUBLIC may connect).

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -55,11 +55,11 @@ from agentpg.providers.neon_api import (
     DEFAULT_BASE_URL,
     DEFAULT_BURST,
     PUBLISHED_REQUESTS_PER_MINUTE,
-    AmbiguousRequest,
     NeonApi,
     RateLimiter,
     RetryPolicy,
 )
+from agentpg.providers.neon_projects import NeonProject, NeonProjects
 from agentpg.providers.neon_undo import NeonUndo
 from agentpg.providers.tenant_sql import BOOTSTRAP
 from agentpg.providers.tenant_sql import ROLE_ATTRIBUTES as _ROLE_ATTRIBUTES
@@ -72,12 +72,6 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 _TRIGGER_MARK = "DROP EVENT TRIGGER IF EXISTS agentpg_adopt;"
 _BOOTSTRAP_BODY, _mark, _trigger_tail = BOOTSTRAP.partition(_TRIGGER_MARK)
 EVENT_TRIGGER_SQL = _mark + _trigger_tail
-_TERMINAL_OK = frozenset({"finished", "skipped"})
-
-
-def admin_role_of(plan: DatabasePlan) -> str:
-    """The Neon project owner role agentpg asks for: the provider's admin inside the project."""
-    return f"{plan.database}_admin"
 
 
 @dataclass(frozen=True)
@@ -98,20 +92,6 @@ class NeonQuota:
         if any(not isinstance(v, int) or v < 0 for v in values.values()):
             raise ProviderError("Neon quotas are whole numbers, 0 or more (0 means unlimited)")
         return values
-
-
-@dataclass
-class _Project:
-    """What the provider remembers of one database's project; URI and branch are fetched when first needed."""
-
-    project_id: str
-    admin_uri: str | None = field(default=None, repr=False)
-    branch_id: str | None = None
-
-    @property
-    def uri(self) -> str:
-        assert self.admin_uri is not None
-        return self.admin_uri
 
 
 def with_credentials(uri: str, role: str, password: str, database: str) -> str:
@@ -140,9 +120,10 @@ class NeonProvider(Provider):
         self.region_id, self.pg_version, self.org_id = region_id, pg_version, org_id
         self._connection_limit = connection_limit
         self._connect_timeout_s = connect_timeout_s
-        self._operation_timeout_s = operation_timeout_s
-        self._page_size = max(1, min(page_size, 400))
-        self._projects: dict[str, _Project] = {}
+        self.projects = NeonProjects(self.api, org_id=org_id, page_size=page_size,
+                                     operation_timeout_s=operation_timeout_s)
+        """Neon's project requests (``neon_projects.py``); the cache of the projects met is ``_projects``."""
+        self._projects: dict[str, NeonProject] = {}
         self._lock = threading.Lock()
         self.read_only_compute_grace_s = read_only_compute_grace_s
         self.history_retention_s = history_retention_s
@@ -152,37 +133,10 @@ class NeonProvider(Provider):
     def close(self) -> None:
         self.api.close()
 
-    # -- projects ------------------------------------------------------------------------------------
-
-    def _list(self, search: str | None, what: str) -> list[dict[str, Any]]:
-        """Every project ``GET /projects`` lists for ``search``, following the pagination cursor."""
-        found: list[dict[str, Any]] = []
-        cursor: str | None = None
-        for _ in range(10_000):
-            params: dict[str, str | int] = {"limit": self._page_size}
-            if search:
-                params["search"] = search
-            if cursor:
-                params["cursor"] = cursor
-            if self.org_id:
-                params["org_id"] = self.org_id
-            body = self.api.request("GET", "/projects", params=params, what=what) or {}
-            page = [p for p in body.get("projects") or [] if isinstance(p, dict)]
-            found.extend(page)
-            following = (body.get("pagination") or {}).get("cursor")
-            if len(page) < self._page_size or not following or following == cursor:
-                break
-            cursor = str(following)
-        return found
-
-    def _find_all(self, database: str) -> list[dict[str, Any]]:
-        """The projects named exactly ``database``, oldest first (normally one)."""
-        projects = [p for p in self._list(database, f"finding the Neon project of database {database}")
-                    if p.get("name") == database and p.get("id")]
-        return sorted(projects, key=lambda p: str(p.get("created_at") or ""))
+    # -- projects (this process's cache; the requests to Neon are in neon_projects.py) -----------------
 
     def _ref(self, plan: DatabasePlan, *, missing_ok: bool = False, uri: bool = True,
-             branch: bool = False) -> _Project | None:
+             branch: bool = False) -> NeonProject | None:
         """The project of ``plan``: cached, else found by name; its admin URI (``uri``) and default branch
         (``branch``) are asked for once each, when first needed. ``None`` only if ``missing_ok``."""
         with self._lock:
@@ -190,119 +144,33 @@ class NeonProvider(Provider):
         if ref is None:
             ref = self.undo.known(plan.database)  # a restored branch is a database too (neon_undo)
         if ref is None:
-            projects = self._find_all(plan.database)
+            projects = self.projects.find_all(plan.database)
             if not projects:
                 if missing_ok:
                     return None
                 raise ProviderError(f"database {plan.database} has no Neon project")
-            ref = _Project(str(projects[0]["id"]))
+            ref = NeonProject(str(projects[0]["id"]))
         if uri and ref.admin_uri is None:
-            ref.admin_uri = self._admin_uri(plan, ref.project_id)
+            ref.admin_uri = self.projects.admin_uri(plan, ref.project_id)
         if branch and ref.branch_id is None:
-            ref.branch_id = self._default_branch(plan, ref.project_id)
+            ref.branch_id = self.projects.default_branch(plan, ref.project_id)
         with self._lock:
             self._projects[plan.database] = ref
         return ref
 
-    def _must(self, plan: DatabasePlan, *, uri: bool = True, branch: bool = False) -> _Project:
+    def _must(self, plan: DatabasePlan, *, uri: bool = True, branch: bool = False) -> NeonProject:
         ref = self._ref(plan, uri=uri, branch=branch)
         assert ref is not None
         return ref
-
-    def _admin_uri(self, plan: DatabasePlan, project_id: str) -> str:
-        body = self.api.request(
-            "GET", f"/projects/{project_id}/connection_uri",
-            params={"database_name": plan.database, "role_name": admin_role_of(plan)},
-            what=f"reading the admin connection of database {plan.database}") or {}
-        uri = body.get("uri")
-        if not isinstance(uri, str) or "://" not in uri:
-            raise ProviderError(f"the Neon API gave no connection URI for database {plan.database}")
-        return uri
-
-    def _default_branch(self, plan: DatabasePlan, project_id: str) -> str | None:
-        body = self.api.request("GET", f"/projects/{project_id}/branches",
-                                what=f"reading the branches of database {plan.database}") or {}
-        for branch in body.get("branches") or []:
-            if isinstance(branch, dict) and branch.get("default"):
-                return str(branch.get("id"))
-        return None
 
     def _forget(self, database: str) -> None:
         with self._lock:
             self._projects.pop(database, None)
 
-    def _wait(self, plan: DatabasePlan, project_id: str, operations: list[dict[str, Any]]) -> None:
-        """Poll until every operation is finished (or skipped); Neon says: connect only after that."""
-        pending = {str(op["id"]) for op in operations
-                   if isinstance(op, dict) and op.get("id") and op.get("status") not in _TERMINAL_OK}
-        deadline = time.monotonic() + self._operation_timeout_s
-        interval, last = 0.1, ""
-        while pending:
-            for op_id in sorted(pending):
-                body = self.api.request("GET", f"/projects/{project_id}/operations/{op_id}",
-                                        what=f"waiting for the Neon project of database {plan.database}") or {}
-                op = body.get("operation") or {}
-                status = str(op.get("status") or "")
-                if status in _TERMINAL_OK:
-                    pending.discard(op_id)
-                elif status in ("cancelled", "cancelling"):
-                    raise ProviderError(f"Neon cancelled operation {op.get('action') or op_id} of database "
-                                        f"{plan.database}")
-                elif status in ("failed", "error"):  # not terminal: Neon retries failed operations itself
-                    last = f"; its {op.get('action') or 'operation'} has failed {op.get('failures_count', 1)} time(s)"
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise ProviderUnavailable(f"the Neon project of database {plan.database} was not ready after "
-                                          f"{self._operation_timeout_s:.0f} s{last}")
-            time.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
-
-    def _create_project(self, plan: DatabasePlan) -> _Project:
-        """Find the project of ``plan`` or create it; return it once its operations have finished."""
-        what = f"creating the Neon project of database {plan.database}"
-        body: dict[str, Any] | None = None
-        for _ in range(3):
-            existing = self._find_all(plan.database)
-            if existing:
-                project_id = str(existing[0]["id"])
-                ops = self.api.request("GET", f"/projects/{project_id}/operations", params={"limit": 50},
-                                       what=what) or {}
-                self._wait(plan, project_id, list(ops.get("operations") or []))
-                return _Project(project_id, self._admin_uri(plan, project_id),
-                                self._default_branch(plan, project_id))
-            request: dict[str, Any] = {
-                "name": plan.database, "region_id": self.region_id, "pg_version": self.pg_version,
-                "store_passwords": True,
-                "branch": {"name": "main", "database_name": plan.database, "role_name": admin_role_of(plan)}}
-            if self.history_retention_s is not None:
-                request["history_retention_seconds"] = self.history_retention_s
-            if self.org_id:
-                request["org_id"] = self.org_id
-            try:
-                body = self.api.request("POST", "/projects", json={"project": request}, what=what,
-                                        idempotent=False)
-                break
-            except AmbiguousRequest:
-                continue  # it may exist now: look again before another POST
-        if body is None:
-            raise ProviderUnavailable(f"{what}: the Neon API kept failing; giving up for now")
-        project = body.get("project") or {}
-        project_id = str(project.get("id") or "")
-        if not project_id:
-            raise ProviderError(f"{what}: the Neon API answered without a project id")
-        self._wait(plan, project_id, list(body.get("operations") or []))
-        admin_uri = next((str(c["connection_uri"]) for c in body.get("connection_uris") or []
-                          if isinstance(c, dict) and c.get("connection_uri")
-                          and (c.get("connection_parameters") or {}).get("role") == admin_role_of(plan)), None)
-        branch_id = (body.get("branch") or {}).get("id")
-        return _Project(project_id, admin_uri or self._admin_uri(plan, project_id),
-                        str(branch_id) if branch_id else None)
-
     # -- SQL inside a project ------------------------------------------------------------------------
 
     @contextmanager
-    def _sql(self, plan: DatabasePlan, what: str, ref: _Project | None = None) -> Iterator[Conn]:
+    def _sql(self, plan: DatabasePlan, what: str, ref: NeonProject | None = None) -> Iterator[Conn]:
         """An autocommit connection as the project's admin; driver errors become ProviderError."""
         ref = ref or self._must(plan)
         conn: Conn | None = None
@@ -385,7 +253,8 @@ class NeonProvider(Provider):
         return None
 
     def create_database(self, plan: DatabasePlan, login_password: str) -> Provisioned:
-        ref = self._create_project(plan)
+        ref = self.projects.create(plan, region_id=self.region_id, pg_version=self.pg_version,
+                                   history_retention_s=self.history_retention_s)
         with self._lock:
             self._projects[plan.database] = ref
         with self._sql(plan, f"setting up database {plan.database}", ref) as conn:
@@ -413,7 +282,7 @@ class NeonProvider(Provider):
     def _drop_projects(self, database: str) -> bool:
         """Delete the projects named ``database``; False if there was none."""
         self._forget(database)
-        projects = self._find_all(database)
+        projects = self.projects.find_all(database)
         for project in projects:
             self.api.request("DELETE", f"/projects/{project['id']}", ok_missing=True,
                              what=f"deleting the Neon project of database {database}")
@@ -474,7 +343,7 @@ class NeonProvider(Provider):
         else:
             self.set_quota(plan, NeonQuota())
 
-    def _project_body(self, plan: DatabasePlan, what: str) -> tuple[_Project, dict[str, Any]]:
+    def _project_body(self, plan: DatabasePlan, what: str) -> tuple[NeonProject, dict[str, Any]]:
         ref = self._must(plan, uri=False)
         body = self.api.request("GET", f"/projects/{ref.project_id}", what=what) or {}
         project = body.get("project")
@@ -527,7 +396,7 @@ class NeonProvider(Provider):
 
     def inventory(self) -> Inventory:
         """The agentpg projects (by name). Roles are never listed: on Neon they cannot outlive a project."""
-        projects = self._list(NAME_PREFIX, "listing the Neon projects")
+        projects = self.projects.list_all(NAME_PREFIX, "listing the Neon projects")
         names = frozenset(str(p["name"]) for p in projects if str(p.get("name") or "").startswith(NAME_PREFIX))
         return Inventory(databases=names, roles=frozenset())
 

@@ -51,9 +51,10 @@ from agentpg.providers.base import (
     RecoveryTarget,
 )
 from agentpg.providers.neon_api import AmbiguousRequest
+from agentpg.providers.neon_projects import NeonProject, admin_role_of
 
 if TYPE_CHECKING:
-    from agentpg.providers.neon import NeonProvider, _Project
+    from agentpg.providers.neon import NeonProvider
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class NeonUndo:
                     continue
                 body = {"branch": found[0], "operations": self._pending(ref.project_id, what)}
             branch = body.get("branch") or {}
-            self._p._wait(plan, ref.project_id, list(body.get("operations") or []))
+            self._p.projects.wait(plan, ref.project_id, list(body.get("operations") or []))
             break
         if not branch or not branch.get("id"):
             raise ProviderUnavailable(f"{what}: the Neon API kept failing; giving up for now")
@@ -212,7 +213,7 @@ class NeonUndo:
                                            json=request, what=what, idempotent=False) or {}
             except AmbiguousRequest:
                 continue  # look again before another POST
-            self._p._wait(plan, ref.project_id, list(body.get("operations") or []))
+            self._p.projects.wait(plan, ref.project_id, list(body.get("operations") or []))
             break
         else:
             raise ProviderUnavailable(f"{what}: the Neon API kept failing; giving up for now")
@@ -220,16 +221,14 @@ class NeonUndo:
 
     # -- restored copies ------------------------------------------------------------------------------
 
-    def known(self, name: str) -> _Project | None:
+    def known(self, name: str) -> NeonProject | None:
         """The restored branch named ``name`` that this process knows, as the provider's project record
         (its admin URI asked for now). None when it knows none by that name."""
         with self._lock:
             copy = self._copies.get(name)
         if copy is None:
             return None
-        from agentpg.providers.neon import _Project
-
-        return _Project(copy.project_id, self._branch_uri(copy), copy.branch_id)
+        return NeonProject(copy.project_id, self._branch_uri(copy), copy.branch_id)
 
     def copy_uri(self, uri: str, name: str) -> str:
         """``uri`` (a login URI of the copy's source: role and password) at the endpoint of restored branch
@@ -274,7 +273,7 @@ class NeonUndo:
                 return {}
             self._scanned_at = time.monotonic()
         found: dict[str, _Copy] = {}
-        for project in self._p._list(NAME_PREFIX, "finding restored copies"):
+        for project in self._p.projects.list_all(NAME_PREFIX, "finding restored copies"):
             source = str(project.get("name") or "")
             if not source.startswith(NAME_PREFIX) or not project.get("id"):
                 continue
@@ -300,12 +299,10 @@ class NeonUndo:
     def _delete_branch(self, plan: DatabasePlan, project_id: str, branch_id: str, what: str) -> None:
         body = self._p.api.request("DELETE", f"/projects/{project_id}/branches/{branch_id}", ok_missing=True,
                                    what=what) or {}
-        self._p._wait(plan, project_id, list(body.get("operations") or []))
+        self._p.projects.wait(plan, project_id, list(body.get("operations") or []))
 
     def _branch_uri(self, copy: _Copy) -> str:
         """The project admin's URI on the branch's endpoint (Neon's ``connection_uri`` with ``branch_id``)."""
-        from agentpg.providers.neon import admin_role_of
-
         source = DatabasePlan(copy.source, f"{copy.source}_owner", f"{copy.source}_login")
         body = self._p.api.request(
             "GET", f"/projects/{copy.project_id}/connection_uri",

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from agentpg.errors import ProviderError
 from agentpg.providers.base import ArchiveStatus, DatabasePlan, NotRestorable, RecoveryTarget
+from agentpg.providers.local_roles import fence
 from agentpg.providers.side import STANDBY_MINIMUMS, SideInstance
 from agentpg.providers.tenant_sql import BOOTSTRAP
 from agentpg.providers.walfiles import chain, contiguous_from, parse_lsn, segments
@@ -130,7 +131,7 @@ def _load(provider: LocalProvider, dump: Path, plan: DatabasePlan, into: Databas
     db = sql.Identifier(into.database)
     try:
         with provider._admin(tag=into.database) as conn:
-            provider._fence(conn, into.database)
+            fence(conn, into.database)
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(db))
             conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db))
