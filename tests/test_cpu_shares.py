@@ -8,17 +8,22 @@ the passes of :class:`CpuShares` are run by hand (``serve`` runs them every 0.5 
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from helpers import global_uri
 
 from agentpg.app.runtime import Runtime
-from agentpg.lifecycle.cpu_shares import CpuShares, catalog_owners, niceness, share_of
+from agentpg.lifecycle.cpu_groups import FULL_SHARES, find_cpu_groups, shares_of_nice
+from agentpg.lifecycle.cpu_shares import CpuShares, catalog_owners, niceness, process_cpu_s, share_of
 
 WAIT_S = 60.0
 """A bound on waiting for the averages to move (not a timing assertion: a loaded machine only takes longer)."""
@@ -95,3 +100,104 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
         assert niceness(busy_pid) == 0 and _group_nice(busy_pid) in (None, 0)
         assert shares.demotions == 1 and shares.renice_failures == 0
     shares.close()
+
+
+# -- per-user control groups (lifecycle/cpu_groups.py) --------------------------------------------------------
+
+
+def _cpu_cgroup(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path
+    raise AssertionError("no cpu controller line")
+
+
+def _spin(conn: psycopg.Connection[tuple[object, ...]], failure: list[BaseException]) -> threading.Thread:
+    def run() -> None:
+        try:
+            conn.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
+        except psycopg.errors.QueryCanceled:
+            pass
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runtime,
+                                                                     users: tuple[str, str]) -> None:
+    """Four busy backends of one user against one of another: with a group per user, the lone backend gets
+    about as much CPU as the four together (renicing alone would give it a fifth of the machine). Then the
+    heavy user is demoted by weighing its group, and restored."""
+    heavy, light = users
+    assert runtime.embedded is not None
+    groups = find_cpu_groups(str(runtime.embedded.data_dir))
+    assert groups is not None, "this host (root, cgroup v1 cpu controller) must offer control groups"
+    never = CpuShares(runtime.admin_dsn, catalog_owners(runtime.service.deps), demoted_nice=10,
+                      share_override=100.0, groups=groups)  # a share nobody reaches: groups at equal weight
+    conns = [psycopg.connect(global_uri(runtime, heavy), autocommit=True) for _ in range(4)]
+    conns.append(psycopg.connect(global_uri(runtime, light), autocommit=True))
+    failure: list[BaseException] = []
+    threads: list[threading.Thread] = []
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        never.tick()  # places every backend in its user's group
+        pids = [conn.info.backend_pid for conn in conns]
+        heavy_groups = {_cpu_cgroup(pid) for pid in pids[:4]}
+        assert len(heavy_groups) == 1 and _cpu_cgroup(pids[4]) not in heavy_groups
+        assert heavy_groups.pop().startswith(_cpu_cgroup(os.getpid()).rstrip("/") + "/agentpg-")
+        threads = [_spin(conn, failure) for conn in conns]
+        time.sleep(1.0)  # every loop running
+        before = [process_cpu_s(pid) for pid in pids]
+        time.sleep(3.0)
+        after = [process_cpu_s(pid) for pid in pids]
+        used = [a[0] - b[0] for a, b in zip(after, before, strict=True) if a and b]
+        assert len(used) == 5
+        heavy_cpu, light_cpu = sum(used[:4]), used[4]
+        # equal weights: the light user's one backend gets about what the heavy user's four get together
+        # (the ratio, not a time: any load on the machine slows both groups alike)
+        assert light_cpu >= 0.5 * heavy_cpu, (light_cpu, heavy_cpu)
+
+        shares = CpuShares(runtime.admin_dsn, catalog_owners(runtime.service.deps), demoted_nice=10,
+                           share_override=0.3, groups=groups)
+        shares.tick()
+        _until(shares, lambda: heavy in shares.demoted)
+        heavy_group = Path(groups.base) / Path(_cpu_cgroup(pids[0])).name
+        light_group = Path(groups.base) / Path(_cpu_cgroup(pids[4])).name
+        assert (heavy_group / "cpu.shares").read_text().strip() == str(shares_of_nice(10))
+        for conn in conns:
+            conn.cancel_safe()
+        for thread in threads:
+            thread.join(30)
+        assert not failure
+        _until(shares, lambda: heavy not in shares.demoted and light not in shares.demoted)
+        assert (heavy_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
+        assert (light_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
+        assert shares.renice_failures == 0 and never.renice_failures == 0
+        assert niceness(pids[0]) == 0  # groups, not nice, carry the demotion
+    finally:
+        for conn in conns:
+            conn.cancel_safe()
+        for thread in threads:
+            thread.join(30)
+        for conn in conns:
+            conn.close()
+    never.close()
+
+
+def test_serve_can_put_itself_before_the_tenants() -> None:
+    """``serve`` raises its own priority (every thread, and its autogroup) where it may: a process of its
+    own session, so this test's group is not touched."""
+    code = ("import os, threading\n"
+            "from agentpg.lifecycle.cpu_shares import raise_own_priority\n"
+            "early = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True); early.start()\n"
+            "assert raise_own_priority(-10)\n"
+            "print(os.getpriority(os.PRIO_PROCESS, early.native_id), os.getpriority(os.PRIO_PROCESS, 0),\n"
+            "      open('/proc/self/autogroup').read().split()[-1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         start_new_session=True, check=True).stdout.split()
+    assert out == ["-10", "-10", "-10"]

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     """On the embedded server, ``serve`` lowers the scheduling priority (to this ``nice``) of the backends of a
     user using more than its share of the CPU, so other users' statements run first (lifecycle/cpu_shares.py;
     0: off)."""
+    cpu_groups: bool = True
+    """Where the host has a writable cgroup v1 ``cpu`` controller (root, as ``serve`` runs by default), each
+    user's backends go into a control group of the user's own, so the CPU is shared per user, not per backend
+    (lifecycle/cpu_groups.py); off, or where there is none: each backend is reniced."""
+    serve_nice: int = Field(default=-10, ge=-20, le=19)
+    """With the embedded server (and CPU shares on), ``serve`` runs at this ``nice``, so answering every user
+    comes before any tenant's statements on the shared cores; negative needs root (``CAP_SYS_NICE``), without
+    it ``serve`` keeps its priority. 0: left as it is."""
     cpu_shares_interval_s: float = Field(default=0.5, gt=0, le=60)
     """How often ``serve`` measures the embedded server's CPU use per user."""
     tenant_connection_limit: int = Field(default=20, ge=1, le=1000)

@@ -26,6 +26,7 @@ from agentpg.crypto import KeyRing, keyring_from_secret, load_or_create_keyring
 from agentpg.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from agentpg.errors import AgentpgError, CatalogUnavailable, ProviderUnavailable
 from agentpg.lifecycle.autovacuum import AutovacuumPacer
+from agentpg.lifecycle.cpu_groups import find_cpu_groups
 from agentpg.lifecycle.cpu_shares import CpuShares, CpuSharesJob, catalog_owners
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller, WarmSizing
@@ -328,8 +329,10 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         storage_guard = StorageGuard(deps, settings.user_storage_limit_mb, storage_every,
                                      policy.default_budget_cents)
         if embedded is not None and not attach_only and settings.cpu_demoted_nice > 0:
-            cpu_shares = CpuSharesJob(CpuShares(admin, catalog_owners(deps), settings.cpu_demoted_nice),
-                                      settings.cpu_shares_interval_s)
+            groups = find_cpu_groups(str(embedded.data_dir)) if settings.cpu_groups else None
+            cpu_shares = CpuSharesJob(CpuShares(admin, catalog_owners(deps), settings.cpu_demoted_nice,
+                                                groups=groups), settings.cpu_shares_interval_s,
+                                      serve_nice=settings.serve_nice)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,
                       archive_job=archive_job, storage_guard=storage_guard, cpu_shares=cpu_shares)

@@ -16,10 +16,13 @@ waits behind them. The kernel can do better if told whom to prefer, and on the s
   user's backend is ~9x more likely to run when both want a core), and are restored to 0 once under
   :data:`RESTORE_FRACTION` of it. The ``2`` keeps a second user's share free before it arrives: a lone heavy
   user is demoted too, which costs it nothing while the machine has no one else to run.
-- the nice is set on the backend *and on its autogroup* (:func:`set_nice`): each backend is a session of
-  its own, and with autogroups on the group's nice is the one the scheduler compares (measured here: four
-  backends reniced without their groups kept 4 x 1.0 core-seconds in 5 s against the fifth one's 1.65; with
-  their groups, 4 x 1.0 against 4.76).
+- where the host lets ``serve`` make CPU control groups (:mod:`agentpg.lifecycle.cpu_groups`), each user's
+  backends are moved into the user's own group, so the kernel weighs a user as one process however many
+  backends it runs, and demoting a user makes its group as light as one process at the demoted nice;
+- elsewhere the nice is set on each backend *and on its autogroup* (:func:`set_nice`): each backend is a
+  session of its own, and with autogroups on the group's nice is the one the scheduler compares (measured
+  here: four backends reniced without their groups kept 4 x 1.0 core-seconds in 5 s against the fifth one's
+  1.65; with their groups, 4 x 1.0 against 4.76). Weaker: 30 demoted backends still outweigh one light one.
 
 A priority is not a cap: a demoted user still gets every core nobody else wants (the limits on time, memory
 and temp space are elsewhere). Demoted backends still run when they hold a lock a light one waits for (nice
@@ -34,6 +37,7 @@ to schedule.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -48,6 +52,7 @@ from psycopg.rows import tuple_row
 from sqlalchemy import select, union_all
 
 from agentpg.catalog.models import RestoredCopy, UserGlobalDatabase, WorkspaceAgentDatabase
+from agentpg.lifecycle.cpu_groups import FULL_SHARES, CpuGroups, shares_of_nice
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.periodic import PeriodicJob
 
@@ -151,6 +156,8 @@ class _Backend:
     started: int
     cpu_s: float
     nice: int = 0
+    placed: bool = False
+    """In its user's control group (with :class:`CpuGroups`)."""
 
 
 @dataclass
@@ -163,6 +170,9 @@ class CpuShares:
     cores: float = field(default_factory=lambda: float(os.cpu_count() or 1))
     share_override: float | None = None
     """Tests only: a fixed share in cores instead of :func:`share_of`."""
+    groups: CpuGroups | None = None
+    """Per-user control groups where the host has them: a demoted user's *group* is made lighter (one weight
+    for all of its backends, however many); None: each backend is reniced."""
     usage: dict[str, float] = field(default_factory=dict)
     demoted: set[str] = field(default_factory=set)
     demotions: int = 0
@@ -173,6 +183,7 @@ class CpuShares:
     _last: float | None = None
     _conn: psycopg.Connection[tuple[int, str]] | None = None
     _warned: bool = False
+    _grouped: set[str] = field(default_factory=set)
 
     def tick(self) -> None:
         """Measure, average, demote and restore. Raises psycopg.Error when the server cannot be read (the
@@ -190,8 +201,12 @@ class CpuShares:
             if user is None or cpu is None:
                 continue
             before = self._backends.get(pid)
-            backend = _Backend(user, cpu[1], cpu[0], before.nice if before and before.started == cpu[1] else 0)
-            if before is not None and before.started == backend.started and elapsed is not None:
+            same = before is not None and before.started == cpu[1]
+            backend = _Backend(user, cpu[1], cpu[0], before.nice, before.placed) if before and same else \
+                _Backend(user, cpu[1], cpu[0])
+            if self.groups is not None and not backend.placed:
+                self._place(pid, backend)
+            if before is not None and same and elapsed is not None:
                 used[user] = used.get(user, 0.0) + max(0.0, backend.cpu_s - before.cpu_s) / elapsed
             seen[pid] = backend
         self._backends = seen
@@ -213,10 +228,38 @@ class CpuShares:
             elif user in self.demoted and cores < share * RESTORE_FRACTION:
                 self.demoted.discard(user)
         self.demoted &= set(self.usage)
+        if self.groups is not None:
+            self._weigh_groups(self.groups)
+            return
         for pid, backend in self._backends.items():
             wanted = self.demoted_nice if backend.user in self.demoted else 0
             if backend.nice != wanted:
                 self._renice(pid, backend, wanted)
+
+    def _place(self, pid: int, backend: _Backend) -> None:
+        assert self.groups is not None
+        try:
+            self.groups.place(pid, backend.user)
+        except ProcessLookupError:
+            return  # ended since it was read
+        except OSError as exc:
+            self.renice_failures += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("CPU: cannot move a backend into its user's control group: %s",
+                            exc.strerror or type(exc).__name__)
+        backend.placed = True  # (or given up on: not retried every pass)
+
+    def _weigh_groups(self, groups: CpuGroups) -> None:
+        with_backends = {backend.user for backend in self._backends.values()}
+        for user in with_backends:
+            try:
+                groups.weigh(user, shares_of_nice(self.demoted_nice) if user in self.demoted else FULL_SHARES)
+            except OSError:
+                self.renice_failures += 1
+        for user in self._grouped - with_backends:
+            groups.forget(user)
+        self._grouped = with_backends
 
     def _renice(self, pid: int, backend: _Backend, wanted: int) -> None:
         try:
@@ -240,10 +283,12 @@ class CpuShares:
                                          application_name="agentpg cpu shares", row_factory=tuple_row)
         try:
             rows = self._conn.execute(
-                "SELECT pid, datname FROM pg_stat_activity WHERE datname IS NOT NULL "
-                "AND backend_type IN ('client backend', 'parallel worker') AND pid <> pg_backend_pid()").fetchall()
+                # agentpg's own connections (superusers) are nobody's: its work is never counted or slowed
+                "SELECT a.pid, a.datname FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid "
+                "WHERE a.datname IS NOT NULL AND NOT r.rolsuper "
+                "AND a.backend_type IN ('client backend', 'parallel worker')").fetchall()
         except psycopg.Error:
-            self.close()
+            self._disconnect()
             raise
         return rows
 
@@ -259,18 +304,48 @@ class CpuShares:
         return self._owner_of
 
     def close(self) -> None:
+        """Nobody left demoted (the groups back at full weight), the connection closed."""
+        if self.groups is not None:
+            self.groups.close()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
 
-class CpuSharesJob(PeriodicJob):
-    """Runs :meth:`CpuShares.tick` every ``interval_s`` in ``serve`` (0: off)."""
+def raise_own_priority(nice: int) -> bool:
+    """Give every thread of this process ``nice`` (threads started later inherit it), and its autogroup too
+    where autogroups are on (the session ``serve`` was started in: its shell, say, shares it). A negative nice
+    needs ``CAP_SYS_NICE``: False (nothing changed, never raised) without it."""
+    try:
+        for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended since
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except PermissionError:
+        return False
+    if _autogroups_on():
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as handle:
+            handle.write(str(nice))
+    return True
 
-    def __init__(self, shares: CpuShares, interval_s: float) -> None:
-        self.shares = shares
+
+class CpuSharesJob(PeriodicJob):
+    """Runs :meth:`CpuShares.tick` every ``interval_s`` in ``serve`` (0: off); on start, gives ``serve`` itself
+    ``serve_nice`` (0: left as it is)."""
+
+    def __init__(self, shares: CpuShares, interval_s: float, serve_nice: int = 0) -> None:
+        self.shares, self.serve_nice = shares, serve_nice
         # The server may be restarting: a failure is one line, and the next pass tries again.
         super().__init__("cpu-shares", shares.tick, interval_s, first_run_now=True, log_traceback=False)
+
+    def start(self) -> None:
+        # serve answers every user; a tenant's statements (its backends, on the same cores) must not make
+        # everyone's requests wait for a core (measured: bench/README.md, "Fair sharing")
+        if self.serve_nice and not raise_own_priority(self.serve_nice):
+            log.info("CPU: serve keeps its priority (setting nice %d needs CAP_SYS_NICE)", self.serve_nice)
+        super().start()
 
     def stop(self) -> None:
         super().stop()
