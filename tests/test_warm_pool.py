@@ -6,13 +6,14 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from conftest import run_cli
 from helpers import global_uri, workspace_global_uri
 from sqlalchemy import delete, func, select
 
 from agentpg.app.runtime import Runtime
 from agentpg.catalog.models import Operation, WarmDatabase
-from agentpg.lifecycle.warm import Refiller, WarmSizing, drain, fill, peak_burst, trim
+from agentpg.lifecycle.warm import ClaimBursts, Refiller, WarmSizing, drain, fill, peak_burst, trim
 
 
 def warm_count(rt: Runtime, state: str = "ready") -> int:
@@ -132,3 +133,44 @@ def test_a_claim_registers_in_one_catalog_commit_without_touching_the_server(
     with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:  # the sealed password works
         assert conn.execute("SELECT current_user").fetchone() == (login,)
     runtime.service.delete_user(user)
+
+
+def test_the_refill_waits_out_a_wave_of_bursts_but_never_starves_the_pool() -> None:
+    """When the refill may make its next database (times given, no clock): a refill racing a burst slows the
+    registrations it serves (its ``CREATE DATABASE`` WAL is flushed before their commits)."""
+    bursts = ClaimBursts(quiet_s=0.5, calm_s=5.0, max_wait_s=5.0, max_calm_s=15.0)
+    t = 100.0
+    for i in range(20):  # a burst of 20 registrations, 10 ms apart
+        bursts.claim(t + i * 0.01)
+    t += 0.19
+    assert bursts.largest(t) == 20
+    # 70 left: the next burst of 20 is served from the pool, so wait for 5 s of calm ...
+    assert bursts.wait_until(70, began=t, now=t) == pytest.approx(t + 5.0)
+    # ... but never longer than 15 s in all, if bursts keep coming 2 s apart
+    assert bursts.wait_until(70, began=t - 14.0, now=t) == pytest.approx(t + 1.0)
+    # 10 left: the next burst could empty the pool: the first half-second pause will do
+    assert bursts.wait_until(10, began=t, now=t) == pytest.approx(t + 0.5)
+    # nothing left: at once
+    assert bursts.wait_until(0, began=t, now=t) == t
+    # a new burst is counted apart from the first (the largest stays 20 while it is smaller)
+    t += 2.0
+    for i in range(5):
+        bursts.claim(t + i * 0.01)
+    assert bursts.largest(t) == 20
+    # ten minutes later the old bursts are forgotten
+    assert bursts.largest(t + 601.0) == 0
+
+
+def test_claims_one_at_a_time_refill_in_the_pauses() -> None:
+    """A steady trickle (one claim every 3 s) is no burst: the refill takes each pause, the pool never drains
+    waiting for a calm that never comes."""
+    bursts = ClaimBursts(quiet_s=0.5, calm_s=5.0, max_wait_s=5.0)
+    for i in range(10):
+        bursts.claim(100.0 + 3.0 * i)
+    now = 127.0
+    assert bursts.largest(now) == 1
+    assert bursts.wait_until(8, began=now, now=now) == pytest.approx(127.5)
+    # a stream with no pause at all: the wait is bounded
+    for i in range(100):
+        bursts.claim(200.0 + 0.1 * i)
+    assert bursts.wait_until(1, began=205.0, now=209.9) == pytest.approx(210.0)

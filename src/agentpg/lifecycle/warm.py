@@ -66,10 +66,10 @@ class WarmPassword:
 
 
 def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = None,
-         before_each: Callable[[float], None] | None = None) -> int:
+         before_each: Callable[[int], None] | None = None) -> int:
     """Create warm databases until ``target`` exist (ready or being made); return how many were made.
-    ``before_each`` runs before each one with how full the pool is (0 to 1; the refiller waits there for a
-    quiet moment, longer when the pool is fuller).
+    ``before_each`` runs before each one with how many there are (the refiller waits there for a quiet
+    moment).
 
     Each one is crash-safe like any operation: its row (state ``creating``) is written and its advisory lock
     held before the provider is touched.
@@ -82,7 +82,7 @@ def fill(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
                                  .where(WarmDatabase.provider == deps.provider.name)) or 0
             if count >= target:
                 return made
-            before_each(count / target)
+            before_each(count)
         row_id = str(uuid.uuid4())
         plan = DatabasePlan.fresh(deps.provider.place())
         with deps.operation_lease(row_id):
@@ -184,7 +184,7 @@ def trim(deps: LifecycleDeps, target: int, *, stop: threading.Event | None = Non
 
 
 def keep_sized(deps: LifecycleDeps, sizing: WarmSizing, *, stop: threading.Event | None = None,
-               before_each: Callable[[float], None] | None = None) -> int:
+               before_each: Callable[[int], None] | None = None) -> int:
     """One refill round: fill up to the current target, or trim down to it; the target it used."""
     target = sizing.target(peak_burst(deps, sizing)) if sizing.base > 0 else 0
     if fill(deps, target, stop=stop, before_each=before_each) == 0:
@@ -201,33 +201,78 @@ def drain(deps: LifecycleDeps) -> int:
     return len(ids)
 
 
+class ClaimBursts:
+    """When the refiller may make the next database, from the claims it was told of (thread-safe enough: one
+    writer per claim, one reader; a torn read only shifts one wait).
+
+    Claims less than ``quiet_s`` apart are one *burst*. A ``CREATE DATABASE`` writes ~8 MB of WAL, and a
+    claim's commit waits behind its flush, so a refill racing a burst slows the registrations it serves. So:
+
+    - while claims come in bursts (the largest of the last ``memory_s`` had 2 or more) and the pool holds at
+      least as many databases as the largest one, the next burst is served from it, and the refill waits for
+      ``calm_s`` without claims, at most ``max_calm_s`` (a wave of bursts a few seconds apart is refilled
+      after the wave);
+    - otherwise (claims one at a time, or a pool the next burst could run dry) the refill takes the first
+      ``quiet_s`` pause, and waits at most ``max_wait_s`` for it (a steady stream with no pause must not
+      starve the pool);
+    - an empty pool is refilled at once: every registration is already paying for a database of its own.
+    """
+
+    def __init__(self, quiet_s: float = 0.5, calm_s: float = 5.0, max_wait_s: float = 5.0,
+                 max_calm_s: float = 15.0, memory_s: float = 600.0) -> None:
+        self.quiet_s, self.calm_s, self.max_wait_s, self.memory_s = quiet_s, calm_s, max_wait_s, memory_s
+        self.max_calm_s = max_calm_s
+        self.last_claim = float("-inf")
+        self._current = 0
+        self._bursts: list[tuple[float, int]] = []
+        """(ended at, size) of the bursts within ``memory_s``."""
+
+    def claim(self, now: float) -> None:
+        if now - self.last_claim > self.quiet_s:
+            if self._current:
+                self._bursts.append((self.last_claim, self._current))
+            self._current = 0
+        self._current += 1
+        self.last_claim = now
+
+    def largest(self, now: float) -> int:
+        """The largest burst within ``memory_s`` (the one going on included)."""
+        self._bursts = [(ended, size) for ended, size in self._bursts if now - ended <= self.memory_s]
+        ongoing = self._current if now - self.last_claim <= self.memory_s else 0
+        return max([ongoing, *(size for _, size in self._bursts)])
+
+    def wait_until(self, pool: int, began: float, now: float) -> float:
+        """The monotonic time the refill may make its next database, with ``pool`` databases there and its
+        wait begun at ``began``; at or before ``now``: at once."""
+        if pool == 0:
+            return now
+        largest = self.largest(now)
+        if largest >= 2 and pool >= largest:
+            return min(self.last_claim + self.calm_s, began + self.max_calm_s)
+        return min(self.last_claim + self.quiet_s, began + self.max_wait_s)
+
+
 class Refiller(PeriodicJob):
     """Keeps the pool at its :class:`WarmSizing` target from a background thread, every ``interval_s``;
-    ``kick()`` after a claim wakes it early. A base of 0 never starts.
-
-    It makes each database in a quiet moment: not within ``quiet_s`` of the last claim, so a burst of
-    registrations is not slowed by the refill's writes and fsyncs (a ``CREATE DATABASE`` writes ~8 MB of WAL,
-    and a claim's commit waits behind its flush); the pool refills in the pauses between bursts. While the pool
-    is at least half full the quiet moment must be ``calm_s`` long: a wave of bursts a few seconds apart is
-    served from the pool and refilled after it, and only a pool running low races the next burst."""
+    ``kick()`` after a claim wakes it early. A base of 0 never starts. When it makes each database:
+    :class:`ClaimBursts`."""
 
     def __init__(self, deps: LifecycleDeps, sizing: WarmSizing, interval_s: float = 5.0,
-                 quiet_s: float = 0.5, calm_s: float = 5.0) -> None:
-        self._quiet_s = quiet_s
-        self._calm_s = calm_s
-        self._last_claim = 0.0
+                 bursts: ClaimBursts | None = None) -> None:
+        self.bursts = bursts or ClaimBursts()
         super().__init__("warm-pool", lambda: keep_sized(deps, sizing, stop=self.stopping,
                                                          before_each=self._wait_for_quiet),
                          interval_s if sizing.base > 0 else 0, first_run_now=True)
 
     def kick(self) -> None:
-        self._last_claim = time.monotonic()
+        self.bursts.claim(time.monotonic())
         super().kick()
 
-    def _wait_for_quiet(self, fullness: float) -> None:
-        quiet = self._quiet_s if fullness < 0.5 else self._calm_s
+    def _wait_for_quiet(self, pool: int) -> None:
+        began = time.monotonic()
         while not self.stopping.is_set():
-            calm_in = self._last_claim + quiet - time.monotonic()
-            if calm_in <= 0:
+            now = time.monotonic()
+            wait = self.bursts.wait_until(pool, began, now) - now
+            if wait <= 0:
                 return
-            self.stopping.wait(calm_in)
+            self.stopping.wait(wait)
