@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ServeProcess, percentiles, report, write_json
+from _proc_cpu import CpuAccount, descendants, postgres_database
 
 from agentpg.embedded import EmbeddedPostgres
 
@@ -292,8 +293,10 @@ def make_tables(admin_dsn: str, agents: list[dict[str, Any]], attacker: int) -> 
 
 
 async def victim(base_url: str, token: str, seconds: float, interval_ms: float, tag: str,
-                 start_at: float | None = None) -> tuple[list[float], Counter[str], list[str]]:
-    """One call every ``interval_ms`` (not overlapping: a late call makes the next one start at once)."""
+                 start_at: float | None = None, by_op: dict[str, list[float]] | None = None
+                 ) -> tuple[list[float], Counter[str], list[str]]:
+    """One call every ``interval_ms`` (not overlapping: a late call makes the next one start at once); ``by_op``
+    gets the latencies of the writes (``execute``, a commit: fsync'd) and of the reads (``query``) apart."""
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     acked: list[str] = []
@@ -313,6 +316,8 @@ async def victim(base_url: str, token: str, seconds: float, interval_ms: float, 
                 kind, ms = await call(s, "query", "agent", "SELECT v FROM t WHERE k = $1", [f"{tag}-{i - 1}"])
             if kind == "ok":
                 latencies.append(ms)
+                if by_op is not None:
+                    by_op.setdefault("execute" if i % 2 == 0 else "query", []).append(ms)
                 if i % 2 == 0:
                     acked.append(key)
             else:
@@ -380,11 +385,35 @@ class DirectProbe(threading.Thread):
         return self.latencies
 
 
-def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
+def cpu_classifier(serve_pid: int, attacker_pid: int, attacker_dbs: list[str], victim_db: str
+                   ) -> Callable[[int, list[str]], str | None]:
+    serve = descendants(serve_pid)
+    attacker = set(attacker_dbs)
+
+    def classify(pid: int, argv: list[str]) -> str | None:
+        if pid in serve:
+            return "serve"
+        if pid == os.getpid():
+            return "this process: the victim's client, probes"
+        if pid == attacker_pid:
+            return "the attacker's client"
+        if argv and argv[0].startswith("postgres"):
+            db = postgres_database(argv)
+            return ("postgres: the attacker's backends" if db in attacker else
+                    "postgres: the victim's backends" if db == victim_db else "postgres: everything else")
+        return "other processes"
+
+    return classify
+
+
+def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
                     args: argparse.Namespace, mode: str) -> tuple[dict[str, Any], dict[str, list[float]]]:
     token = next(a["token"] for a in agents if a["user"] == 0)
     log("  victim alone")
-    quiet, quiet_fail, acked_q = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms, f"q-{mode}"))
+    quiet_ops: dict[str, list[float]] = {}
+    loaded_ops: dict[str, list[float]] = {}
+    quiet, quiet_fail, acked_q = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms, f"q-{mode}",
+                                                    by_op=quiet_ops))
     attackers = [a["token"] for a in agents if a["user"] == 1]
     start_at = time.time() + 3  # the attacker's process is up
     stop_at = start_at + 2 + args.victim_s
@@ -397,8 +426,11 @@ def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str],
     victim_db = next(a["db"] for a in agents if a["user"] == 0)
     probe = DirectProbe(make_conninfo(admin_dsn, dbname=victim_db))
     probe.start()
+    account = CpuAccount(cpu_classifier(serve_pid, proc.pid or 0, dbs, victim_db), start_at=start_at + 2)
+    account.start()
     loaded, loaded_fail, acked_l = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms,
-                                                      f"l-{mode}", start_at=start_at + 2))
+                                                      f"l-{mode}", start_at=start_at + 2, by_op=loaded_ops))
+    cpu = account.stop()
     probed = probe.stop()
     outcomes, attacker_calls, samples = parent.recv()
     proc.join()
@@ -415,7 +447,10 @@ def noisy_neighbour(base_url: str, agents: list[dict[str, Any]], dbs: list[str],
            "victim_failures_quiet": dict(quiet_fail), "victim_failures_loaded": dict(loaded_fail),
            "victim_messages": {k: SAMPLES.get(k, "") for k in {*quiet_fail, *loaded_fail}},
            "victim_writes_acked": len(acked), "victim_writes_missing": len(set(acked) - present),
-           "attacker_calls": attacker_calls, "attacker_outcomes": outcomes, "attacker_messages": samples,
+           "victim_by_op": {f"{phase} {op}": percentiles(values) for phase, ops in
+                            (("quiet", quiet_ops), ("under attack", loaded_ops)) for op, values in ops.items()},
+           "cpu_s_under_attack": cpu, "attacker_calls": attacker_calls, "attacker_outcomes": outcomes,
+           "attacker_messages": samples,
            "attacker_backends_after": {"at_once": at_once, "after_3_s": later},
            "attacker_returned_s_after_stop": round(returned - stop_at, 1)}
     return doc, {"quiet": quiet, "loaded": loaded, "probe": probed}
@@ -563,6 +598,12 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
         env["AGENTPG_GOVERNOR_USER_CAP"] = mode.removeprefix("governor-cap")
     if mode == "governor-nocpu":  # the CPU shares off (lifecycle/cpu_shares.py), to see what they change
         env["AGENTPG_CPU_DEMOTED_NICE"] = "0"
+    if mode == "governor-servenice0":  # serve keeps its priority (AGENTPG_SERVE_NICE=0)
+        env["AGENTPG_SERVE_NICE"] = "0"
+    if mode == "governor-nogroups":  # CPU shares by renicing each backend (no per-user control groups)
+        env["AGENTPG_CPU_GROUPS"] = "false"
+    if mode.startswith("governor-nice"):  # e.g. governor-nice19: demoted users' backends at nice 19
+        env["AGENTPG_CPU_DEMOTED_NICE"] = mode.removeprefix("governor-nice")
     doc: dict[str, Any] = {"settings": {k: v for k, v in env.items() if k != "AGENTPG_ADMIN_TOKEN"}}
     rows: dict[str, dict[str, float]] = {}
     server_pg, admin_dsn = embedded(home)
@@ -579,7 +620,7 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
             log(f"[{mode}] noisy neighbour")
             sampler = BackendSampler(admin_dsn)
             sampler.start()
-            doc["noisy"], _ = noisy_neighbour(server.base_url, agents, attacker_dbs, admin_dsn, args, mode)
+            doc["noisy"], _ = noisy_neighbour(server.base_url, pid, agents, attacker_dbs, admin_dsn, args, mode)
             doc["noisy"]["backends"] = sampler.stop()
             doc["noisy"]["server_refused_connections"] = pglog.refused_since()
             doc["memory"]["after_noisy"] = memory(pid)
@@ -624,7 +665,8 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--modes", default="governor,off",
                         help="comma-separated: governor, off, governor-capN (AGENTPG_GOVERNOR_USER_CAP=N), "
-                             "governor-nocpu (AGENTPG_CPU_DEMOTED_NICE=0)")
+                             "governor-nocpu (AGENTPG_CPU_DEMOTED_NICE=0), governor-niceN (=N), "
+                             "governor-nogroups (AGENTPG_CPU_GROUPS=false), governor-servenice0 (AGENTPG_SERVE_NICE=0)")
     parser.add_argument("--attacks", default=",".join(dict.fromkeys(kind for kind, *_ in ATTACKS)),
                         help="which of the attacker's kinds run (comma-separated), to tell their effects apart")
     parser.add_argument("--attacker-nice", type=int, default=0,
@@ -669,6 +711,9 @@ def main() -> None:
               f"(x{n['p50_ratio']}), p99 {n['victim_quiet']['p99']} -> {n['victim_loaded']['p99']} ms "
               f"(x{n['p99_ratio']}), failures {n['victim_failures_loaded']}, attacker backends running after "
               f"{n['attacker_backends_after']}")
+        print(f"[{mode}] CPU seconds while the victim ran under attack: {n['cpu_s_under_attack']}")
+        for name, p in n["victim_by_op"].items():
+            print(f"[{mode}] victim {name}: p50 {p['p50']} ms, p99 {p['p99']} ms ({p['n']} calls)")
         print(f"[{mode}] serve memory: {doc['memory']}")
     write_json(args.out, {"benchmark": "fair_sharing", "results": results, **extra})
 
