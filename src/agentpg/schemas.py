@@ -106,7 +106,9 @@ class UsageReport(Public):
     percent_of_budget: float | None
     status: Literal["ok", "warning", "exceeded"]
     read_only: bool
-    """True while writes are revoked: the budget is exceeded or the user is over its storage limit."""
+    """True while writes are refused: from the moment the budget is exceeded or the user is over its storage
+    limit (before the grants on every database follow), until the grants are given back after the block is
+    lifted. ``read_only_reason`` says why whenever this is true."""
     read_only_reason: str | None = None
     """Why writes are refused (both reasons when both apply), as MCP ``execute`` says it; null when writable."""
     storage_limit_exceeded: bool = False

@@ -75,11 +75,15 @@ def usage_report(deps: LifecycleDeps, user_id: str, *, warning_percent: int = 80
                           cost_cents=sum(p.backup_cost_cents for p in every))
     total = sum(p.cost_cents for p in every) + backups.cost_cents
     budget_cents = budget.budget_cents if budget is not None else default_budget_cents
+    # read_only says what an agent meets: writes are refused from the decision on (agentpg checks it before
+    # every write), and until the grants are given back after a block is lifted; the grants' own revocation
+    # (``enforced``) may lag the decision by a moment, so it alone would say "writable" while writes fail.
+    reason = block_reason(budget)
     return UsageReport(
         user_id=user_id, period_start=period, budget_cents=budget_cents, total_cost_cents=total,
         percent_of_budget=round(100 * total / budget_cents, 2) if budget_cents else None,
         status=budget_status(total, budget_cents, warning_percent),
-        read_only=bool(budget and budget.enforced), read_only_reason=block_reason(budget),
+        read_only=reason is not None, read_only_reason=reason,
         storage_limit_exceeded=bool(budget and budget.storage_exceeded), global_database=global_part,
         agent_databases=parts, backups=backups)
 
