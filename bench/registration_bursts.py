@@ -16,6 +16,7 @@ the request to its answer (the wait a sign-up page sees).
 from __future__ import annotations
 
 import argparse
+import calendar
 import os
 import secrets
 import shutil
@@ -59,6 +60,30 @@ def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix
     return latencies
 
 
+def checkpoints_during(log: Path, windows: list[tuple[float, float]]) -> list[str]:
+    """The server's checkpoints (``log_checkpoints`` is on by default) that overlap the windows, as
+    "starting" / "complete" log line pairs: a checkpoint's writes and fsyncs are what a commit's own WAL fsync
+    may wait behind."""
+    spans: list[tuple[float, float, str]] = []
+    started: tuple[float, str] | None = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "checkpoint starting" not in line and "checkpoint complete" not in line:
+            continue
+        try:
+            stamp = calendar.timegm(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+        except ValueError:
+            continue
+        if "checkpoint starting" in line:
+            started = (stamp, line)
+        elif started is not None:
+            spans.append((started[0], stamp, started[1][:90] + " / " + line[:24] + line[line.find("write="):][:60]))
+            started = None
+    if started is not None:
+        spans.append((started[0], float("inf"), started[1][:90] + " / not complete"))
+    return [text for begin, end, text in spans if any(begin <= w_end + 1 and end >= w_start - 1
+                                                       for w_start, w_end in windows)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bursts", type=int, default=6)
@@ -68,15 +93,25 @@ def main() -> None:
     parser.add_argument("--base", type=int, default=8)
     parser.add_argument("--max", type=int, default=64)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds for the pool to fill before a case")
+    parser.add_argument("--max-wal-size", default=None, help="ALTER SYSTEM SET max_wal_size (e.g. 4GB) at start")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for serve (repeatable), e.g. AGENTPG_BACKUP_WAL_TRIGGER_MB=0")
     parser.add_argument("--out", default=None, help="also write bench/results/<out>.json")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="agentpg-bench-", dir="/tmp"))
     home.chmod(0o711)
-    serve = ServeProcess(home, {"AGENTPG_WARM_POOL_SIZE": str(args.base), "AGENTPG_WARM_POOL_MAX": str(args.max)})
+    serve_env = dict(item.split("=", 1) for item in args.serve_env)
+    serve = ServeProcess(home, {"AGENTPG_WARM_POOL_SIZE": str(args.base), "AGENTPG_WARM_POOL_MAX": str(args.max),
+                                **serve_env})
     results: dict[str, dict[str, float]] = {}
     try:
         serve.wait_ready(timeout=120)
+        if args.max_wal_size:  # an experiment: fewer WAL-triggered checkpoints on the server (not a setting)
+            with open_runtime(Settings(home=home), attach_only=True, migrate_catalog=False) as rt, \
+                    psycopg.connect(rt.admin_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("ALTER SYSTEM SET max_wal_size = {}").format(sql.Literal(args.max_wal_size)))
+                conn.execute("SELECT pg_reload_conf()")
         admin = {"Authorization": f"Bearer {(home / 'admin-token').read_text().strip()}"}
         time.sleep(args.settle)  # the pool fills to its base first, as on a server that has been up a while
         with httpx.Client(base_url=serve.base_url, headers=admin, timeout=120) as api:
@@ -84,9 +119,15 @@ def main() -> None:
                 response = api.post("/api/users", json={"id": name})
                 assert response.status_code == 201, response.text
 
+            windows = [time.time()]
             first = bursts(1, args.burst_size, 0, register, "first", args.concurrency)
+            windows.append(time.time())
             time.sleep(args.settle)  # the refiller has seen the burst: the pool grows to 1.5 x burst
+            windows.append(time.time())
             rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user", args.concurrency)
+            windows.append(time.time())
+        checkpoints = checkpoints_during(home / "postgres" / "postgres.log", [(windows[0], windows[1]),
+                                                                             (windows[2], windows[3])])
         results["agentpg POST /api/users, first burst (pool at its base)"] = percentiles(first)
         results["agentpg POST /api/users, later bursts (pool sized from the first)"] = percentiles(rest)
         results["agentpg POST /api/users, every burst"] = percentiles(first + rest)
@@ -120,12 +161,14 @@ def main() -> None:
     extra: dict[str, Any] = {
         "fsync": "on (default)", "bursts": args.bursts, "burst_size": args.burst_size, "pause_s": args.pause,
         "warm_pool_base": args.base, "warm_pool_max": args.max, "concurrency": args.concurrency,
+        "serve_env": serve_env, "max_wal_size": args.max_wal_size, "checkpoint_log_lines_during_bursts": checkpoints,
         "cpus": os.cpu_count(),
         "speedup_p50_vs_wal_log": round(base["p50"] / every["p50"], 2),
         "speedup_p99_vs_wal_log": round(base["p99"] / every["p99"], 2),
         "goals": {"p50_ms": 10, "p99_ms": 40, "speedup": 10},
     }
     report("registration_bursts", results, extra)
+    print("checkpoint lines during the bursts:", *checkpoints, sep="\n  ")
     if args.out:
         write_json(args.out, {"benchmark": "registration_bursts", "results": results, **extra})
 

@@ -403,7 +403,12 @@ class EmbeddedPostgres:
                     "shared_buffers": "128MB",
                     # A backend whose client went away (agentpg gave up on its statement) notices it within
                     # a second while it runs, and ends itself (issue 18; tenant roles carry it too).
-                    "client_connection_check_interval": "1s"}
+                    "client_connection_check_interval": "1s",
+                    # Every warm database is a CREATE DATABASE writing ~8 MB of WAL: at the stock 1 GB, refilling
+                    # the pool after a wave of sign-ups forces a checkpoint whose writes and fsyncs then make the
+                    # next registrations' commits wait (measured: bench/README.md, registration in bursts).
+                    # 4 GB lets the timed checkpoint spread them; a crash replays at most that much WAL.
+                    "max_wal_size": "4GB"}
         if not self.fsync:
             settings.update(fsync="off", synchronous_commit="off")
         # Continuous archiving (providers/archive.py): base backups, incremental ones (summarize_wal), WAL
