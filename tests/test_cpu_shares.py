@@ -56,6 +56,20 @@ def _until(shares: CpuShares, done: Callable[[], bool]) -> None:
         shares.tick()
 
 
+def _spin(conn: psycopg.Connection[tuple[object, ...]], failure: list[BaseException]) -> threading.Thread:
+    def run() -> None:
+        try:
+            conn.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
+        except psycopg.errors.QueryCanceled:
+            pass
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_share_leaves_room_for_a_second_user() -> None:
     assert share_of(2, 0) == share_of(2, 1) == share_of(2, 2) == 1.0
     assert share_of(2, 4) == 0.5
@@ -73,17 +87,7 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
         busy.execute("SET application_name = 'agentpg cpu shares'")
         idle.execute("SELECT 1")
         failure: list[BaseException] = []
-
-        def spin() -> None:
-            try:
-                busy.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
-            except psycopg.errors.QueryCanceled:
-                pass
-            except BaseException as exc:
-                failure.append(exc)
-
-        loop = threading.Thread(target=spin)
-        loop.start()
+        loop = _spin(busy, failure)
         try:
             shares.tick()
             _until(shares, lambda: heavy in shares.demoted)
@@ -111,20 +115,6 @@ def _cpu_cgroup(pid: int) -> str:
         if "cpu" in controllers.split(","):
             return path
     raise AssertionError("no cpu controller line")
-
-
-def _spin(conn: psycopg.Connection[tuple[object, ...]], failure: list[BaseException]) -> threading.Thread:
-    def run() -> None:
-        try:
-            conn.execute("SELECT count(*) FROM generate_series(1, 2000000000)")
-        except psycopg.errors.QueryCanceled:
-            pass
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
 def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runtime,
