@@ -22,7 +22,7 @@ import pytest
 from helpers import global_uri
 
 from agentpg.app.runtime import Runtime
-from agentpg.lifecycle.cpu_groups import FULL_SHARES, find_cpu_groups, shares_of_nice
+from agentpg.lifecycle.cpu_groups import FULL_SHARES, cpu_cgroup_of, find_cpu_groups, shares_of_nice
 from agentpg.lifecycle.cpu_shares import CpuShares, catalog_owners, niceness, process_cpu_s, share_of
 
 WAIT_S = 60.0
@@ -110,11 +110,9 @@ def test_a_cpu_heavy_user_is_demoted_and_restored_and_others_are_not(runtime: Ru
 
 
 def _cpu_cgroup(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):
-            return path
-    raise AssertionError("no cpu controller line")
+    path = cpu_cgroup_of(pid)
+    assert path is not None, f"process {pid} has no cpu cgroup"
+    return path
 
 
 def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runtime,

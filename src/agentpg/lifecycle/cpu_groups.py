@@ -41,26 +41,27 @@ def shares_of_nice(nice: int) -> int:
     return max(2, round(FULL_SHARES / 1.25 ** nice))
 
 
+def _proc_lines(path: str) -> list[str]:
+    """The lines of a ``/proc`` file; none when it cannot be read (no such process, no procfs)."""
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _cpu_mount() -> Path | None:
     """Where the cgroup v1 hierarchy with the ``cpu`` controller is mounted, None when there is none."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    for line in mounts:
+    for line in _proc_lines("/proc/self/mounts"):
         fields = line.split()
         if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
             return Path(fields[1])
     return None
 
 
-def _own_cpu_cgroup() -> str | None:
-    """This process's cgroup path in the v1 ``cpu`` hierarchy (``/`` when at its root)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+def cpu_cgroup_of(pid: int | str = "self") -> str | None:
+    """A process's cgroup path in the v1 ``cpu`` hierarchy (``/`` at its root); None when it has none or is
+    gone."""
+    for line in _proc_lines(f"/proc/{pid}/cgroup"):
         _, controllers, path = line.split(":", 2)
         if "cpu" in controllers.split(","):
             return path
@@ -71,7 +72,7 @@ def find_cpu_groups(server_key: str) -> CpuGroups | None:
     """The groups of one PostgreSQL server (``server_key``: e.g. its data directory), made if need be; None when
     this host has no writable cgroup v1 ``cpu`` controller (the caller renices instead). Empty groups that
     earlier servers left are removed on the way."""
-    mount, own = _cpu_mount(), _own_cpu_cgroup()
+    mount, own = _cpu_mount(), cpu_cgroup_of()
     if mount is None or own is None:
         return None
     parent = mount / own.lstrip("/")
