@@ -26,6 +26,7 @@ import pytest
 from helpers import stubborn_function
 from psycopg.conninfo import make_conninfo
 
+from agentpg.access.governed_pool import GovernedPool
 from agentpg.access.governor import OWN_CONNECTIONS, Governor, GovernorConfig, ServerBusy, ServerGate
 from agentpg.access.guard import Reaper
 from agentpg.access.pools import PoolLimits, TenantPools
@@ -35,6 +36,7 @@ from agentpg.embedded import EmbeddedPostgres
 MAX_CONNECTIONS = 100
 DATABASES = 300
 PASSWORD = "gov-test-pw"
+TEMP_TABLES = 1500
 NO_GOVERNOR = os.environ.get("AGENTPG_TEST_NO_GOVERNOR") == "1"
 
 #: A plpgsql loop that swallows every cancel: only termination ends it.
@@ -479,3 +481,31 @@ def test_slots_taken_by_other_clients_mean_busy_not_unreachable(server: Server) 
     assert not out.other, out.other  # no "cannot be reached"
     assert out.latencies and gate.stats.slot_refusals >= 1
     assert gate.budget < gate.full_budget == MAX_CONNECTIONS - 33 - OWN_CONNECTIONS
+
+
+# -- a slot is free only once its backend is gone ------------------------------------------------------------
+
+
+def test_a_connection_given_back_frees_its_slot_only_once_its_backend_exited(server: Server) -> None:
+    """Another pool may open a connection as soon as one is given back, so the slot must really be free then.
+    A backend with many temporary tables drops them at exit, after its connection was closed: giving the
+    connection back waits for that (without the wait, the backend is still there when the grant moves)."""
+
+    async def scenario() -> tuple[int, float]:
+        pool = GovernedPool(server.uris[2], min_size=0, max_size=1, open=False, kwargs={"autocommit": True})
+        await pool.open()
+        try:
+            async with pool.connection() as conn:
+                pid = conn.info.backend_pid
+                for i in range(TEMP_TABLES):
+                    await conn.execute(f"CREATE TEMP TABLE held_{i} (a int)")
+            started = time.monotonic()
+            assert await pool.give_back_one() is True and pool.open_connections() == 0
+            return pid, time.monotonic() - started
+        finally:
+            await pool.close()
+
+    pid, waited = asyncio.run(scenario())
+    with psycopg.connect(server.admin, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() == (0,)
+    print(f"\nthe backend's exit took {waited * 1000:.0f} ms")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -15,6 +17,9 @@ from psycopg_pool import AsyncConnectionPool
 
 SLOT_RETRY_S = 3.0
 """How long a connect keeps retrying while the server says its slots are taken."""
+
+EXIT_WAIT_S = 2.0
+"""How long closing a governed connection waits for its backend to exit before it counts the slot as free."""
 
 
 class SlotWatcher(Protocol):
@@ -30,9 +35,10 @@ def slots_taken(exc: psycopg.OperationalError) -> bool:
 
 class SlotPatientConnection(AsyncConnection[object]):
     """The connection class of governed pools. The governor never grants more connections than the budget,
-    but a backend lives on for a moment after its connection is closed or terminated (it exits on its own
-    time), so a connection made right after another pool gave one up may find the slot still taken. That is
-    a wait, not a failure: retry for up to :data:`SLOT_RETRY_S` before giving up. Each gate has its own
+    and a governed pool hands a grant back only once the backend exited (:func:`close_and_await_exit`), but
+    a slot can still be taken for a moment by what the governor does not see (a backend terminated from
+    outside, or one that outlived :data:`EXIT_WAIT_S`). That is a wait, not a failure: retry for up to
+    :data:`SLOT_RETRY_S` before giving up. Each gate has its own
     subclass (:meth:`agentpg.access.governor.ServerGate.connection_class`) that tells the gate when the
     slots stayed taken."""
 
@@ -54,6 +60,28 @@ class SlotPatientConnection(AsyncConnection[object]):
                     raise
             await asyncio.sleep(pause)
             pause = min(0.2, pause * 2)
+
+
+async def close_and_await_exit(conn: AsyncConnection[Any], timeout_s: float = EXIT_WAIT_S) -> None:
+    """Close ``conn``, then wait (up to ``timeout_s``) until its backend has exited.
+
+    Closing sends Terminate and returns at once; the backend exits on its own time, and a backend with
+    work left at exit (temporary tables to drop) holds its server slot for a while. A backend closes its
+    socket only after it released its slot and its ``pg_stat_activity`` entry (the socket is closed by
+    the last of its exit callbacks), so end of file on a duplicate of the socket means the slot is free."""
+    try:
+        fd = os.dup(conn.pgconn.socket)
+    except (psycopg.Error, OSError):  # already closed or broken: nothing to wait for
+        await conn.close()
+        return
+    with socket.socket(fileno=fd) as sock:
+        await conn.close()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(timeout_s):
+                while await loop.sock_recv(sock, 4096):
+                    pass
 
 
 class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
@@ -110,6 +138,12 @@ class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
         with contextlib.suppress(Exception):
             await self._close_connection(closing)
         return True
+
+    async def _close_connection(self, conn: AsyncConnection[object]) -> None:
+        # Every connection of a governed pool is closed through here (given back, shrunk, expired, broken, or
+        # with the pool): the grant it held goes to another pool only once its backend is really gone.
+        conn._pool = None
+        await close_and_await_exit(conn)
 
     def open_connections(self) -> int:
         """Connections open or being opened."""
