@@ -117,7 +117,18 @@ class Child:
 
     @property
     def stopping(self) -> bool:
-        return self.dead or self._stop.is_set()
+        return self.dead or self._stop.is_set() or self._exited()
+
+    def _exited(self) -> bool:
+        """Whether the child's process has exited, even if its end of stdout has not been read yet: a child
+        killed between two calls is then replaced before the next call is sent to it, instead of that call
+        failing as "stopped during the call". ``WNOWAIT`` leaves the exit status for the event loop to reap."""
+        if self.pid is None or not self.is_process:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # already reaped
+            return True
 
     def stderr_tail(self) -> str:
         return " | ".join(self._stderr_tail[-3:])
