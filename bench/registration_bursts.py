@@ -41,16 +41,19 @@ from agentpg.settings import Settings
 
 
 def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix: str,
-           concurrency: int = 1) -> list[float]:
-    """Run ``n`` bursts of ``size`` calls of ``one(name)``, ``concurrency`` at a time; each call's latency in ms."""
+           concurrency: int = 1, calls: list[tuple[float, float]] | None = None) -> list[float]:
+    """Run ``n`` bursts of ``size`` calls of ``one(name)``, ``concurrency`` at a time; each call's latency in ms
+    (and, into ``calls``, each call's wall-clock start with its latency)."""
     latencies: list[float] = []
     lock = threading.Lock()
 
     def timed(name: str) -> None:
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         one(name)
         with lock:
             latencies.append((time.perf_counter() - start) * 1000)
+            if calls is not None:
+                calls.append((began, latencies[-1]))
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for b in range(n):
@@ -58,6 +61,28 @@ def bursts(n: int, size: int, pause_s: float, one: Callable[[str], None], prefix
             if b < n - 1:
                 time.sleep(pause_s)
     return latencies
+
+
+class DirtyPages(threading.Thread):
+    """Samples the kernel's dirty and under-writeback page cache (``/proc/meminfo``) every 50 ms: a commit's
+    WAL fsync queues behind the disk's writeback of what other writers left dirty."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, int, int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            self.samples.append((time.time(), int(fields["Dirty"].split()[0]) // 1024,
+                                 int(fields["Writeback"].split()[0]) // 1024))
+
+    def around(self, began: float, ms: float) -> dict[str, int]:
+        """The most dirty / under-writeback MB sampled while a call that began at ``began`` ran."""
+        inside = [(d, w) for t, d, w in self.samples if began - 0.05 <= t <= began + ms / 1000 + 0.05]
+        return {"dirty_mb": max((d for d, _ in inside), default=-1),
+                "writeback_mb": max((w for _, w in inside), default=-1)}
 
 
 def checkpoints_during(log: Path, windows: list[tuple[float, float]]) -> list[str]:
@@ -94,6 +119,8 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=64)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds for the pool to fill before a case")
     parser.add_argument("--max-wal-size", default=None, help="ALTER SYSTEM SET max_wal_size (e.g. 4GB) at start")
+    parser.add_argument("--server-set", action="append", default=[], metavar="NAME=VALUE",
+                        help="an experiment: ALTER SYSTEM SET NAME = VALUE on the server at start (repeatable)")
     parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for serve (repeatable), e.g. AGENTPG_BACKUP_WAL_TRIGGER_MB=0")
     parser.add_argument("--out", default=None, help="also write bench/results/<out>.json")
@@ -107,11 +134,18 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         serve.wait_ready(timeout=120)
+        server_set = dict(item.split("=", 1) for item in args.server_set)
         if args.max_wal_size:  # an experiment: fewer WAL-triggered checkpoints on the server (not a setting)
+            server_set["max_wal_size"] = args.max_wal_size
+        if server_set:
             with open_runtime(Settings(home=home), attach_only=True, migrate_catalog=False) as rt, \
                     psycopg.connect(rt.admin_dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("ALTER SYSTEM SET max_wal_size = {}").format(sql.Literal(args.max_wal_size)))
+                for name, value in server_set.items():
+                    conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
                 conn.execute("SELECT pg_reload_conf()")
+        dirty = DirtyPages()
+        dirty.start()
+        calls: list[tuple[float, float]] = []
         admin = {"Authorization": f"Bearer {(home / 'admin-token').read_text().strip()}"}
         time.sleep(args.settle)  # the pool fills to its base first, as on a server that has been up a while
         with httpx.Client(base_url=serve.base_url, headers=admin, timeout=120) as api:
@@ -120,12 +154,18 @@ def main() -> None:
                 assert response.status_code == 201, response.text
 
             windows = [time.time()]
-            first = bursts(1, args.burst_size, 0, register, "first", args.concurrency)
+            first = bursts(1, args.burst_size, 0, register, "first", args.concurrency, calls)
             windows.append(time.time())
             time.sleep(args.settle)  # the refiller has seen the burst: the pool grows to 1.5 x burst
             windows.append(time.time())
-            rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user", args.concurrency)
+            rest = bursts(args.bursts - 1, args.burst_size, args.pause, register, "user", args.concurrency, calls)
             windows.append(time.time())
+        dirty.done.set()
+        slowest = [{"at": time.strftime("%H:%M:%S", time.gmtime(began)) + f".{int(began % 1 * 1000):03d}",
+                    "ms": round(ms, 1), **dirty.around(began, ms)}
+                   for began, ms in sorted(calls, key=lambda c: -c[1])[:5]]
+        typical = [d for t, d, _ in dirty.samples
+                   if windows[0] <= t <= windows[1] or windows[2] <= t <= windows[3]]
         checkpoints = checkpoints_during(home / "postgres" / "postgres.log", [(windows[0], windows[1]),
                                                                              (windows[2], windows[3])])
         results["agentpg POST /api/users, first burst (pool at its base)"] = percentiles(first)
@@ -139,6 +179,7 @@ def main() -> None:
             def plain(name: str, strategy: str = strategy) -> None:
                 role = name.replace("-", "_")
                 with psycopg.connect(admin_dsn, autocommit=True) as conn:
+                    conn.execute("SET backend_flush_after = 0")  # the stock default: a plain server's baseline
                     conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                         sql.Identifier(role), sql.Literal(secrets.token_urlsafe(24))))
                     conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} STRATEGY = {}").format(
@@ -161,7 +202,10 @@ def main() -> None:
     extra: dict[str, Any] = {
         "fsync": "on (default)", "bursts": args.bursts, "burst_size": args.burst_size, "pause_s": args.pause,
         "warm_pool_base": args.base, "warm_pool_max": args.max, "concurrency": args.concurrency,
-        "serve_env": serve_env, "max_wal_size": args.max_wal_size, "checkpoint_log_lines_during_bursts": checkpoints,
+        "serve_env": serve_env, "max_wal_size": args.max_wal_size, "server_set": server_set,
+        "checkpoint_log_lines_during_bursts": checkpoints, "slowest_registrations": slowest,
+        "dirty_mb_during_bursts": {"median": sorted(typical)[len(typical) // 2] if typical else -1,
+                                   "max": max(typical, default=-1)},
         "cpus": os.cpu_count(),
         "speedup_p50_vs_wal_log": round(base["p50"] / every["p50"], 2),
         "speedup_p99_vs_wal_log": round(base["p99"] / every["p99"], 2),
@@ -169,6 +213,7 @@ def main() -> None:
     }
     report("registration_bursts", results, extra)
     print("checkpoint lines during the bursts:", *checkpoints, sep="\n  ")
+    print("slowest registrations (with the most dirty / writeback page cache while each ran):", *slowest, sep="\n  ")
     if args.out:
         write_json(args.out, {"benchmark": "registration_bursts", "results": results, **extra})
 
