@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from agentpg.embedded import ADMIN_USER, EmbeddedPostgres, EmbeddedPostgresError, ServerInfo
+from agentpg.embedded_memory import DEFAULT_BACKEND_MEMORY_MB, address_space_limit, limit_kib
 
 IS_ROOT = os.geteuid() == 0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -288,3 +289,30 @@ def test_autovacuum_is_paced_by_the_number_of_databases(pg: EmbeddedPostgres) ->
     finally:
         pace_autovacuum(dsn, 0)  # pacing off: back to the server's own configuration
     assert settles_at(60)
+
+
+def test_every_server_process_is_memory_bounded_from_start(pg: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """The server starts under an address-space limit (its shared memory + code + the allowance) that every
+    backend inherits at fork; a statement over it is an error for that statement only. A server that was
+    started without it keeps running and the log says the bound comes with its next start."""
+    info = pg.ensure_running()
+    with psycopg.connect(info.dsn("postgres"), autocommit=True) as conn:
+        shared_mb = int(str(conn.execute("SHOW shared_memory_size").fetchone()[0]).removesuffix("MB"))  # type: ignore[index]
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        expected = limit_kib(shared_mb, DEFAULT_BACKEND_MEMORY_MB) * 1024
+        assert address_space_limit(pid) == expected and address_space_limit(pg.status()["pid"]) == expected
+        with pytest.raises(psycopg.errors.OutOfMemory):  # two values of 1 GB each, at once
+            conn.execute("SELECT length(repeat('a', 1000000000)) + length(repeat('b', 1000000000))")
+        assert conn.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # the same session goes on
+
+    unbounded = EmbeddedPostgres(_base_dir() / "home", fsync=False, backend_memory_mb=0)
+    try:
+        unbounded.ensure_running()
+        assert address_space_limit(unbounded.status()["pid"]) is None
+        caplog.clear()
+        EmbeddedPostgres(unbounded.home, fsync=False).ensure_running()  # asks for the bound: too late
+        assert any("NOT memory-bounded" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        unbounded.stop()
+        shutil.rmtree(unbounded.home.parent, ignore_errors=True)

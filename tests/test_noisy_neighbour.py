@@ -235,6 +235,23 @@ async def test_a_huge_value_is_result_too_large_and_serve_memory_stays_bounded(
         assert big_but_fine["rows"] == [[200000000]]
 
 
+async def test_a_statement_past_the_memory_bound_fails_alone(roomy_url: str, tenants: Tenants, runtime: Runtime,
+                                                           admin: Conn) -> None:
+    """A row of three 500 MB values (1.5 GB in one backend, whatever ``work_mem`` says) is refused with "out of
+    memory" by the bound on every server process (AGENTPG_EMBEDDED_BACKEND_MEMORY_MB, 1.5 GB by default),
+    instead of growing until the kernel kills a backend, which would restart every session of the server."""
+    backend = admin.execute("SELECT pg_backend_pid()").fetchone()
+    huge_row = ("SELECT length(a) + length(b) + length(c) FROM (SELECT repeat('a', 500000000) AS a, "
+                "repeat('b', 500000000) AS b, repeat('c', 500000000) AS c) AS s")
+    async with http_session(roomy_url, tenants.token_c) as s:
+        message = await refused(s, "query", database="agent", sql=huge_row)
+        assert "out of memory" in message and "53200" in message, message
+        assert "more memory than the server gives one session" in message, message
+        assert (await ok(s, "query", database="agent", sql="SELECT 1 AS one"))["rows"] == [[1]]
+    # No crash restart: another session opened before it is still the same backend.
+    assert admin.execute("SELECT pg_backend_pid()").fetchone() == backend
+
+
 @pytest.fixture(scope="module")
 def roomy_agent_uri(runtime: Runtime, tenants: Tenants) -> str:
     """The agent database of a workspace (of user 2) made with the default role limits (1 GB of temp files)."""

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import pwd
 import secrets
@@ -32,6 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from agentpg.embedded_memory import (
+    DEFAULT_BACKEND_MEMORY_MB,
+    address_space_limit,
+    limit_kib,
+    parse_shared_memory_mb,
+    start_command,
+)
+
+log = logging.getLogger(__name__)
 
 ADMIN_USER = "agentpg_admin"
 DEFAULT_OS_USER = "nobody"
@@ -122,6 +133,8 @@ class EmbeddedPostgres:
     ``os_user`` (default ``nobody``) is the account the server runs as when we are root; when not root
     everything runs as the current user and ``os_user`` is ignored. ``fsync=False`` trades crash safety
     for speed (tests). ``extra_conf`` entries are written to the server configuration on every start.
+    ``backend_memory_mb`` (0: none) bounds the memory each server process may add to what it starts with
+    (:mod:`agentpg.embedded_memory`); set when this object starts the server, a running one keeps its own.
     """
 
     def __init__(
@@ -131,6 +144,7 @@ class EmbeddedPostgres:
         os_user: str | None = None,
         fsync: bool = True,
         extra_conf: Mapping[str, str] | None = None,
+        backend_memory_mb: int = DEFAULT_BACKEND_MEMORY_MB,
     ) -> None:
         self.home = Path(home).absolute()
         self.root = self.home / "postgres"
@@ -143,6 +157,7 @@ class EmbeddedPostgres:
         self.os_user = os_user or DEFAULT_OS_USER
         self.fsync = fsync
         self.extra_conf = dict(extra_conf or {})
+        self.backend_memory_mb = backend_memory_mb
         self._as_root = os.geteuid() == 0
         self._version: str | None = None
 
@@ -150,21 +165,29 @@ class EmbeddedPostgres:
     def ensure_running(self) -> ServerInfo:
         """Return the running server's info, initialising (first use) and starting it if needed."""
         info = self._running_info()
-        if info is not None:
-            return info
-        with self._locked():
-            info = self._running_info()
-            if info is not None:
-                return info
-            self._prepare_root()
-            bin_dir = self._usable_bin()
-            if not self.password_file.is_file():
-                self._initdb(bin_dir)
-            self._start(bin_dir)
-            info = self._running_info()
-            if info is None:
-                raise EmbeddedPostgresError(f"PostgreSQL started but is not reachable.\n{self._log_tail()}")
-            return info
+        if info is None:
+            with self._locked():
+                info = self._running_info()
+                if info is None:
+                    self._prepare_root()
+                    bin_dir = self._usable_bin()
+                    if not self.password_file.is_file():
+                        self._initdb(bin_dir)
+                    self._start(bin_dir)
+                    info = self._running_info()
+                    if info is None:
+                        raise EmbeddedPostgresError(f"PostgreSQL started but is not reachable.\n{self._log_tail()}")
+        self._check_memory_limit()
+        return info
+
+    def _check_memory_limit(self) -> None:
+        """Say in the log when a server that was already running has no memory bound although one is asked
+        for (started before the setting, or by an older agentpg): it gets it at its next start."""
+        postmaster = self._postmaster() if self.backend_memory_mb > 0 else None
+        if postmaster is not None and address_space_limit(postmaster[0]) is None:
+            log.warning("the embedded server's processes are NOT memory-bounded: it was started without the "
+                        "bound (AGENTPG_EMBEDDED_BACKEND_MEMORY_MB), which applies from its next start "
+                        "(agentpg stop, then agentpg serve)")
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and wait for it; does nothing if it is not running."""
@@ -460,9 +483,17 @@ class EmbeddedPostgres:
         self._write_conf(port)
         if not self.log_file.exists():
             self.log_file.touch(mode=0o600)
-        rc, out = self._run([str(bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir),
-                             "-l", str(self.log_file), "-w", "-t", str(_PG_CTL_WAIT), "-s"],
-                            timeout=_PG_CTL_WAIT + 30)
+        argv = [str(bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir),
+                "-l", str(self.log_file), "-w", "-t", str(_PG_CTL_WAIT), "-s"]
+        if self.backend_memory_mb > 0:
+            rc, out = self._run([str(bin_dir / "postgres"), "-D", str(self.data_dir), "-C", "shared_memory_size"],
+                                timeout=_QUICK_TIMEOUT)
+            shared_mb = parse_shared_memory_mb(out) if rc == 0 else None
+            if shared_mb is None:
+                raise EmbeddedPostgresError(f"cannot size the server's shared memory (postgres -C: "
+                                            f"{out.strip()[-300:] or rc})")
+            argv = start_command(argv, limit_kib(shared_mb, self.backend_memory_mb))
+        rc, out = self._run(argv, timeout=_PG_CTL_WAIT + 30)
         if rc != 0:
             raise EmbeddedPostgresError(f"PostgreSQL failed to start from {self.data_dir} on port {port} "
                                         f"(pg_ctl: {out.strip() or rc}).\n{self._log_tail()}")

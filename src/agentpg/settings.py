@@ -10,6 +10,8 @@ import platformdirs
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from agentpg.embedded_memory import DEFAULT_BACKEND_MEMORY_MB
+
 
 def default_home() -> Path:
     """Where agentpg keeps its data when ``AGENTPG_HOME`` is unset.
@@ -42,6 +44,10 @@ class Settings(BaseSettings):
     embedded_fsync: bool = True
     embedded_max_connections: int = Field(default=400, ge=20, le=10_000)
     """``max_connections`` of the embedded server (a third of it, at most 40, is kept for superusers)."""
+    embedded_backend_memory_mb: int = Field(default=DEFAULT_BACKEND_MEMORY_MB, ge=0, le=1_048_576)
+    """Memory (MB of address space) each process of the embedded server may use beyond what it starts with
+    (shared memory, code): a statement over it fails with "out of memory" instead of the kernel killing a
+    backend, which restarts every session of the server. Set when the embedded server starts; 0 = none."""
     embedded_autovacuum_pace_s: float = Field(default=2.0, ge=0, le=3600)
     """On the embedded server, ``serve`` keeps autovacuum's worker starts at most one per this many seconds
     (``autovacuum_naptime`` = databases x this, between 60 s and 2 h); 0 leaves PostgreSQL's default."""

@@ -78,6 +78,10 @@ def failure_of(exc: psycopg.Error, uri: str, elapsed_s: float, *, offset: int = 
         message += (f"\nagentpg limits the temporary files a statement may hold on disk{limit}: this one sorted, "
                     "hashed or materialized more than that on disk. Narrow it (WHERE, LIMIT, fewer columns), "
                     "add an index that avoids the sort, or split the work into smaller statements.")
+    if state == "53200":
+        message += ("\nThe statement needed more memory than the server gives one session (agentpg bounds it, so "
+                    "that one statement cannot take the machine from every other tenant). Narrow it (WHERE, "
+                    "LIMIT, fewer or smaller values), or split the work into smaller statements.")
     message += f"\nSQLSTATE {state}"
     denied = state == "42501" or state.startswith("25")  # insufficient privilege; read-only / txn state
     return StatementFailed(scrub(message, uri), outcome="denied" if denied else "error",

@@ -143,7 +143,8 @@ def admin_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     if settings.fleet:  # the catalog lives on the fleet's first server unless AGENTPG_CATALOG_URL says otherwise
         return settings.fleet[0].get_secret_value(), None
     embedded = EmbeddedPostgres(settings.home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync,
-                                extra_conf={"max_connections": str(settings.embedded_max_connections)})
+                                extra_conf={"max_connections": str(settings.embedded_max_connections)},
+                                backend_memory_mb=settings.embedded_backend_memory_mb)
     try:
         info = embedded.ensure_running()
     except EmbeddedPostgresError as exc:
@@ -267,7 +268,8 @@ def attach_dsn(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     if not uses_embedded(settings):
         return admin_dsn(settings)
     embedded = EmbeddedPostgres(home, os_user=settings.postgres_os_user, fsync=settings.embedded_fsync,
-                                extra_conf={"max_connections": str(settings.embedded_max_connections)})
+                                extra_conf={"max_connections": str(settings.embedded_max_connections)},
+                                backend_memory_mb=settings.embedded_backend_memory_mb)
     try:
         info = embedded.running_info()
     except EmbeddedPostgresError as exc:
