@@ -184,9 +184,12 @@ async def test_storage_limit_stops_a_fast_writer_within_seconds(runtime: Runtime
                 assert global_db is not None
                 with psycopg.connect(make_conninfo(runtime.admin_dsn, dbname=global_db.name), autocommit=True) as conn:
                     conn.execute("DELETE FROM blobs")
-                    conn.execute("VACUUM blobs")
+                    # FULL: a plain VACUUM gives back only the trailing empty pages, and skips even that when it
+                    # cannot take its lock at once (under load, autovacuum may be on the table): a rewrite always
+                    # returns the space (docs/limits.md says the same to users).
+                    conn.execute("VACUUM FULL blobs")
                 guard.kick()
-                until(lambda: not svc.usage(user).read_only)
+                until(lambda: not svc.usage(user).read_only, timeout=30)
                 done = await ok(session, "execute", database="global", sql="INSERT INTO blobs VALUES (2, 'x')")
                 assert done["rows_affected"] == 1
     finally:
