@@ -4,6 +4,8 @@ A benchmark that asks "why was the victim slow" needs to know who had the cores:
 the PostgreSQL backends of each tenant, PostgreSQL's own processes. :class:`CpuAccount` samples every process's
 ``utime + stime`` a few times a second and sums, per group, what each process used between its first and last
 sample inside the window (a process that lives shorter than one interval is missed; its share is small).
+Likewise the time each group's threads spent *runnable but waiting for a core* (``run_delay`` of
+``/proc/<pid>/task/*/schedstat``): the scheduler's share of a latency, which CPU time alone does not show.
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ def _cpu_s(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _wait_s(pid: int) -> float | None:
+    """Seconds the process's threads spent runnable on a run queue, waiting for a core (threads that exited
+    are not counted: their time leaves the sum)."""
+    total, seen = 0, False
+    try:
+        tasks = list(os.scandir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int(Path(task.path, "schedstat").read_text().split()[1])
+            seen = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9 if seen else None
 
 
 def _argv(pid: int) -> list[str]:
@@ -73,7 +92,11 @@ class CpuAccount(threading.Thread):
         self._group: dict[int, str | None] = {}
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._first_wait: dict[int, float] = {}
+        self._last_wait: dict[int, float] = {}
         self._machine: list[float] = []
+        self.waits: dict[str, float] = {}
+        """After :meth:`stop`: seconds each group's threads waited for a core, runnable, over the window."""
 
     @staticmethod
     def _machine_busy_s() -> float:
@@ -95,6 +118,10 @@ class CpuAccount(threading.Thread):
                 continue
             self._first.setdefault(pid, cpu)
             self._last[pid] = cpu
+            wait = _wait_s(pid)
+            if wait is not None:
+                self._first_wait.setdefault(pid, wait)
+                self._last_wait[pid] = max(wait, self._first_wait[pid])
         self._machine.append(self._machine_busy_s())
 
     def run(self) -> None:
@@ -117,4 +144,10 @@ class CpuAccount(threading.Thread):
             assert group is not None
             out[group] = out.get(group, 0.0) + last - self._first[pid]
         out["machine (all processes)"] = self._machine[-1] - self._machine[0]
+        waits: dict[str, float] = {}
+        for pid, last in self._last_wait.items():
+            group = self._group[pid]
+            assert group is not None
+            waits[group] = waits.get(group, 0.0) + last - self._first_wait[pid]
+        self.waits = {k: round(v, 2) for k, v in sorted(waits.items(), key=lambda kv: -kv[1])}
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}

@@ -449,7 +449,8 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
            "victim_writes_acked": len(acked), "victim_writes_missing": len(set(acked) - present),
            "victim_by_op": {f"{phase} {op}": percentiles(values) for phase, ops in
                             (("quiet", quiet_ops), ("under attack", loaded_ops)) for op, values in ops.items()},
-           "cpu_s_under_attack": cpu, "attacker_calls": attacker_calls, "attacker_outcomes": outcomes,
+           "cpu_s_under_attack": cpu, "run_queue_wait_s_under_attack": account.waits,
+           "attacker_calls": attacker_calls, "attacker_outcomes": outcomes,
            "attacker_messages": samples,
            "attacker_backends_after": {"at_once": at_once, "after_3_s": later},
            "attacker_returned_s_after_stop": round(returned - stop_at, 1)}
@@ -712,6 +713,7 @@ def main() -> None:
               f"(x{n['p99_ratio']}), failures {n['victim_failures_loaded']}, attacker backends running after "
               f"{n['attacker_backends_after']}")
         print(f"[{mode}] CPU seconds while the victim ran under attack: {n['cpu_s_under_attack']}")
+        print(f"[{mode}] seconds runnable but waiting for a core, same window: {n['run_queue_wait_s_under_attack']}")
         for name, p in n["victim_by_op"].items():
             print(f"[{mode}] victim {name}: p50 {p['p50']} ms, p99 {p['p99']} ms ({p['n']} calls)")
         print(f"[{mode}] serve memory: {doc['memory']}")
