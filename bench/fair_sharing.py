@@ -234,6 +234,31 @@ async def governor_metrics(base_url: str, admin: str) -> dict[str, float]:
     return out
 
 
+def loop_lag_buckets(base_url: str, admin: str) -> dict[float, float]:
+    """serve's ``agentpg_event_loop_lag_seconds`` histogram: cumulative count per bucket bound (s)."""
+    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {admin}"}, timeout=30).text
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("agentpg_event_loop_lag_seconds_bucket"):
+            out[float(line.split('le="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The loop-lag samples taken between two scrapes: how many, the bucket bounds their p50 and p99 fall
+    under (ms), and the share that waited over 5 ms."""
+    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return {"samples": 0}
+
+    def under(q: float) -> float:
+        return next(le for le, n in delta.items() if n >= q * total) * 1000
+
+    return {"samples": total, "p50_under_ms": under(0.5), "p99_under_ms": under(0.99),
+            "over_5ms_share": round(1 - delta.get(0.005, 0.0) / total, 3)}
+
+
 # -- setup: users and workspaces through REST, tables through MCP -------------------------------------------
 
 
@@ -407,13 +432,16 @@ def cpu_classifier(serve_pid: int, attacker_pid: int, attacker_dbs: list[str], v
 
 
 def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
-                    args: argparse.Namespace, mode: str) -> tuple[dict[str, Any], dict[str, list[float]]]:
+                    args: argparse.Namespace, mode: str, admin: str
+                    ) -> tuple[dict[str, Any], dict[str, list[float]]]:
     token = next(a["token"] for a in agents if a["user"] == 0)
+    lag_start = loop_lag_buckets(base_url, admin)
     log("  victim alone")
     quiet_ops: dict[str, list[float]] = {}
     loaded_ops: dict[str, list[float]] = {}
     quiet, quiet_fail, acked_q = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms, f"q-{mode}",
                                                     by_op=quiet_ops))
+    lag_quiet = loop_lag_buckets(base_url, admin)
     attackers = [a["token"] for a in agents if a["user"] == 1]
     start_at = time.time() + 3  # the attacker's process is up
     stop_at = start_at + 2 + args.victim_s
@@ -431,6 +459,7 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
     loaded, loaded_fail, acked_l = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms,
                                                       f"l-{mode}", start_at=start_at + 2, by_op=loaded_ops))
     cpu = account.stop()
+    lag_loaded = loop_lag_buckets(base_url, admin)  # the attacker's head start and tail included
     probed = probe.stop()
     outcomes, attacker_calls, samples = parent.recv()
     proc.join()
@@ -450,6 +479,8 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
            "victim_by_op": {f"{phase} {op}": percentiles(values) for phase, ops in
                             (("quiet", quiet_ops), ("under attack", loaded_ops)) for op, values in ops.items()},
            "cpu_s_under_attack": cpu, "run_queue_wait_s_under_attack": account.waits,
+           "serve_loop_lag_quiet": lag_between(lag_start, lag_quiet),
+           "serve_loop_lag_under_attack": lag_between(lag_quiet, lag_loaded),
            "attacker_calls": attacker_calls, "attacker_outcomes": outcomes,
            "attacker_messages": samples,
            "attacker_backends_after": {"at_once": at_once, "after_3_s": later},
@@ -621,7 +652,8 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
             log(f"[{mode}] noisy neighbour")
             sampler = BackendSampler(admin_dsn)
             sampler.start()
-            doc["noisy"], _ = noisy_neighbour(server.base_url, pid, agents, attacker_dbs, admin_dsn, args, mode)
+            doc["noisy"], _ = noisy_neighbour(server.base_url, pid, agents, attacker_dbs, admin_dsn, args, mode,
+                                              admin)
             doc["noisy"]["backends"] = sampler.stop()
             doc["noisy"]["server_refused_connections"] = pglog.refused_since()
             doc["memory"]["after_noisy"] = memory(pid)
@@ -714,6 +746,8 @@ def main() -> None:
               f"{n['attacker_backends_after']}")
         print(f"[{mode}] CPU seconds while the victim ran under attack: {n['cpu_s_under_attack']}")
         print(f"[{mode}] seconds runnable but waiting for a core, same window: {n['run_queue_wait_s_under_attack']}")
+        print(f"[{mode}] serve's event-loop lag, quiet: {n['serve_loop_lag_quiet']}; under attack: "
+              f"{n['serve_loop_lag_under_attack']}")
         for name, p in n["victim_by_op"].items():
             print(f"[{mode}] victim {name}: p50 {p['p50']} ms, p99 {p['p99']} ms ({p['n']} calls)")
         print(f"[{mode}] serve memory: {doc['memory']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -199,3 +200,16 @@ def test_an_unexpected_exception_is_a_bare_500_problem(settings: Settings, caplo
     logged = [r for r in caplog.records if r.name == "agentpg.api.middleware"]
     assert logged and "RuntimeError" in logged[0].getMessage()
     assert all(secret not in r.getMessage() and "not-a-real-password" not in r.getMessage() for r in caplog.records)
+
+
+def test_metrics_sample_the_event_loop_lag(api_client: Any) -> None:
+    """serve's loop is sampled every 50 ms while it runs: the count grows between two scrapes."""
+
+    def count() -> float:
+        text = api_client.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("agentpg_event_loop_lag_seconds_count"))
+        return float(line.split()[-1])
+
+    first = count()
+    time.sleep(0.5)
+    assert count() >= first + 3

@@ -9,6 +9,7 @@ lifespan and closed after it; the metrics registry belongs to the app object, so
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +35,7 @@ from agentpg.api.middleware import (
 from agentpg.api.ratelimit import LimitMiddleware
 from agentpg.app.collectors import CpuSharesCollector, GovernorCollector, ReaperCollector, StorageCollector
 from agentpg.app.gateway_wiring import gateway_for
+from agentpg.app.loop_lag import LoopLag, freeze_startup_heap
 from agentpg.app.runtime import open_runtime
 from agentpg.mcp.http import McpHttp
 from agentpg.mcp.oauth import McpOAuth
@@ -84,10 +86,13 @@ def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | No
         app.state.service = service  # what every edge reads (each through its own accessor)
         app.state.runtime = runtime  # the assembly's own handle (its background jobs); no edge reads it
         app.state.agentpg = AppContext(service=service, metrics=metrics)
+        lag = asyncio.create_task(LoopLag(metrics.registry).run())
         try:
             async with mcp.run(service), gateway.run(service):
+                freeze_startup_heap()
                 yield
         finally:
+            lag.cancel()
             app.state.agentpg = None
             app.state.service = None
             app.state.runtime = None
