@@ -439,8 +439,12 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
     log("  victim alone")
     quiet_ops: dict[str, list[float]] = {}
     loaded_ops: dict[str, list[float]] = {}
+    victim_db = next(a["db"] for a in agents if a["user"] == 0)
+    quiet_account = CpuAccount(cpu_classifier(serve_pid, 0, dbs, victim_db))
+    quiet_account.start()
     quiet, quiet_fail, acked_q = asyncio.run(victim(base_url, token, args.victim_s, args.interval_ms, f"q-{mode}",
                                                     by_op=quiet_ops))
+    quiet_cpu = quiet_account.stop()
     lag_quiet = loop_lag_buckets(base_url, admin)
     attackers = [a["token"] for a in agents if a["user"] == 1]
     start_at = time.time() + 3  # the attacker's process is up
@@ -451,7 +455,6 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
                                                        frozenset(args.attacks.split(",")), args.attacker_nice))
     proc.start()
     log("  victim under attack")
-    victim_db = next(a["db"] for a in agents if a["user"] == 0)
     probe = DirectProbe(make_conninfo(admin_dsn, dbname=victim_db))
     probe.start()
     account = CpuAccount(cpu_classifier(serve_pid, proc.pid or 0, dbs, victim_db), start_at=start_at + 2)
@@ -478,6 +481,7 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
            "victim_writes_acked": len(acked), "victim_writes_missing": len(set(acked) - present),
            "victim_by_op": {f"{phase} {op}": percentiles(values) for phase, ops in
                             (("quiet", quiet_ops), ("under attack", loaded_ops)) for op, values in ops.items()},
+           "cpu_s_quiet": quiet_cpu, "run_queue_wait_s_quiet": quiet_account.waits,
            "cpu_s_under_attack": cpu, "run_queue_wait_s_under_attack": account.waits,
            "serve_loop_lag_quiet": lag_between(lag_start, lag_quiet),
            "serve_loop_lag_under_attack": lag_between(lag_quiet, lag_loaded),
@@ -744,6 +748,7 @@ def main() -> None:
               f"(x{n['p50_ratio']}), p99 {n['victim_quiet']['p99']} -> {n['victim_loaded']['p99']} ms "
               f"(x{n['p99_ratio']}), failures {n['victim_failures_loaded']}, attacker backends running after "
               f"{n['attacker_backends_after']}")
+        print(f"[{mode}] CPU seconds while the victim ran alone: {n['cpu_s_quiet']}")
         print(f"[{mode}] CPU seconds while the victim ran under attack: {n['cpu_s_under_attack']}")
         print(f"[{mode}] seconds runnable but waiting for a core, same window: {n['run_queue_wait_s_under_attack']}")
         print(f"[{mode}] serve's event-loop lag, quiet: {n['serve_loop_lag_quiet']}; under attack: "
