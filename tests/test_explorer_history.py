@@ -30,6 +30,7 @@ from mcp import ClientSession
 from mcp_support import http_session, live_server, ok, uid
 
 from agentpg.app.runtime import admin_token
+from agentpg.embedded import EmbeddedPostgres
 from agentpg.settings import Settings
 from agentpg.web.security import CSP
 
@@ -100,6 +101,7 @@ def world() -> Iterator[World]:
             yield World(url, admin, user, "agent", created.json()["agent_token"]["token"], user_token,
                         other)
     finally:
+        EmbeddedPostgres(home).stop()  # the server outlives serve (a detached daemon): stop it before its files go
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -78,6 +78,7 @@ def world() -> Iterator[World]:
                 assert answer.status_code == 200, answer.text
                 yield World(settings, url, admin, user, "agent", tokens[user], other, tokens[other])
     finally:
+        EmbeddedPostgres(home).stop()  # the server outlives serve (a detached daemon): stop it before its files go
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -23,6 +23,7 @@ from mcp_support import PROCESS_INVALIDATION, live_server, uid
 from sqlalchemy import text
 
 from agentpg.app.runtime import Runtime, admin_token, open_runtime
+from agentpg.embedded import EmbeddedPostgres
 from agentpg.settings import Settings
 from agentpg.usage.backups import Sized, attribute
 
@@ -69,6 +70,7 @@ def world() -> Iterator[World]:
                     time.sleep(0.2)
             yield world
     finally:
+        EmbeddedPostgres(home).stop()  # the server outlives serve (a detached daemon): stop it before its files go
         shutil.rmtree(home, ignore_errors=True)
 
 
