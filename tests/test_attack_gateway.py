@@ -485,7 +485,7 @@ def test_children_die_with_agentpg(attack: Attack, agentpg_home: Path, tenants: 
     proc = subprocess.Popen([str(exe), "mcp", "--server", "evil"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, env=env, text=True)
     assert proc.stdin is not None and proc.stdout is not None
-    call = {"name": "sh", "arguments": {"cmd": "id -u; sleep 300 >/dev/null 2>&1 & echo started"}}
+    call = {"name": "sh", "arguments": {"cmd": "id -u; echo \"$HOME\"; sleep 300 >/dev/null 2>&1 & echo started"}}
     try:
         for message in (INIT, {"jsonrpc": "2.0", "method": "notifications/initialized"},
                         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": call}):
@@ -494,20 +494,22 @@ def test_children_die_with_agentpg(attack: Attack, agentpg_home: Path, tenants: 
             if "id" in message:
                 answer = json.loads(proc.stdout.readline())
         text = answer["result"]["content"][0]["text"]
-        uid = int(text.split()[1])
+        uid, home = int(text.split()[1]), Path(text.split()[2])
         assert uid != 0 and Sandbox.processes_of(uid), text
+        # Without namespaces the child's home is a directory of its own on the host; with them, a private tmpfs.
+        assert (home.name.startswith("agentpg-gateway-") and home.is_dir()) == (attack.mode == "none"), text
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     deadline = time.monotonic() + 10
     while Sandbox.processes_of(uid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = Sandbox.processes_of(uid)
-    if left and attack.mode == "none":
-        # Without namespaces the background `sleep` (not the server: it has PDEATHSIG) may outlive agentpg:
-        # the next agentpg's start-up kills it.
+    if attack.mode == "none":
+        # Without namespaces the background `sleep` (not the server: it has PDEATHSIG) may outlive agentpg, and
+        # the child's home stays behind: the next agentpg's start-up kills the one and removes the other.
         attack.sandbox.detect()
-        left = Sandbox.processes_of(uid)
+        assert not home.exists(), f"the killed agentpg's child left its home {home}"
+    left = Sandbox.processes_of(uid)
     assert left == [], f"processes of the killed agentpg's child survived: {left}"
 
 

@@ -208,7 +208,8 @@ class Child:
         try:
             process = await anyio.open_process(launch.argv, env=launch.env, cwd=launch.cwd, start_new_session=True)
         except BaseException:
-            await anyio.to_thread.run_sync(launch.release, sandbox)
+            with anyio.CancelScope(shield=True):  # a cancelled start must still free the uid and remove the dir
+                await anyio.to_thread.run_sync(launch.release, sandbox)
             raise
         self.pid = process.pid
         log.info("gateway started %s (pid %d, uid %s, %s)", self.label, process.pid,

@@ -61,6 +61,8 @@ ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 #: Where the per-uid locks live (one lock file per gateway uid, held while a child runs as it).
 UID_LOCK_DIR = "/run/agentpg-gateway-uids"
+#: The home of a child that no namespace gives a private /tmp: a directory of its own in the host's temp directory.
+PRIVATE_DIR_PREFIX = "agentpg-gateway-"
 Kind = Literal["bwrap", "bwrap-root", "none"]
 
 
@@ -261,23 +263,54 @@ class Sandbox:
                 handle.close()
                 continue
             self.sweep(uid)  # whatever a crashed agentpg left running as this uid
+            self.remove_private_dirs_of(uid)
             return uid, handle
         raise SandboxUnavailable(f"all {self._uid_count} gateway uids are in use (AGENTPG_GATEWAY_UID_COUNT)")
 
     def reap_orphans(self) -> int:
-        """Kill what runs as a gateway uid nobody holds (children of an agentpg that was killed without the
-        chance to stop them). Returns how many uids were swept."""
+        """Kill what runs as a gateway uid nobody holds, and remove the private directories such uids own
+        (children of an agentpg that was killed without the chance to stop them). Returns how many uids were
+        swept."""
         if not self._is_root:
             return 0
         low, high = self._uid_base, self._uid_base + self._uid_count
-        found = {uid for uid in self._uids_running() if low <= uid < high}
+        found = {uid for uid in self._uids_running() | self._private_dir_owners() if low <= uid < high}
         swept = 0
         for uid in sorted(found):
             with contextlib.suppress(OSError), (self._lock_dir() / f"{uid}.lock").open("ab") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: a live child holds it
                 self.sweep(uid)
+                self.remove_private_dirs_of(uid)
                 swept += 1
         return swept
+
+    @staticmethod
+    def _private_dir_owners() -> set[int]:
+        owners: set[int] = set()
+        with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+            for entry in entries:
+                if entry.name.startswith(PRIVATE_DIR_PREFIX):
+                    with contextlib.suppress(OSError):
+                        owners.add(entry.stat(follow_symlinks=False).st_uid)
+        return owners
+
+    @staticmethod
+    def remove_private_dirs_of(uid: int) -> int:
+        """Remove the private directories an earlier child of ``uid`` left in the temp directory (its agentpg was
+        killed, or stopped before it could clean up). Safe because the caller holds ``uid``'s lock: no live child
+        owns them. Returns how many were removed."""
+        removed = 0
+        if uid == os.getuid():
+            return removed  # not a gateway uid: these directories could be anyone's
+        with contextlib.suppress(OSError), os.scandir(tempfile.gettempdir()) as entries:
+            for entry in entries:
+                if not entry.name.startswith(PRIVATE_DIR_PREFIX):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == uid:
+                        shutil.rmtree(entry.path)
+                        removed += 1
+        return removed
 
     @staticmethod
     def _uids_running() -> set[int]:
@@ -342,7 +375,7 @@ class Sandbox:
         try:
             home = SANDBOX_TMP
             if mode.kind == "none":
-                private = tempfile.mkdtemp(prefix="agentpg-gateway-")
+                private = tempfile.mkdtemp(prefix=PRIVATE_DIR_PREFIX)
                 launch.private_dir = private
                 if uid is not None:
                     os.chown(private, uid, uid)
