@@ -177,6 +177,58 @@ def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runt
     never.close()
 
 
+def test_a_demoted_users_group_can_go_idle(runtime: Runtime, users: tuple[str, str]) -> None:
+    """``AGENTPG_CPU_DEMOTED_IDLE``: the demoted user's group goes into the kernel's idle class. While the light
+    user keeps every core busy, the idle group gets next to nothing (a weight of 3 against 1,024, where nice 10's
+    110 would give it about a tenth); restored, the group leaves the idle class at full weight."""
+    heavy, light = users
+    assert runtime.embedded is not None
+    groups = find_cpu_groups(str(runtime.embedded.data_dir))
+    assert groups is not None
+    shares = CpuShares(runtime.admin_dsn, catalog_owners(runtime.service.deps), demoted_nice=10,
+                       share_override=0.3, groups=groups, demoted_idle=True)
+    cores = os.cpu_count() or 1
+    conns = [psycopg.connect(global_uri(runtime, heavy), autocommit=True) for _ in range(cores)]
+    conns += [psycopg.connect(global_uri(runtime, light), autocommit=True) for _ in range(cores)]
+    failure: list[BaseException] = []
+    threads: list[threading.Thread] = []
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        pids = [conn.info.backend_pid for conn in conns]
+        threads = [_spin(conn, failure) for conn in conns[:cores]]  # the heavy user alone first
+        shares.tick()
+        _until(shares, lambda: heavy in shares.demoted)
+        heavy_group = Path(groups.base) / Path(_cpu_cgroup(pids[0])).name
+        assert (heavy_group / "cpu.idle").read_text().strip() == "1"
+        threads += [_spin(conn, failure) for conn in conns[cores:]]  # no pass runs now: the demotion stays
+        time.sleep(1.0)
+        before = [process_cpu_s(pid) for pid in pids]
+        time.sleep(3.0)
+        after = [process_cpu_s(pid) for pid in pids]
+        used = [a[0] - b[0] for a, b in zip(after, before, strict=True) if a and b]
+        assert len(used) == 2 * cores
+        heavy_cpu, light_cpu = sum(used[:cores]), sum(used[cores:])
+        assert light_cpu >= 20 * heavy_cpu, (light_cpu, heavy_cpu)  # nice 10's weight would give ~9x, not 20x
+        for conn in conns:
+            conn.cancel_safe()
+        for thread in threads:
+            thread.join(30)
+        assert not failure
+        _until(shares, lambda: heavy not in shares.demoted)
+        assert (heavy_group / "cpu.idle").read_text().strip() == "0"
+        assert (heavy_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
+        assert shares.renice_failures == 0
+    finally:
+        for conn in conns:
+            conn.cancel_safe()
+        for thread in threads:
+            thread.join(30)
+        for conn in conns:
+            conn.close()
+    shares.close()
+
+
 def test_serve_can_put_itself_before_the_tenants() -> None:
     """``serve`` raises its own priority (every thread, and its autogroup) where it may: a process of its
     own session, so this test's group is not touched."""

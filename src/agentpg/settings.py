@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     """Where the host has a writable cgroup v1 ``cpu`` controller (root, as ``serve`` runs by default), each
     user's backends go into a control group of the user's own, so the CPU is shared per user, not per backend
     (lifecycle/cpu_groups.py); off, or where there is none: each backend is reniced."""
+    cpu_demoted_idle: bool = False
+    """With per-user groups, a demoted user's group is put in the kernel's idle class (``cpu.idle``) instead of
+    given the demoted nice's weight: any other user's waking statement then takes a core from it at once."""
     serve_nice: int = Field(default=-10, ge=-20, le=19)
     """With the embedded server (and CPU shares on), ``serve`` runs at this ``nice``, so answering every user
     comes before any tenant's statements on the shared cores; negative needs root (``CAP_SYS_NICE``), without

@@ -333,7 +333,8 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         if embedded is not None and not attach_only and settings.cpu_demoted_nice > 0:
             groups = find_cpu_groups(str(embedded.data_dir)) if settings.cpu_groups else None
             cpu_shares = CpuSharesJob(CpuShares(admin, catalog_owners(deps), settings.cpu_demoted_nice,
-                                                groups=groups), settings.cpu_shares_interval_s,
+                                                groups=groups, demoted_idle=settings.cpu_demoted_idle),
+                                      settings.cpu_shares_interval_s,
                                       serve_nice=settings.serve_nice)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,

@@ -104,7 +104,8 @@ class CpuGroups:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self._shares: dict[str, int] = {}
+        self._weights: dict[str, tuple[int, bool]] = {}
+        """Per user: the ``cpu.shares`` last set and whether the group is ``cpu.idle``."""
 
     def _group(self, user: str) -> Path:
         return self.base / ("u-" + hashlib.sha256(user.encode()).hexdigest()[:16])
@@ -114,7 +115,7 @@ class CpuGroups:
         ProcessLookupError when it is gone, OSError when the kernel refuses."""
         for attempt in (1, 2):
             group = self._group(user)
-            if user not in self._shares:
+            if user not in self._weights:
                 self.base.mkdir(exist_ok=True)
                 group.mkdir(exist_ok=True)
                 self.weigh(user, FULL_SHARES)
@@ -124,29 +125,40 @@ class CpuGroups:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
-                self._shares.pop(user, None)  # removed by another serve's cleanup while it was empty: remake
+                self._weights.pop(user, None)  # removed by another serve's cleanup while it was empty: remake
             except OSError as exc:
                 if exc.errno == errno.ESRCH:
                     raise ProcessLookupError(pid) from exc
                 raise
 
-    def weigh(self, user: str, shares: int) -> None:
-        """Set the user's group's weight (``cpu.shares``); a no-op when it already has it. Raises OSError."""
-        if self._shares.get(user) != shares:
-            (self._group(user) / "cpu.shares").write_text(str(shares))
-            self._shares[user] = shares
+    def weigh(self, user: str, shares: int, *, idle: bool = False) -> None:
+        """Set the user's group's weight: ``cpu.shares``, or with ``idle`` the kernel's idle class (``cpu.idle``,
+        Linux 5.15+: a waking task of any other group preempts this group's running one at once, and the group
+        weighs what ``SCHED_IDLE`` does, 3 against one process's 1,024). A no-op when it already has it. Raises
+        OSError (FileNotFoundError where the kernel has no ``cpu.idle``)."""
+        if self._weights.get(user) == (shares, idle):
+            return
+        group = self._group(user)
+        if idle:
+            (group / "cpu.idle").write_text("1")
+        else:
+            if self._weights.get(user, (0, True))[1]:  # the kernel refuses cpu.shares while the group is idle
+                with contextlib.suppress(FileNotFoundError):
+                    (group / "cpu.idle").write_text("0")
+            (group / "cpu.shares").write_text(str(shares))
+        self._weights[user] = (shares, idle)
 
     def forget(self, user: str) -> None:
         """Drop a user with no backend left: its group is removed if empty (kept, and reused, if not)."""
-        if self._shares.pop(user, None) is not None:
+        if self._weights.pop(user, None) is not None:
             with contextlib.suppress(OSError):  # busy: a backend came since (kept, and reused)
                 os.rmdir(self._group(user))
 
     def close(self) -> None:
         """Every group back at full weight (a stopped ``serve`` leaves nobody demoted); empty ones removed.
         Best effort: never raises."""
-        for user in list(self._shares):
+        for user in list(self._weights):
             with contextlib.suppress(OSError):
                 self.weigh(user, FULL_SHARES)
-        self._shares.clear()
+        self._weights.clear()
         _remove_if_empty(self.base)

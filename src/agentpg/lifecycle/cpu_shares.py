@@ -173,6 +173,8 @@ class CpuShares:
     groups: CpuGroups | None = None
     """Per-user control groups where the host has them: a demoted user's *group* is made lighter (one weight
     for all of its backends, however many); None: each backend is reniced."""
+    demoted_idle: bool = False
+    """With groups: a demoted user's group goes into the kernel's idle class instead (``cpu.idle``)."""
     usage: dict[str, float] = field(default_factory=dict)
     demoted: set[str] = field(default_factory=set)
     demotions: int = 0
@@ -253,8 +255,10 @@ class CpuShares:
     def _weigh_groups(self, groups: CpuGroups) -> None:
         with_backends = {backend.user for backend in self._backends.values()}
         for user in with_backends:
+            demoted = user in self.demoted
             try:
-                groups.weigh(user, shares_of_nice(self.demoted_nice) if user in self.demoted else FULL_SHARES)
+                groups.weigh(user, shares_of_nice(self.demoted_nice) if demoted else FULL_SHARES,
+                             idle=demoted and self.demoted_idle)
             except OSError:
                 self.renice_failures += 1
         for user in self._grouped - with_backends:
