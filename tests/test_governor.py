@@ -201,6 +201,34 @@ def test_a_user_at_its_cap_waits_while_another_user_runs() -> None:
     asyncio.run(scenario())
 
 
+def test_a_lone_user_leaves_headroom_for_another_users_first_call() -> None:
+    """Alone, a user may go past its cap but not take the last :meth:`ServerGate.headroom` slots: another
+    user's first call then starts at once, without waiting for one of the busy user's statements to end."""
+
+    async def scenario() -> None:
+        gate = ServerGate("h:1", budget=16, wait_s=0.3, user_cap=4)
+        assert gate.headroom() == 2
+        far = time.monotonic() + 5
+        for _ in range(14):
+            await gate.enter("noisy", far)
+        late = asyncio.create_task(gate.enter("noisy", far))  # the 15th would leave one slot free, not two
+        await asyncio.sleep(0.05)
+        assert not late.done() and gate.calls == 14
+        await asyncio.wait_for(gate.enter("quiet", far), 0.5)  # no statement ended, yet it starts
+        assert gate.flight == {"noisy": 14, "quiet": 1}
+        gate.leave("quiet")
+        await asyncio.sleep(0.05)
+        assert not late.done()  # alone again, but still at the headroom
+        gate.leave("noisy")
+        await asyncio.wait_for(late, 1)
+        assert gate.flight == {"noisy": 14}
+        uncapped = ServerGate("h:2", budget=4, wait_s=0.3, user_cap=None)  # no cap (-1): no headroom either
+        for _ in range(4):
+            await asyncio.wait_for(uncapped.enter("noisy", far), 0.5)
+
+    asyncio.run(scenario())
+
+
 # -- a noisy user and a quiet one on a real server ----------------------------------------------------------
 
 

@@ -266,7 +266,8 @@ class Settings(BaseSettings):
     or to measure what the governor buys: bench/fair_sharing.py). Calls may then fail to connect."""
     governor_user_cap: int = Field(default=0, ge=-1, le=100_000)
     """Most statements one user may run at once on a server while other users have calls there (a fair share
-    of CPU, which a connection budget does not give); 0: twice this machine's CPU cores; -1: no cap."""
+    of CPU, which a connection budget does not give); alone, a user leaves a few slots free for another user's
+    first call (access/governor.py, ``ServerGate.headroom``); 0: twice this machine's CPU cores; -1: no cap."""
     governor_wait_s: float = Field(default=5.0, gt=0, le=600)
     """How long a call waits for a connection of a busy server before it fails with ``server_busy`` (429)."""
     serve_instances: int = Field(default=1, ge=1, le=1000)
