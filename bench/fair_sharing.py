@@ -23,29 +23,37 @@ import asyncio
 import multiprocessing
 import os
 import secrets
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import httpx2
 import psycopg
-from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ServeProcess, percentiles, report, write_json
-from _proc_cpu import CpuAccount, descendants, postgres_database
+from _fair_probes import (
+    BackendSampler,
+    DirectProbe,
+    PgLog,
+    cpu_classifier,
+    governor_metrics,
+    lag_between,
+    loop_lag_buckets,
+    memory,
+    running_backends,
+    serve_pids,
+)
+from _fair_scale import scale
+from _mcp_agent import SAMPLES, call, http_client, kind_of_exc, mcp_session
+from _proc_cpu import CpuAccount
 
 from agentpg.embedded import EmbeddedPostgres
 
@@ -66,197 +74,14 @@ ATTACKS = [("stubborn", "agent", "SELECT stubborn()", 2),
                                    "ORDER BY g DESC) s", 2),
            ("flood", "agent", "SELECT pg_sleep(0.05)", 5),
            ("flood", "global", "SELECT pg_sleep(0.05)", 5)]
-REFUSED = ("too many clients", "remaining connection slots are reserved")
-SAMPLES: dict[str, str] = {}
-"""The first tool error message of each kind this process saw (for the report: what the caller read)."""
+#: Not in the default mix (it alone uses the 16 calls): CPU-heavy writes that commit all the time, so a demoted
+#: user's backends often hold the server's shared write locks (WAL insertion, ProcArrayLock at commit) that
+#: every other user's commit needs too: the priority inversion a demotion must not turn into a stall.
+COMMITS = ("commits", "agent", "INSERT INTO t SELECT md5(g::text || random()), g FROM generate_series(1, 2000) g", 16)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- MCP client (the SDK's) and what an answer was ----------------------------------------------------------
-
-_SSL = ssl.create_default_context()  # one context for every client (loading the CA bundle per client is slow)
-
-
-def http_client(token: str) -> httpx2.AsyncClient:
-    """An agent's HTTP client for the SDK's MCP transport (which takes an httpx2 client)."""
-    return httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=90, verify=_SSL,
-                              limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None))
-
-
-@asynccontextmanager
-async def mcp_session(base_url: str, client: httpx2.AsyncClient) -> AsyncIterator[ClientSession]:
-    async with streamable_http_client(f"{base_url}/mcp", http_client=client, terminate_on_close=False) \
-            as (read, write), ClientSession(read, write, read_timeout_seconds=90) as session:
-        await session.initialize()
-        yield session
-
-
-def kind_of_text(message: str) -> str:
-    """The kind of a tool error, from the documented wording (docs/limits.md, docs/mcp.md)."""
-    for needle, kind in (("server is busy", "busy (server_busy)"), ("cannot be reached", "connect failure"),
-                         ("too many concurrent calls on this database", "busy (pool_exhausted)"),
-                         ("too many concurrent calls from this agent", "agent call limit"),
-                         ("rate limit", "rate limited"), ("temp_file_limit", "temp_file_limit"),
-                         ("too large", "result too large"), ("cancelled", "cancelled (time limit)"),
-                         ("busy", "busy (other)")):
-        if needle in message:
-            return kind
-    return "other: " + message[:100]
-
-
-def kind_of_exc(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
-        return "client timeout"
-    if isinstance(exc, httpx.TransportError):
-        return f"HTTP transport: {type(exc).__name__}"
-    return f"{type(exc).__name__}: {str(exc)[:80]}"
-
-
-async def call(session: ClientSession, tool: str, database: str, sql: str,
-               params: list[Any] | None = None) -> tuple[str, float]:
-    args: dict[str, Any] = {"database": database, "sql": sql}
-    if params is not None:
-        args["params"] = params
-    started = time.perf_counter()
-    try:
-        result = await session.call_tool(tool, args)
-    except Exception as exc:  # the session itself failed (transport, HTTP status): it cannot be used further
-        return "client: " + kind_of_exc(exc), (time.perf_counter() - started) * 1000
-    ms = (time.perf_counter() - started) * 1000
-    if not result.is_error:
-        return "ok", ms
-    message = " ".join(getattr(c, "text", "") for c in result.content)
-    kind = kind_of_text(message)
-    SAMPLES.setdefault(kind, message[:240])
-    return kind, ms
-
-
-# -- serve's memory, the server's backends and log ------------------------------------------------------------
-
-
-def proc_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def memory(pid: int, reset: bool = True) -> dict[str, Any]:
-    """serve's VmRSS and VmHWM (MB); then the peak is reset to the current RSS for the next phase if allowed."""
-    out: dict[str, Any] = {"rss_mb": round(proc_kib(pid, "VmRSS") / 1024, 1),
-                           "peak_mb": round(proc_kib(pid, "VmHWM") / 1024, 1)}
-    if reset:
-        try:
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
-            out["peak_reset_after"] = True
-        except OSError:
-            out["peak_reset_after"] = False
-    return out
-
-
-def serve_pids(pid: int) -> list[int]:
-    """serve's process and any children it forked (uvicorn with one worker does not fork)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
-
-
-class BackendSampler(threading.Thread):
-    """Client backends on the server every 100 ms: the most of tenants' (non-superuser) and of superusers' at
-    once, and by ``application_name`` when the total was highest (the admin connections of serve and of this
-    benchmark use the same ``max_connections`` slots as the tenants: the superuser reserve only refuses
-    non-superusers once that few slots are left)."""
-
-    def __init__(self, admin_dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.admin_dsn, self._stop_event = admin_dsn, threading.Event()
-        self.max_tenant = self.max_superuser = self.max_total = 0
-        self.at_max_total: dict[str, int] = {}
-
-    def run(self) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True, application_name="bench sampler") as conn:
-            while not self._stop_event.wait(0.1):
-                rows = conn.execute("SELECT coalesce(r.rolsuper, false), a.application_name, count(*) "
-                                    "FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.rolname = a.usename "
-                                    "WHERE a.backend_type = 'client backend' GROUP BY 1, 2").fetchall()
-                tenant = sum(int(n) for sup, _, n in rows if not sup)
-                superuser = sum(int(n) for sup, _, n in rows if sup)
-                self.max_tenant, self.max_superuser = max(self.max_tenant, tenant), max(self.max_superuser, superuser)
-                if tenant + superuser > self.max_total:
-                    self.max_total = tenant + superuser
-                    self.at_max_total = {f"{'superuser' if sup else 'tenant'}: {app or '-'}": int(n)
-                                         for sup, app, n in rows}
-
-    def stop(self) -> dict[str, Any]:
-        self._stop_event.set()
-        self.join(10)
-        return {"max_tenant_backends": self.max_tenant, "max_superuser_backends": self.max_superuser,
-                "max_total_backends": self.max_total, "at_max_total": self.at_max_total}
-
-
-class PgLog:
-    """Counts the embedded server's refused connections written to its log since the last look."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
-
-    def refused_since(self) -> int:
-        with self.path.open("rb") as handle:
-            handle.seek(self.offset)
-            text = handle.read().decode(errors="replace")
-            self.offset = handle.tell()
-        return sum(text.count(needle) for needle in REFUSED)
-
-
-def running_backends(admin_dsn: str, databases: list[str]) -> dict[str, int]:
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FILTER (WHERE state <> 'idle'), count(*) FROM pg_stat_activity "
-                           "WHERE datname = ANY(%s) AND backend_type = 'client backend' "
-                           "AND pid <> pg_backend_pid()", [databases]).fetchone()
-    assert row is not None
-    return {"running": int(row[0]), "all_incl_idle": int(row[1])}
-
-
-async def governor_metrics(base_url: str, admin: str) -> dict[str, float]:
-    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {admin}"}, timeout=30) as client:
-        text = (await client.get(f"{base_url}/metrics")).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("agentpg_governor") and "user_calls" not in line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name.split("{")[0]] = float(value)
-    return out
-
-
-def loop_lag_buckets(base_url: str, admin: str) -> dict[float, float]:
-    """serve's ``agentpg_event_loop_lag_seconds`` histogram: cumulative count per bucket bound (s)."""
-    text = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {admin}"}, timeout=30).text
-    out: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith("agentpg_event_loop_lag_seconds_bucket"):
-            out[float(line.split('le="')[1].split('"')[0])] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
-    """The loop-lag samples taken between two scrapes: how many, the bucket bounds their p50 and p99 fall
-    under (ms), and the share that waited over 5 ms."""
-    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
-    total = delta.get(float("inf"), 0.0)
-    if not total:
-        return {"samples": 0}
-
-    def under(q: float) -> float:
-        return next(le for le, n in delta.items() if n >= q * total) * 1000
-
-    return {"samples": total, "p50_under_ms": under(0.5), "p99_under_ms": under(0.99),
-            "over_5ms_share": round(1 - delta.get(0.005, 0.0) / total, 3)}
 
 
 # -- setup: users and workspaces through REST, tables through MCP -------------------------------------------
@@ -365,7 +190,7 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
             try:
                 async with mcp_session(base_url, client) as s:
                     while time.time() < stop_at:
-                        got, ms = await call(s, "query", database, sql)
+                        got, ms = await call(s, "execute" if kind == "commits" else "query", database, sql)
                         counts[got] += 1
                         latencies.append(ms)
                         if got.startswith("client: "):
@@ -379,7 +204,8 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
         try:
             await asyncio.wait_for(asyncio.gather(*(
                 attack(kind, db, sql, c) for c in clients
-                for kind, db, sql, n in ATTACKS if kind in kinds for _ in range(n))), stop_at - time.time() + 60)
+                for kind, db, sql, n in [*ATTACKS, COMMITS] if kind in kinds for _ in range(n))),
+                stop_at - time.time() + 60)
         finally:
             for c in clients:
                 await c.aclose()
@@ -389,46 +215,8 @@ def _attacker_process(base_url: str, tokens: list[str], start_at: float, stop_at
     conn.close()
 
 
-class DirectProbe(threading.Thread):
-    """The victim's read straight to PostgreSQL (no serve) every 20 ms: tells the server's share of a slow call
-    from serve's."""
-
-    def __init__(self, dsn: str) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.latencies, self._stop_event = dsn, [], threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True, application_name="bench probe") as conn:
-            while not self._stop_event.wait(0.02):
-                began = time.perf_counter()
-                conn.execute("SELECT v FROM t WHERE k = %s", ["probe"]).fetchall()
-                self.latencies.append((time.perf_counter() - began) * 1000)
-
-    def stop(self) -> list[float]:
-        self._stop_event.set()
-        self.join(10)
-        return self.latencies
 
 
-def cpu_classifier(serve_pid: int, attacker_pid: int, attacker_dbs: list[str], victim_db: str
-                   ) -> Callable[[int, list[str]], str | None]:
-    serve = descendants(serve_pid)
-    attacker = set(attacker_dbs)
-
-    def classify(pid: int, argv: list[str]) -> str | None:
-        if pid in serve:
-            return "serve"
-        if pid == os.getpid():
-            return "this process: the victim's client, probes"
-        if pid == attacker_pid:
-            return "the attacker's client"
-        if argv and argv[0].startswith("postgres"):
-            db = postgres_database(argv)
-            return ("postgres: the attacker's backends" if db in attacker else
-                    "postgres: the victim's backends" if db == victim_db else "postgres: everything else")
-        return "other processes"
-
-    return classify
 
 
 def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]], dbs: list[str], admin_dsn: str,
@@ -492,106 +280,6 @@ def noisy_neighbour(base_url: str, serve_pid: int, agents: list[dict[str, Any]],
     return doc, {"quiet": quiet, "loaded": loaded, "probe": probed}
 
 
-# -- scale --------------------------------------------------------------------------------------------------
-
-
-def _scale_process(base_url: str, work: list[tuple[int, int, str]], start_at: float, cap_s: float,
-                   conn: Any) -> None:
-    calls: list[tuple[str, float]] = []
-    acked: list[tuple[int, str]] = []
-    sessions: Counter[str] = Counter()
-    clients: dict[int, httpx2.AsyncClient] = {}
-
-    async def session(n: int, agent: int, client: httpx.AsyncClient) -> None:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        try:
-            async with mcp_session(base_url, client) as s:
-                for step, tool in enumerate(("execute", "query", "execute")):
-                    key = f"s{n}-{step}"
-                    if tool == "execute":
-                        got = await call(s, tool, "agent", "INSERT INTO t VALUES ($1, $2)", [key, n])
-                    else:
-                        got = await call(s, tool, "agent", "SELECT count(*) FROM t")
-                    calls.append(got)
-                    if got[0] == "ok" and tool == "execute":
-                        acked.append((agent, key))
-                    if got[0].startswith("client: "):
-                        sessions["broken"] += 1
-                        return
-            sessions["completed"] += 1
-        except Exception as exc:
-            sessions[kind_of_exc(exc)] += 1
-
-    async def run() -> float:
-        for _, agent, token in work:
-            if agent not in clients:
-                clients[agent] = http_client(token)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(session(n, a, clients[a]) for n, a, _ in work)), cap_s)
-        except TimeoutError:
-            sessions["unfinished at the cap"] += len(work) - sum(sessions.values())
-        finally:
-            ended = time.time()
-            for c in clients.values():
-                await c.aclose()
-        return ended
-
-    ended = asyncio.run(run())
-    conn.send((calls, acked, dict(sessions), ended, SAMPLES))
-    conn.close()
-
-
-def scale(base_url: str, agents: list[dict[str, Any]], admin_dsn: str, args: argparse.Namespace) -> tuple[
-        dict[str, Any], list[float]]:
-    work = [(n, n % len(agents), agents[n % len(agents)]["token"]) for n in range(args.sessions)]
-    ctx = multiprocessing.get_context("spawn")
-    start_at = time.time() + 4
-    procs, pipes = [], []
-    for i in range(args.clients):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_scale_process, args=(base_url, work[i::args.clients], start_at, args.scale_cap_s,
-                                                     child))
-        p.start()
-        procs.append(p)
-        pipes.append(parent)
-    calls: list[tuple[str, float]] = []
-    acked: list[tuple[int, str]] = []
-    sessions: Counter[str] = Counter()
-    samples: dict[str, str] = {}
-    ended = start_at
-    for parent, p in zip(pipes, procs, strict=True):
-        c, a, s, e, m = parent.recv()
-        for kind, message in m.items():
-            samples.setdefault(kind, message)
-        calls += c
-        acked += a
-        sessions.update(s)
-        ended = max(ended, e)
-        p.join()
-    wall = ended - start_at
-    by_agent: dict[int, list[str]] = {}
-    for agent, key in acked:
-        by_agent.setdefault(agent, []).append(key)
-    missing = 0
-    for agent, keys in by_agent.items():
-        with psycopg.connect(make_conninfo(admin_dsn, dbname=agents[agent]["db"]), autocommit=True) as conn:
-            present = {r[0] for r in conn.execute("SELECT k FROM t WHERE k = ANY(%s)", [keys])}
-        missing += len(set(keys) - present)
-    kinds = Counter(k for k, _ in calls)
-    ok = [ms for k, ms in calls if k == "ok"]
-    busy = [ms for k, ms in calls if k.startswith("busy")]
-    doc = {"sessions": args.sessions, "calls_planned": 3 * args.sessions, "calls_answered": len(calls),
-           "calls_ok": len(ok), "busy_answers": len(busy),
-           "failures_by_kind": {k: v for k, v in kinds.items() if k != "ok" and not k.startswith("busy")},
-           "busy_by_kind": {k: v for k, v in kinds.items() if k.startswith("busy")},
-           "sessions_by_outcome": dict(sessions), "wall_s": round(wall, 1),
-           "ok_calls_per_s": round(len(ok) / wall, 1) if wall > 0 else 0,
-           "ok_latency_ms": percentiles(ok) if len(ok) > 1 else {},
-           "busy_wait_ms": percentiles(busy) if len(busy) > 1 else {},
-           "writes_acked": len(acked), "writes_missing": missing, "messages": samples}
-    return doc, ok
-
-
 # -- setup once, then one fresh server per mode --------------------------------------------------------------
 
 #: serve's settings in every mode (besides AGENTPG_GOVERNOR_ENABLED); ServeProcess adds no rate limit, no warm pool.
@@ -634,6 +322,8 @@ def run_mode(mode: str, home: Path, admin: str, agents: list[dict[str, Any]], gl
         env["AGENTPG_GOVERNOR_USER_CAP"] = mode.removeprefix("governor-cap")
     if mode == "governor-nocpu":  # the CPU shares off (lifecycle/cpu_shares.py), to see what they change
         env["AGENTPG_CPU_DEMOTED_NICE"] = "0"
+    if mode == "governor-idle":  # a demoted user's group in the kernel's idle class (AGENTPG_CPU_DEMOTED_IDLE)
+        env["AGENTPG_CPU_DEMOTED_IDLE"] = "true"
     if mode == "governor-servenice0":  # serve keeps its priority (AGENTPG_SERVE_NICE=0)
         env["AGENTPG_SERVE_NICE"] = "0"
     if mode == "governor-nogroups":  # CPU shares by renicing each backend (no per-user control groups)
@@ -703,9 +393,12 @@ def main() -> None:
     parser.add_argument("--modes", default="governor,off",
                         help="comma-separated: governor, off, governor-capN (AGENTPG_GOVERNOR_USER_CAP=N), "
                              "governor-nocpu (AGENTPG_CPU_DEMOTED_NICE=0), governor-niceN (=N), "
-                             "governor-nogroups (AGENTPG_CPU_GROUPS=false), governor-servenice0 (AGENTPG_SERVE_NICE=0)")
+                             "governor-nogroups (AGENTPG_CPU_GROUPS=false), "
+                             "governor-servenice0 (AGENTPG_SERVE_NICE=0), "
+                             "governor-idle (AGENTPG_CPU_DEMOTED_IDLE=true)")
     parser.add_argument("--attacks", default=",".join(dict.fromkeys(kind for kind, *_ in ATTACKS)),
-                        help="which of the attacker's kinds run (comma-separated), to tell their effects apart")
+                        help="which of the attacker's kinds run (comma-separated), to tell their effects apart; "
+                             "'commits' (not in the default) runs CPU-heavy committing writes")
     parser.add_argument("--attacker-nice", type=int, default=0,
                         help="nice the attacker's client process (on 2 cores its CPU slows the victim's client)")
     parser.add_argument("--out", default="fair_sharing")
