@@ -537,3 +537,70 @@ def test_a_connection_given_back_frees_its_slot_only_once_its_backend_exited(ser
     with psycopg.connect(server.admin, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() == (0,)
     print(f"\nthe backend's exit took {waited * 1000:.0f} ms")
+
+
+@dataclass
+class _Holder:
+    """A pool as the gate sees it (:class:`agentpg.access.governor.Holder`)."""
+
+    user: str
+    pool: GovernedPool
+    active: int = 0
+    last_used: float = 0.0
+
+
+def test_a_slow_backend_exit_does_not_hold_up_other_handoffs(server: Server) -> None:
+    """Two pools need a connection while the budget is spent: one takes an idle connection whose backend is slow
+    to exit (many temporary tables), the other a quick one. The quick handoff completes first: the slow exit is
+    waited for outside the gate's lock. Each grant still moves only once its backend has gone, and the gate
+    never counts more grants than its budget."""
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        gate = ServerGate("h:1", budget=2, wait_s=10)
+        pools = {name: GovernedPool(uri, min_size=0, max_size=1, open=False, start_empty=name.startswith("needs"),
+                                    kwargs={"autocommit": True})
+                 for name, uri in (("slow", server.uris[3]), ("quick", server.uris[4]),
+                                   ("needs-1", server.uris[5]), ("needs-2", server.uris[6]))}
+        holders = {name: _Holder(name, pool) for name, pool in pools.items()}
+        for pool in pools.values():
+            await pool.open()
+        try:
+            async with pools["slow"].connection() as conn:
+                slow_pid = conn.info.backend_pid
+                for i in range(TEMP_TABLES):
+                    await conn.execute(f"CREATE TEMP TABLE held_{i} (a int)")
+            async with pools["quick"].connection() as conn:
+                await conn.execute("SELECT 1")
+            holders["slow"].last_used, holders["quick"].last_used = 1.0, 2.0  # the slow one is the LRU pool
+            for holder in holders.values():
+                gate.register(holder)
+            gate.granted = 2
+            done: list[str] = []
+            slow_gone_first = False
+
+            async def needs(name: str) -> None:
+                nonlocal slow_gone_first
+                holders[name].active = 1
+                await gate.ensure_connection(holders[name], cap=5, deadline=time.monotonic() + 30)
+                done.append(name)
+                assert pools[name].max_size == 1 and gate.granted <= gate.budget
+                if name == "needs-1":  # it took the slow one's grant: that backend must be gone by now
+                    slow_gone_first = await asyncio.to_thread(_backend_gone, server.admin, slow_pid)
+
+            first = asyncio.create_task(needs("needs-1"))
+            while pools["slow"].max_size:  # until it has taken the slow pool's connection
+                await asyncio.sleep(0.001)
+            await asyncio.gather(needs("needs-2"), first)
+            return done, gate.granted, slow_gone_first
+        finally:
+            for pool in pools.values():
+                await pool.close()
+
+    done, granted, slow_gone_first = asyncio.run(scenario())
+    assert done == ["needs-2", "needs-1"], done
+    assert granted == 2 and slow_gone_first
+
+
+def _backend_gone(admin: str, pid: int) -> bool:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() == (0,)

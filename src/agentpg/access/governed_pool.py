@@ -121,8 +121,18 @@ class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
 
     async def give_back_one(self) -> bool | None:
         """One connection fewer allowed: None if an allowed connection was not open (nothing closed), True if
-        an idle connection was closed to make room, False if neither (every connection busy or on its way back)."""
-        closing: AsyncConnection[object] | None = None
+        an idle connection was closed to make room (its backend gone when this returns), False if neither
+        (every connection busy or on its way back)."""
+        taken = await self.take_back_one()
+        if isinstance(taken, AsyncConnection):
+            await self.close_taken(taken)
+            return True
+        return taken
+
+    async def take_back_one(self) -> AsyncConnection[object] | bool | None:
+        """As :meth:`give_back_one`, but an idle connection taken out to make room is returned to the caller,
+        not yet closed: the grant it held is free only once :meth:`close_taken` returned. (The governor closes
+        it outside its own lock, so that one slow backend exit does not hold up every other handoff.)"""
         async with self._lock:
             if self._closed or self._max_size <= 0:
                 return False
@@ -135,9 +145,12 @@ class GovernedPool(AsyncConnectionPool[AsyncConnection[object]]):
             self._nconns -= 1
             self._max_size -= 1
             self._nconns_min = min(self._nconns_min, len(self._pool))
+        return closing
+
+    async def close_taken(self, conn: AsyncConnection[object]) -> None:
+        """Close a connection :meth:`take_back_one` returned and wait for its backend to exit. Never raises."""
         with contextlib.suppress(Exception):
-            await self._close_connection(closing)
-        return True
+            await self._close_connection(conn)
 
     async def _close_connection(self, conn: AsyncConnection[object]) -> None:
         # Every connection of a governed pool is closed through here (given back, shrunk, expired, broken, or

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg
+from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 
 from agentpg.access.governed_pool import GovernedPool, SlotPatientConnection
@@ -280,17 +281,26 @@ class ServerGate:
         from another pool if the budget is spent), or, if it already holds some, let the call queue on them."""
         pause = 0.002
         while holder.pool.max_size < min(holder.active, cap):
+            closing: tuple[GovernedPool, AsyncConnection[object]] | None = None
             async with self._grant_lock:
                 if holder.pool.max_size >= min(holder.active, cap):
                     return
                 # A pool without a connection may close another pool's idle one; one that has some grows only
                 # into free or unused grants (closing connections to grow would only churn them).
-                if self.granted < self.budget or await self._reclaim(holder, close_idle=holder.pool.max_size == 0):
-                    if not await holder.pool.grant_one():
+                freed = self.granted < self.budget
+                if not freed:
+                    taken = await self._reclaim(holder, close_idle=holder.pool.max_size == 0)
+                    freed = taken is True
+                    closing = taken if isinstance(taken, tuple) else None
+                if freed:
+                    if not await self._grant(holder):
                         return  # its pool was closed (evicted): the call fails on it as without a governor
-                    self.granted += 1
-                    self.stats.peak_open = max(self.stats.peak_open, self.open_connections())
                     continue
+            if closing is not None:
+                # Shielded: a call cancelled meanwhile must not leave the grant in transit for ever.
+                if not await asyncio.shield(self._hand_over(closing, holder)):
+                    return
+                continue
             if holder.pool.max_size > 0:
                 return  # its own connections come back within a call's time: wait on them in its pool
             if time.monotonic() >= deadline:
@@ -298,9 +308,29 @@ class ServerGate:
             await asyncio.sleep(pause)  # connections on their way back to another pool: look again
             pause = min(0.02, pause * 2)
 
-    async def _reclaim(self, needy: Holder, *, close_idle: bool) -> bool:
-        """Free one grant held by another pool beyond what its calls use: an unused one, else (``close_idle``)
-        close an idle connection (least recently used pool first)."""
+    async def _hand_over(self, closing: tuple[GovernedPool, AsyncConnection[object]], holder: Holder) -> bool:
+        """Close the connection :meth:`_reclaim` took and give its grant to ``holder``. The grant stays counted
+        (in transit) until the closed backend has exited; other handoffs go on meanwhile, outside the lock.
+        False: ``holder``'s pool was closed (the grant returns to the budget)."""
+        await closing[0].close_taken(closing[1])
+        async with self._grant_lock:
+            self.granted -= 1
+            return await self._grant(holder)
+
+    async def _grant(self, holder: Holder) -> bool:
+        """Give ``holder`` one grant (under the grant lock; the budget has room for it). False: its pool is
+        closed, and the grant stays free."""
+        if not await holder.pool.grant_one():
+            return False
+        self.granted += 1
+        self.stats.peak_open = max(self.stats.peak_open, self.open_connections())
+        return True
+
+    async def _reclaim(self, needy: Holder, *,
+                       close_idle: bool) -> bool | tuple[GovernedPool, AsyncConnection[object]]:
+        """Free one grant held by another pool beyond what its calls use: an unused one (True: freed), else
+        (``close_idle``) an idle connection of the least recently used pool, taken out of it and returned with
+        its pool for the caller to close (its grant is still counted until then); False: none found."""
         others = sorted((h for h in self.holders.values() if h is not needy and h.pool.max_size > h.active),
                         key=lambda h: h.last_used)
         for closing in (False, True) if close_idle else (False,):
@@ -308,15 +338,15 @@ class ServerGate:
                 pool = other.pool
                 if not closing and pool.open_connections() >= pool.max_size:
                     continue
-                outcome = await pool.give_back_one()
+                outcome = await pool.take_back_one()
                 if outcome is None:
                     self.stats.reclaimed += 1
-                elif outcome:
-                    self.stats.terminations += 1
-                else:
+                    self.granted -= 1
+                    return True
+                if outcome is False or outcome is True:
                     continue
-                self.granted -= 1
-                return True
+                self.stats.terminations += 1
+                return pool, outcome
         return False
 
     def register(self, holder: Holder) -> None:
