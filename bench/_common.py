@@ -97,9 +97,11 @@ class ServeProcess:
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 120) -> None:
+        """SIGTERM, then wait: a serve that archives may be in the middle of a base backup (hundreds of
+        databases just registered make one of several GB)."""
         self.process.terminate()
-        self.process.wait(timeout=30)
+        self.process.wait(timeout=timeout_s)
 
 
 # -- MCP clients for the MCP benchmarks (the official SDK's client drives every server) ---------------------

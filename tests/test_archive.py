@@ -29,6 +29,7 @@ from agentpg.providers.base import AgentPermissions, DatabasePlan, NotRestorable
 from agentpg.providers.local import LocalProvider
 from agentpg.providers.pitr import REPLACED_SUFFIX
 from agentpg.providers.recover import recover_embedded
+from agentpg.providers.tool_run import ToolInterrupted
 from agentpg.providers.walfiles import parse_lsn, segments
 from agentpg.settings import Settings
 
@@ -367,6 +368,23 @@ def test_serve_job_archives_one_server_once_and_restarts_the_receiver(env: Env) 
     finally:
         other.close()
         assert env.archiver.tick()
+
+
+def test_a_base_backup_is_stopped_when_serve_stops(env: Env) -> None:
+    """``serve`` stopping during a base backup (one of several GB after hundreds of registrations) does not
+    wait for it: pg_basebackup is terminated, nothing of it is kept, and an incremental one does not fall back to
+    a full one. The next round takes the backup."""
+    stopping = threading.Event()
+    stopping.set()
+    before = [b.label for b in env.archiver.backups()]
+    for full in (True, None):  # a full one, and (None) an incremental one where the server allows
+        with pytest.raises(ToolInterrupted):
+            env.archiver.backup_now(full=full, stopping=stopping)
+    assert [b.label for b in env.archiver.backups()] == before
+    assert not list(env.archiver.base_dir.glob(".tmp-*"))
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(env.archiver.base_dir) not in ps  # (other tests may run a pg_basebackup of their own)
+    assert env.archiver.backup_now().label not in before  # not stopping: it runs to the end
 
 
 def test_disaster_recovery_rebuilds_the_server_from_the_backups_alone(env: Env) -> None:

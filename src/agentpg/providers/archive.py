@@ -43,6 +43,7 @@ from agentpg.errors import ProviderError, ProviderUnavailable
 from agentpg.providers import rebase, retention
 from agentpg.providers.base import ArchiveStatus, RecoveryTarget
 from agentpg.providers.retention import MIN_SPACING
+from agentpg.providers.tool_run import ToolInterrupted, run_tool
 from agentpg.providers.walfiles import (
     META,
     BaseBackup,
@@ -124,18 +125,12 @@ class Archiver:
         except psycopg.OperationalError:
             raise ProviderUnavailable(f"the PostgreSQL server {self.server!r} cannot be reached") from None
 
-    def run_tool(self, args: Sequence[str], *, timeout: float, what: str) -> str:
-        """Run a client tool as agentpg's user; ProviderError with its output (never the password) on failure."""
-        try:
-            proc = subprocess.run(list(args), stdin=subprocess.DEVNULL, capture_output=True, env=self.env(),
-                                  timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise ProviderError(f"{what} on server {self.server!r} timed out after {timeout:.0f}s") from None
-        output = (proc.stdout + proc.stderr).decode(errors="replace")
-        if proc.returncode != 0:
-            tail = output.strip()[-1500:].replace(self._password, "***") if self._password else output[-1500:]
-            raise ProviderError(f"{what} on server {self.server!r} failed: {tail}")
-        return output
+    def run_tool(self, args: Sequence[str], *, timeout: float, what: str,
+                 stopping: threading.Event | None = None) -> str:
+        """Run a client tool as agentpg's user (:func:`agentpg.providers.tool_run.run_tool`: ProviderError with
+        its output, never the password, on failure; ToolInterrupted once ``stopping`` is set)."""
+        return run_tool(args, env=self.env(), timeout_s=timeout, what=what, server=self.server,
+                        secret=self._password, stopping=stopping)
 
     def ensure_dirs(self) -> None:
         for path in (self.directory.parent, self.directory, self.wal_dir, self.base_dir, self.directory / "home"):
@@ -207,7 +202,7 @@ class Archiver:
                                       wal_trigger=self.wal_trigger, min_spacing=self.min_spacing):
                 # The first one at once (nothing is restorable before it), a WAL-triggered one too (see
                 # retention.due); periodic ones with a spread checkpoint (gentle on I/O).
-                self.backup_now(fast=why != "interval")
+                self.backup_now(fast=why != "interval", stopping=stopping)
             self.apply_retention()
             self.last_error = None if streaming else f"pg_receivewal is not streaming: {self._receiver_log()}"
             return True
@@ -370,8 +365,11 @@ class Archiver:
     def backups(self) -> list[BaseBackup]:
         return base_backups(self.base_dir)
 
-    def backup_now(self, *, fast: bool = True, full: bool | None = None) -> BaseBackup:
-        """Take a base backup now (incremental against the newest one unless ``full`` or none is usable)."""
+    def backup_now(self, *, fast: bool = True, full: bool | None = None,
+                   stopping: threading.Event | None = None) -> BaseBackup:
+        """Take a base backup now (incremental against the newest one unless ``full`` or none is usable).
+        Raises ToolInterrupted (nothing kept) once ``stopping`` is set: ``serve`` stopping does not wait for a
+        backup of several GB."""
         with self._mutex:
             self.ensure_dirs()
             for leftover in self.base_dir.glob(".tmp-*"):  # an interrupted earlier run
@@ -402,13 +400,15 @@ class Archiver:
                 args.append(f"--incremental={parent.path / 'backup_manifest'}")
             try:
                 try:
-                    self.run_tool(args, timeout=_BACKUP_TIMEOUT_S, what="pg_basebackup")
+                    self.run_tool(args, timeout=_BACKUP_TIMEOUT_S, what="pg_basebackup", stopping=stopping)
+                except ToolInterrupted:
+                    raise
                 except ProviderError:
                     if not incremental:
                         raise
                     log.warning("incremental base backup of server %s failed; taking a full one", self.server)
                     shutil.rmtree(tmp, ignore_errors=True)
-                    return self.backup_now(fast=fast, full=True)
+                    return self.backup_now(fast=fast, full=True, stopping=stopping)
                 timeline, start_lsn, end_lsn = wal_range(tmp / "backup_manifest")
                 backup = BaseBackup(path=self.base_dir / label, label=label,
                                     incremental_of=parent.label if incremental and parent is not None else None,
