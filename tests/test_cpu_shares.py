@@ -115,6 +115,45 @@ def _cpu_cgroup(pid: int) -> str:
     return path
 
 
+class _Backends:
+    """Connections to the users' global databases, each able to spin a CPU-bound statement; :meth:`close`
+    cancels what spins and closes them."""
+
+    def __init__(self, runtime: Runtime, counts: list[tuple[str, int]]) -> None:
+        self.conns = [psycopg.connect(global_uri(runtime, user), autocommit=True)
+                      for user, n in counts for _ in range(n)]
+        self.failure: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+        for conn in self.conns:
+            conn.execute("SELECT 1")
+        self.pids = [conn.info.backend_pid for conn in self.conns]
+
+    def spin(self, conns: list[psycopg.Connection[tuple[object, ...]]]) -> None:
+        self.threads += [_spin(conn, self.failure) for conn in conns]
+
+    def stop(self) -> None:
+        for conn in self.conns:
+            conn.cancel_safe()
+        for thread in self.threads:
+            thread.join(30)
+        self.threads = []
+
+    def close(self) -> None:
+        self.stop()
+        for conn in self.conns:
+            conn.close()
+
+    def cpu_used(self, seconds: float = 3.0) -> list[float]:
+        """CPU seconds each backend used over ``seconds`` (after a second for every spinning loop to start)."""
+        time.sleep(1.0)
+        before = [process_cpu_s(pid) for pid in self.pids]
+        time.sleep(seconds)
+        after = [process_cpu_s(pid) for pid in self.pids]
+        used = [a[0] - b[0] for a, b in zip(after, before, strict=True) if a and b]
+        assert len(used) == len(self.pids)
+        return used
+
+
 def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runtime,
                                                                      users: tuple[str, str]) -> None:
     """Four busy backends of one user against one of another: with a group per user, the lone backend gets
@@ -126,25 +165,15 @@ def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runt
     assert groups is not None, "this host (root, cgroup v1 cpu controller) must offer control groups"
     never = CpuShares(runtime.admin_dsn, catalog_owners(runtime.service.deps), demoted_nice=10,
                       share_override=100.0, groups=groups)  # a share nobody reaches: groups at equal weight
-    conns = [psycopg.connect(global_uri(runtime, heavy), autocommit=True) for _ in range(4)]
-    conns.append(psycopg.connect(global_uri(runtime, light), autocommit=True))
-    failure: list[BaseException] = []
-    threads: list[threading.Thread] = []
+    backends = _Backends(runtime, [(heavy, 4), (light, 1)])
     try:
-        for conn in conns:
-            conn.execute("SELECT 1")
         never.tick()  # places every backend in its user's group
-        pids = [conn.info.backend_pid for conn in conns]
+        pids = backends.pids
         heavy_groups = {_cpu_cgroup(pid) for pid in pids[:4]}
         assert len(heavy_groups) == 1 and _cpu_cgroup(pids[4]) not in heavy_groups
         assert heavy_groups.pop().startswith(_cpu_cgroup(os.getpid()).rstrip("/") + "/agentpg-")
-        threads = [_spin(conn, failure) for conn in conns]
-        time.sleep(1.0)  # every loop running
-        before = [process_cpu_s(pid) for pid in pids]
-        time.sleep(3.0)
-        after = [process_cpu_s(pid) for pid in pids]
-        used = [a[0] - b[0] for a, b in zip(after, before, strict=True) if a and b]
-        assert len(used) == 5
+        backends.spin(backends.conns)
+        used = backends.cpu_used()
         heavy_cpu, light_cpu = sum(used[:4]), used[4]
         # equal weights: the light user's one backend gets about what the heavy user's four get together
         # (the ratio, not a time: any load on the machine slows both groups alike)
@@ -157,23 +186,15 @@ def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runt
         heavy_group = Path(groups.base) / Path(_cpu_cgroup(pids[0])).name
         light_group = Path(groups.base) / Path(_cpu_cgroup(pids[4])).name
         assert (heavy_group / "cpu.shares").read_text().strip() == str(shares_of_nice(10))
-        for conn in conns:
-            conn.cancel_safe()
-        for thread in threads:
-            thread.join(30)
-        assert not failure
+        backends.stop()
+        assert not backends.failure
         _until(shares, lambda: heavy not in shares.demoted and light not in shares.demoted)
         assert (heavy_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
         assert (light_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
         assert shares.renice_failures == 0 and never.renice_failures == 0
         assert niceness(pids[0]) == 0  # groups, not nice, carry the demotion
     finally:
-        for conn in conns:
-            conn.cancel_safe()
-        for thread in threads:
-            thread.join(30)
-        for conn in conns:
-            conn.close()
+        backends.close()
     never.close()
 
 
@@ -188,44 +209,25 @@ def test_a_demoted_users_group_can_go_idle(runtime: Runtime, users: tuple[str, s
     shares = CpuShares(runtime.admin_dsn, catalog_owners(runtime.service.deps), demoted_nice=10,
                        share_override=0.3, groups=groups, demoted_idle=True)
     cores = os.cpu_count() or 1
-    conns = [psycopg.connect(global_uri(runtime, heavy), autocommit=True) for _ in range(cores)]
-    conns += [psycopg.connect(global_uri(runtime, light), autocommit=True) for _ in range(cores)]
-    failure: list[BaseException] = []
-    threads: list[threading.Thread] = []
+    backends = _Backends(runtime, [(heavy, cores), (light, cores)])
     try:
-        for conn in conns:
-            conn.execute("SELECT 1")
-        pids = [conn.info.backend_pid for conn in conns]
-        threads = [_spin(conn, failure) for conn in conns[:cores]]  # the heavy user alone first
+        backends.spin(backends.conns[:cores])  # the heavy user alone first
         shares.tick()
         _until(shares, lambda: heavy in shares.demoted)
-        heavy_group = Path(groups.base) / Path(_cpu_cgroup(pids[0])).name
+        heavy_group = Path(groups.base) / Path(_cpu_cgroup(backends.pids[0])).name
         assert (heavy_group / "cpu.idle").read_text().strip() == "1"
-        threads += [_spin(conn, failure) for conn in conns[cores:]]  # no pass runs now: the demotion stays
-        time.sleep(1.0)
-        before = [process_cpu_s(pid) for pid in pids]
-        time.sleep(3.0)
-        after = [process_cpu_s(pid) for pid in pids]
-        used = [a[0] - b[0] for a, b in zip(after, before, strict=True) if a and b]
-        assert len(used) == 2 * cores
+        backends.spin(backends.conns[cores:])  # no pass runs now: the demotion stays
+        used = backends.cpu_used()
         heavy_cpu, light_cpu = sum(used[:cores]), sum(used[cores:])
         assert light_cpu >= 20 * heavy_cpu, (light_cpu, heavy_cpu)  # nice 10's weight would give ~9x, not 20x
-        for conn in conns:
-            conn.cancel_safe()
-        for thread in threads:
-            thread.join(30)
-        assert not failure
+        backends.stop()
+        assert not backends.failure
         _until(shares, lambda: heavy not in shares.demoted)
         assert (heavy_group / "cpu.idle").read_text().strip() == "0"
         assert (heavy_group / "cpu.shares").read_text().strip() == str(FULL_SHARES)
         assert shares.renice_failures == 0
     finally:
-        for conn in conns:
-            conn.cancel_safe()
-        for thread in threads:
-            thread.join(30)
-        for conn in conns:
-            conn.close()
+        backends.close()
     shares.close()
 
 
