@@ -199,9 +199,9 @@ def test_a_users_backends_share_one_control_group_and_weigh_as_one(runtime: Runt
 
 
 def test_a_demoted_users_group_can_go_idle(runtime: Runtime, users: tuple[str, str]) -> None:
-    """``AGENTPG_CPU_DEMOTED_IDLE``: the demoted user's group goes into the kernel's idle class. While the light
-    user keeps every core busy, the idle group gets next to nothing (a weight of 3 against 1,024, where nice 10's
-    110 would give it about a tenth); restored, the group leaves the idle class at full weight."""
+    """``AGENTPG_CPU_DEMOTED_IDLE``: the demoted user's group goes into the kernel's idle class (a weight of 3
+    against 1,024, where nice 10's is 110), and while the light user keeps every core busy it gets little;
+    restored, the group leaves the idle class at full weight."""
     heavy, light = users
     assert runtime.embedded is not None
     groups = find_cpu_groups(str(runtime.embedded.data_dir))
@@ -219,7 +219,11 @@ def test_a_demoted_users_group_can_go_idle(runtime: Runtime, users: tuple[str, s
         backends.spin(backends.conns[cores:])  # no pass runs now: the demotion stays
         used = backends.cpu_used()
         heavy_cpu, light_cpu = sum(used[:cores]), sum(used[cores:])
-        assert light_cpu >= 20 * heavy_cpu, (light_cpu, heavy_cpu)  # nice 10's weight would give ~9x, not 20x
+        # Demoted, whatever the class: equal weights would give ~1x. How much more the idle class gives than
+        # nice 10's weight (~9x on a quiet machine, 16x and more in the idle class) depends on what else runs:
+        # the suite's other worker, for one. bench/README.md ("Fair sharing") measures it; the class is
+        # asserted by its file above.
+        assert light_cpu >= 5 * heavy_cpu, (light_cpu, heavy_cpu)
         backends.stop()
         assert not backends.failure
         _until(shares, lambda: heavy not in shares.demoted)
