@@ -30,6 +30,7 @@ from agentpg.lifecycle.cpu_groups import find_cpu_groups
 from agentpg.lifecycle.cpu_shares import CpuShares, CpuSharesJob, catalog_owners
 from agentpg.lifecycle.deps import LifecycleDeps
 from agentpg.lifecycle.warm import Refiller, WarmSizing
+from agentpg.periodic import stop_all
 from agentpg.providers.archiving import ArchiveJob, attach_archivers
 from agentpg.providers.base import Provider
 from agentpg.providers.extensions import ExtensionNotAllowed, check_allowed
@@ -342,17 +343,6 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     except ProviderUnavailable:
         raise
     finally:
-        if archive_job is not None:
-            archive_job.stop()
-        if pacer is not None:
-            pacer.stop()
-        if syncer is not None:
-            syncer.stop()
-        if storage_guard is not None:
-            storage_guard.stop()
-        if cpu_shares is not None:
-            cpu_shares.stop()
-        if refiller is not None:
-            refiller.stop()
+        stop_all((archive_job, pacer, syncer, storage_guard, cpu_shares, refiller))
         provider.close()
         engine.dispose()

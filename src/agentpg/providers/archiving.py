@@ -78,6 +78,10 @@ class ArchiveJob:
     def start(self) -> None:
         self._job.start()
 
+    def request_stop(self) -> None:
+        """Tell a round in progress to end (a base backup's tool is terminated); returns at once."""
+        self._job.request_stop()
+
     def stop(self) -> None:
         self._job.stop()
         for archiver in self.archivers:
