@@ -139,6 +139,12 @@ def test_paging_ordering_columns_and_totals(api_client: Any, tenant: tuple[str, 
     past_end = _rows(api_client, ws, admin_h, table="series", offset=10**9)
     assert past_end["rows"] == [] and past_end["total"] == 2500
     assert _rows(api_client, ws, admin_h, table="nokey")["total"] == 5
+    uncounted = _rows(api_client, ws, admin_h, table="series", limit=3, offset=10, count="none")
+    assert [r["id"] for r in uncounted["rows"]] == [11, 12, 13] and uncounted["total"] is None
+    assert _rows(api_client, ws, admin_h, table="series", offset=2490, count="none")["total"] == 2500
+    bad = api_client.post(f"/api/workspaces/{ws}/database/query", json={"table": "series", "count": "exact"},
+                          headers=admin_h)
+    assert bad.status_code == 422 and "count" in bad.text
     assert _rows(api_client, ws, admin_h, table="evens", limit=2)["rows"] == [{"id": 2, "v": "row 00002"},
                                                                            {"id": 4, "v": "row 00004"}]
     assert _rows(api_client, ws, admin_h, table="Ünïcode tbl")["rows"] == [{"Col ✓": "x"}]

@@ -20,7 +20,7 @@ from helpers import workspace_global_uri
 from mcp_support import uid
 from wire_trace import WireLog
 
-from agentpg.access.browse import UnreadableTable
+from agentpg.access.browse import UnreadableTable, read_rows
 from agentpg.access.permissions import GlobalDbPermissions
 from agentpg.access.pools import PoolLimits, TenantPools
 from agentpg.access.query import TenantQueries
@@ -107,6 +107,24 @@ async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tu
     assert len(page.rows) == 50 and page.total == 300  # the last page: its total needs no count
     assert [c.model_dump() for c in page.columns] == [{"name": "id", "type": "integer"},
                                                       {"name": "name", "type": "text"}]
+
+
+async def test_a_page_without_count_leaves_the_total_to_the_last_page(
+        runtime: Runtime, agent_table: tuple[str, str], traced: tuple[TenantPools, WireLog]) -> None:
+    """``count=False`` skips the table's count on both paths (the one-trip page and the slow one); the last
+    page still knows its total, and counting stays the default."""
+    pools, _ = traced
+    user = agent_table[0]
+    reader, ref = runtime.service.reader, DatabaseRef.global_db(user)
+    middle = await reader.rows(ref, "items", limit=100, offset=100, count=False)
+    assert [r["id"] for r in middle.rows] == list(range(101, 201)) and middle.total is None
+    last = await reader.rows(ref, "items", limit=100, offset=250, count=False)
+    assert len(last.rows) == 50 and last.total == 300
+    assert (await reader.rows(ref, "items", limit=100, offset=100)).total == 300
+    async with pools.connection(runtime.service.uris.browse(None, user, None)) as conn:
+        slow = await read_rows(conn, "items", limits=reader.limits, limit=10, offset=0, count=False)
+        counted = await read_rows(conn, "items", limits=reader.limits, limit=10, offset=0)
+    assert [r["id"] for r in slow.rows] == list(range(1, 11)) and slow.total is None and counted.total == 300
 
 
 async def test_what_agents_change_is_read_right(runtime: Runtime, agent_table: tuple[str, str],

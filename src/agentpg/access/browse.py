@@ -128,7 +128,8 @@ class RowsPage(_Shape):
     offset: int
     total: int | None
     """Exact row count when it is cheap: always on the last page (offset + rows), otherwise when the table's
-    heap is at most ``ReadLimits.count_max_bytes`` (one ``count(*)``). Null for larger tables and views."""
+    heap is at most ``ReadLimits.count_max_bytes`` (one ``count(*)``) and the caller did not ask to skip the
+    count. Null for larger tables and views."""
     truncated: bool
     """True when the page stopped before ``limit`` rows because it reached the page byte cap; continue from
     ``offset + len(rows)``."""
@@ -424,10 +425,11 @@ def _order_by(rel: _Relation, order_by: Sequence[tuple[str, bool]] | None) -> sq
 
 async def read_rows(conn: AsyncConnection[Any], table: str, *, limits: ReadLimits, limit: int, offset: int,
                     columns: Sequence[str] | None = None,
-                    order_by: Sequence[tuple[str, bool]] | None = None) -> RowsPage:
+                    order_by: Sequence[tuple[str, bool]] | None = None, count: bool = True) -> RowsPage:
     """One page of ``table``: ``limit`` rows from ``offset``, in ``order_by`` order (default: primary key;
     without one, PostgreSQL's order, which may differ between pages). Unknown table → ``NotFound``;
-    unknown column → ``InvalidInput`` naming it. ``limit``/``offset`` are validated by the caller."""
+    unknown column → ``InvalidInput`` naming it. ``limit``/``offset`` are validated by the caller. Without
+    ``count`` the table is not counted: ``total`` is then known only on the last page."""
     async with read_only(conn, limits):
         with translated(table):
             rel = await _resolve(conn, table)
@@ -444,7 +446,7 @@ async def read_rows(conn: AsyncConnection[Any], table: str, *, limits: ReadLimit
             total: int | None = None
             if not truncated and len(rows) < limit and (rows or offset == 0):
                 total = offset + len(rows)
-            elif rel.heap_bytes is not None and rel.heap_bytes <= limits.count_max_bytes:
+            elif count and rel.heap_bytes is not None and rel.heap_bytes <= limits.count_max_bytes:
                 cur2 = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
                 counted = await cur2.fetchone()
                 total = int(counted[0]) if counted else None

@@ -160,11 +160,12 @@ def _page_sql(conn: AsyncConnection[Any], table: str, names: Sequence[str],
 async def read_page(conn: AsyncConnection[Any], adapters: AdaptersMap, descriptions: Descriptions,
                     database: str, table: str, *, limits: ReadLimits, limit: int, offset: int,
                     columns: Sequence[str] | None = None,
-                    order_by: Sequence[tuple[str, bool]] | None = None) -> PageRead | None:
+                    order_by: Sequence[tuple[str, bool]] | None = None, count: bool = True) -> PageRead | None:
     """One page of ``table`` as :func:`~agentpg.access.browse.read_rows` answers it, or ``None`` when the slow
     path must answer (see the module docstring). ``database`` keys the description cache (the URI: never
-    shown). Raises what ``read_rows`` raises for server errors (``ReadTimeout``, ``UnreadableTable``,
-    ``PermissionDenied``, ``ProviderUnavailable``, ``InvalidInput`` for an unsortable ``order_by``)."""
+    shown). Without ``count`` the description's count never runs (its size bound is -1). Raises what
+    ``read_rows`` raises for server errors (``ReadTimeout``, ``UnreadableTable``, ``PermissionDenied``,
+    ``ProviderUnavailable``, ``InvalidInput`` for an unsortable ``order_by``)."""
     gen = descriptions.generation()
     desc = descriptions.get(database, table)
     if desc is None or desc.kind not in _READABLE:
@@ -190,7 +191,7 @@ async def read_page(conn: AsyncConnection[Any], adapters: AdaptersMap, descripti
                         # The page may have run the tenant's code (a view's function, a policy) that changed
                         # settings for the rest of the transaction: pin again what the next statement uses.
                         *(s for s in begin if s[0].startswith(_REPIN)),
-                        (describe_sql, [table, SCHEMA, str(limits.count_max_bytes)]),
+                        (describe_sql, [table, SCHEMA, str(limits.count_max_bytes if count else -1)]),
                         _COMMIT,
                     ])
                 except psycopg.Error as exc:

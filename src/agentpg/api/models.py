@@ -38,6 +38,10 @@ class QueryRequest(Body):
     order_by: Annotated[list[SortKey], Field(max_length=16)] | None = None
     columns: Annotated[list[Name], Field(min_length=1, max_length=1600,
                                          description="Columns to return, in this order; default all.")] | None = None
+    count: Annotated[Literal["auto", "none"], Field(
+        description="`auto`: `total` counts the table when that is cheap (its heap within the server's count "
+                    "bound); `none`: no count, so `total` is known only on the last page. A client that pages "
+                    "by `offset` and stops at a short page needs no count, and saves reading the table.")] = "auto"
 
     @field_validator("columns")
     @classmethod

@@ -73,7 +73,8 @@ async def _query(ctx: AppContext, principal: Principal, user_id: str | None, wor
                  body: QueryRequest) -> Response:
     order = [(k.column, k.direction == "desc") for k in body.order_by] if body.order_by else None
     page = await ctx.service.reader.rows(database_ref(principal, user_id, workspace_id), body.table,
-                                         limit=body.limit, offset=body.offset, columns=body.columns, order_by=order)
+                                         limit=body.limit, offset=body.offset, columns=body.columns, order_by=order,
+                                         count=body.count == "auto")
     # Rows are JSON-ready already: answering directly skips a second, slower validation pass, and pydantic's
     # serializer writes the same JSON as model_dump + json.dumps in a fifth of the time (~35 vs ~170 us for
     # 100 rows).

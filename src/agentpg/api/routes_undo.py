@@ -271,7 +271,8 @@ async def copy_rows(ctx: Ctx, principal: Auth, user_id: UserId, copy_id: CopyId,
     own_user(principal, user_id)
     order = [(k.column, k.direction == "desc") for k in body.order_by] if body.order_by else None
     page = await ctx.service.reader.rows(DatabaseRef.copy(user_id, copy_id), body.table, limit=body.limit,
-                                         offset=body.offset, columns=body.columns, order_by=order)
+                                         offset=body.offset, columns=body.columns, order_by=order,
+                                         count=body.count == "auto")
     return JSONResponse(page.model_dump())
 
 

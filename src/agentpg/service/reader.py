@@ -94,7 +94,7 @@ class Reader:
 
     async def rows(self, ref: DatabaseRef, table: str, *, limit: int, offset: int,
                    columns: Sequence[str] | None = None,
-                   order_by: Sequence[tuple[str, bool]] | None = None) -> RowsPage:
+                   order_by: Sequence[tuple[str, bool]] | None = None, count: bool = True) -> RowsPage:
         """One page (:func:`agentpg.access.browse.read_rows`'s contract), in one round trip when the table's
         description is cached (:mod:`agentpg.access.page`); the slow path answers whatever that one does not
         (unknown names, with their hints and messages)."""
@@ -104,13 +104,14 @@ class Reader:
             self._adapters = browse.json_adapters()
         async with pools.connection(uri) as conn:
             fast = await page.read_page(conn, self._adapters, self._descriptions, uri, table, limits=self.limits,
-                                        limit=limit, offset=offset, columns=columns, order_by=order_by)
+                                        limit=limit, offset=offset, columns=columns, order_by=order_by,
+                                        count=count)
             if fast is not None:
                 if fast.reset:
                     pools.mark_reset(conn)  # DISCARD ALL ran in the page's round trip: the pool skips its own
                 return fast.page
             return await browse.read_rows(conn, table, limits=self.limits, limit=limit, offset=offset,
-                                          columns=columns, order_by=order_by)
+                                          columns=columns, order_by=order_by, count=count)
 
     async def check_table(self, ref: DatabaseRef, table: str) -> TableInfo:
         async with self._conn(ref) as conn:
