@@ -10,7 +10,11 @@
    read ``agentpg.lifecycle.users.find_user`` (when the tree has it), each shaped into a ``UserInfo``.
 3. The REST rows page (100 rows of 10,000, primary-key order, with its count): sequential percentiles and
    the rate with ``--concurrency`` clients, against the raw psycopg loop's rate (the same SELECT on one
-   connection, same database and role). Target: at least half the raw rate.
+   connection, same database and role). Target: at least half the raw rate. The same rate again with
+   ``"count": "none"`` (no count of the table; when the tree has that option), and **the floor**: the raw
+   loop's SELECT served by a bare ASGI app on uvicorn and psycopg's async pool (``_bare_rows_app.py``: no
+   framework, no auth, no transaction), with the same clients. What the floor leaves of the raw rate is what
+   Python HTTP on this machine allows any implementation of the page.
 
 Works on the tree before issue 22 too (``agentpg.runtime``), so one script gives "before" and "after".
 """
@@ -35,7 +39,7 @@ from _common import ServeProcess, percentiles, report, throwaway_runtime, write_
 try:
     from agentpg.app.runtime import admin_token
 except ImportError:  # the tree before the restructuring
-    from agentpg.runtime import admin_token  # type: ignore[no-redef]
+    from agentpg.runtime import admin_token  # type: ignore[no-redef,import-not-found]
 
 _ROUTE_USER = "/api/users/{user_id}"
 _ROUTE_ROWS = "/api/users/{user_id}/global-database/query"
@@ -69,10 +73,11 @@ def _timed(fn: Any, n: int) -> list[float]:
     return samples
 
 
-def _http(port: int, token: str) -> tuple[Any, Any]:
+def _http(port: int, token: str, rows_path: str = "/api/users/bench/global-database/query",
+          count: str | None = None) -> tuple[Any, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    body = json.dumps({"table": "items", "limit": 100, "offset": 0})
+    body = json.dumps({"table": "items", "limit": 100, "offset": 0, **({"count": count} if count else {})})
 
     def get_user() -> None:
         conn.request("GET", "/api/users/bench", headers=headers)
@@ -81,12 +86,56 @@ def _http(port: int, token: str) -> tuple[Any, Any]:
         assert response.status == 200, response.status
 
     def rows() -> None:
-        conn.request("POST", "/api/users/bench/global-database/query", body=body, headers=headers)
+        conn.request("POST", rows_path, body=body, headers=headers)
         response = conn.getresponse()
         data = response.read()
         assert response.status == 200 and len(json.loads(data)["rows"]) == 100, response.status
 
     return get_user, rows
+
+
+def _rate(make_rows: Any, concurrency: int, requests: int) -> float:
+    """Requests per second of ``concurrency`` threads, each on its own keep-alive connection."""
+
+    def burst(_: int) -> None:
+        rows_here = make_rows()
+        for _ in range(requests // concurrency):
+            rows_here()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(burst, range(concurrency)))
+    return round(requests // concurrency * concurrency / (time.perf_counter() - start), 1)
+
+
+def _floor_rate(uri: str, concurrency: int, requests: int) -> float:
+    """The bare app's rate (see the module docstring); its DSN goes through its environment only."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {**os.environ, "BARE_ROWS_DSN": uri}
+    app = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_bare_rows_app.py")), str(port)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or app.poll() is not None:
+                    raise RuntimeError("the bare rows app did not start") from None
+                time.sleep(0.1)
+        _, warm = _http(port, "-", rows_path="/rows")
+        for _ in range(200):
+            warm()
+        return _rate(lambda: _http(port, "-", rows_path="/rows")[1], concurrency, requests)
+    finally:
+        app.terminate()
+        app.wait(30)
 
 
 def _in_process(rt: Any, n: int) -> dict[str, dict[str, float]]:
@@ -150,18 +199,19 @@ def main() -> None:
             after = _server_totals(server.port)
             extra["server_mean_ms_rows"] = _server_mean_ms(before, after, "POST", _ROUTE_ROWS)
 
-            def burst(_: int) -> None:
-                _, rows_here = _http(server.port, admin_token(rt.settings))
-                for _ in range(args.rows_requests // args.concurrency):
-                    rows_here()
-
-            start = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                list(pool.map(burst, range(args.concurrency)))
-            done = args.rows_requests // args.concurrency * args.concurrency
-            extra["rest_rows_per_s"] = round(done / (time.perf_counter() - start), 1)
+            token = admin_token(rt.settings)
+            extra["rest_rows_per_s"] = _rate(lambda: _http(server.port, token)[1], args.concurrency,
+                                             args.rows_requests)
+            try:
+                _http(server.port, token, count="none")[1]()
+            except AssertionError:  # a tree without the option answers 422
+                pass
+            else:
+                extra["rest_rows_nocount_per_s"] = _rate(lambda: _http(server.port, token, count="none")[1],
+                                                         args.concurrency, args.rows_requests)
         finally:
             server.stop()
+        extra["floor_rows_per_s"] = _floor_rate(uri, args.concurrency, args.rows_requests)
         with psycopg.connect(catalog_url, autocommit=True) as conn:
             query = ("SELECT u.id, u.email, u.status, u.created_at, d.database_name, d.status, d.ownership_type, "
                      "d.provider, d.created_at, d.current_period_cost_cents FROM users u "
@@ -180,7 +230,9 @@ def main() -> None:
             for _ in range(args.rows_requests):
                 conn.execute(select).fetchall()
             extra["raw_rows_per_s"] = round(args.rows_requests / (time.perf_counter() - start), 1)
-    extra["rest_rows_vs_raw"] = round(extra["rest_rows_per_s"] / extra["raw_rows_per_s"], 3)
+    for key in ("rest_rows", "rest_rows_nocount", "floor_rows"):
+        if f"{key}_per_s" in extra:
+            extra[f"{key}_vs_raw"] = round(extra[f"{key}_per_s"] / extra["raw_rows_per_s"], 3)
     extra["targets"] = {"server_mean_ms_get_user <= 1.5": extra["server_mean_ms_get_user"] <= 1.5,
                         "rest_rows_vs_raw >= 0.5": extra["rest_rows_vs_raw"] >= 0.5}
     report(args.out, results, extra)

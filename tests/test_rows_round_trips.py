@@ -101,7 +101,7 @@ async def test_a_cached_page_is_one_round_trip(runtime: Runtime, agent_table: tu
         trips = wire.trips_text(mark)
         assert len(trips) == 1, "\n---\n".join(trips)
         sent = trips[0]
-        assert '"BEGIN"' in sent and "SET TRANSACTION READ ONLY" in sent and "statement_timeout" in sent
+        assert '"BEGIN READ ONLY"' in sent and "statement_timeout" in sent
         assert '"public"."items"' in sent and '"COMMIT"' in sent and '"DISCARD ALL"' in sent
         assert page.rows[0] == {"id": offset + 1, "name": f"item {offset + 1}"}
     assert len(page.rows) == 50 and page.total == 300  # the last page: its total needs no count
