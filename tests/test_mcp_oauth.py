@@ -294,6 +294,28 @@ async def test_pkce_is_required_and_checked(base_url: str, tenants: Tenants) -> 
         assert parse_qs(urlsplit(denied).query)["error"] == ["access_denied"]
 
 
+async def test_a_refused_request_never_bounces_the_browser_to_another_site(base_url: str, tenants: Tenants) -> None:
+    """Registration is open, so anyone can register ``https://evil.example/...``: a request refused before any
+    sign-in or consent shows its error here instead of redirecting there (agentpg's address is no open
+    redirector, RFC 9700 §4.11.2), whether signed in or not. A loopback client still gets its error back (the
+    PKCE test above)."""
+    evil = "https://evil.example/landing"
+    async with httpx.AsyncClient(timeout=30) as browser:
+        client = await _register(browser, base_url, redirect_uris=[evil])
+        challenge = _pkce()[1]
+        for signed_in in (False, True):
+            if signed_in:
+                await _signed_in(browser, base_url, tenants.user1_token)
+            for extra in ({"scope": "not-a-scope"}, {"code_challenge_method": "plain"}):
+                url = _authorize_url(base_url, client["client_id"], challenge, redirect_uri=evil, **extra)
+                answer = await browser.get(url)
+                assert answer.status_code == 422 and "location" not in answer.headers, answer.headers
+                assert "authorization request was refused" in html.unescape(answer.text)
+        # A valid request from that client still reaches the consent page, which names where it goes back to.
+        page = await browser.get(_authorize_url(base_url, client["client_id"], challenge, redirect_uri=evil))
+        assert page.status_code == 200 and "evil.example" in page.text
+
+
 async def test_deleted_workspace_ends_its_tokens(base_url: str, runtime: Runtime, tenants: Tenants) -> None:
     workspace = uid("wo")
     runtime.service.create_workspace(tenants.user1, workspace)

@@ -3,9 +3,12 @@
 A desktop MCP client sends the user's browser here (the rest of the authorization server is in
 :mod:`agentpg.mcp.oauth`; both call ``Service.oauth``). In order:
 
-1. The request is checked first (client, redirect URI, PKCE S256, scope, RFC 8707 ``resource``): one the
-   client can be told about is redirected back with the error; one it cannot (unknown client, unregistered
-   redirect URI) is an error page here (RFC 6749 §4.1.2.1).
+1. The request is checked first (client, redirect URI, PKCE S256, scope, RFC 8707 ``resource``). One it
+   cannot be told about (unknown client, unregistered redirect URI) is an error page here (RFC 6749
+   §4.1.2.1). One it can is redirected back with the error only when the redirect URI is a loopback one (a
+   native app on this machine, RFC 8252 §7.3); any other gets the error page too. Registration is open, so
+   a registered ``https://`` URI proves nothing, and bouncing an unsigned-in browser there would make
+   agentpg's own address an open redirector (RFC 9700 §4.11.2).
 2. Without a valid explorer session, the browser goes to the sign-in page, which returns here afterwards
    (``next``, accepted only for this path: :func:`safe_next`). The admin token cannot consent (it owns no
    workspace): sign in with the user's token.
@@ -76,6 +79,24 @@ def _to_client(answer: Answer, status: int) -> Response:
     return RedirectResponse(location, status_code=status)
 
 
+def _refused(answer: Answer) -> Response:
+    """A request refused before the user decided anything: back to a loopback client with the error (it is
+    waiting on this machine), else an error page here (see the module docstring: never an open redirect)."""
+    location = answer.location or ""
+    parts = urlsplit(location)
+    if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+        return _to_client(answer, 302)
+    query = parse_qs(parts.query)
+    error = query.get("error", ["invalid_request"])[0][:100]
+    description = query.get("error_description", [""])[0][:300]
+    raise InvalidInput(f"The MCP client's authorization request was refused ({error}"
+                       f"{': ' + description if description else ''}). Go back to the client and connect again; "
+                       "if this repeats, the client asks for something agentpg does not offer.")
+
+
+_LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 def _signed_in(request: Request, ctx: WebContext) -> Principal | None:
     if not request.cookies.get(COOKIE):
         return None
@@ -105,7 +126,7 @@ def _consent_page(request: Request, ctx: WebContext, principal: Principal, http:
                   error: str | None = None, status: int = 200) -> Response:
     view = ctx.service.oauth.check_authorization(http)
     if isinstance(view, Answer):
-        return _to_client(view, 302)
+        return _refused(view)
     user_id = _user(principal)
     page = ctx.service.list_workspaces(user_id, limit=100)
     workspaces = [w for w in page.items if w.status == "active"]
@@ -129,7 +150,7 @@ def authorize_page(request: Request) -> Response:
     if principal is None:
         checked = ctx.service.oauth.check_authorization(http)  # a bad request is answered before sign-in
         if isinstance(checked, Answer):
-            return _to_client(checked, 302)
+            return _refused(checked)
         return RedirectResponse(f"/?reason=signin&next={quote(_here(request), safe='')}", status_code=303)
     return _consent_page(request, ctx, principal, http)
 
