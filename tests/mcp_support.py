@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from starlette.types import ASGIApp
 
 from agentpg.access.cache import Invalidation
-from agentpg.app.asgi import create_app
+from agentpg.app.asgi import create_app, server_options
 from agentpg.app.runtime import Runtime, admin_token
 from agentpg.settings import Settings
 
@@ -64,7 +64,7 @@ def live_server(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = 
     port = free_port()
     app: ASGIApp = create_app(settings, invalidation=PROCESS_INVALIDATION)
     server = uvicorn.Server(uvicorn.Config(wrap(app) if wrap is not None else app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+                                           log_level="warning", lifespan="on", **server_options(settings)))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -5,6 +5,7 @@ hammering with many concurrent calls does not stop another agent's calls."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import httpx
@@ -76,6 +77,26 @@ async def test_a_hammering_agent_does_not_starve_another(settings: Settings, ten
     assert max(latencies) < 2.0, latencies
     print(f"\nhammer: {hammer_ok} ok, {len(hammer_errors)} refused; other agent's 2 calls: "
           f"max {max(latencies) * 1000:.0f} ms, median {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms")
+
+
+async def test_a_made_up_forwarded_address_gets_no_fresh_budget(settings: Settings) -> None:
+    """A client on this machine (a local user, a gateway child: it shares the network) sending a new
+    ``X-Forwarded-For`` per request is still one address to the failed-login budget. Only a proxy named in
+    ``trusted_proxies`` may name the client: then each forwarded address has its own budget."""
+    tight = settings.model_copy(update={"warm_pool_size": 0, "rate_limit_per_s": 0.0, "auth_failures_burst": 3,
+                                        "auth_failures_per_s": 0.001})
+
+    async def statuses(url: str, forwarded: bool) -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return [(await client.get(f"{url}/api/users", headers={
+                "Authorization": f"Bearer apg_u_{secrets.token_urlsafe(32)}",
+                **({"X-Forwarded-For": f"10.9.{i}.{i}"} if forwarded else {})})).status_code for i in range(6)]
+
+    with live_server(tight) as url:
+        assert await statuses(url, forwarded=False) == [401, 401, 401, 429, 429, 429]
+        assert set(await statuses(url, forwarded=True)) == {429}
+    with live_server(tight.model_copy(update={"trusted_proxies": ["127.0.0.1"]})) as url:
+        assert await statuses(url, forwarded=True) == [401] * 6  # six clients behind the proxy, one 401 each
 
 
 async def test_rate_limits_answer_429_with_retry_after_and_in_band_on_mcp(settings: Settings,

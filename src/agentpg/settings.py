@@ -114,8 +114,13 @@ class Settings(BaseSettings):
     public_url: str | None = None
     """The service's URL as agents reach it (e.g. ``https://db.example.com``), used in the MCP config;
     unset means the URL the request came in on."""
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Addresses (or networks, ``10.0.0.0/8``) of reverse proxies whose ``X-Forwarded-For``/``-Proto`` serve
+    believes; empty (the default): none, so a client's address is the connection's own, and a client on this
+    machine cannot pick a fresh one per request to escape the per-address limits."""
 
-    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", "tenant_extensions", mode="before")
+    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", "tenant_extensions", "trusted_proxies",
+                     mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

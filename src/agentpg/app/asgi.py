@@ -57,6 +57,16 @@ routes only; another user's resources answer 404). Agent tokens are for MCP and 
 """
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for :func:`create_app` that are about trust, for ``serve`` and the tests alike.
+
+    uvicorn's default believes ``X-Forwarded-For`` from loopback. With no proxy in front, that let any client
+    on this machine (a gateway child shares its network) name a new address per request and so get a fresh
+    budget from every per-address limit. Proxy headers count only from ``AGENTPG_TRUSTED_PROXIES``."""
+    trusted = settings.trusted_proxies
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": ",".join(trusted) if trusted else ""}
+
+
 def create_app(settings: Settings | None = None, *, read_limits: ReadLimits | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, invalidation: Invalidation | None = None) -> FastAPI:
     """The app ``agentpg serve`` runs. ``invalidation``: share the cache generation with other services of

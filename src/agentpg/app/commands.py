@@ -25,11 +25,11 @@ class AppHost:
     def serve_http(self, settings: Settings, host: str, port: int) -> None:
         import uvicorn
 
-        from agentpg.app.asgi import create_app
+        from agentpg.app.asgi import create_app, server_options
 
         # uvicorn's "auto" choices pick uvloop and httptools (both dependencies): httptools' C parser answered
         # an MCP call ~0.2 ms sooner than h11 in bench measurements.
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **server_options(settings))
 
     def serve_stdio(self, service: Service, token: str, server: str | None) -> None:
         from agentpg.app.stdio import run_stdio
