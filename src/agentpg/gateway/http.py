@@ -2,8 +2,11 @@
 
 The same checks as ``/mcp`` (:mod:`agentpg.mcp.http`): Host/Origin (421/403), an agent token (401/403),
 then the name must be one of the agent's user's configs or a built-in default (404 otherwise: another
-user's config is exactly as absent as a missing one). An MCP session is bound to the token *and* the server
-name that opened it (another token, or the same session id on another name, gets 404).
+user's config is exactly as absent as a missing one). Stateless, as ``/mcp`` is: every request names its
+child by its token and the path, so no ``Mcp-Session-Id`` is issued and there is no table of sessions. A
+stateful manager kept up to 10,000 sessions for all users together, each for 30 minutes idle: one user's
+agents could fill it and lock every other user out of the gateway. And any ``serve`` instance answers any
+request. The children themselves (one per workspace and server) live on in :mod:`agentpg.gateway.children`.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class GatewayHttp:
         access (the REST and MCP sides' pools, under the connection governor)."""
         gateway = Gateway(service, self._settings, self._tools_server)
         manager = StreamableHTTPSessionManager(app=build_gateway_server(gateway, identify_http),
-                                               security_settings=self._security_settings, json_response=True)
+                                               security_settings=self._security_settings, json_response=True,
+                                               stateless=True)
         async with gateway.children.run(), manager.run():
             self._manager, self._gateway = manager, gateway
             try:
