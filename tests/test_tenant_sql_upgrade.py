@@ -33,7 +33,7 @@ def test_upgrade_locks_down_a_shared_database_made_before_the_rules(runtime: Run
         report = svc.reconcile(upgrade=True)
 
         assert report.refreshed >= 2 and not report.failed, report
-        assert f"{dbname}: old_helper(integer)" in report.tenant_code
+        assert f"{dbname}: public.old_helper(integer)" in report.tenant_code
         with psycopg.connect(agent_uri, autocommit=True) as agent:
             for statement in ("CREATE FUNCTION newer() RETURNS int LANGUAGE sql AS 'SELECT 1'",
                               "DO $$ BEGIN PERFORM 1; END $$"):

@@ -20,6 +20,15 @@ from agentpg.errors import AgentpgError, ProviderError
 #: Every database and role agentpg creates starts with this, so ``reconcile`` can tell ours from others'.
 NAME_PREFIX = "apg_"
 
+#: The search path of every connection agentpg opens into a tenant database with more rights than its
+#: tenants (the server's admin; a Neon project's owner). A tenant may define functions and operators in
+#: schema public, and an unqualified name in agentpg's own SQL would resolve to a tenant's object that
+#: matches the arguments better than the built-in (``public.format(text, text)`` beats
+#: ``pg_catalog.format(text, VARIADIC "any")``), which would then run with agentpg's rights. With only
+#: ``pg_catalog`` (and ``pg_temp``, last, which is never searched for functions or operators) on the path,
+#: every unqualified name is a built-in, and anything of ``public`` must be named so.
+TRUSTED_SEARCH_PATH = "pg_catalog, pg_temp"
+
 #: The advisory lock (``pg_advisory_xact_lock``, taken *inside* a tenant database, so it is per database) that
 #: every transaction changing grants there holds first: ``set_agent_grants``, ``set_read_only``, an agent's
 #: ``DROP OWNED``. Concurrent GRANT/REVOKE on one object (schema ``public``, the database's CONNECT, a table, a

@@ -20,6 +20,7 @@ from agentpg.providers import pitr, rebase
 from agentpg.providers.archive import Archiver
 from agentpg.providers.base import (
     NAME_PREFIX,
+    TRUSTED_SEARCH_PATH,
     AgentPermissions,
     ArchiveStatus,
     DatabasePlan,
@@ -125,8 +126,9 @@ class LocalProvider(Provider):
                 return
         kwargs: dict[str, object] = {"autocommit": True, "connect_timeout": self._connect_timeout_s,
                                      "application_name": f"agentpg {tag}" if tag else "agentpg provider"}
-        if dbname is not None:
+        if dbname is not None:  # a tenant database: only built-ins resolve unqualified (base.TRUSTED_SEARCH_PATH)
             kwargs["dbname"] = dbname
+            kwargs["options"] = "-c search_path=" + TRUSTED_SEARCH_PATH.replace(" ", "")
         if not self._direct.acquire(timeout=self._direct_wait_s):
             raise ProviderUnavailable(f"the PostgreSQL server {self.server_name!r} is busy with other changes "
                                       "of agentpg's; retry shortly")

@@ -42,6 +42,7 @@ from agentpg.errors import ProviderError, ProviderUnavailable
 from agentpg.providers.base import (
     GRANTS_LOCK_KEY,
     NAME_PREFIX,
+    TRUSTED_SEARCH_PATH,
     AgentPermissions,
     ArchiveStatus,
     DatabasePlan,
@@ -180,6 +181,8 @@ class NeonProvider(Provider):
             try:
                 conn = psycopg.connect(ref.uri, autocommit=True, connect_timeout=self._connect_timeout_s,
                                        application_name="agentpg provider")
+                # Neon's proxy reads the startup "options" itself (its endpoint): set the path in the session.
+                conn.execute(sql.SQL("SET search_path = {}").format(sql.SQL(TRUSTED_SEARCH_PATH)))
                 break
             except psycopg.OperationalError:
                 if attempt == 0:  # the cached admin password may have been reset since: ask Neon again

@@ -2,9 +2,17 @@
 
 :func:`restore_database` recovers the server's backups in a :class:`~.side.SideInstance` holding only that
 database (cost: that database's size plus the WAL it replays, not the server's size), dumps it with
-``pg_dump -Fc -Z0``, and loads it into a new database on the running server as agentpg's admin, then makes it a
+``pg_dump -Fc -Z0``, and loads it into a new database on the running server (:func:`_load`), then makes it a
 tenant database again (ownership, tenant SQL, grants). :func:`replace_database` swaps it in by renames that a
 rerun finishes from whatever state a crash left.
+
+**Who loads what.** Loading runs code the tenant wrote: an index expression's function while the index is
+built (as the table's owner), a CHECK constraint's or a domain's while rows are copied, a generated column's.
+So schema ``public`` (everything a tenant can define) is loaded as the database's owner role
+(``pg_restore --role``), the rights its objects have anyway; never as the admin, which would run that code as a
+superuser. Only what agentpg itself installs is loaded as the admin: the extensions first (the tenant's
+objects may use their types), and schema ``agentpg_internal`` (its grants and settings) last, before the tenant
+SQL is installed again.
 """
 
 from __future__ import annotations
@@ -140,14 +148,21 @@ def _load(provider: LocalProvider, dump: Path, plan: DatabasePlan, into: Databas
                             f"{exc.diag.message_primary}") from None
     listing = archiver.run_tool([str(archiver.bin_dir / "pg_restore"), "-l", str(dump)], timeout=600,
                                 what="listing the restored dump")
-    # A materialized view's query is an agent's: refreshing it as the admin would run it with superuser rights.
-    kept = [line for line in listing.splitlines() if "MATERIALIZED VIEW DATA" not in line]
-    list_file = dump.with_name("restore.list")
-    list_file.write_text("\n".join(kept) + "\n")
-    jobs = str(max(1, min(4, (os.cpu_count() or 1))))
-    archiver.run_tool([str(archiver.bin_dir / "pg_restore"), "--no-owner", "--no-acl", "--exit-on-error", "-j", jobs,
-                       "-L", str(list_file), "-d", archiver.conninfo(dbname=into.database), str(dump)],
-                      timeout=_LOAD_TIMEOUT_S, what="loading the restored database")
+    entries = [line for line in listing.splitlines() if line.strip() and not line.startswith(";")]
+    extensions = [line for line in entries if _is_extension(line)]
+    # A materialized view's query is an agent's: it is re-created empty (refresh it to fill it).
+    rest = [line for line in entries if not _is_extension(line) and "MATERIALIZED VIEW DATA" not in line]
+    _restore(archiver, dump, into.database, extensions, "extensions")
+    try:
+        with provider._admin(into.database, tag=into.database) as conn:
+            conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(plan.owner_role)))
+            # pg_restore -n leaves out the schema's own entry (it has no namespace): made here, as BOOTSTRAP does.
+            conn.execute("CREATE SCHEMA agentpg_internal")
+    except psycopg.Error as exc:
+        raise ProviderError(f"preparing the restored database {into.database} failed: "
+                            f"{exc.diag.message_primary}") from None
+    _restore(archiver, dump, into.database, rest, "the tenant's objects", schema="public", role=plan.owner_role)
+    _restore(archiver, dump, into.database, rest, "agentpg's grants and settings", schema="agentpg_internal")
     shared: list[bool] = []
 
     def make_tenant(conn: Conn) -> None:
@@ -177,6 +192,33 @@ def _load(provider: LocalProvider, dump: Path, plan: DatabasePlan, into: Databas
     except psycopg.Error as exc:
         raise ProviderError(f"granting the restored database {into.database} failed: "
                             f"{exc.diag.message_primary}") from None
+
+
+def _is_extension(entry: str) -> bool:
+    """A ``pg_restore -l`` line of an extension (``<id>; <oid> <oid> EXTENSION - <name> <owner>``) or its
+    comment (``… COMMENT - EXTENSION <name> …``)."""
+    fields = entry.split(maxsplit=6)
+    return len(fields) >= 6 and (fields[3:5] == ["EXTENSION", "-"] or fields[3:6] == ["COMMENT", "-", "EXTENSION"])
+
+
+def _restore(archiver: Any, dump: Path, database: str, entries: list[str], what: str, *, schema: str | None = None,
+             role: str | None = None) -> None:
+    """``pg_restore`` of ``entries`` (lines of its ``-l`` listing) of ``dump``, only those in ``schema`` when
+    given, as ``role`` when given (the admin connects, then ``SET ROLE``: every object is created by, owned
+    by, and every expression evaluated as that role)."""
+    if not entries:
+        return
+    list_file = dump.with_name("restore.list")
+    list_file.write_text("\n".join(entries) + "\n")
+    jobs = str(max(1, min(4, (os.cpu_count() or 1))))
+    args = [str(archiver.bin_dir / "pg_restore"), "--no-owner", "--no-acl", "--exit-on-error", "-j", jobs,
+            "-L", str(list_file)]
+    if schema is not None:
+        args += ["-n", schema]
+    if role is not None:
+        args += ["--role", role]
+    archiver.run_tool([*args, "-d", archiver.conninfo(dbname=database), str(dump)], timeout=_LOAD_TIMEOUT_S,
+                      what=f"loading the restored database ({what})")
 
 
 def _hand_to_owner(conn: Conn, owner: str) -> None:

@@ -385,7 +385,7 @@ BEGIN
         RETURN;
     END IF;
     FOR target IN
-        SELECT format('TABLE %s', c.oid::regclass) FROM pg_catalog.pg_class c
+        SELECT pg_catalog.format('TABLE %s', c.oid::regclass) FROM pg_catalog.pg_class c
         WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relname IN (
             'pg_stat_activity', 'pg_stat_database', 'pg_stat_database_conflicts', 'pg_locks',
             'pg_prepared_xacts', 'pg_stat_ssl', 'pg_stat_gssapi', 'pg_stat_subscription',
@@ -395,7 +395,7 @@ BEGIN
             'pg_stat_progress_copy', 'pg_database', 'pg_roles', 'pg_user', 'pg_group', 'pg_auth_members',
             'pg_db_role_setting', 'pg_shdescription', 'pg_shseclabel', 'pg_shdepend', 'pg_seclabels')
         UNION ALL
-        SELECT format('FUNCTION %s', p.oid::regprocedure) FROM pg_catalog.pg_proc p
+        SELECT pg_catalog.format('FUNCTION %s', p.oid::regprocedure) FROM pg_catalog.pg_proc p
         WHERE p.pronamespace = 'pg_catalog'::regnamespace
           AND (p.proname ~ '^pg_stat_get_(activity|backend_|db_|progress_info|subscription|replication_slot)'
                OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids',
@@ -407,7 +407,7 @@ BEGIN
                -- by oid, its "permission denied for database <name>" names another tenant's database
                OR p.oid = 'pg_catalog.pg_database_size(oid)'::regprocedure)
     LOOP
-        EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', target);
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM PUBLIC', target);
     END LOOP;
 END
 $hide$;
