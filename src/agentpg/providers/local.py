@@ -271,6 +271,7 @@ class LocalProvider(Provider):
             shared = conn.execute("SELECT EXISTS (SELECT 1 FROM agentpg_internal.agent_grants)").fetchone()
             if shared and shared[0]:
                 conn.execute("SELECT agentpg_internal.lock_down_shared()")
+                conn.execute("SELECT agentpg_internal.revoke_shared_builtins()")  # what was added since
                 found.extend(str(row[0]) for row in conn.execute(
                     "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner "
                     "WHERE p.pronamespace = 'public'::regnamespace AND NOT r.rolsuper ORDER BY 1"))

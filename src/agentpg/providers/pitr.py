@@ -183,6 +183,7 @@ def _load(provider: LocalProvider, dump: Path, plan: DatabasePlan, into: Databas
         if any(shared) or (granted is not None and granted[0]):
             # The built-ins' REVOKEs are privileges (--no-acl left them out): lock the database down again.
             conn.execute("SELECT agentpg_internal.lock_down_shared()")
+            conn.execute("SELECT agentpg_internal.revoke_shared_builtins()")
 
     provider._changing_grants(into.database, "making the restored database a tenant database", make_tenant,
                               tag=into.database)

@@ -184,6 +184,9 @@ CREATE OR REPLACE FUNCTION agentpg_internal.adopt_new_objects()
 RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     obj record;
+    other record;
+    kind text;
+    ident text;
     g agentpg_internal.agent_grants;
     owner_role name := (SELECT value FROM agentpg_internal.config WHERE key = 'owner_role');
     owner_oid oid;
@@ -206,7 +209,7 @@ BEGIN
         WHERE schema_name = 'public' AND NOT in_extension AND command_tag IN (
             'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE VIEW', 'CREATE MATERIALIZED VIEW',
             'CREATE SEQUENCE', 'CREATE FOREIGN TABLE', 'CREATE FUNCTION', 'CREATE PROCEDURE',
-            'CREATE TYPE', 'CREATE DOMAIN')
+            'CREATE AGGREGATE', 'CREATE TYPE', 'CREATE DOMAIN')
     LOOP
         IF obj.classid = 'pg_class'::regclass THEN
             -- A sequence owned by a column moves with its table; changing it alone is an error. (Only a
@@ -221,6 +224,22 @@ BEGIN
             IF (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'v'
                AND current_setting('server_version_num')::int >= 150000 THEN
                 EXECUTE format('ALTER VIEW %s SET (security_invoker = true)', obj.objid::regclass);
+            END IF;
+            -- In the shared database a view is the author's code run by its readers. nextval() is the one
+            -- side effect left to it there (setval and the other channels are revoked; defaults need
+            -- nextval): a reader who may see a secret would advance the author's sequence by it.
+            IF (SELECT relkind FROM pg_class WHERE oid = obj.objid) = 'v'
+               AND coalesce((SELECT value FROM agentpg_internal.config WHERE key = 'shared'), 'off') = 'on'
+               AND EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = obj.objid
+                             AND r.ev_action::text ~ (
+                                 ':funcid (' || 'pg_catalog.nextval(regclass)'::regprocedure::oid
+                                 || '|' || 'pg_catalog.setval(regclass,bigint)'::regprocedure::oid
+                                 || '|' || 'pg_catalog.setval(regclass,bigint,boolean)'::regprocedure::oid
+                                 || ')[^0-9]')) THEN
+                RAISE EXCEPTION 'a view in the shared global database cannot call nextval() or setval()'
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'Its readers would change your sequence as they read; select currval() or '
+                                 'the column instead.';
             END IF;
             IF (SELECT relowner FROM pg_class WHERE oid = obj.objid) <> owner_oid THEN
                 EXECUTE format('ALTER TABLE %s OWNER TO %I', obj.objid::regclass, owner_role);
@@ -252,6 +271,36 @@ BEGIN
                 EXECUTE format('ALTER TYPE %s OWNER TO %I', obj.objid::regtype, owner_role);
             END IF;
         END IF;
+    END LOOP;
+    -- Every other object with an owner goes to the owner role too, including what a command makes on the
+    -- side (an operator class's family, a commutator's shell operator). Left to its author, an agent's role
+    -- would own something that DROP OWNED (its workspace's deletion) drops, taking with it what depends on
+    -- it (a table's generated column), or fails on; and as its owner it could write to the catalog
+    -- (COMMENT) while the database is read-only.
+    FOR other IN
+        SELECT o.cls, o.oid FROM (
+            SELECT 'pg_ts_config'::regclass, oid, cfgowner FROM pg_ts_config
+            WHERE cfgnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_ts_dict'::regclass, oid, dictowner FROM pg_ts_dict
+            WHERE dictnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_collation'::regclass, oid, collowner FROM pg_collation
+            WHERE collnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_statistic_ext'::regclass, oid, stxowner FROM pg_statistic_ext
+            WHERE stxnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_operator'::regclass, oid, oprowner FROM pg_operator
+            WHERE oprnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_opclass'::regclass, oid, opcowner FROM pg_opclass
+            WHERE opcnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_opfamily'::regclass, oid, opfowner FROM pg_opfamily
+            WHERE opfnamespace = 'public'::regnamespace
+            UNION ALL SELECT 'pg_conversion'::regclass, oid, conowner FROM pg_conversion
+            WHERE connamespace = 'public'::regnamespace) o(cls, oid, owner)
+        WHERE o.owner <> owner_oid
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = o.cls AND d.objid = o.oid AND d.deptype = 'e')
+    LOOP
+        SELECT i.type, i.identity INTO kind, ident FROM pg_identify_object(other.cls, other.oid, 0) i;
+        EXECUTE format('ALTER %s %s OWNER TO %I',
+                       CASE kind WHEN 'statistics object' THEN 'STATISTICS' ELSE upper(kind) END, ident, owner_role);
     END LOOP;
     DELETE FROM agentpg_internal.adopting WHERE xid = pg_current_xact_id();
     -- Everything in public belongs to the owner role: a co-owner (an agent allowed to drop) could otherwise
@@ -324,6 +373,14 @@ BEGIN
                   HINT = 'Code defined here would run with the rights of other agents or of the owner; '
                          'use plain SQL, or put functions in your agent database.';
     END IF;
+    -- CREATE TABLE AS, SELECT INTO and a materialized view store the rows of their query: a write, which an
+    -- agent that may create tables but not write (or any agent while the database is read-only) may not do.
+    IF tg_tag IN ('CREATE TABLE AS', 'SELECT INTO', 'CREATE MATERIALIZED VIEW') AND EXISTS (
+        SELECT 1 FROM agentpg_internal.agent_grants WHERE role_name = session_user AND NOT can_write) THEN
+        RAISE EXCEPTION '% stores rows, and this agent may not write in the shared global database', tg_tag
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Create the table with CREATE TABLE; an agent allowed to write can fill it.';
+    END IF;
     -- Who may read and write what is each agent's permissions (agentpg_internal.set_agent_grants); a
     -- co-owner's GRANT would outlive them (to PUBLIC, or to an agent whose permissions say no).
     IF tg_tag IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES') THEN
@@ -338,18 +395,41 @@ $fn$;
 -- languages and the built-ins that run SQL text with the caller's rights or carry data between sessions.
 CREATE OR REPLACE FUNCTION agentpg_internal.lock_down_shared()
 RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    f regprocedure;
 BEGIN
     IF coalesce((SELECT value FROM agentpg_internal.config WHERE key = 'shared'), 'off') = 'on' THEN
         RETURN;
     END IF;
     INSERT INTO agentpg_internal.config VALUES ('shared', 'on')
     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    PERFORM agentpg_internal.revoke_shared_builtins();
+END
+$fn$;
+
+-- The lock-down's revokes, idempotent: also run again by reconcile --upgrade and after a restore, so a shared
+-- database made by an earlier agentpg gets what was added to this list since.
+CREATE OR REPLACE FUNCTION agentpg_internal.revoke_shared_builtins()
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    f regprocedure;
+    v regclass;
+BEGIN
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         RETURN;  -- a managed admin (Neon) may not revoke built-ins: the event trigger still guards DDL
     END IF;
     REVOKE USAGE ON LANGUAGE sql, plpgsql FROM PUBLIC;
+    -- Each table's and index's cumulative statistics (scans, tuples read, blocks hit): a view an agent wrote,
+    -- read by another agent or the platform, could scan the author's own tables as many times as a secret
+    -- value says, and the author read the count back. The system views read them with their owner's
+    -- rights, so the views go as well as the functions.
+    FOR v IN
+        SELECT c.oid FROM pg_class c
+        WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'v'
+          AND c.relname ~ '^pg_stat(io)?_(all|user|sys|xact_all|xact_user|xact_sys)_(tables|indexes|sequences)$'
+           OR c.relnamespace = 'pg_catalog'::regnamespace AND c.relname IN ('pg_stat_user_functions',
+                                                                           'pg_stat_xact_user_functions')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM PUBLIC', v);
+    END LOOP;
     FOR f IN
         SELECT p.oid FROM pg_proc p
         WHERE p.pronamespace = 'pg_catalog'::regnamespace
@@ -364,9 +444,13 @@ BEGIN
                   -- large objects (which also store data without any table grant), sequence resets
                   'set_config', 'pg_notify', 'setval')
                OR p.proname ~ '^(pg_advisory_|pg_try_advisory_)'
-               OR p.proname ~ '^lo_' OR p.proname IN ('loread', 'lowrite'))
+               OR p.proname ~ '^lo_' OR p.proname IN ('loread', 'lowrite')
+               -- per-object statistics (see the views above)
+               OR p.proname ~ ('^pg_stat_get_(numscans|lastscan|tuples_|live_tuples|dead_tuples|'
+                               'mod_since_analyze|ins_since_vacuum|blocks_|last_|vacuum_count|'
+                               'autovacuum_count|analyze_count|autoanalyze_count|total_|function_|xact_)'))
     LOOP
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END
 $fn$;
