@@ -113,6 +113,7 @@ async def test_http_auth_host_and_origin(runtime: Runtime, base_url: str, tenant
         response = post_mcp(base_url, token)
         assert response.status_code == 403 and "agent tokens" in response.json()["error_description"]
     assert post_mcp(base_url, tenants.token_a, Host="evil.example:8080").status_code == 421
+    assert post_mcp(base_url, tenants.token_a, Host="localhost:1@evil.example").status_code == 421
     assert post_mcp(base_url, tenants.token_a, Origin="http://evil.example").status_code == 403
     port = base_url.rsplit(":", 1)[1]
     opened = post_mcp(base_url, tenants.token_a, Origin=f"http://localhost:{port}")

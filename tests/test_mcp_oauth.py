@@ -221,6 +221,12 @@ async def test_discovery_documents_and_401_challenges(base_url: str) -> None:
         assert metadata_url in wrong.headers["www-authenticate"]
         assert (await client.get(f"{base_url}/.well-known/oauth-protected-resource",
                                  headers={"Host": "evil.example"})).status_code == 421
+        # An allowed name with something after its port (the SDK matched "localhost:*" by prefix): the
+        # metadata would have named evil.example as its issuer.
+        for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-authorization-server"):
+            for host in ("localhost:1@evil.example", "127.0.0.1:80/evil.example", "localhost:8080 evil"):
+                answer = await client.get(f"{base_url}{path}", headers={"Host": host})
+                assert answer.status_code == 421 and "evil" not in answer.text, (path, host, answer.text)
 
 
 async def test_audience_scope_refresh_and_revocation(base_url: str, tenants: Tenants,

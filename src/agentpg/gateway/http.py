@@ -19,7 +19,7 @@ from typing import Any
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
@@ -52,12 +52,12 @@ class GatewayHttp:
     """:meth:`mount` adds the route; :meth:`run` (in the app's lifespan) serves it and owns the children."""
 
     def __init__(self, settings: Settings, *, tools_server: ToolsServer, admit: Admit,
-                 security: TransportSecuritySettings) -> None:
+                 security: TransportSecurityMiddleware) -> None:
         self._settings = settings
         self._tools_server = tools_server
         self._admit = admit
-        self._security_settings = security
-        self._security = TransportSecurityMiddleware(security)
+        self._security_settings = security.settings
+        self._security = security
         self._manager: StreamableHTTPSessionManager | None = None
         self._gateway: Gateway | None = None
 

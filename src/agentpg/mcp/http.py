@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +62,25 @@ _PRINCIPAL_KEY = "agentpg.principal"
 _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 MAX_BODY = 4 * 2**20
 """The largest POST body /mcp takes (the SDK answers 413 above it)."""
+
+
+#: A Host header as HTTP allows it: a name or an IP literal, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?"
+                   r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+class HostAndOriginCheck(TransportSecurityMiddleware):
+    """The SDK's Host and Origin check (DNS rebinding), after one of our own: the Host must be well formed.
+
+    The SDK matches an allowed ``name:*`` by prefix, so ``Host: localhost:1@evil.example`` passed, and where no
+    public URL is set the OAuth metadata names its issuer and endpoints from the Host: a client reading them
+    (or a cache keeping them) would be sent to another site."""
+
+    async def validate_request(self, request: Request, is_post: bool = False) -> Response | None:
+        host = request.headers.get("host")
+        if host is not None and not _HOST.fullmatch(host):
+            return Response("Invalid Host header", status_code=421)
+        return await super().validate_request(request, is_post=is_post)
 
 
 def security_settings(settings: Settings) -> TransportSecuritySettings:
@@ -95,7 +115,7 @@ class McpHttp:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._security = TransportSecurityMiddleware(security_settings(settings))
+        self._security = HostAndOriginCheck(security_settings(settings))
         self.security = self._security
         self.door = OAuthDoor(settings)
         """OAuth access tokens beside agent tokens (:mod:`agentpg.mcp.oauth`)."""
