@@ -146,12 +146,21 @@ def _check_allowed(names: list[str], perms: GlobalDbPermissions, verb: str) -> N
                       f"database; its allowed tables are: {allowed}")
 
 
+#: Maintenance commands PostgreSQL allows in a READ ONLY transaction that still rewrite a table, lock it, or
+#: change its statistics: not for the reading tool (an ``mcp:read`` client, a reviewer agent).
+_MAINTENANCE = frozenset({"VACUUM", "ANALYZE", "CLUSTER", "REINDEX"})
+
+
 def check_tool(c: Classification, tool: Tool) -> None:
-    """``query`` only reads: a write or DDL statement gets a clear refusal pointing to ``execute``."""
+    """``query`` only reads: a write, DDL or maintenance statement gets a clear refusal pointing to
+    ``execute``."""
     if tool == "query" and c.kind in (StatementKind.WRITE, StatementKind.DDL):
         raise PermissionRefused(f"The query tool only reads, and {c.command} changes data or schema "
                                 "(even inside a CTE or a SELECT ... FOR UPDATE). Use the execute tool for it.",
                                 reason="write_in_query")
+    if tool == "query" and c.command.split(" ", 1)[0] in _MAINTENANCE:
+        raise PermissionRefused(f"The query tool only reads, and {c.command} rewrites, locks or re-analyzes "
+                                "tables. Use the execute tool for it.", reason="write_in_query")
 
 
 def precheck(c: Classification, perms: GlobalDbPermissions) -> None:

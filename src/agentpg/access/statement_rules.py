@@ -107,6 +107,7 @@ TARGET_ATTRS: Final = ("relation", "relations", "view", "sequence", "table", "ty
 FORBIDDEN_FUNCTIONS: Final = frozenset({
     "set_config", "pg_read_file", "pg_read_binary_file", "pg_stat_file", "lo_import", "lo_export",
     "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_notify",
+    "pg_logical_emit_message",
 })
 FORBIDDEN_PREFIXES: Final = ("dblink", "pg_ls_", "pg_file_", "pg_advisory_", "pg_try_advisory_")
 SEQUENCE_CALLS: Final = frozenset({("nextval",), ("setval",)})

@@ -38,7 +38,18 @@ class TenantLimits:
         return (("temp_file_limit", f"{self.temp_file_limit_mb}MB"), *self.session_settings())
 
     def session_settings(self) -> tuple[Setting, ...]:
-        """The user-settable limits agentpg's own tenant connections start with (startup packet)."""
+        """The user-settable limits agentpg's own tenant connections start with (startup packet).
+
+        A startup value overrides the role's defaults, and a tenant can set those for itself (``ALTER ROLE
+        CURRENT_USER SET hash_mem_multiplier = 1000``): so every setting that sizes a statement's memory,
+        temporary files or workers is named here, at PostgreSQL's own default where agentpg has no other."""
         return (("work_mem", f"{self.work_mem_mb}MB"),
                 ("maintenance_work_mem", f"{self.maintenance_work_mem_mb}MB"),
-                ("client_connection_check_interval", f"{CONNECTION_CHECK_INTERVAL_MS}ms"))
+                ("client_connection_check_interval", f"{CONNECTION_CHECK_INTERVAL_MS}ms"),
+                *_PINNED_DEFAULTS)
+
+
+#: PostgreSQL's defaults of the other resource settings a role may set for itself (see session_settings).
+_PINNED_DEFAULTS: tuple[Setting, ...] = (
+    ("hash_mem_multiplier", "2"), ("temp_buffers", "8MB"), ("max_parallel_workers_per_gather", "2"),
+    ("max_parallel_maintenance_workers", "2"), ("logical_decoding_work_mem", "64MB"))

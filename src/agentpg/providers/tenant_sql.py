@@ -487,7 +487,10 @@ BEGIN
                                 'pg_get_replication_slots', 'pg_tablespace_databases',
                                 -- name any object by its oid, a database's ACL (who may connect) included
                                 'pg_identify_object', 'pg_identify_object_as_address', 'pg_describe_object',
-                                'pg_get_acl')
+                                'pg_get_acl',
+                                -- writes any amount to the server's WAL (so to every backup), even in a
+                                -- READ ONLY transaction, and no grant, budget or storage limit counts it
+                                'pg_logical_emit_message')
                -- by oid, its "permission denied for database <name>" names another tenant's database
                OR p.oid = 'pg_catalog.pg_database_size(oid)'::regprocedure)
     LOOP
