@@ -234,6 +234,8 @@ class Settings(BaseSettings):
     """RLIMIT_NPROC: processes and threads of one child (each child has its own uid)."""
     gateway_limit_file_size_mb: int = Field(default=64, ge=1, le=1_048_576)
     gateway_limit_open_files: int = Field(default=256, ge=16, le=1_048_576)
+    gateway_limit_tmp_mb: int = Field(default=256, ge=1, le=1_048_576)
+    """The size of each sandboxed child's own ``/tmp`` (its ``HOME``), a tmpfs: memory no rlimit counts."""
     gateway_max_processes: int = Field(default=16, ge=1, le=10_000)
     """Most gateway child processes running at once (all users); beyond it an idle one is stopped, else
     the call is refused with a clear error."""
@@ -277,3 +279,16 @@ class Settings(BaseSettings):
     """How long a call waits for a connection of a busy server before it fails with ``server_busy`` (429)."""
     serve_instances: int = Field(default=1, ge=1, le=1000)
     """How many serve (or mcp) processes share the tenant servers: each takes this fraction of the budget."""
+    session_max_statement_s: float = Field(default=900.0, ge=0, le=86_400)
+    """A tenant's own connection (a gateway child's): its statement is terminated past this; 0: no bound
+    (lifecycle/session_bounds.py; a tenant can lift every timeout setting for itself, so serve enforces it)."""
+    session_max_transaction_s: float = Field(default=900.0, ge=0, le=86_400)
+    """…its transaction is terminated past this (an open one holds back VACUUM for every tenant); 0: none."""
+    session_max_idle_s: float = Field(default=3600.0, ge=0, le=604_800)
+    """…its session is closed after this long idle; 0: never."""
+    user_max_connections: int = Field(default=0, ge=-1, le=100_000)
+    """Most backends one user's own connections may hold on a server, all its databases together (agentpg's
+    own pooled connections are not counted); the newest beyond it are terminated. 0: an eighth of the
+    server's ordinary connection slots (at least 4); -1: no bound."""
+    session_check_interval_s: float = Field(default=5.0, ge=0, le=3600)
+    """How often serve checks those bounds; 0 turns the check off."""

@@ -118,6 +118,21 @@ class TenantPools:
         self._pools: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = asyncio.Lock()
         self._already_reset: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+        self._opened: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+
+    def backend_pids(self) -> set[int]:
+        """The server pids of the connections these pools hold (open ones): the session bounds leave them alone,
+        as agentpg's own statements have their own timeouts (lifecycle/session_bounds.py)."""
+        for _ in range(3):  # read from another thread while the event loop may add to the set
+            try:
+                return {conn.info.backend_pid for conn in list(self._opened) if not conn.closed}
+            except RuntimeError:
+                continue
+        return set()
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        self._opened.add(conn)
+        await _configure(conn)
 
     def mark_reset(self, conn: AsyncConnection[Any]) -> None:
         """``conn``'s session was just ``DISCARD ALL``-ed by its caller (a read does it in the same round trip):
@@ -153,7 +168,7 @@ class TenantPools:
             pool = GovernedPool(
                 uri, min_size=0, max_size=self.limits.max_size, start_empty=gate is not None,
                 max_idle=self.limits.max_idle_s,
-                timeout=self.limits.acquire_timeout_s, reset=self._reset, configure=_configure, open=False,
+                timeout=self.limits.acquire_timeout_s, reset=self._reset, configure=self._configure, open=False,
                 reset_done=self._already_reset.__contains__,  # a read's reset: returned without the worker
                 # Autocommit, so DISCARD ALL can run on return (it refuses to run inside a transaction);
                 # every call opens its own transaction explicitly with conn.transaction().

@@ -29,6 +29,7 @@ from agentpg.lifecycle.autovacuum import AutovacuumPacer
 from agentpg.lifecycle.cpu_groups import find_cpu_groups
 from agentpg.lifecycle.cpu_shares import CpuShares, CpuSharesJob, catalog_owners
 from agentpg.lifecycle.deps import LifecycleDeps
+from agentpg.lifecycle.session_bounds import SessionBounds, SessionBoundsJob, SessionLimits
 from agentpg.lifecycle.warm import Refiller, WarmSizing
 from agentpg.periodic import stop_all
 from agentpg.providers.archiving import ArchiveJob, attach_archivers
@@ -42,7 +43,7 @@ from agentpg.settings import Settings
 from agentpg.tokens import TokenStore, new_admin_secret
 from agentpg.usage.budgets import UsagePolicy, UsageSyncer
 from agentpg.usage.pricing import PriceTable
-from agentpg.usage.storage import StorageGuard
+from agentpg.usage.storage import StorageGuard, blocked_users
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Runtime:
     """Checks every user's storage against AGENTPG_USER_STORAGE_LIMIT_MB every few seconds; only ``serve``."""
     cpu_shares: CpuSharesJob | None = None
     """Demotes the embedded server's backends of users over their CPU share; only ``serve`` starts it."""
+    session_bounds: SessionBoundsJob | None = None
+    """Ends tenants' own sessions past agentpg's bounds (lifecycle/session_bounds.py); only ``serve``."""
 
     def start_background_jobs(self) -> None:
         try:
@@ -93,6 +96,8 @@ class Runtime:
             self.storage_guard.start()
         if self.cpu_shares is not None:
             self.cpu_shares.start()
+        if self.session_bounds is not None:
+            self.session_bounds.start()
 
 
 def uses_embedded(settings: Settings) -> bool:
@@ -301,10 +306,12 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
     storage_guard: StorageGuard | None = None
     archive_job: ArchiveJob | None = None
     cpu_shares: CpuSharesJob | None = None
+    session_bounds: SessionBoundsJob | None = None
     pacer = AutovacuumPacer(admin, settings.embedded_autovacuum_pace_s) if embedded is not None else None
     provider = make_provider(settings, admin)
     # Issue 18: the superuser that terminates backends agentpg gave up on (none on Neon: there, the role itself).
-    reaper = Reaper(() if settings.provider == "neon" else (admin, *(d.get_secret_value() for d in settings.fleet)))
+    administered = () if settings.provider == "neon" else (admin, *(d.get_secret_value() for d in settings.fleet))
+    reaper = Reaper(administered)
     try:
         if migrate_catalog:
             migrate(engine)
@@ -329,8 +336,18 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
         storage_every = settings.user_storage_check_interval_s
         if settings.provider == "neon" and storage_every:  # each database's size is one API call there
             storage_every = max(storage_every, settings.usage_sync_interval_s)
+        if administered and not attach_only:
+            session_bounds = SessionBoundsJob(SessionBounds(
+                administered, catalog_owners(deps),
+                SessionLimits(max_statement_s=settings.session_max_statement_s,
+                              max_transaction_s=settings.session_max_transaction_s,
+                              max_idle_s=settings.session_max_idle_s,
+                              user_max_connections=settings.user_max_connections),
+                own_pids=service.own_backend_pids, blocked_users=lambda: blocked_users(deps),
+            ), settings.session_check_interval_s)
         storage_guard = StorageGuard(deps, settings.user_storage_limit_mb, storage_every,
-                                     policy.default_budget_cents)
+                                     policy.default_budget_cents,
+                                     on_blocked=session_bounds.bounds.end_writes if session_bounds else None)
         if embedded is not None and not attach_only and settings.cpu_demoted_nice > 0:
             groups = find_cpu_groups(str(embedded.data_dir)) if settings.cpu_groups else None
             cpu_shares = CpuSharesJob(CpuShares(admin, catalog_owners(deps), settings.cpu_demoted_nice,
@@ -339,10 +356,11 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
                                       serve_nice=settings.serve_nice)
         yield Runtime(settings=settings, service=service, engine=engine, keyring=ring, admin_dsn=admin,
                       embedded=embedded, refiller=refiller, usage_syncer=syncer, autovacuum_pacer=pacer,
-                      archive_job=archive_job, storage_guard=storage_guard, cpu_shares=cpu_shares)
+                      archive_job=archive_job, storage_guard=storage_guard, cpu_shares=cpu_shares,
+                      session_bounds=session_bounds)
     except ProviderUnavailable:
         raise
     finally:
-        stop_all((archive_job, pacer, syncer, storage_guard, cpu_shares, refiller))
+        stop_all((archive_job, pacer, syncer, storage_guard, cpu_shares, session_bounds, refiller))
         provider.close()
         engine.dispose()

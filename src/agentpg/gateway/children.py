@@ -84,7 +84,8 @@ def limits_for(settings: Settings, target: GatewayTarget) -> Limits:
                   address_space_mb=own.address_space_mb or settings.gateway_limit_address_space_mb,
                   processes=own.processes or settings.gateway_limit_processes,
                   file_size_mb=own.file_size_mb or settings.gateway_limit_file_size_mb,
-                  open_files=own.open_files or settings.gateway_limit_open_files)
+                  open_files=own.open_files or settings.gateway_limit_open_files,
+                  tmp_mb=settings.gateway_limit_tmp_mb)
 
 
 class Child:

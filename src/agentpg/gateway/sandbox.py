@@ -79,6 +79,9 @@ class Limits:
     processes: int
     file_size_mb: int
     open_files: int
+    tmp_mb: int = 256
+    """The size of the sandbox's own ``/tmp`` (also ``HOME``): a tmpfs, whose pages no rlimit counts (the
+    kernel's default would be half of the host's memory, per child)."""
 
     def prlimit_args(self, own_uid: bool) -> list[str]:
         """RLIMIT_NPROC counts every process and thread of the real uid: only meaningful (and harmless) when
@@ -388,15 +391,16 @@ class Sandbox:
             if mode.kind == "none":
                 launch.argv = [*drop, *rlimits, command, *args]
             elif mode.kind == "bwrap":
-                launch.argv = [*drop, *rlimits, *self._bwrap(mode, command, read_only_paths), command, *args]
+                launch.argv = [*drop, *rlimits, *self._bwrap(mode, command, read_only_paths, limits), command, *args]
             else:  # bwrap-root: bwrap keeps root to build the mounts, the child drops to its uid inside
-                launch.argv = [*self._bwrap(mode, command, read_only_paths), *drop, *rlimits, command, *args]
+                launch.argv = [*self._bwrap(mode, command, read_only_paths, limits), *drop, *rlimits, command,
+                               *args]
         except BaseException:
             launch.release(self)
             raise
         return launch
 
-    def _bwrap(self, mode: SandboxMode, command: str, read_only_paths: list[str]) -> list[str]:
+    def _bwrap(self, mode: SandboxMode, command: str, read_only_paths: list[str], limits: Limits) -> list[str]:
         argv = [str(self.bwrap), "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                 "--die-with-parent"]
         if mode.kind == "bwrap":
@@ -409,7 +413,7 @@ class Sandbox:
                 argv += ["--ro-bind", link, link]
         for path in ETC_FILES:
             argv += ["--ro-bind-try", path, path]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", SANDBOX_TMP]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", SANDBOX_TMP]
         real = os.path.realpath(command)
         if not real.startswith("/usr/"):
             argv += ["--ro-bind", real, real]

@@ -137,6 +137,12 @@ class Service:
             raise NotStarted("agentpg is starting; retry in a moment")
         return self._tenant
 
+    def own_backend_pids(self) -> set[int]:
+        """The server pids of the tenant connections this process's pools hold (empty before the tenant access
+        is attached): what the session bounds leave to agentpg's own timeouts."""
+        tenant = self._tenant
+        return tenant.pools.backend_pids() if tenant is not None else set()
+
     def held_connections(self, user_id: str, workspace_id: str | None = None) -> HeldConnections:
         """The pooled sessions on a user's databases (all, or one workspace's), named before a drop (a
         dropped database cannot be looked up after it)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -141,15 +141,27 @@ class StorageGuard(PeriodicJob):
     hourly and without reading any database, so users blocked under a former limit get their writes back."""
 
     def __init__(self, deps: LifecycleDeps, limit_mb: int, interval_s: float,
-                 default_budget_cents: int | None) -> None:
+                 default_budget_cents: int | None,
+                 on_blocked: Callable[[list[str]], object] | None = None) -> None:
+        """``on_blocked`` gets the users whose writes a check just blocked (serve ends their running writes:
+        a revoked grant stops only the next statement)."""
         self._deps, self.limit_mb, self._default_budget = deps, limit_mb, default_budget_cents
+        self._on_blocked = on_blocked
         super().__init__("storage-limit", self._check_once, interval_s if limit_mb > 0 or not interval_s else 3600,
                          first_run_now=True, log_traceback=False)
 
     def _check_once(self) -> None:
         report = check_storage(self._deps, self.limit_mb, default_budget_cents=self._default_budget)
+        if report.made_read_only and self._on_blocked is not None:
+            self._on_blocked(report.made_read_only)
         if report.failed:
             log.warning("storage check: %d databases unread: %s", len(report.failed), "; ".join(report.failed[:5]))
+
+
+def blocked_users(deps: LifecycleDeps) -> set[str]:
+    """Users whose databases are read-only right now (over the storage limit or the budget)."""
+    with deps.sessions() as s:
+        return {str(user) for user in s.scalars(select(UserBudget.user_id).where(UserBudget.enforced))}
 
 
 class StorageCollector(Collector):
