@@ -213,7 +213,7 @@ def private_runtime(max_connections: int) -> Iterator[tuple[Runtime, Settings]]:
     from agentpg.app.runtime import open_runtime
     from agentpg.embedded import EmbeddedPostgres
 
-    home = Path(tempfile.mkdtemp(prefix="agentpg-redteam-", dir="/tmp"))
+    home = Path(tempfile.mkdtemp(prefix="agentpg-attack-", dir="/tmp"))
     home.chmod(0o711)
     private = Settings(home=home, embedded_fsync=False, embedded_max_connections=max_connections,
                        warm_pool_size=0, governor_wait_s=1.0)
@@ -286,7 +286,7 @@ def child_url(settings: Settings, tenants: Tenants) -> Iterator[str]:
 
     ensure_bwrap()
     node = shutil.which("node") or "/usr/bin/node"
-    directory = Path(tempfile.mkdtemp(prefix="agentpg-redteam-", dir="/tmp"))
+    directory = Path(tempfile.mkdtemp(prefix="agentpg-attack-", dir="/tmp"))
     directory.chmod(0o755)
     (directory / "evil.js").write_text(EVIL_JS)
     (directory / "evil.js").chmod(0o644)

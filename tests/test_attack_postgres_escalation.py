@@ -260,7 +260,7 @@ async def test_an_agent_cannot_make_its_workspace_undeletable(world: World, via:
 def archived() -> Iterator[tuple[str, str, str]]:
     """A private archived server with ``serve`` (restore needs continuous archiving): base URL, an agent's
     token, the server's admin DSN."""
-    home = Path(tempfile.mkdtemp(prefix="agentpg-redteam-", dir="/tmp"))
+    home = Path(tempfile.mkdtemp(prefix="agentpg-attack-", dir="/tmp"))
     home.chmod(0o711)
     settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0,
                         backup_enabled=True)

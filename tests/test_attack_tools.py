@@ -1,7 +1,9 @@
-"""Red-team tests of the MCP tools, the pooled connections, the explorer's SQL box and grid, undo ids and
-error texts: a malicious agent, user or platform client trying to exceed what its tool or permissions allow.
+"""The attacker at the MCP tools, the pooled connections, the explorer's SQL box and grid, undo ids and error
+texts: a malicious agent, user or platform client trying to exceed what its tool or permissions allow (write
+WAL from a read, rewrite a table through the reading tool, leave state in a pooled session, inject through
+grid filters, reach another user's checkpoint or copy, read a secret in an error).
 
-Each test asserts the SAFE outcome, so a failing test is a finding. Attacks run for real, through the MCP
+Each test asserts the safe outcome, never an error string alone. Attacks run for real, through the MCP
 tools over HTTP (one ``agentpg serve`` app on loopback) and the explorer's pages, against the suite's
 embedded PostgreSQL server; outcomes are checked as the superuser (WAL written, a table's file rewritten,
 tables still there), never by an error string alone.
