@@ -248,6 +248,7 @@ async def test_one_user_cannot_take_every_connection_slot_from_the_others() -> N
                         break
             problems: list[str] = []
             assert rt.session_bounds is not None
+            rt.session_bounds.bounds.new_backend_grace_s = 0  # counted at once (15 s by default)
             rt.session_bounds.bounds.tick()  # what serve does every few seconds
             try:
                 with psycopg.connect(agent_db_uri(rt, ws_v), connect_timeout=5) as conn:

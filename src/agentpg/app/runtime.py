@@ -344,6 +344,7 @@ def open_runtime(settings: Settings | None = None, *, migrate_catalog: bool = Tr
                               max_idle_s=settings.session_max_idle_s,
                               user_max_connections=settings.user_max_connections),
                 own_pids=service.own_backend_pids, blocked_users=lambda: blocked_users(deps),
+                other_instances=settings.serve_instances > 1,
             ), settings.session_check_interval_s)
         storage_guard = StorageGuard(deps, settings.user_storage_limit_mb, storage_every,
                                      policy.default_budget_cents,

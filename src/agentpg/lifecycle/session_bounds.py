@@ -42,12 +42,19 @@ log = logging.getLogger(__name__)
 Owners = Callable[[list[str]], dict[str, str]]
 """Database names to the user owning each (the catalog's answer); agentpg's own databases are nobody's."""
 
+# Tenant roles' client backends in tenant databases (agentpg's admin and other superusers are never touched).
 _ACTIVITY = """
 SELECT a.pid, a.backend_start, a.datname, a.state, now() - a.query_start, now() - a.xact_start,
-       now() - a.state_change, a.backend_xid IS NOT NULL
-FROM pg_catalog.pg_stat_activity a
+       now() - a.state_change, a.backend_xid IS NOT NULL, now() - a.backend_start, a.application_name
+FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_roles r ON r.oid = a.usesysid
 WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid() AND a.datname LIKE %s
+  AND a.usename LIKE %s AND NOT r.rolsuper
 """
+#: A backend younger than this is not counted against its user's connections yet: one of agentpg's own pools
+#: has just opened it and not yet said so (it appears in pg_stat_activity before the pool's configure runs).
+NEW_BACKEND_GRACE_S = 15.0
+#: The application name agentpg's own tenant connections carry (access/pools.py).
+_OURS = "agentpg"
 _SLOTS = """
 SELECT pg_catalog.current_setting('max_connections')::int
        - pg_catalog.current_setting('superuser_reserved_connections')::int
@@ -83,13 +90,22 @@ class _Backend:
     in_transaction_s: float | None
     idle_s: float | None
     writing: bool
+    age_s: float | None
+    another_instances: bool
+    """Named as agentpg's own while other instances run: not counted against its user's connections."""
 
 
 class SessionBounds:
     """One sweep per call of :meth:`tick`, over every server in ``admin_dsns`` (secrets: never logged)."""
 
     def __init__(self, admin_dsns: Sequence[str], owners: Owners, limits: SessionLimits, *,
-                 own_pids: Callable[[], set[int]] = set, blocked_users: Callable[[], set[str]] = set) -> None:
+                 own_pids: Callable[[], set[int]] = set, blocked_users: Callable[[], set[str]] = set,
+                 other_instances: bool = False) -> None:
+        """``other_instances``: other agentpg processes (``serve_instances`` > 1) hold pools on these servers,
+        whose pids this one cannot know: their connections (named ``agentpg``) are then left out of the
+        per-user count, which a tenant naming its own connections so could exploit (documented)."""
+        self._other_instances = other_instances
+        self.new_backend_grace_s = NEW_BACKEND_GRACE_S
         self._admin_dsns = list(admin_dsns)
         self._owners = owners
         self.limits = limits
@@ -117,7 +133,9 @@ class SessionBounds:
                                  application_name="agentpg session bounds") as conn:
                 like = NAME_PREFIX.replace("_", "\\_") + "%"
                 backends = [_Backend(int(r[0]), r[1], str(r[2]), r[3], _seconds(r[4]), _seconds(r[5]),
-                                     _seconds(r[6]), bool(r[7])) for r in conn.execute(_ACTIVITY, (like,))]
+                                     _seconds(r[6]), bool(r[7]), _seconds(r[8]),
+                                     self._other_instances and r[9] == _OURS)
+                            for r in conn.execute(_ACTIVITY, (like, like))]
                 own = self._own_pids()
                 backends = [b for b in backends if b.pid not in own]
                 owners = self._owners(sorted({b.database for b in backends})) if backends else {}
@@ -154,7 +172,8 @@ class SessionBounds:
                 ending[b.pid] = b
         if cap > 0 and not writes_only:
             for mine in per_user.values():
-                kept = [b for b in mine if b.pid not in ending]
+                kept = [b for b in mine if b.pid not in ending and not b.another_instances
+                        and (b.age_s is None or b.age_s > self.new_backend_grace_s)]
                 if len(kept) > cap:
                     kept.sort(key=lambda b: b.started)
                     for b in kept[cap:]:  # the newest go
