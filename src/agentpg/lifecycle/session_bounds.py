@@ -61,7 +61,7 @@ SELECT pg_catalog.current_setting('max_connections')::int
        - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0)
 """
 _TERMINATE = """
-SELECT pg_catalog.count(pg_catalog.pg_terminate_backend(a.pid))
+SELECT pg_catalog.count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(a.pid))
 FROM pg_catalog.pg_stat_activity a
 JOIN ROWS FROM (pg_catalog.unnest(%s::int[]), pg_catalog.unnest(%s::timestamptz[])) AS t(pid, started)
   ON t.pid = a.pid AND t.started = a.backend_start
@@ -147,7 +147,7 @@ class SessionBounds:
                 if ending:
                     row = conn.execute(_TERMINATE, ([b.pid for b in ending], [b.started for b in ending])).fetchone()
                     self.terminated += int(row[0]) if row else 0
-        except psycopg.Error as exc:
+        except Exception as exc:  # a background job: the server or the catalog away is logged, and tried again
             log.warning("session bounds: a server could not be swept (%s)", type(exc).__name__)
 
     def _to_end(self, backends: list[_Backend], owners: dict[str, str], blocked: set[str], cap: int, *,
