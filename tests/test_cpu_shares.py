@@ -221,9 +221,9 @@ def test_a_demoted_users_group_can_go_idle(runtime: Runtime, users: tuple[str, s
         heavy_cpu, light_cpu = sum(used[:cores]), sum(used[cores:])
         # Demoted, whatever the class: equal weights would give ~1x. How much more the idle class gives than
         # nice 10's weight (~9x on a quiet machine, 16x and more in the idle class) depends on what else runs:
-        # the suite's other worker, for one. bench/README.md ("Fair sharing") measures it; the class is
-        # asserted by its file above.
-        assert light_cpu >= 5 * heavy_cpu, (light_cpu, heavy_cpu)
+        # the suite's other worker, for one (a fresh-clone run saw 4.5x beside the attack tests).
+        # bench/README.md ("Fair sharing") measures it; the class is asserted by its file above.
+        assert light_cpu >= 3 * heavy_cpu, (light_cpu, heavy_cpu)
         backends.stop()
         assert not backends.failure
         _until(shares, lambda: heavy not in shares.demoted)

@@ -45,8 +45,10 @@ def _postmasters(data_dir: Path) -> list[int]:
             continue
         if argv[0].endswith("/postgres") and "-D" in argv and str(data_dir) in argv:
             found.append(int(proc.name))
-    # A backend the postmaster has just forked shows its argv until it sets its title (longer on a busy host).
-    return [pid for pid in found if _ppid(pid) not in found]
+    # A backend the postmaster has just forked shows its argv until it sets its title (longer on a busy host);
+    # one that has exited since has no parent to read (0): neither is a postmaster.
+    parents = {pid: _ppid(pid) for pid in found}
+    return [pid for pid in found if parents[pid] not in found and parents[pid] != 0]
 
 
 def _ppid(pid: int) -> int:
