@@ -44,3 +44,33 @@ def test_upgrade_locks_down_a_shared_database_made_before_the_rules(runtime: Run
                                  ).fetchone() == (1,)
     finally:
         svc.delete_user(user)
+
+
+def test_upgrade_brings_revokes_added_since_to_a_database_already_shared(runtime: Runtime) -> None:
+    """A database locked down by an earlier agentpg (marked shared) lacks what was added to the lock-down since:
+    here the scan statistics a view's author could read back. ``reconcile --upgrade`` revokes them too."""
+    svc = runtime.service
+    user, ws = uid("up"), uid("upw")
+    svc.register_user(user)
+    svc.create_workspace_with_token(user, ws)
+    try:
+        agent_uri = workspace_global_uri(runtime, ws)
+        dbname = urlsplit(agent_uri).path.lstrip("/")
+        admin_dsn = make_conninfo(runtime.admin_dsn, dbname=dbname)
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT value FROM agentpg_internal.config WHERE key = 'shared'").fetchone() == ("on",)
+            admin.execute("GRANT SELECT ON pg_catalog.pg_stat_user_tables TO PUBLIC")  # as an older lock-down left it
+            admin.execute("GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_numscans(oid) TO PUBLIC")
+        with psycopg.connect(agent_uri, autocommit=True) as agent:
+            assert agent.execute("SELECT count(*) >= 0 FROM pg_stat_user_tables").fetchone() == (True,)
+
+        report = svc.reconcile(upgrade=True)
+
+        assert report.refreshed >= 2 and not report.failed, report
+        with psycopg.connect(agent_uri, autocommit=True) as agent:
+            for statement in ("SELECT count(*) FROM pg_stat_user_tables",
+                              "SELECT pg_stat_get_numscans('pg_class'::regclass)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    agent.execute(statement)
+    finally:
+        svc.delete_user(user)
