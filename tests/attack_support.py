@@ -1,6 +1,7 @@
-"""The attacker's tools for tests/test_attack_postgres.py: one agent reached through MCP or directly as its
-Postgres role, a watcher that records everything an agent can see of other sessions while something runs,
-and the user's ways of reading a table (REST, export, explorer grid, SQL box).
+"""The attacker's tools for tests/test_attack_postgres*.py and test_attack_tools.py: a world of agents
+(:func:`open_world`), one agent reached through MCP or directly as its Postgres role, a watcher that records
+everything an agent can see of other sessions while something runs, and the user's ways of reading a table
+(REST, export, explorer grid, SQL box).
 
 An attack may be blocked at any step: every attacker step here reports whether it ran instead of raising, so
 a test fails only on the outcome (the forbidden data reached the attacker, a function became SECURITY
@@ -10,20 +11,24 @@ DEFINER, a write happened, another tenant showed), never because a step was refu
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
-from helpers import agent_db_uri, with_database, workspace_global_uri
+from helpers import agent_db_uri, global_uri, with_database, workspace_global_uri
 from mcp import ClientSession, types
-from mcp_support import http_session
+from mcp_support import http_session, live_server, uid
 
-from agentpg.app.runtime import Runtime
+from agentpg.access.permissions import GlobalDbPermissions
+from agentpg.app.runtime import Runtime, admin_token
+from agentpg.settings import Settings
 from agentpg.web.security import COOKIE, seal_session
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -130,6 +135,43 @@ class World:
                 yield agent
         if os.environ.get("ATTACK_DEBUG"):  # what was refused, to see which step blocked an attack
             print(f"[{name} via {via}] refused:", *agent.errors, sep="\n  ")
+
+
+@contextmanager
+def open_world(runtime: Runtime, settings: Settings, prefix: str, agents: Sequence[str],
+               permissions: dict[str, dict[str, Any]],
+               forbidden: Callable[[dict[str, str], str], set[str]] | None = None) -> Iterator[World]:
+    """A :class:`World`: one user with ``agents`` (each a workspace; ``c`` belongs to another user), their
+    ``permissions`` (GlobalDbPermissions fields), the user's ``secret`` table, and a live serve; both users
+    deleted afterwards. ``forbidden(ws, other_user)`` names what must never reach the attacker."""
+    svc = runtime.service
+    user, other = uid(prefix), uid(prefix)
+    svc.register_user(user)
+    svc.register_user(other)
+    ws: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    for name in agents:
+        ws[name] = uid(f"{prefix}{name}")
+        _, issued = svc.create_workspace_with_token(other if name == "c" else user, ws[name])
+        tokens[name] = issued.secret
+    for name, flags in permissions.items():
+        svc.set_agent_permissions(ws[name], GlobalDbPermissions.model_validate(flags))
+    marker = "zq" + uuid.uuid4().hex[:14]
+    number = random.randint(1_900_000_000, 2_100_000_000)
+    with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:  # the user's own data
+        conn.execute("CREATE TABLE secret (x text, n int)")
+        conn.execute("INSERT INTO secret VALUES (%s, %s)", (marker, number))
+    roles = {name: role_of(workspace_global_uri(runtime, ws[name])) for name in ws}
+    denied = forbidden(ws, other) if forbidden is not None else set()
+    try:
+        with live_server(settings.model_copy(update={"warm_pool_size": 0, "mcp_statement_timeout_s": 5.0})) as url:
+            yield World(runtime=runtime, base_url=url, user=user, other_user=other, ws=ws, tokens=tokens,
+                        user_token=svc.issue_user_token(user).secret, admin_token=admin_token(runtime.settings),
+                        marker=marker, number=number, global_db=db_of(global_uri(runtime, user)), roles=roles,
+                        forbidden=denied)
+    finally:
+        svc.delete_user(user)
+        svc.delete_user(other)
 
 
 def db_of(uri: str) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -77,6 +79,30 @@ def live_server(settings: Settings, wrap: Callable[[ASGIApp], ASGIApp] | None = 
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def archived_server(prefix: str) -> Iterator[tuple[Settings, str, httpx.Client]]:
+    """``serve`` on an embedded server of its own with continuous archiving (undo needs it), once every server
+    is protected: its settings, base URL and an admin REST client. The server (a detached daemon that outlives
+    serve) is stopped and its home removed afterwards."""
+    from agentpg.embedded import EmbeddedPostgres
+
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    home.chmod(0o711)
+    settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0, backup_enabled=True)
+    try:
+        with live_server(settings) as url:
+            admin = {"Authorization": f"Bearer {admin_token(settings)}"}
+            with httpx.Client(base_url=url, headers=admin, timeout=60) as api:
+                deadline = time.monotonic() + 120
+                while not all(s["protected"] for s in api.get("/api/backups").json()):
+                    assert time.monotonic() < deadline, api.get("/api/backups").json()
+                    time.sleep(0.5)
+                yield settings, url, api
+    finally:
+        EmbeddedPostgres(home).stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @asynccontextmanager

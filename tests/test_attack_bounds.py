@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from helpers import agent_db_uri, global_uri, workspace_global_uri
-from mcp_support import Tenants, http_session, live_server, make_tenants, text, uid
+from mcp_support import Tenants, http_session, live_server, text, uid
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -53,15 +53,6 @@ def alive(admin: Conn, pids: list[int]) -> list[int]:
 
 def terminate(admin: Conn, pids: list[int]) -> None:
     admin.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
-
-
-@pytest.fixture(scope="module")
-def tenants(runtime: Runtime) -> Iterator[Tenants]:
-    """user1 (agents a, b) is the attacker, user2 (agent c) the victim."""
-    t = make_tenants(runtime)
-    yield t
-    runtime.service.delete_user(t.user1)
-    runtime.service.delete_user(t.user2)
 
 
 @pytest.fixture(scope="module")

@@ -28,17 +28,14 @@ import pytest
 from helpers import global_uri
 from joserfc import jwt
 from joserfc.jwk import OctKey
-from mcp_support import MCP_HEADERS, Tenants, live_server, uid
+from mcp_support import INIT, MCP_HEADERS, Tenants, live_server, uid
+from test_mcp_oauth import REDIRECT
 
 from agentpg.app.runtime import Runtime
 from agentpg.service.oauth.keys import SigningKeys
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
-
-REDIRECT = "http://127.0.0.1:8976/callback"
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from attack_support import (
     db_of,
     is_invoker,
     maintain,
+    open_world,
     relation_rows,
     role_of,
     sql_box,
@@ -34,10 +35,10 @@ from attack_support import (
     watching,
 )
 from helpers import agent_db_uri, global_uri, workspace_global_uri
-from mcp_support import live_server, uid
+from mcp_support import uid
 
 from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.app.runtime import Runtime, admin_token
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -61,42 +62,24 @@ def via(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def world(runtime: Runtime, settings: Settings) -> Iterator[World]:
-    svc = runtime.service
-    user, other = uid("atk"), uid("atk")
-    svc.register_user(user)
-    svc.register_user(other)
-    ws: dict[str, str] = {}
-    tokens: dict[str, str] = {}
-    for name, owner in (("a", user), ("b", user), ("d", user), ("r", user), ("w", user), ("c", other)):
-        ws[name] = uid(f"atk{name}")
-        _, issued = svc.create_workspace_with_token(owner, ws[name])
-        tokens[name] = issued.secret
     allowed = [f"{base}_{via}" for via in VIAS for base in A_TABLES]
-    perms = {"a": {"allowed_tables": allowed}, "d": {"can_drop_tables": True}, "r": {"can_read": False},
+    perms: dict[str, dict[str, Any]] = {"a": {"allowed_tables": allowed}, "d": {"can_drop_tables": True},
+                                        "r": {"can_read": False},
              "w": {"can_write": False}}
-    for name, flags in perms.items():
-        svc.set_agent_permissions(ws[name], GlobalDbPermissions.model_validate(flags))
-    marker = "zq" + uuid.uuid4().hex[:14]
-    number = random.randint(1_900_000_000, 2_100_000_000)
-    with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:  # the user's own data
-        conn.execute("CREATE TABLE secret (x text, n int)")
-        conn.execute("INSERT INTO secret VALUES (%s, %s)", (marker, number))
-    roles = {name: role_of(workspace_global_uri(runtime, ws[name])) for name in ws}
-    forbidden = {db_of(global_uri(runtime, other)), roles["c"]}
-    for name in ("b", "c"):  # other agents' own databases, and their roles
-        uri = agent_db_uri(runtime, ws[name])
-        forbidden |= {db_of(uri), role_of(uri)}
-    with psycopg.connect(runtime.admin_dsn, autocommit=True) as adm:  # owner/login roles of those databases
-        for db in [n for n in forbidden if n.startswith("apg_")]:
-            forbidden |= {r[0] for r in adm.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)",
+
+    def forbidden(ws: dict[str, str], other: str) -> set[str]:
+        found = {db_of(global_uri(runtime, other)), role_of(workspace_global_uri(runtime, ws["c"]))}
+        for name in ("b", "c"):  # other agents' own databases, and their roles
+            uri = agent_db_uri(runtime, ws[name])
+            found |= {db_of(uri), role_of(uri)}
+        with psycopg.connect(runtime.admin_dsn, autocommit=True) as adm:  # owner/login roles of those databases
+            for db in [n for n in found if n.startswith("apg_")]:
+                found |= {r[0] for r in adm.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)",
                                                     (db,)).fetchall()}
-    with live_server(settings.model_copy(update={"warm_pool_size": 0, "mcp_statement_timeout_s": 5.0})) as url:
-        yield World(runtime=runtime, base_url=url, user=user, other_user=other, ws=ws, tokens=tokens,
-                    user_token=svc.issue_user_token(user).secret, admin_token=admin_token(runtime.settings),
-                    marker=marker, number=number, global_db=db_of(global_uri(runtime, user)), roles=roles,
-                    forbidden=forbidden)
-    svc.delete_user(user)
-    svc.delete_user(other)
+        return found
+
+    with open_world(runtime, settings, "atk", ("a", "b", "d", "r", "w", "c"), perms, forbidden) as world:
+        yield world
 
 
 def prosecdef(world: World, *functions: str) -> list[str]:

@@ -10,28 +10,21 @@ agent read nothing), never an error string.
 
 from __future__ import annotations
 
-import random
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
-from attack_support import VIAS, World, db_of, relation_rows, role_of
-from helpers import global_uri, with_database, workspace_global_uri
-from mcp_support import http_session, live_server, ok, uid
+from attack_support import VIAS, World, db_of, open_world, relation_rows, role_of
+from helpers import with_database
+from mcp_support import archived_server, http_session, ok, uid
 from psycopg import sql
 from sqlalchemy import select
 
-from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.app.runtime import Runtime, admin_dsn, admin_token
+from agentpg.app.runtime import Runtime, admin_dsn
 from agentpg.catalog.models import WorkspaceAgentDatabase
-from agentpg.embedded import EmbeddedPostgres
 from agentpg.lifecycle.users import plan_of
 from agentpg.settings import Settings
 
@@ -49,32 +42,10 @@ def via(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def world(runtime: Runtime, settings: Settings) -> Iterator[World]:
     """One user with agents a (allowed_tables), b (full rights), w (can_write=false); another user's c."""
-    svc = runtime.service
-    user, other = uid("rt"), uid("rt")
-    svc.register_user(user)
-    svc.register_user(other)
-    ws: dict[str, str] = {}
-    tokens: dict[str, str] = {}
-    for name, owner in (("a", user), ("b", user), ("w", user), ("c", other)):
-        ws[name] = uid(f"rt{name}")
-        _, issued = svc.create_workspace_with_token(owner, ws[name])
-        tokens[name] = issued.secret
-    perms = {"a": {"allowed_tables": [f"{t}_{v}" for v in VIAS for t in A_TABLES]}, "w": {"can_write": False}}
-    for name, flags in perms.items():
-        svc.set_agent_permissions(ws[name], GlobalDbPermissions.model_validate(flags))
-    marker = "zq" + uuid.uuid4().hex[:14]
-    number = random.randint(1_900_000_000, 2_100_000_000)
-    with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:
-        conn.execute("CREATE TABLE secret (x text, n int)")
-        conn.execute("INSERT INTO secret VALUES (%s, %s)", (marker, number))
-    roles = {name: role_of(workspace_global_uri(runtime, ws[name])) for name in ws}
-    with live_server(settings.model_copy(update={"warm_pool_size": 0, "mcp_statement_timeout_s": 5.0})) as url:
-        yield World(runtime=runtime, base_url=url, user=user, other_user=other, ws=ws, tokens=tokens,
-                    user_token=svc.issue_user_token(user).secret, admin_token=admin_token(runtime.settings),
-                    marker=marker, number=number, global_db=db_of(global_uri(runtime, user)), roles=roles,
-                    forbidden=set())
-    svc.delete_user(user)
-    svc.delete_user(other)
+    perms: dict[str, dict[str, Any]] = {"a": {"allowed_tables": [f"{t}_{v}" for v in VIAS for t in A_TABLES]},
+                                        "w": {"can_write": False}}
+    with open_world(runtime, settings, "rt", ("a", "b", "w", "c"), perms) as world:
+        yield world
 
 
 def recorder(role_target: str) -> str:
@@ -260,26 +231,12 @@ async def test_an_agent_cannot_make_its_workspace_undeletable(world: World, via:
 def archived() -> Iterator[tuple[str, str, str]]:
     """A private archived server with ``serve`` (restore needs continuous archiving): base URL, an agent's
     token, the server's admin DSN."""
-    home = Path(tempfile.mkdtemp(prefix="agentpg-attack-", dir="/tmp"))
-    home.chmod(0o711)
-    settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0,
-                        backup_enabled=True)
-    try:
-        with live_server(settings) as url:
-            admin = {"Authorization": f"Bearer {admin_token(settings)}"}
-            with httpx.Client(base_url=url, headers=admin, timeout=60) as api:
-                deadline = time.monotonic() + 120
-                while not all(s["protected"] for s in api.get("/api/backups").json()):
-                    assert time.monotonic() < deadline, api.get("/api/backups").json()
-                    time.sleep(0.5)
-                user = uid("rtundo")
-                assert api.post("/api/users", json={"id": user}).status_code == 201
-                created = api.post(f"/api/users/{user}/workspaces", json={"id": "agent"})
-                assert created.status_code == 201, created.text
-                yield url, created.json()["agent_token"]["token"], admin_dsn(settings)[0]
-    finally:
-        EmbeddedPostgres(home).stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with archived_server("agentpg-attack-") as (settings, url, api):
+        user = uid("rtundo")
+        assert api.post("/api/users", json={"id": user}).status_code == 201
+        created = api.post(f"/api/users/{user}/workspaces", json={"id": "agent"})
+        assert created.status_code == 201, created.text
+        yield url, created.json()["agent_token"]["token"], admin_dsn(settings)[0]
 
 
 async def test_restoring_an_agent_database_never_runs_its_code_as_superuser(

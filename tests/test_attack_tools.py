@@ -18,12 +18,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from attack_support import open_world
 from helpers import agent_db_uri, global_uri
 from mcp import ClientSession
-from mcp_support import http_session, live_server, text, uid
+from mcp_support import http_session, text
 
-from agentpg.access.permissions import GlobalDbPermissions
-from agentpg.app.runtime import Runtime, admin_token
+from agentpg.app.runtime import Runtime
 from agentpg.settings import Settings
 from agentpg.web.security import COOKIE, seal_session
 
@@ -52,25 +52,15 @@ class RW:
 def rw(runtime: Runtime, settings: Settings) -> Iterator[RW]:
     """One user with agents ``full`` (default permissions) and ``ro`` (may only read table ``pub``; no write,
     per ``can_write=false``), and another user with agent ``o``."""
-    svc = runtime.service
-    user, other = uid("rt"), uid("rt")
-    svc.register_user(user)
-    svc.register_user(other)
-    ws: dict[str, str] = {}
-    tokens: dict[str, str] = {}
-    for name, owner in (("full", user), ("ro", user), ("o", other)):
-        ws[name] = uid(f"rt{name}")
-        _, issued = svc.create_workspace_with_token(owner, ws[name])
-        tokens[name] = issued.secret
-    svc.set_agent_permissions(ws["ro"], GlobalDbPermissions(can_write=False, allowed_tables=["pub"]))
-    with psycopg.connect(global_uri(runtime, user), autocommit=True) as conn:
-        conn.execute("CREATE TABLE pub (id int PRIMARY KEY, x text)")
-        conn.execute("INSERT INTO pub VALUES (1, 'a'), (2, 'b')")
-    with live_server(settings.model_copy(update={"warm_pool_size": 0, "mcp_statement_timeout_s": 5.0})) as url:
-        yield RW(runtime, url, user, other, ws, tokens, svc.issue_user_token(user).secret,
-                 svc.issue_user_token(other).secret, admin_token(runtime.settings))
-    svc.delete_user(user)
-    svc.delete_user(other)
+    perms = {"ro": {"can_write": False, "allowed_tables": ["pub"]}}
+    with open_world(runtime, settings, "rt", ("full", "ro", "c"), perms) as world:
+        with psycopg.connect(global_uri(runtime, world.user), autocommit=True) as conn:
+            conn.execute("CREATE TABLE pub (id int PRIMARY KEY, x text)")
+            conn.execute("INSERT INTO pub VALUES (1, 'a'), (2, 'b')")
+        ws, tokens = dict(world.ws), dict(world.tokens)
+        ws["o"], tokens["o"] = ws.pop("c"), tokens.pop("c")  # the other user's agent
+        yield RW(runtime, world.base_url, world.user, world.other_user, ws, tokens, world.user_token,
+                 runtime.service.issue_user_token(world.other_user).secret, world.admin_token)
 
 
 async def call(s: ClientSession, tool: str, **args: Any) -> tuple[bool, str]:

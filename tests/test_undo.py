@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from mcp_support import http_session, live_server, ok, refused, uid
+from mcp_support import archived_server, http_session, ok, refused, uid
 
 from agentpg.app.runtime import admin_token
 from agentpg.embedded import EmbeddedPostgres
@@ -53,33 +53,21 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    home = Path(tempfile.mkdtemp(prefix="agentpg-undo-", dir="/tmp"))
-    home.chmod(0o711)
-    settings = Settings(home=home, embedded_fsync=False, warm_pool_size=0, usage_sync_interval_s=0, backup_enabled=True)
-    try:
-        with live_server(settings) as url:
-            admin = {"Authorization": f"Bearer {admin_token(settings)}"}
-            with httpx.Client(base_url=url, headers=admin, timeout=60) as api:
-                deadline = time.monotonic() + 120
-                while not all(s["protected"] for s in api.get("/api/backups").json()):
-                    assert time.monotonic() < deadline, api.get("/api/backups").json()
-                    time.sleep(0.5)
-                user, other = uid("undo"), uid("bystander")
-                tokens = {}
-                for who in (user, other):
-                    assert api.post("/api/users", json={"id": who}).status_code == 201
-                    created = api.post(f"/api/users/{who}/workspaces", json={"id": "agent"})
-                    assert created.status_code == 201, created.text
-                    tokens[who] = created.json()["agent_token"]["token"]
-                # The agent that makes the mistakes may drop tables (a co-owner of the global database).
-                answer = api.put(f"/api/users/{user}/workspaces/agent/global-database-permissions",
-                                 json={"can_read": True, "can_write": True, "can_create_tables": True,
-                                       "can_drop_tables": True})
-                assert answer.status_code == 200, answer.text
-                yield World(settings, url, admin, user, "agent", tokens[user], other, tokens[other])
-    finally:
-        EmbeddedPostgres(home).stop()  # the server outlives serve (a detached daemon): stop it before its files go
-        shutil.rmtree(home, ignore_errors=True)
+    with archived_server("agentpg-undo-") as (settings, url, api):
+        admin = {"Authorization": f"Bearer {admin_token(settings)}"}
+        user, other = uid("undo"), uid("bystander")
+        tokens = {}
+        for who in (user, other):
+            assert api.post("/api/users", json={"id": who}).status_code == 201
+            created = api.post(f"/api/users/{who}/workspaces", json={"id": "agent"})
+            assert created.status_code == 201, created.text
+            tokens[who] = created.json()["agent_token"]["token"]
+        # The agent that makes the mistakes may drop tables (a co-owner of the global database).
+        answer = api.put(f"/api/users/{user}/workspaces/agent/global-database-permissions",
+                         json={"can_read": True, "can_write": True, "can_create_tables": True,
+                               "can_drop_tables": True})
+        assert answer.status_code == 200, answer.text
+        yield World(settings, url, admin, user, "agent", tokens[user], other, tokens[other])
 
 
 async def rows(session: Any, database: str, sql: str) -> list[list[Any]]:
